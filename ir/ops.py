@@ -1,0 +1,288 @@
+"""The op table: one row per op.
+
+A row holds what every stage needs to know about an op: its fusion kind, how to
+infer its output types, its FLOPs, its bytes read and written, and a NumPy
+reference kernel. Semantics are ONNX's; the attribute schema, the type inference
+and (unless a row brings a faster NumPy kernel) the reference kernel come from
+the ``onnx`` package itself, so the table does not restate the spec.
+
+Explicit rows below cover the ops hetflow reasons about (fusion, cost). Any other
+op of the default ONNX domain that onnx's reference evaluator implements gets a
+generated row of kind ``opaque``. Backends keep their own tables keyed by op name
+and never edit these rows.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .errors import HetflowError
+from .graph import Node
+from .onnx_convert import node_to_onnx, type_from_onnx, type_to_onnx
+from .types import TensorType
+
+Kernel = Callable[[list], list]
+
+
+class FusionKind(enum.Enum):
+    elementwise = "elementwise"  # one output element from the same input element(s), same shape
+    broadcast = "broadcast"      # elementwise with numpy broadcasting between inputs
+    injective = "injective"      # pure data movement: reshape, transpose, slice, concat, gather
+    reduction = "reduction"      # reduces or normalises along axes: ReduceSum, Softmax, LayerNorm
+    window = "window"            # sliding-window reductions: pooling
+    contraction = "contraction"  # MatMul, Gemm, Conv: the arithmetic-heavy ops
+    opaque = "opaque"            # everything else (never fused)
+
+
+class UnsupportedOpError(HetflowError):
+    """An op hetflow has no row for (names the op and the node)."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kind: FusionKind
+    flops: Callable[[Node], int] | None = None
+    make_kernel: Callable[[Node, int], Kernel] | None = None  # fast NumPy kernel, else onnx.reference
+    infer: Callable[[Node, int], list[TensorType | None]] | None = None  # else onnx shape inference
+    attr_schema: dict[str, Any] | None = None  # for non-ONNX ops: name -> python type
+    notes: str = ""
+    generated: bool = field(default=False, compare=False)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register_op(row: OpDef) -> OpDef:
+    if row.name in OPS and not OPS[row.name].generated:
+        raise ValueError(f"op {row.name} is registered twice")
+    OPS[row.name] = row
+    return row
+
+
+def get_op(op: str, node: Node | None = None) -> OpDef:
+    row = OPS.get(op)
+    if row is not None:
+        return row
+    if "." not in op and onnx.defs.has(op) and _has_onnx_reference(op):
+        row = OpDef(op, FusionKind.opaque, generated=True, notes="generated from the onnx schema")
+        OPS[op] = row
+        return row
+    where = f" (node {node.describe()})" if node is not None else ""
+    raise UnsupportedOpError(f"unsupported op {op}{where}")
+
+
+def _has_onnx_reference(op: str) -> bool:
+    from onnx.reference import ops as ref_ops
+    try:
+        ref_ops.load_op("", op, None)
+        return True
+    except Exception:  # onnx raises several types for a missing implementation
+        return False
+
+
+# --- FLOPs and bytes ---------------------------------------------------------------------------
+
+def _numel(t: TensorType | None) -> int:
+    if t is None:
+        return 0
+    n = t.numel()
+    return 0 if n is None else n
+
+
+def out_numel(node: Node) -> int:
+    return sum(_numel(o.type) for o in node.outputs)
+
+
+def in_numel(node: Node) -> int:
+    return sum(_numel(v.type) for v in node.inputs if v is not None)
+
+
+def node_flops(node: Node) -> int:
+    row = get_op(node.op, node)
+    if row.flops is not None:
+        return int(row.flops(node))
+    return out_numel(node)
+
+
+def node_bytes(node: Node) -> int:
+    """Bytes read plus bytes written, each value counted once."""
+    seen: set[int] = set()
+    total = 0
+    for v in list(node.inputs) + list(node.outputs):
+        if v is None or id(v) in seen or v.type is None:
+            continue
+        seen.add(id(v))
+        total += v.type.nbytes() or 0
+    return total
+
+
+def _matmul_flops(node: Node) -> int:
+    a, b = node.inputs[0].type, node.inputs[1].type
+    out = node.outputs[0].type
+    if a is None or a.shape is None or not isinstance(a.shape[-1], int):
+        return 0
+    return 2 * _numel(out) * int(a.shape[-1])
+
+
+def _gemm_flops(node: Node) -> int:
+    a = node.inputs[0].type
+    if a is None or not a.is_static:
+        return 0
+    k = a.shape[0] if node.attrs.get("transA", 0) else a.shape[1]
+    return 2 * _numel(node.outputs[0].type) * int(k) + _numel(node.outputs[0].type)
+
+
+def _conv_flops(node: Node) -> int:
+    w = node.inputs[1].type
+    if w is None or not w.is_static:
+        return 0
+    per_output = int(np.prod(w.shape[1:]))  # C_in/group x kernel
+    return 2 * _numel(node.outputs[0].type) * per_output
+
+
+def _conv_transpose_flops(node: Node) -> int:
+    w = node.inputs[1].type
+    if w is None or not w.is_static:
+        return 0
+    return 2 * _numel(node.inputs[0].type) * int(np.prod(w.shape[1:]))
+
+
+def _reduction_flops(node: Node) -> int:
+    return in_numel(node)
+
+
+def _scaled(per_element: int) -> Callable[[Node], int]:
+    return lambda node: per_element * max(_numel(node.inputs[0].type), out_numel(node))
+
+
+def _pool_flops(node: Node) -> int:
+    kernel = node.attrs.get("kernel_shape", [1])
+    return out_numel(node) * int(np.prod(kernel))
+
+
+def _zero(node: Node) -> int:
+    return 0
+
+
+# --- NumPy kernels that are much faster than onnx.reference's for the hot ops -----------------
+
+from . import kernels as _k  # noqa: E402  (kernels import nothing from here)
+
+_E, _B, _I, _R, _W, _C = (FusionKind.elementwise, FusionKind.broadcast, FusionKind.injective,
+                          FusionKind.reduction, FusionKind.window, FusionKind.contraction)
+
+for _name in ["Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Ceil", "Cos", "Cosh", "Erf",
+              "Exp", "Floor", "Log", "Neg", "Not", "Reciprocal", "Round", "Sign", "Sin", "Sinh",
+              "Sqrt", "Tan", "IsNaN", "IsInf", "Softsign", "Cast", "CastLike",
+              "BitwiseNot", "Identity"]:
+    register_op(OpDef(_name, _E))
+for _name, _cost in [("Sigmoid", 4), ("Tanh", 6), ("Softplus", 4), ("Elu", 4), ("Selu", 4), ("Celu", 4),
+                     ("LeakyRelu", 2), ("HardSigmoid", 3), ("HardSwish", 4), ("Mish", 8),
+                     ("ThresholdedRelu", 2), ("Gelu", 8)]:
+    register_op(OpDef(_name, _E, flops=_scaled(_cost)))
+register_op(OpDef("Relu", _E, make_kernel=_k.relu))
+register_op(OpDef("Clip", _E, flops=_scaled(2)))
+for _name in ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Equal", "Greater",
+              "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Where", "Mod", "PRelu",
+              "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor"]:
+    register_op(OpDef(_name, _B, make_kernel=_k.BINARY.get(_name)))
+for _name in ["Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice", "Concat",
+              "Split", "Gather", "GatherElements", "GatherND", "Pad", "Tile", "DepthToSpace",
+              "SpaceToDepth", "Shape", "Size", "ConstantOfShape", "Range", "Trilu", "ScatterND",
+              "ScatterElements", "Constant"]:
+    register_op(OpDef(_name, _I, flops=_zero))
+for _name in ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+              "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum", "ArgMax", "ArgMin", "CumSum",
+              "GlobalAveragePool", "GlobalMaxPool", "LpNormalization"]:
+    register_op(OpDef(_name, _R, flops=_reduction_flops))
+register_op(OpDef("Softmax", _R, flops=_scaled(5), make_kernel=_k.softmax))
+register_op(OpDef("LogSoftmax", _R, flops=_scaled(5)))
+register_op(OpDef("LayerNormalization", _R, flops=_scaled(8)))
+register_op(OpDef("InstanceNormalization", _R, flops=_scaled(8)))
+register_op(OpDef("GroupNormalization", _R, flops=_scaled(8)))
+register_op(OpDef("BatchNormalization", _B, flops=_scaled(2)))
+register_op(OpDef("MaxPool", _W, flops=_pool_flops, make_kernel=_k.max_pool))
+register_op(OpDef("AveragePool", _W, flops=_pool_flops, make_kernel=_k.average_pool))
+register_op(OpDef("LpPool", _W, flops=_pool_flops))
+register_op(OpDef("MatMul", _C, flops=_matmul_flops, make_kernel=_k.matmul))
+register_op(OpDef("Gemm", _C, flops=_gemm_flops, make_kernel=_k.gemm))
+register_op(OpDef("Conv", _C, flops=_conv_flops, make_kernel=_k.conv))
+register_op(OpDef("ConvTranspose", _C, flops=_conv_transpose_flops))
+register_op(OpDef("MatMulInteger", _C, flops=_matmul_flops))
+register_op(OpDef("Einsum", _C, flops=_zero, notes="FLOPs not modelled"))
+
+
+# --- type inference -------------------------------------------------------------------------------
+
+class InferenceError(HetflowError):
+    """ONNX type inference rejected a node (a shape or dtype mismatch)."""
+
+
+def infer_types(node: Node, opset: int) -> list[TensorType | None]:
+    """The output types the op's rule gives for the node's current input types."""
+    row = get_op(node.op, node)
+    if row.infer is not None:
+        return row.infer(node, opset)
+    return _onnx_infer(node, opset)
+
+
+def _onnx_infer(node: Node, opset: int) -> list[TensorType | None]:
+    domain = node.domain
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset if not domain else 1, domain)
+    except onnx.defs.SchemaError as exc:
+        raise UnsupportedOpError(f"unsupported op {node.op} at opset {opset} (node {node.describe()})") from exc
+    in_names = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+    out_names = [f"out{i}" for i in range(len(node.outputs))]
+    proto = node_to_onnx(node.op, in_names, out_names, node.attrs, opset)
+    input_types = {}
+    input_data = {}
+    for name, v in zip(in_names, node.inputs):
+        if v is None:
+            continue
+        input_types[name] = type_to_onnx(v.type)
+        if v.data is not None and v.data.size <= 64:
+            input_data[name] = onnx.numpy_helper.from_array(np.asarray(v.data), name)
+    opsets = [onnx.helper.make_opsetid("", opset)]
+    try:
+        result = onnx.shape_inference.infer_node_outputs(schema, proto, input_types, input_data,
+                                                         opset_imports=opsets)
+    except Exception as exc:  # onnx raises InferenceError / RuntimeError with the reason
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InferenceError(f"{node.describe()}: {msg}") from None
+    return [type_from_onnx(result[n]) if n in result else None for n in out_names]
+
+
+# --- reference kernels -----------------------------------------------------------------------------
+
+def make_kernel(node: Node, opset: int) -> Kernel:
+    """A callable running the node on NumPy arrays: the row's own kernel, else onnx.reference's."""
+    row = get_op(node.op, node)
+    if row.make_kernel is not None:
+        kernel = row.make_kernel(node, opset)
+        if kernel is not None:
+            return kernel
+    return _onnx_reference_kernel(node, opset)
+
+
+def _onnx_reference_kernel(node: Node, opset: int) -> Kernel:
+    from onnx.reference import ReferenceEvaluator
+    in_names = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+    out_names = [f"out{i}" for i in range(len(node.outputs))]
+    proto = node_to_onnx(node.op, in_names, out_names, node.attrs, opset)
+    opsets = {"": opset}
+    if node.domain:
+        opsets[node.domain] = 1
+    try:
+        evaluator = ReferenceEvaluator(proto, opsets=opsets)
+    except Exception as exc:
+        raise UnsupportedOpError(f"unsupported op {node.op} (node {node.describe()}): {exc}") from None
+    def run(inputs: list) -> list:
+        return evaluator.run(None, {n: x for n, x in zip(in_names, inputs) if n})
+
+    return run

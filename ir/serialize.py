@@ -1,0 +1,161 @@
+"""Save and load graphs: JSON for the structure, safetensors for the weights. Never pickle."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import HetflowError
+from .graph import Graph, Node, Value
+from .types import DType, TensorType
+
+FORMAT = "hetflow.graph"
+VERSION = 1
+
+
+class SerializationError(HetflowError):
+    pass
+
+
+def _type_to_json(t: TensorType | None) -> Any:
+    return None if t is None else str(t)
+
+
+def _type_from_json(text: str | None) -> TensorType | None:
+    if text is None:
+        return None
+    from .text import _Parser
+    return _Parser(text, None).type()
+
+
+def _tensor_to_json(a: np.ndarray) -> dict:
+    if a.dtype.kind in ("U", "O", "S"):
+        return {"tensor": {"dtype": "str", "shape": list(a.shape), "values": [str(x) for x in a.reshape(-1)]}}
+    t = TensorType.of(a)
+    return {"tensor": {"dtype": t.dtype.value, "shape": list(a.shape), "hex": np.ascontiguousarray(a).tobytes().hex()}}
+
+
+def _tensor_from_json(d: dict) -> np.ndarray:
+    dtype = DType(d["dtype"])
+    if dtype is DType.str:
+        return np.array(d["values"], dtype=object).reshape(d["shape"])
+    return np.frombuffer(bytes.fromhex(d["hex"]), dtype=dtype.numpy).reshape(d["shape"]).copy()
+
+
+def _attr_to_json(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return _tensor_to_json(v)
+    if isinstance(v, Graph):
+        return {"graph": graph_to_json(v, inline_weights=True)}
+    if isinstance(v, list):
+        return [_attr_to_json(x) for x in v]
+    return v
+
+
+def _attr_from_json(v: Any) -> Any:
+    if isinstance(v, dict) and "tensor" in v:
+        return _tensor_from_json(v["tensor"])
+    if isinstance(v, dict) and "graph" in v:
+        return graph_from_json(v["graph"], {})
+    if isinstance(v, list):
+        return [_attr_from_json(x) for x in v]
+    return v
+
+
+def graph_to_json(graph: Graph, inline_weights: bool = False) -> dict:
+    """A JSON-able dict; weights are listed by name and type (their data inline only if asked)."""
+    weights = []
+    for w in graph.weights.values():
+        entry = {"name": w.name, "type": _type_to_json(w.type)}
+        if inline_weights or not _safetensors_can_hold(w.data):
+            entry.update(_tensor_to_json(w.data))
+        weights.append(entry)
+    return {
+        "format": FORMAT, "version": VERSION, "name": graph.name, "opset": graph.opset,
+        "inputs": [{"name": v.name, "type": _type_to_json(v.type)} for v in graph.inputs],
+        "weights": weights,
+        "nodes": [{
+            "op": n.op,
+            "inputs": [None if v is None else v.name for v in n.inputs],
+            "outputs": [{"name": o.name, "type": _type_to_json(o.type)} for o in n.outputs],
+            "attrs": {k: _attr_to_json(a) for k, a in n.attrs.items()},
+            "meta": n.meta,
+            "loc": n.loc,
+        } for n in graph.nodes],
+        "outputs": [v.name for v in graph.outputs],
+    }
+
+
+def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
+    if d.get("format") != FORMAT:
+        raise SerializationError(f"not a hetflow graph (format {d.get('format')!r})")
+    if d.get("version") != VERSION:
+        raise SerializationError(f"graph format version {d.get('version')} is not supported (this hetflow reads {VERSION})")
+    graph = Graph(d["name"], d["opset"])
+    env: dict[str, Value] = {}
+    for v in d["inputs"]:
+        env[v["name"]] = graph.add_input(v["name"], _type_from_json(v["type"]))
+    for w in d["weights"]:
+        if "tensor" in w:
+            data = _tensor_from_json(w["tensor"])
+        elif w["name"] in weights:
+            data = weights[w["name"]]
+        else:
+            raise SerializationError(f"weight {w['name']!r} is missing from the weights file")
+        env[w["name"]] = graph.add_weight(w["name"], data, _type_from_json(w["type"]))
+    for n in d["nodes"]:
+        try:
+            inputs = [None if name is None else env[name] for name in n["inputs"]]
+        except KeyError as exc:
+            raise SerializationError(f"node {n['op']} ({n.get('loc', '')}) uses undefined value {exc}") from None
+        outputs = []
+        for o in n["outputs"]:
+            graph._claim(o["name"])
+            outputs.append(Value(o["name"], _type_from_json(o["type"])))
+            env[o["name"]] = outputs[-1]
+        attrs = {k: _attr_from_json(a) for k, a in n["attrs"].items()}
+        graph.nodes.append(Node(n["op"], inputs, outputs, attrs, n.get("loc", ""), n.get("meta", {})))
+    try:
+        graph.outputs = [env[name] for name in d["outputs"]]
+    except KeyError as exc:
+        raise SerializationError(f"graph output {exc} is not defined") from None
+    return graph
+
+
+def _safetensors_can_hold(a: np.ndarray) -> bool:
+    return a.dtype.kind in "biuf" and a.dtype.name in {
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64"}
+
+
+def save(graph: Graph, directory: str | Path, graph_file: str = "graph.json",
+         weights_file: str = "weights.safetensors") -> list[Path]:
+    """Write ``graph.json`` and ``weights.safetensors`` into ``directory``; returns the paths written."""
+    from safetensors.numpy import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    graph_path, weights_path = directory / graph_file, directory / weights_file
+    graph_path.write_text(json.dumps(graph_to_json(graph), indent=1))
+    tensors = {w.name: np.ascontiguousarray(w.data) for w in graph.weights.values() if _safetensors_can_hold(w.data)}
+    save_file(tensors, str(weights_path))
+    return [graph_path, weights_path]
+
+
+def load(directory: str | Path, graph_file: str = "graph.json", weights_file: str = "weights.safetensors") -> Graph:
+    from safetensors.numpy import load_file
+    directory = Path(directory)
+    graph_path, weights_path = directory / graph_file, directory / weights_file
+    for path in (graph_path, weights_path):
+        if not path.exists():
+            raise SerializationError(f"missing file {path}")
+    try:
+        d = json.loads(graph_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SerializationError(f"{graph_path} is not valid JSON: {exc}") from None
+    try:
+        weights = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise SerializationError(f"{weights_path} is not a valid safetensors file: {exc}") from None
+    return graph_from_json(d, weights)
