@@ -1,0 +1,39 @@
+"""hetflow.runtime: loads an artifact and runs it. Needs numpy and onnx/onnxruntime, never torch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .artifact import ArtifactError, load_artifact, write_artifact
+from .interpreter import ExecutionError, InputError, Interpreter
+
+__all__ = ["ArtifactError", "ExecutionError", "InputError", "Interpreter", "LoadedModel", "load", "write_artifact"]
+
+
+class LoadedModel:
+    """A loaded artifact: ``run({name: array})`` returns ``{output_name: array}``."""
+
+    def __init__(self, graph, manifest: dict, path: Path):
+        self.graph = graph
+        self.manifest = manifest
+        self.path = path
+        self._interpreter = Interpreter(graph)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.graph.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._interpreter.run(feeds)
+        return dict(zip(self.output_names, outputs))
+
+
+def load(path: str | Path) -> LoadedModel:
+    graph, manifest = load_artifact(path)
+    return LoadedModel(graph, manifest, Path(path))

@@ -71,7 +71,9 @@ def _default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
-    raise FrontendError("model imports no version of the default ONNX domain")
+    domains = ", ".join(sorted(e.domain for e in model.opset_import)) or "none"
+    raise UnsupportedOpError(f"unsupported model: it imports only the domains {domains}, "
+                             "not the default ONNX domain")
 
 
 def _import_graph(g: onnx.GraphProto, opset: int, name: str) -> Graph:
@@ -92,6 +94,8 @@ def _import_graph(g: onnx.GraphProto, opset: int, name: str) -> Graph:
     for index, proto in enumerate(g.node):
         loc = proto.name or f"{proto.op_type}_{index}"
         op = proto.op_type if proto.domain in ("", "ai.onnx") else f"{proto.domain}.{proto.op_type}"
+        if proto.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(f"unsupported op {op} (node {loc!r}): domain {proto.domain} is not supported")
         if op == "Constant":
             _import_constant(graph, proto, env, loc)
             continue
@@ -169,10 +173,14 @@ def _fill_missing_types(node: Node, opset: int) -> None:
 
 
 def _type(vi: onnx.ValueInfoProto) -> TensorType | None:
+    kind = vi.type.WhichOneof("value")
+    if kind not in (None, "tensor_type"):
+        raise UnsupportedOpError(f"unsupported value type {kind.replace('_type', '')} for {vi.name!r}: "
+                                 "hetflow's IR holds tensors only")
     try:
         return type_from_onnx(vi.type)
     except ValueError as exc:
-        raise FrontendError(f"value {vi.name!r}: {exc}") from None
+        raise UnsupportedOpError(f"unsupported type for value {vi.name!r}: {exc}") from None
 
 
 def _safe_name(name: str) -> str:

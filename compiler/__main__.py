@@ -1,0 +1,5 @@
+import sys
+
+from hetflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The ONNX backend node tests (generated in memory from the installed onnx package) run through hetflow.
+
+Used by ``benchmarks/onnx_conformance.py`` and the test suite. A case passes when
+every output matches the expected one the way ``onnx.backend.test`` compares
+them (same dtype, ``assert_allclose`` with the case's rtol/atol).
+"""
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class CaseResult:
+    name: str
+    passed: bool
+    category: str  # "pass", "mismatch", "unsupported", "error" (a hetflow error), "crash" (anything else)
+    message: str = ""
+
+
+@functools.lru_cache(maxsize=1)
+def node_test_cases():
+    from onnx.backend.test.loader import load_model_tests
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tuple(load_model_tests(kind="node"))
+
+
+def _compare(case, outputs, expected) -> None:
+    import onnx
+    from onnx import numpy_helper
+    from onnx.backend.test.runner import Runner
+    expected = [numpy_helper.to_array(e) if isinstance(e, onnx.TensorProto) else e for e in expected]
+    if len(outputs) != len(expected):
+        raise AssertionError(f"{len(outputs)} outputs, expected {len(expected)}")
+    Runner.assert_similar_outputs(list(expected), list(outputs), rtol=case.rtol, atol=case.atol)
+
+
+def run_case(case, prepare: Callable) -> CaseResult:
+    """Run one case with ``prepare(model) -> callable(list_of_inputs) -> outputs``."""
+    from hetflow.ir.errors import HetflowError
+    from hetflow.ir.ops import UnsupportedOpError
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            run = prepare(case.model)
+            for inputs, expected in case.data_sets:
+                _compare(case, run(list(inputs)), expected)
+    except AssertionError as exc:
+        return CaseResult(case.name, False, "mismatch", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    except UnsupportedOpError as exc:
+        return CaseResult(case.name, False, "unsupported", str(exc))
+    except HetflowError as exc:
+        return CaseResult(case.name, False, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # a crash: a bug to fix, reported as such
+        return CaseResult(case.name, False, "crash", f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return CaseResult(case.name, True, "pass")
+
+
+def prepare_reference(model):
+    from onnx.reference import ReferenceEvaluator
+    evaluator = ReferenceEvaluator(model)
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    return lambda inputs: evaluator.run(None, dict(zip(names, inputs)))
+
+
+def prepare_hetflow_interpreter(model):
+    from hetflow.frontends.onnx import import_onnx
+    from hetflow.runtime.interpreter import Interpreter
+    graph = import_onnx(model)
+    interpreter = Interpreter(graph)
+    names = [v.name for v in graph.inputs]
+    return lambda inputs: interpreter.run(dict(zip(names, inputs)))
+
+
+def run_suite(prepare: Callable, names: set[str] | None = None, progress: Callable | None = None) -> list[CaseResult]:
+    results = []
+    cases = [c for c in node_test_cases() if names is None or c.name in names]
+    start = time.time()
+    for index, case in enumerate(cases):
+        results.append(run_case(case, prepare))
+        if progress is not None:
+            progress(index + 1, len(cases), time.time() - start)
+    return results

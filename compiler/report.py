@@ -1,0 +1,61 @@
+"""Human-readable summaries of a graph: what ``hetflow inspect`` and ``CompiledModel.report()`` print."""
+from __future__ import annotations
+
+from hetflow.ir import Graph, node_bytes, node_flops
+from hetflow.ir.errors import HetflowError
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def graph_totals(graph: Graph) -> dict[str, int]:
+    flops = moved = 0
+    for node in graph.nodes:
+        try:
+            flops += node_flops(node)
+            moved += node_bytes(node)
+        except HetflowError:
+            continue
+    return {"nodes": len(graph.nodes), "flops": flops, "bytes": moved,
+            "parameters": int(sum(w.data.size for w in graph.weights.values())),
+            "parameter_bytes": graph.parameter_bytes()}
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return "\n".join(out)
+
+
+def graph_summary(graph: Graph, platform: str | None = None, compile_seconds: float | None = None) -> str:
+    totals = graph_totals(graph)
+    lines = [f"graph {graph.name} (opset {graph.opset})" + (f" for platform {platform}" if platform else "")]
+    for v in graph.inputs:
+        lines.append(f"  input  %{v.name}: {v.type}")
+    for v in graph.outputs:
+        lines.append(f"  output %{v.name}: {v.type}")
+    lines.append(f"  {totals['nodes']} nodes, {human_count(totals['parameters'])} parameters "
+                 f"({human_bytes(totals['parameter_bytes'])}), {human_count(totals['flops'])}FLOP, "
+                 f"{human_bytes(totals['bytes'])} moved by ops (unfused)")
+    if compile_seconds is not None:
+        lines.append(f"  compiled in {compile_seconds:.2f} s")
+    counts = graph.op_counts()
+    rows = [[op, str(n)] for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    lines.append("")
+    lines.append(table(rows, ["op", "count"]))
+    return "\n".join(lines)
