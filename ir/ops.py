@@ -280,9 +280,22 @@ def _onnx_reference_kernel(node: Node, opset: int) -> Kernel:
         opsets[node.domain] = 1
     try:
         evaluator = ReferenceEvaluator(proto, opsets=opsets)
-    except Exception as exc:
-        raise UnsupportedOpError(f"unsupported op {node.op} (node {node.describe()}): {exc}") from None
+    except Exception:
+        # Ops defined as ONNX functions (Gelu, GroupNormalization...) need a model around them.
+        try:
+            evaluator = ReferenceEvaluator(_one_node_model(node, proto, in_names, out_names, opsets))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedOpError(f"unsupported op {node.op} (node {node.describe()}): {reason}") from None
     def run(inputs: list) -> list:
         return evaluator.run(None, {n: x for n, x in zip(in_names, inputs) if n})
 
     return run
+
+
+def _one_node_model(node: Node, proto, in_names, out_names, opsets) -> onnx.ModelProto:
+    from .onnx_convert import value_info
+    inputs = [value_info(n, v.type) for n, v in zip(in_names, node.inputs) if n]
+    outputs = [value_info(n, o.type) for n, o in zip(out_names, node.outputs)]
+    graph = onnx.helper.make_graph([proto], "node", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
