@@ -82,7 +82,9 @@ def _has_onnx_reference(op: str) -> bool:
         ref_ops.load_op("", op, None)
         return True
     except Exception:  # onnx raises several types for a missing implementation
-        return False
+        pass
+    schema = onnx.defs.get_schema(op)
+    return schema.has_function or schema.has_context_dependent_function  # runs as its function body
 
 
 # --- FLOPs and bytes ---------------------------------------------------------------------------

@@ -102,6 +102,12 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
             data = _tensor_from_json(w["tensor"])
         elif w["name"] in weights:
             data = weights[w["name"]]
+            declared = _type_from_json(w["type"])
+            if declared is not None and declared.is_static and data.shape != declared.shape:
+                if data.size != declared.numel():
+                    raise SerializationError(f"weight {w['name']!r} has shape {list(data.shape)} in the weights "
+                                             f"file, but the graph declares {declared}")
+                data = data.reshape(declared.shape)  # safetensors stores 0-d tensors as shape [1]
         else:
             raise SerializationError(f"weight {w['name']!r} is missing from the weights file")
         env[w["name"]] = graph.add_weight(w["name"], data, _type_from_json(w["type"]))

@@ -55,6 +55,7 @@ def import_onnx(source: str | Path | bytes | onnx.ModelProto) -> Graph:
             raise FrontendError(f"model uses opset {opset}; converting it to opset {MIN_OPSET} failed: "
                                 f"{_first_line(exc)}") from None
         opset = MIN_OPSET
+    _check_ops_exist(model.graph, opset)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -65,6 +66,15 @@ def import_onnx(source: str | Path | bytes | onnx.ModelProto) -> Graph:
         raise FrontendError(f"ONNX shape inference rejected the model: {_first_line(exc)}") from None
     name = model.graph.name or "main"
     return _import_graph(model.graph, opset, name)
+
+
+def _check_ops_exist(g: onnx.GraphProto, opset: int) -> None:
+    """Name an unknown op and its node before onnx's checker gives its terser message."""
+    for index, proto in enumerate(g.node):
+        if proto.domain in ("", "ai.onnx") and not onnx.defs.has(proto.op_type):
+            loc = proto.name or f"{proto.op_type}_{index}"
+            raise UnsupportedOpError(f"unsupported op {proto.op_type} (node {loc!r}): ONNX opset {opset} "
+                                     "has no such op")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
