@@ -207,6 +207,16 @@ class Graph:
             out.producer = None
             self._names.discard(out.name)
 
+    def rename(self, value: Value, new_name: str) -> None:
+        """Give a value a new name (free in this graph); weights are re-keyed."""
+        if new_name == value.name:
+            return
+        self._claim(new_name)
+        self._names.discard(value.name)
+        if value.data is not None and self.weights.get(value.name) is value:
+            self.weights = {(new_name if k == value.name else k): v for k, v in self.weights.items()}
+        value.name = new_name
+
     def remove_weight(self, name: str) -> None:
         value = self.weights[name]
         if value.uses or value in self.outputs:

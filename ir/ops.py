@@ -301,3 +301,41 @@ def _one_node_model(node: Node, proto, in_names, out_names, opsets) -> onnx.Mode
     outputs = [value_info(n, o.type) for n, o in zip(out_names, node.outputs)]
     graph = onnx.helper.make_graph([proto], "node", inputs, outputs)
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
+
+
+# --- hetflow's own ops ---------------------------------------------------------------------------------
+
+GROUP_KINDS = ("attention", "expert", "contraction", "reduction", "elementwise")
+
+
+def _group_body(node: Node):
+    return node.attrs["body"]
+
+
+def _group_infer(node: Node, opset: int) -> list[TensorType | None]:
+    body = _group_body(node)
+    if len(body.inputs) != len(node.inputs) or len(body.outputs) != len(node.outputs):
+        raise InferenceError(f"{node.describe()}: body takes {len(body.inputs)} inputs and gives "
+                             f"{len(body.outputs)} outputs; the node has {len(node.inputs)} and {len(node.outputs)}")
+    for inner, outer in zip(body.inputs, node.inputs):
+        if outer is not None and inner.type != outer.type:
+            raise InferenceError(f"{node.describe()}: body input %{inner.name}: {inner.type} "
+                                 f"does not match %{outer.name}: {outer.type}")
+    return [v.type for v in body.outputs]
+
+
+def _group_flops(node: Node) -> int:
+    return sum(node_flops(n) for n in _group_body(node).nodes)
+
+
+def _group_kernel(node: Node, opset: int) -> Kernel:
+    from hetflow.runtime.interpreter import Interpreter  # the group runs its body with the interpreter
+    body = _group_body(node)
+    interpreter = Interpreter(body)
+    names = [v.name for v in body.inputs]
+    return lambda ins: interpreter.run(dict(zip(names, ins)))
+
+
+register_op(OpDef("hetflow.group", FusionKind.opaque, flops=_group_flops, make_kernel=_group_kernel,
+                  infer=_group_infer, attr_schema={"kind": str, "body": object},
+                  notes="a fused group: runs its body subgraph; its bytes are what crosses its boundary"))

@@ -1,0 +1,22 @@
+"""The compile pipeline: one readable list of named passes.
+
+    canonicalize  fold constants and static shapes, drop identities and dead code, merge reshapes, CSE
+    fuse          group ops: attention, gated-MLP experts, contraction + epilogue, reductions, elementwise chains
+
+A pipeline can also be given as a string: ``--passes canonicalize,fuse``.
+"""
+from __future__ import annotations
+
+from hetflow.ir import Graph
+from hetflow.passes import PassRunner, parse_pipeline
+
+PIPELINE = [
+    "canonicalize",
+    "fuse",
+]
+
+
+def run_pipeline(graph: Graph, passes: list[str] | str | None = None, verify_each: bool = False) -> tuple[Graph, PassRunner]:
+    names = PIPELINE if passes is None else parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+    runner = PassRunner(names, verify_each=verify_each)
+    return runner.run(graph), runner
