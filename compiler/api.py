@@ -97,17 +97,23 @@ class CompiledModel:
         return graph_summary(self.graph, platform=self.platform, compile_seconds=self.compile_seconds)
 
 
-def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: str = "host") -> CompiledModel:
+def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: str = "host",
+            passes: Sequence[str] | str | None = None) -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
+    ``passes`` overrides the pipeline (a list of pass names or "canonicalize,fuse").
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
+    from hetflow.pipeline import run_pipeline
     _check_platform(platform)
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs)
     verify(graph)
-    return CompiledModel(graph, platform, torch_capture, time.perf_counter() - start)
+    graph, runner = run_pipeline(graph, passes)
+    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start)
+    compiled.pass_records = runner.records
+    return compiled
 
 
 def backend(platform: str = "host"):

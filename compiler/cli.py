@@ -18,7 +18,7 @@ examples:
   hetflow compile hetflow.examples.mlp:build -o out/     compile a torch module that build() returns
   hetflow run out/ --input x=x.npy --output-dir res/     run the artifact on inputs saved with numpy.save
   hetflow run out/ --random                              run it on random inputs of the declared shapes
-  hetflow inspect out/                                   op counts, parameters, FLOPs
+  hetflow inspect out/                                   fused groups, op counts, parameters, FLOPs
   hetflow memplan problem.csv --capacity 1048576         solve a static memory allocation problem
 
 Run 'hetflow COMMAND --help' for the options of each command.
@@ -63,7 +63,7 @@ def cmd_compile(args) -> int:
     import hetflow
     model, example_inputs = _load_model_spec(args.model)
     start = time.perf_counter()
-    compiled = hetflow.compile(model, example_inputs, platform=args.platform)
+    compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes)
     out = compiled.save(args.output)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s")
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a .onnx file or module:function")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
     p.add_argument("--platform", default="host", help="target platform preset (default: host)")
+    p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
+                   "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs",

@@ -51,11 +51,50 @@ def graph_summary(graph: Graph, platform: str | None = None, compile_seconds: fl
         lines.append(f"  output %{v.name}: {v.type}")
     lines.append(f"  {totals['nodes']} nodes, {human_count(totals['parameters'])} parameters "
                  f"({human_bytes(totals['parameter_bytes'])}), {human_count(totals['flops'])}FLOP, "
-                 f"{human_bytes(totals['bytes'])} moved by ops (unfused)")
+                 f"{human_bytes(totals['bytes'])} moved across node and group boundaries")
     if compile_seconds is not None:
         lines.append(f"  compiled in {compile_seconds:.2f} s")
+    groups = group_table(graph)
+    if groups:
+        lines.append("")
+        lines.append(groups)
     counts = graph.op_counts()
     rows = [[op, str(n)] for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     lines.append("")
     lines.append(table(rows, ["op", "count"]))
     return "\n".join(lines)
+
+
+def group_rows(graph: Graph) -> list[dict]:
+    """One row per top-level node: fused groups with their kind and members, plain nodes as themselves."""
+    rows = []
+    for node in graph.nodes:
+        try:
+            flops, moved = node_flops(node), node_bytes(node)
+        except HetflowError:
+            flops, moved = 0, 0
+        if node.op == "hetflow.group":
+            body = node.attrs["body"]
+            ops = ",".join(n.op for n in body.nodes)
+            kind = node.attrs["kind"]
+        else:
+            ops, kind = node.op, "single"
+        rows.append({"name": node.outputs[0].name, "kind": kind, "ops": ops, "flops": flops, "bytes": moved,
+                     "intensity": flops / moved if moved else 0.0, "loc": node.loc})
+    return rows
+
+
+def group_table(graph: Graph, limit: int = 60) -> str:
+    rows = [r for r in group_rows(graph) if r["kind"] != "single"]
+    if not rows:
+        return ""
+    body = []
+    for r in rows[:limit]:
+        ops = r["ops"] if len(r["ops"]) <= 48 else r["ops"][:45] + "..."
+        body.append([r["name"], r["kind"], ops, human_count(r["flops"]), human_bytes(r["bytes"]),
+                     f"{r['intensity']:.1f}"])
+    text = f"{len(rows)} fused groups (bytes: what crosses the group's boundary; Op/B = FLOPs per byte)\n"
+    text += table(body, ["group", "kind", "ops", "FLOPs", "bytes", "Op/B"])
+    if len(rows) > limit:
+        text += f"\n... and {len(rows) - limit} more"
+    return text
