@@ -1,0 +1,1193 @@
+"""PyTorch frontend: a ``torch.nn.Module`` (through ``torch.export``) or an ATen FX graph into the IR.
+
+``capture_module`` exports the module, lowers it to core ATen with
+``run_decompositions()`` and converts every FX node with one function per ATen
+overload (the ``CONVERTERS`` table) into ops with ONNX semantics at opset 18.
+``capture_fx`` runs the same importer on the core-ATen GraphModule that
+``torch.compile`` hands a backend through ``aot_autograd``.
+
+- Parameters, buffers and lifted constants become weights named by their
+  state-dict names (``fc1.weight``); Python scalars become small weights of the
+  dtype the op computes in.
+- Value types come from ``node.meta["val"]``: dtype and shape, symbolic dims
+  (SymInt) as their symbol names (``s0``), or unknown when a dim is an
+  expression.
+- Every node keeps the user's source location: the innermost stack frame outside
+  torch (``model.py:12``) and the module path (``encoder.layers.0.attn``), or the
+  FX node's name when the trace has neither.
+- An ATen op without a converter raises ``UnsupportedOpError`` naming the op, the
+  FX node and its location.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx
+from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dtypes
+
+from hetflow.ir import DType, Graph, TensorType, UnsupportedOpError, infer_types
+from hetflow.ir.errors import HetflowError
+from hetflow.ir.graph import Value
+
+__all__ = ["CONVERTERS", "FrontendError", "TorchCapture", "capture_fx", "capture_module"]
+
+OPSET = 18
+aten = torch.ops.aten
+FxNode = torch.fx.Node
+
+
+class FrontendError(HetflowError):
+    """The module or FX graph cannot be captured (export failed, a construct hetflow does not take)."""
+
+
+@dataclass
+class TorchCapture:
+    graph: Graph
+    input_names: list[str]  # the user inputs, flattened, in call order
+    out_spec: Any = None    # torch.utils._pytree.TreeSpec rebuilding the module's outputs, or None
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+def capture_module(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None) -> TorchCapture:
+    """Export ``module`` in eval mode, decompose to core ATen and import the graph."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    try:
+        program = torch.export.export(module.eval(), example_inputs, dynamic_shapes=dynamic_shapes)
+        program = program.run_decompositions()
+    except Exception as exc:  # torch raises many types; the first line says what failed
+        raise FrontendError(f"torch.export failed on {type(module).__name__}: {_first_line(exc)}") from exc
+    graph = Graph(_graph_name(type(module).__name__), OPSET)
+    importer = _Importer(graph)
+    input_names = []
+    specs = program.graph_signature.input_specs
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    for spec, node in zip(specs, placeholders):
+        kind = spec.kind.name
+        if kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            data = program.state_dict.get(spec.target)
+            if data is None:
+                data = program.constants[spec.target]
+            importer.env[node] = graph.add_weight(spec.target, _to_numpy(data))
+        elif kind == "USER_INPUT":
+            value = graph.add_input(graph.fresh_name(node.name), _value_type(node.meta.get("val")))
+            importer.env[node] = value
+            input_names.append(value.name)
+        else:
+            raise FrontendError(f"input {node.name!r} of kind {kind} is not supported")
+    user_outputs = [s.kind.name == "USER_OUTPUT" for s in program.graph_signature.output_specs]
+    importer.run(program.graph, user_outputs)
+    return TorchCapture(graph, input_names, program.call_spec.out_spec)
+
+
+def capture_fx(gm: torch.fx.GraphModule, example_inputs=None) -> TorchCapture:
+    """Import an ATen FX graph (as ``aot_autograd`` hands it): every placeholder becomes a graph input."""
+    graph = Graph("torch_fx", OPSET)
+    importer = _Importer(graph)
+    input_names = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = graph.add_input(graph.fresh_name(node.name), _value_type(node.meta.get("val")))
+            importer.env[node] = value
+            input_names.append(value.name)
+        elif node.op == "get_attr":
+            data = _fetch_attr(gm, node.target)
+            importer.env[node] = graph.add_weight(graph.fresh_name(node.target.replace("/", ".")), _to_numpy(data))
+    importer.run(gm.graph, None)
+    return TorchCapture(graph, input_names, None)
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise FrontendError(f"get_attr {target!r} is a {type(obj).__name__}, not a tensor")
+    return obj
+
+
+# --- the importer -----------------------------------------------------------------------------------
+
+Converter = Callable[["_Importer", FxNode], Any]
+CONVERTERS: dict[Any, Converter] = {}
+
+
+def converts(*targets):
+    def register(fn: Converter) -> Converter:
+        for target in targets:
+            CONVERTERS[target] = fn
+        return fn
+    return register
+
+
+class _Importer:
+    """Walks an FX graph; converters emit IR nodes through ``emit`` at the current node's location."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.env: dict[FxNode, Any] = {}
+        self.node: FxNode | None = None
+        self.loc = ""
+        self._consts: dict[tuple, Value] = {}
+
+    def run(self, fx_graph: torch.fx.Graph, user_outputs: list[bool] | None) -> None:
+        for node in fx_graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            if node.op == "output":
+                self._set_outputs(node, user_outputs)
+                continue
+            if node.op != "call_function":
+                raise FrontendError(f"FX node {node.name!r}: {node.op} nodes are not supported")
+            self._convert(node)
+        _remove_dead(self.graph)
+
+    def _convert(self, node: FxNode) -> None:
+        self.node, self.loc = node, _location(node)
+        converter = CONVERTERS.get(node.target)
+        if converter is None:
+            raise UnsupportedOpError(f"unsupported op {_target_name(node.target)} (node {node.name} at {self.loc})")
+        first = len(self.graph.nodes)
+        result = converter(self, node)
+        if isinstance(result, Value):
+            self._take_fx_name(node.name, result, first)
+        self.env[node] = result
+
+    def _take_fx_name(self, name: str, result: Value, first: int) -> None:
+        """The value an FX node becomes carries the node's name; helpers emitted before it take suffixed ones."""
+        created = [out for n in self.graph.nodes[first:] for out in n.outputs]
+        if result.name == name or not any(out is result for out in created):
+            return
+        holder = next((out for out in created if out.name == name), None)
+        if holder is not None:
+            holder.name, result.name = result.name, holder.name
+
+    def _set_outputs(self, node: FxNode, user_outputs: list[bool] | None) -> None:
+        results = node.args[0]
+        results = list(results) if isinstance(results, (list, tuple)) else [results]
+        if user_outputs is not None:
+            results = [r for r, keep in zip(results, user_outputs) if keep]
+        self.node, self.loc = node, "output"
+        for result in results:
+            if result is None:
+                raise FrontendError("the model returns None among its tensor outputs; hetflow needs tensors")
+            value = self.value(result) if isinstance(result, FxNode) else self.scalar(result, _scalar_dtype(result))
+            if value.producer is None or value in self.graph.outputs:
+                value = self.emit("Identity", [value], out=value.type)
+            self.graph.outputs.append(value)
+
+    # --- failing ------------------------------------------------------------------------------------
+    def unsupported(self, reason: str) -> UnsupportedOpError:
+        node = self.node
+        return UnsupportedOpError(f"unsupported op {_target_name(node.target)} (node {node.name} at {self.loc}): {reason}")
+
+    # --- reading the FX node ----------------------------------------------------------------------
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        args, kwargs = self.node.args, self.node.kwargs
+        if index < len(args):
+            return args[index]
+        return kwargs.get(name, default)
+
+    def out(self, index: int | None = None) -> TensorType:
+        val = self.node.meta.get("val")
+        if index is not None:
+            val = val[index]
+        t = _value_type(val)
+        if t is None:
+            raise self.unsupported("its result has no tensor type in node.meta['val']")
+        return t
+
+    def value(self, arg: Any) -> Value:
+        """The IR value of an FX node argument."""
+        if not isinstance(arg, FxNode):
+            raise self.unsupported(f"expected a tensor argument, got {arg!r}")
+        value = self.env.get(arg)
+        if not isinstance(value, Value):
+            raise self.unsupported(f"argument {arg.name} has no single tensor value")
+        return value
+
+    def operand(self, arg: Any, dtype: DType) -> Value:
+        """A tensor argument cast to ``dtype``, or a Python scalar as a small weight of that dtype."""
+        if isinstance(arg, FxNode):
+            return self.cast(self.value(arg), dtype)
+        return self.scalar(arg, dtype)
+
+    def promoted(self, *args: Any) -> DType:
+        """The dtype torch computes ``args`` in (tensors and Python scalars, torch's promotion rules)."""
+        dummies = []
+        for a in args:
+            val = a.meta.get("val") if isinstance(a, FxNode) else a
+            if isinstance(val, torch.Tensor):
+                dummies.append(torch.empty((1,) if val.dim() else (), dtype=val.dtype))
+            elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                dummies.append({torch.SymInt: 1, torch.SymFloat: 1.0, torch.SymBool: True}[type(val)])
+            elif val is not None:
+                dummies.append(val)
+        _, result = elementwise_dtypes(*dummies, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
+        return _dtype(result)
+
+    # --- building -------------------------------------------------------------------------------
+    def emit(self, op: str, inputs: list[Value | None], attrs: dict | None = None,
+             out: TensorType | None = None) -> Value:
+        """One node with one output; its type is ``out`` or, when omitted, ONNX type inference's."""
+        return self.emit_multi(op, inputs, attrs, [out])[0]
+
+    def emit_multi(self, op: str, inputs: list[Value | None], attrs: dict | None,
+                   outs: list[TensorType | None]) -> list[Value]:
+        hint = self.node.name if self.node is not None else op.lower()
+        node = self.graph.add_node(op, inputs, outs, attrs, loc=self.loc, output_names=[hint] * len(outs))
+        if any(t is None for t in outs):
+            inferred = infer_types(node, self.graph.opset)
+            for value, t in zip(node.outputs, inferred):
+                value.type = value.type or t
+        return node.outputs
+
+    def const(self, data: np.ndarray, hint: str = "const") -> Value:
+        """A small constant as a weight, shared between nodes that need the same one."""
+        data = np.array(data, order="C")  # (ascontiguousarray would make a 0-d scalar 1-d)
+        key = (data.dtype.str, data.shape, data.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.graph.add_weight(self.graph.fresh_name(hint), data)
+        return self._consts[key]
+
+    def scalar(self, x: Any, dtype: DType) -> Value:
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise self.unsupported("a symbolic scalar argument needs its FX node")
+        return self.const(np.array(x, dtype=dtype.numpy), "scalar")
+
+    def ints(self, items: list[int]) -> Value:
+        return self.const(np.array(list(items), dtype=np.int64), "ints")
+
+    def int_list(self, items: list) -> Value:
+        """A 1-D int64 operand from a list of ints and SymInt FX nodes (sizes, starts, ends)."""
+        if all(not isinstance(i, FxNode) for i in items):
+            return self.ints([int(i) for i in items])
+        parts = []
+        for item in items:
+            if isinstance(item, FxNode):
+                parts.append(self.emit("Unsqueeze", [self.cast(self.value(item), DType.i64), self.ints([0])]))
+            else:
+                parts.append(self.ints([int(item)]))
+        return self.emit("Concat", parts, {"axis": 0})
+
+    def cast(self, value: Value, dtype: DType) -> Value:
+        if value.type is not None and value.type.dtype == dtype:
+            return value
+        shape = value.type.shape if value.type is not None else None
+        return self.emit("Cast", [value], {"to": dtype.onnx}, out=TensorType(dtype, shape))
+
+    def shape_of(self, t: TensorType, like: Value) -> Value:
+        """``t``'s shape as an int64 operand: a constant when static, else taken from ``like`` at run time."""
+        if t.is_static:
+            return self.ints(list(t.shape))
+        return self.emit("Shape", [like])
+
+
+def _remove_dead(graph: Graph) -> None:
+    """Drop nodes and constants nothing reads (unused tuple outputs, folded helpers, unused buffers)."""
+    outputs = {id(v) for v in graph.outputs}
+    for node in reversed(list(graph.nodes)):
+        if not any(o.uses or id(o) in outputs for o in node.outputs):
+            graph.remove(node)
+    for name, weight in list(graph.weights.items()):
+        if not weight.uses and id(weight) not in outputs:
+            graph.remove_weight(name)
+
+
+# --- types, names and locations -------------------------------------------------------------------
+
+_DTYPES = {
+    torch.float32: DType.f32, torch.float64: DType.f64, torch.float16: DType.f16, torch.bfloat16: DType.bf16,
+    torch.int8: DType.i8, torch.int16: DType.i16, torch.int32: DType.i32, torch.int64: DType.i64,
+    torch.uint8: DType.u8, torch.bool: DType.bool, torch.complex64: DType.c64, torch.complex128: DType.c128,
+}
+
+
+def _dtype(dtype: torch.dtype) -> DType:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise FrontendError(f"torch dtype {dtype} is not supported") from None
+
+
+def _scalar_dtype(x: Any) -> DType:
+    if isinstance(x, bool):
+        return DType.bool
+    return DType.i64 if isinstance(x, int) else DType.f32
+
+
+def _dim(d) -> int | str | None:
+    if isinstance(d, int):
+        return d
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+    if is_concrete_int(d):
+        return int(d)
+    expr = d.node.expr
+    return str(expr) if getattr(expr, "is_Symbol", False) else None
+
+
+def _value_type(val: Any) -> TensorType | None:
+    if isinstance(val, torch.Tensor):
+        return TensorType(_dtype(val.dtype), tuple(_dim(d) for d in val.shape))
+    if isinstance(val, (bool, torch.SymBool)):
+        return TensorType(DType.bool, ())
+    if isinstance(val, (int, torch.SymInt)):
+        return TensorType(DType.i64, ())
+    if isinstance(val, (float, torch.SymFloat)):
+        return TensorType(DType.f32, ())
+    return None
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(DType.bf16.numpy)
+    return t.numpy().copy()
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    module = getattr(target, "__module__", "") or ""
+    return f"{module.lstrip('_')}.{getattr(target, '__name__', target)}".lstrip(".")
+
+
+def _graph_name(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return name if name and not name[0].isdigit() else f"m_{name}"
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FRAME_RE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _user_frame(stack_trace: str | None) -> str:
+    """``file.py:LINE`` of the innermost frame outside torch itself (the model's code)."""
+    if not stack_trace:
+        return ""
+    frames = [(f, line) for f, line in _FRAME_RE.findall(stack_trace) if not f.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{os.path.basename(path)}:{line}"
+
+
+def _module_path(stack: dict | None) -> str:
+    """The innermost module's path, cleaned of dynamo's spelling: ``L['self'].layers[0]`` -> ``layers.0``."""
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def _location(node: FxNode) -> str:
+    frame = _user_frame(node.meta.get("stack_trace"))
+    path = _module_path(node.meta.get("nn_module_stack"))
+    if frame and path:
+        return f"{frame} ({path})"
+    return frame or path or node.name
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _axis(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+# ===================================================================================================
+# The converters: one function per ATen overload (or a family of overloads sharing a rule).
+# Each reads the FX node through the importer and returns a Value (a list for tuple results).
+# ===================================================================================================
+
+# --- no-ops, aliases and tuple access ------------------------------------------------------------------
+
+@converts(aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+          aten.sym_constrain_range.default, aten._assert_async.msg)
+def _nothing(imp: _Importer, node: FxNode):
+    return None
+
+
+@converts(aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default)
+def _alias(imp: _Importer, node: FxNode) -> Value:
+    return imp.value(node.args[0])
+
+
+@converts(operator.getitem)
+def _getitem(imp: _Importer, node: FxNode):
+    items = imp.env.get(node.args[0])
+    if not isinstance(items, (list, tuple)):
+        raise imp.unsupported(f"{node.args[0].name} is not a tuple")
+    item = items[node.args[1]]
+    if item is None:
+        raise imp.unsupported(f"output {node.args[1]} of {node.args[0].name} is not supported (training-only result)")
+    return item
+
+
+# --- elementwise -----------------------------------------------------------------------------------------
+
+def _unary(op: str, attrs: dict | None = None) -> Converter:
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        out = imp.out()
+        return imp.emit(op, [imp.operand(node.args[0], out.dtype)], attrs, out=out)
+    return convert
+
+
+for _target, _op in [(aten.relu.default, "Relu"), (aten.sigmoid.default, "Sigmoid"), (aten.tanh.default, "Tanh"),
+                     (aten.exp.default, "Exp"), (aten.log.default, "Log"), (aten.sqrt.default, "Sqrt"),
+                     (aten.neg.default, "Neg"), (aten.abs.default, "Abs"), (aten.erf.default, "Erf"),
+                     (aten.sin.default, "Sin"), (aten.cos.default, "Cos"), (aten.reciprocal.default, "Reciprocal"),
+                     (aten.floor.default, "Floor"), (aten.ceil.default, "Ceil"), (aten.round.default, "Round"),
+                     (aten.sign.default, "Sign"), (aten.logical_not.default, "Not"),
+                     (aten.hardswish.default, "HardSwish")]:
+    converts(_target)(_unary(_op))
+converts(aten.hardsigmoid.default)(_unary("HardSigmoid", {"alpha": 1.0 / 6.0, "beta": 0.5}))
+
+
+@converts(aten.isnan.default)
+def _isnan(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("IsNaN", [imp.value(node.args[0])], out=imp.out())
+
+
+@converts(aten.bitwise_not.default)
+def _bitwise_not(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    return imp.emit("Not" if out.dtype == DType.bool else "BitwiseNot", [imp.value(node.args[0])], out=out)
+
+
+@converts(aten.rsqrt.default)
+def _rsqrt(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    root = imp.emit("Sqrt", [imp.operand(node.args[0], out.dtype)], out=out)
+    return imp.emit("Reciprocal", [root], out=out)
+
+
+@converts(aten.log1p.default)
+def _log1p(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    shifted = imp.emit("Add", [imp.operand(node.args[0], out.dtype), imp.scalar(1, out.dtype)], out=out)
+    return imp.emit("Log", [shifted], out=out)
+
+
+@converts(aten.silu.default)
+def _silu(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    x = imp.operand(node.args[0], out.dtype)
+    return imp.emit("Mul", [x, imp.emit("Sigmoid", [x], out=out)], out=out)
+
+
+@converts(aten.gelu.default)
+def _gelu(imp: _Importer, node: FxNode) -> Value:
+    """Opset 18 has no Gelu: exact 0.5*x*(1+erf(x/sqrt2)); tanh 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))."""
+    out = imp.out()
+    x = imp.operand(node.args[0], out.dtype)
+    k = lambda c: imp.scalar(c, out.dtype)  # noqa: E731
+    if imp.arg(1, "approximate", "none") == "tanh":
+        cube = imp.emit("Mul", [imp.emit("Mul", [x, x], out=out), x], out=out)
+        inner = imp.emit("Add", [x, imp.emit("Mul", [cube, k(0.044715)], out=out)], out=out)
+        core = imp.emit("Tanh", [imp.emit("Mul", [inner, k(math.sqrt(2.0 / math.pi))], out=out)], out=out)
+    else:
+        core = imp.emit("Erf", [imp.emit("Mul", [x, k(1.0 / math.sqrt(2.0))], out=out)], out=out)
+    half_x = imp.emit("Mul", [x, k(0.5)], out=out)
+    return imp.emit("Mul", [half_x, imp.emit("Add", [core, k(1.0)], out=out)], out=out)
+
+
+@converts(aten.leaky_relu.default)
+def _leaky_relu(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    return imp.emit("LeakyRelu", [imp.value(node.args[0])], {"alpha": float(imp.arg(1, "negative_slope", 0.01))},
+                    out=out)
+
+
+@converts(aten.elu.default)
+def _elu(imp: _Importer, node: FxNode) -> Value:
+    if imp.arg(2, "scale", 1) != 1 or imp.arg(3, "input_scale", 1) != 1:
+        raise imp.unsupported("elu with scale or input_scale other than 1")
+    return imp.emit("Elu", [imp.value(node.args[0])], {"alpha": float(imp.arg(1, "alpha", 1.0))}, out=imp.out())
+
+
+@converts(aten.softplus.default)
+def _softplus(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    beta = float(imp.arg(1, "beta", 1.0))
+    x = imp.value(node.args[0])
+    if beta == 1.0:
+        return imp.emit("Softplus", [x], out=out)
+    scaled = imp.emit("Softplus", [imp.emit("Mul", [x, imp.scalar(beta, out.dtype)], out=out)], out=out)
+    return imp.emit("Div", [scaled, imp.scalar(beta, out.dtype)], out=out)
+
+
+@converts(aten.clamp.default, aten.hardtanh.default)
+def _clamp(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    if node.target is aten.hardtanh.default:
+        lo, hi = imp.arg(1, "min_val", -1.0), imp.arg(2, "max_val", 1.0)
+    else:
+        lo, hi = imp.arg(1, "min"), imp.arg(2, "max")
+    x = imp.operand(node.args[0], out.dtype)
+    bounds = [None if b is None else imp.scalar(b, out.dtype) for b in (lo, hi)]
+    return imp.emit("Clip", [x] + bounds, out=out)
+
+
+@converts(aten.clamp.Tensor)
+def _clamp_tensor(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    result = imp.operand(node.args[0], out.dtype)
+    lo, hi = imp.arg(1, "min"), imp.arg(2, "max")
+    if lo is not None:
+        result = imp.emit("Max", [result, imp.operand(lo, out.dtype)], out=out)
+    if hi is not None:
+        result = imp.emit("Min", [result, imp.operand(hi, out.dtype)], out=out)
+    return result
+
+
+def _binary(op: str) -> Converter:
+    """Arithmetic: both operands are computed in the result's dtype (torch's promotion already applied)."""
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        out = imp.out()
+        a, b = imp.operand(node.args[0], out.dtype), imp.operand(node.args[1], out.dtype)
+        return imp.emit(op, [a, b], out=out)
+    return convert
+
+
+for _targets, _op in [((aten.mul.Tensor, aten.mul.Scalar), "Mul"), ((aten.div.Tensor, aten.div.Scalar), "Div"),
+                      ((aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar), "Pow"),
+                      ((aten.maximum.default,), "Max"), ((aten.minimum.default,), "Min")]:
+    converts(*_targets)(_binary(_op))
+
+
+@converts(aten.fmod.Tensor, aten.fmod.Scalar)
+def _fmod(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    a, b = imp.operand(node.args[0], out.dtype), imp.operand(node.args[1], out.dtype)
+    return imp.emit("Mod", [a, b], {"fmod": 1}, out=out)
+
+
+@converts(aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor)
+def _add_sub(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    a, b = imp.operand(node.args[0], out.dtype), imp.operand(node.args[1], out.dtype)
+    alpha = imp.arg(2, "alpha", 1)
+    if alpha != 1:
+        b = imp.emit("Mul", [b, imp.scalar(alpha, out.dtype)])
+    if node.target in (aten.rsub.Scalar, aten.rsub.Tensor):
+        a, b = b, a
+    op = "Add" if node.target in (aten.add.Tensor, aten.add.Scalar) else "Sub"
+    return imp.emit(op, [a, b], out=out)
+
+
+def _remainder_needs_fix(imp: _Importer, mod: Value, b: Value) -> Value:
+    """Where C's remainder (fmod) and Python's differ: a nonzero remainder whose sign is not the divisor's."""
+    zero = imp.scalar(0, mod.type.dtype)
+    nonzero = imp.emit("Not", [imp.emit("Equal", [mod, zero])])
+    return imp.emit("And", [nonzero, imp.emit("Xor", [imp.emit("Less", [b, zero]), imp.emit("Less", [mod, zero])])])
+
+
+@converts(aten.div.Tensor_mode, aten.div.Scalar_mode)
+def _div_mode(imp: _Importer, node: FxNode) -> Value:
+    """Rounding division as torch computes it (floor: through fmod, so 3.0 // 0.3 is 9 as in torch)."""
+    out = imp.out()
+    mode = imp.arg(2, "rounding_mode")
+    a, b = imp.operand(node.args[0], out.dtype), imp.operand(node.args[1], out.dtype)
+    if mode is None:
+        return imp.emit("Div", [a, b], out=out)
+    if mode == "trunc":
+        if not out.dtype.is_float:
+            return imp.emit("Div", [a, b], out=out)  # integer Div truncates
+        quotient = imp.emit("Div", [a, b])
+        return imp.emit("Mul", [imp.emit("Sign", [quotient]), imp.emit("Floor", [imp.emit("Abs", [quotient])])],
+                        out=out)
+    one = imp.scalar(1, out.dtype)
+    mod = imp.emit("Mod", [a, b], {"fmod": 1})
+    fix = _remainder_needs_fix(imp, mod, b)
+    if not out.dtype.is_float:
+        quotient = imp.emit("Div", [a, b])
+        return imp.emit("Where", [fix, imp.emit("Sub", [quotient, one]), quotient], out=out)
+    exact = imp.emit("Div", [imp.emit("Sub", [a, mod]), b])
+    exact = imp.emit("Where", [fix, imp.emit("Sub", [exact, one]), exact])
+    floored = imp.emit("Floor", [exact])
+    round_up = imp.emit("Greater", [imp.emit("Sub", [exact, floored]), imp.scalar(0.5, out.dtype)])
+    return imp.emit("Where", [round_up, imp.emit("Add", [floored, one]), floored], out=out)
+
+
+@converts(aten.remainder.Tensor, aten.remainder.Scalar)
+def _remainder(imp: _Importer, node: FxNode) -> Value:
+    """Python's modulo (the divisor's sign): ONNX Mod for integers; fmod plus the divisor where signs differ."""
+    out = imp.out()
+    a, b = imp.operand(node.args[0], out.dtype), imp.operand(node.args[1], out.dtype)
+    if not out.dtype.is_float:
+        return imp.emit("Mod", [a, b], {"fmod": 0}, out=out)
+    mod = imp.emit("Mod", [a, b], {"fmod": 1})
+    fix = _remainder_needs_fix(imp, mod, b)
+    return imp.emit("Where", [fix, imp.emit("Add", [mod, b]), mod], out=out)
+
+
+def _compare(op: str, negate: bool = False) -> Converter:
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        dtype = imp.promoted(node.args[0], node.args[1])
+        a, b = imp.operand(node.args[0], dtype), imp.operand(node.args[1], dtype)
+        if negate:
+            return imp.emit("Not", [imp.emit(op, [a, b])], out=imp.out())
+        return imp.emit(op, [a, b], out=imp.out())
+    return convert
+
+
+for _targets, _op, _negate in [((aten.eq.Tensor, aten.eq.Scalar), "Equal", False),
+                               ((aten.ne.Tensor, aten.ne.Scalar), "Equal", True),
+                               ((aten.lt.Tensor, aten.lt.Scalar), "Less", False),
+                               ((aten.le.Tensor, aten.le.Scalar), "LessOrEqual", False),
+                               ((aten.gt.Tensor, aten.gt.Scalar), "Greater", False),
+                               ((aten.ge.Tensor, aten.ge.Scalar), "GreaterOrEqual", False)]:
+    converts(*_targets)(_compare(_op, _negate))
+
+
+def _logical(op: str) -> Converter:
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        a, b = imp.operand(node.args[0], DType.bool), imp.operand(node.args[1], DType.bool)
+        return imp.emit(op, [a, b], out=imp.out())
+    return convert
+
+
+def _bitwise(logical_op: str, bitwise_op: str) -> Converter:
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        out = imp.out()
+        a, b = imp.operand(node.args[0], out.dtype), imp.operand(node.args[1], out.dtype)
+        return imp.emit(logical_op if out.dtype == DType.bool else bitwise_op, [a, b], out=out)
+    return convert
+
+
+converts(aten.logical_and.default)(_logical("And"))
+converts(aten.logical_or.default)(_logical("Or"))
+converts(aten.logical_xor.default)(_logical("Xor"))
+converts(aten.bitwise_and.Tensor, aten.bitwise_and.Scalar)(_bitwise("And", "BitwiseAnd"))
+converts(aten.bitwise_or.Tensor, aten.bitwise_or.Scalar)(_bitwise("Or", "BitwiseOr"))
+converts(aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar)(_bitwise("Xor", "BitwiseXor"))
+
+
+@converts(aten.where.self)
+def _where(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    cond = imp.operand(node.args[0], DType.bool)
+    return imp.emit("Where", [cond, imp.operand(node.args[1], out.dtype), imp.operand(node.args[2], out.dtype)],
+                    out=out)
+
+
+@converts(aten._to_copy.default)
+def _to_copy(imp: _Importer, node: FxNode) -> Value:
+    return imp.cast(imp.value(node.args[0]), imp.out().dtype)
+
+
+# --- creation ---------------------------------------------------------------------------------------------
+
+@converts(aten.scalar_tensor.default)
+def _scalar_tensor(imp: _Importer, node: FxNode) -> Value:
+    return imp.scalar(node.args[0], imp.out().dtype)
+
+
+def _filled(imp: _Importer, out: TensorType, fill: Any, like: Value | None = None) -> Value:
+    """A tensor of ``out``'s type filled with ``fill``: a weight when tiny, else ConstantOfShape."""
+    if out.is_static and (out.numel() or 0) <= 16:
+        return imp.const(np.full(out.shape, fill, dtype=out.dtype.numpy), "full")
+    if not out.is_static and like is None:
+        raise imp.unsupported("a symbolic size given without a tensor to take it from")
+    shape = imp.shape_of(out, like)
+    value = np.array([fill], dtype=out.dtype.numpy)
+    return imp.emit("ConstantOfShape", [shape], {"value": value}, out=out)
+
+
+@converts(aten.full.default)
+def _full(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    if not out.is_static:
+        shape = imp.int_list(list(node.args[0]))
+        return imp.emit("ConstantOfShape", [shape], {"value": np.array([node.args[1]], dtype=out.dtype.numpy)}, out=out)
+    return _filled(imp, out, node.args[1])
+
+
+@converts(aten.full_like.default)
+def _full_like(imp: _Importer, node: FxNode) -> Value:
+    return _filled(imp, imp.out(), node.args[1], like=imp.value(node.args[0]))
+
+
+@converts(aten.zeros_like.default, aten.empty_like.default)
+def _zeros_like(imp: _Importer, node: FxNode) -> Value:
+    return _filled(imp, imp.out(), 0, like=imp.value(node.args[0]))
+
+
+@converts(aten.ones_like.default)
+def _ones_like(imp: _Importer, node: FxNode) -> Value:
+    return _filled(imp, imp.out(), 1, like=imp.value(node.args[0]))
+
+
+@converts(aten.empty.memory_format, aten.zeros.default)
+def _zeros(imp: _Importer, node: FxNode) -> Value:
+    return _full_size(imp, node, 0)
+
+
+@converts(aten.ones.default)
+def _ones(imp: _Importer, node: FxNode) -> Value:
+    return _full_size(imp, node, 1)
+
+
+def _full_size(imp: _Importer, node: FxNode, fill: Any) -> Value:
+    out = imp.out()
+    if out.is_static:
+        return _filled(imp, out, fill)
+    shape = imp.int_list(list(node.args[0]))
+    return imp.emit("ConstantOfShape", [shape], {"value": np.array([fill], dtype=out.dtype.numpy)}, out=out)
+
+
+@converts(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def _arange(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    args = list(node.args)
+    if node.target is aten.arange.default:
+        start, end, step = 0, args[0], 1
+    else:
+        start, end = args[0], args[1]
+        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+    bounds = [imp.cast(imp.value(b), out.dtype) if isinstance(b, FxNode) else imp.scalar(b, out.dtype)
+              for b in (start, end, step)]
+    return imp.emit("Range", bounds, out=out)
+
+
+# --- contractions -------------------------------------------------------------------------------------
+
+@converts(aten.mm.default, aten.bmm.default, aten.matmul.default)
+def _matmul(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("MatMul", [imp.value(node.args[0]), imp.value(node.args[1])], out=imp.out())
+
+
+@converts(aten.addmm.default)
+def _addmm(imp: _Importer, node: FxNode) -> Value:
+    """addmm(bias, a, b) = beta*bias + alpha*(a@b): one Gemm."""
+    out = imp.out()
+    bias, a, b = (imp.operand(x, out.dtype) for x in node.args[:3])
+    beta, alpha = float(imp.arg(3, "beta", 1)), float(imp.arg(4, "alpha", 1))
+    attrs = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v != 1.0}
+    return imp.emit("Gemm", [a, b, bias if beta != 0.0 else None], attrs, out=out)
+
+
+@converts(aten.convolution.default)
+def _convolution(imp: _Importer, node: FxNode) -> Value:
+    x, w, b, stride, padding, dilation, transposed, output_padding, groups = node.args
+    spatial = len(imp.value(w).type.shape) - 2
+    attrs = {"strides": _n_list(stride, spatial), "pads": _n_list(padding, spatial) * 2,
+             "dilations": _n_list(dilation, spatial), "group": int(groups)}
+    inputs = [imp.value(x), imp.value(w), None if b is None else imp.value(b)]
+    if inputs[2] is None:
+        inputs.pop()
+    if transposed:
+        attrs["output_padding"] = _n_list(output_padding, spatial)
+        return imp.emit("ConvTranspose", inputs, attrs, out=imp.out())
+    return imp.emit("Conv", inputs, attrs, out=imp.out())
+
+
+def _n_list(values, n: int) -> list[int]:
+    values = [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    return values * n if len(values) == 1 else values
+
+
+# --- normalisation --------------------------------------------------------------------------------------
+
+@converts(aten._native_batch_norm_legit_no_training.default)
+def _batch_norm(imp: _Importer, node: FxNode) -> list:
+    x, weight, bias, mean, var = node.args[:5]
+    eps = float(imp.arg(6, "eps", 1e-5))
+    out = imp.out(0)
+    channels = imp.value(mean).type.shape[0]
+    scale = imp.value(weight) if weight is not None else imp.const(np.ones(channels, out.dtype.numpy), "ones")
+    shift = imp.value(bias) if bias is not None else imp.const(np.zeros(channels, out.dtype.numpy), "zeros")
+    y = imp.emit("BatchNormalization", [imp.value(x), scale, shift, imp.value(mean), imp.value(var)],
+                 {"epsilon": eps}, out=out)
+    return [y, None, None]
+
+
+@converts(aten.native_layer_norm.default)
+def _layer_norm(imp: _Importer, node: FxNode) -> list:
+    x, normalized_shape, weight, bias, eps = node.args
+    out = imp.out(0)
+    axis = -len(normalized_shape)
+    scale = imp.value(weight) if weight is not None else imp.const(np.ones(normalized_shape, out.dtype.numpy), "ones")
+    inputs = [imp.value(x), scale] + ([imp.value(bias)] if bias is not None else [])
+    stats_used = any(u.target is operator.getitem and u.args[1] in (1, 2) for u in node.users)
+    if not stats_used:
+        y = imp.emit("LayerNormalization", inputs, {"axis": axis, "epsilon": float(eps)}, out=out)
+        return [y, None, None]
+    return imp.emit_multi("LayerNormalization", inputs, {"axis": axis, "epsilon": float(eps)},
+                          [out, imp.out(1), imp.out(2)])
+
+
+@converts(aten.native_group_norm.default)
+def _group_norm(imp: _Importer, node: FxNode) -> list:
+    """Decomposed (opset 18's GroupNormalization scales per group, torch per channel)."""
+    x, weight, bias, n, c, hw, groups, eps = node.args
+    out = imp.out(0)
+    xv = imp.value(x)
+    grouped = imp.emit("Reshape", [xv, imp.ints([0, int(groups), -1])])
+    axes = imp.ints([2])
+    mean = imp.emit("ReduceMean", [grouped, axes])
+    centered = imp.emit("Sub", [grouped, mean])
+    var = imp.emit("ReduceMean", [imp.emit("Mul", [centered, centered]), axes])
+    std = imp.emit("Sqrt", [imp.emit("Add", [var, imp.scalar(float(eps), out.dtype)])])
+    normed = imp.emit("Reshape", [imp.emit("Div", [centered, std]), imp.emit("Shape", [xv])], out=out)
+    rank = len(out.shape)
+    per_channel = imp.ints([int(c)] + [1] * (rank - 2))
+    if weight is not None:
+        normed = imp.emit("Mul", [normed, imp.emit("Reshape", [imp.value(weight), per_channel])], out=out)
+    if bias is not None:
+        normed = imp.emit("Add", [normed, imp.emit("Reshape", [imp.value(bias), per_channel])], out=out)
+    return [normed, None, None]
+
+
+@converts(aten._softmax.default)
+def _softmax(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("Softmax", [imp.value(node.args[0])], {"axis": int(node.args[1])}, out=imp.out())
+
+
+@converts(aten._log_softmax.default)
+def _log_softmax(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("LogSoftmax", [imp.value(node.args[0])], {"axis": int(node.args[1])}, out=imp.out())
+
+
+# --- pooling ------------------------------------------------------------------------------------------------
+
+@converts(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
+def _max_pool(imp: _Importer, node: FxNode) -> list:
+    if any(u.target is operator.getitem and u.args[1] == 1 for u in node.users):
+        raise imp.unsupported("the pooling indices are used (ONNX MaxPool numbers them differently)")
+    kernel = [int(k) for k in node.args[1]]
+    n = len(kernel)
+    stride = imp.arg(2, "stride", []) or kernel
+    attrs = {"kernel_shape": kernel, "strides": _n_list(stride, n), "pads": _n_list(imp.arg(3, "padding", 0), n) * 2,
+             "dilations": _n_list(imp.arg(4, "dilation", 1), n)}
+    if imp.arg(5, "ceil_mode", False):
+        attrs["ceil_mode"] = 1
+    return [imp.emit("MaxPool", [imp.value(node.args[0])], attrs, out=imp.out(0)), None]
+
+
+@converts(aten.avg_pool2d.default, aten.avg_pool3d.default)
+def _avg_pool(imp: _Importer, node: FxNode) -> Value:
+    if imp.arg(6, "divisor_override") is not None:
+        raise imp.unsupported("divisor_override")
+    kernel = [int(k) for k in node.args[1]]
+    n = len(kernel)
+    stride = imp.arg(2, "stride", []) or kernel
+    attrs = {"kernel_shape": kernel, "strides": _n_list(stride, n), "pads": _n_list(imp.arg(3, "padding", 0), n) * 2,
+             "count_include_pad": int(bool(imp.arg(5, "count_include_pad", True)))}
+    if imp.arg(4, "ceil_mode", False):
+        attrs["ceil_mode"] = 1
+    return imp.emit("AveragePool", [imp.value(node.args[0])], attrs, out=imp.out())
+
+
+@converts(aten._adaptive_avg_pool2d.default)
+def _adaptive_avg_pool(imp: _Importer, node: FxNode) -> Value:
+    x = imp.value(node.args[0])
+    sizes = [int(s) for s in node.args[1]]
+    spatial = x.type.shape[-len(sizes):]
+    if not all(isinstance(d, int) and d % s == 0 for d, s in zip(spatial, sizes)):
+        raise imp.unsupported(f"input size {list(spatial)} is not a multiple of the output size {sizes}")
+    kernel = [d // s for d, s in zip(spatial, sizes)]
+    return imp.emit("AveragePool", [x], {"kernel_shape": kernel, "strides": kernel}, out=imp.out())
+
+
+@converts(aten.upsample_nearest2d.vec)
+def _upsample_nearest(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    if not out.is_static:
+        raise imp.unsupported("a symbolic output size")
+    attrs = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    return imp.emit("Resize", [imp.value(node.args[0]), None, None, imp.ints(list(out.shape))], attrs, out=out)
+
+
+# --- reductions ------------------------------------------------------------------------------------------
+
+def _reduce_axes(imp: _Importer, dims) -> Value | None:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return None  # all axes
+    return imp.ints([int(d) for d in (dims if isinstance(dims, (list, tuple)) else [dims])])
+
+
+def _reduce(op: str, cast_first: bool = False) -> Converter:
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        out = imp.out()
+        x = imp.value(node.args[0])
+        if cast_first:
+            x = imp.cast(x, out.dtype)
+        axes = _reduce_axes(imp, imp.arg(1, "dim"))
+        keepdims = int(bool(imp.arg(2, "keepdim", False)))
+        return imp.emit(op, [x] + ([axes] if axes is not None else []), {"keepdims": keepdims}, out=out)
+    return convert
+
+
+converts(aten.mean.dim, aten.mean.default)(_reduce("ReduceMean", cast_first=True))
+converts(aten.sum.dim_IntList, aten.sum.default)(_reduce("ReduceSum", cast_first=True))
+converts(aten.amax.default)(_reduce("ReduceMax"))
+converts(aten.amin.default)(_reduce("ReduceMin"))
+converts(aten.prod.dim_int)(_reduce("ReduceProd", cast_first=True))
+
+
+def _any_all(op: str) -> Converter:
+    """any/all over bools: opset 18's ReduceMax/Min take no bool, so reduce int32 and cast back."""
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        x = imp.cast(imp.value(node.args[0]), DType.bool)
+        x = imp.cast(x, DType.i32)
+        axes = _reduce_axes(imp, imp.arg(1, "dim"))
+        keepdims = int(bool(imp.arg(2, "keepdim", False)))
+        reduced = imp.emit(op, [x] + ([axes] if axes is not None else []), {"keepdims": keepdims})
+        return imp.emit("Cast", [reduced], {"to": DType.bool.onnx}, out=imp.out())
+    return convert
+
+
+converts(aten.any.dim, aten.any.dims, aten.any.default)(_any_all("ReduceMax"))
+converts(aten.all.dim, aten.all.dims, aten.all.default)(_any_all("ReduceMin"))
+
+
+@converts(aten.var.correction)
+def _var(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    x = imp.value(node.args[0])
+    dims = imp.arg(1, "dim")
+    rank = len(x.type.shape)
+    axes_list = list(range(rank)) if not dims else [_axis(int(d), rank) for d in dims]
+    sizes = [x.type.shape[a] for a in axes_list]
+    if not all(isinstance(s, int) for s in sizes):
+        raise imp.unsupported("variance over a symbolic dim")
+    correction = node.kwargs.get("correction", 1)
+    count = int(np.prod(sizes)) - (1 if correction is None else correction)
+    axes = imp.ints(axes_list)
+    centered = imp.emit("Sub", [x, imp.emit("ReduceMean", [x, axes], {"keepdims": 1})])
+    total = imp.emit("ReduceSum", [imp.emit("Mul", [centered, centered]), axes],
+                     {"keepdims": int(bool(node.kwargs.get("keepdim", False)))})
+    return imp.emit("Div", [total, imp.scalar(max(count, 0), out.dtype)], out=out)
+
+
+@converts(aten.argmax.default, aten.argmin.default)
+def _argmax(imp: _Importer, node: FxNode) -> Value:
+    op = "ArgMax" if node.target is aten.argmax.default else "ArgMin"
+    x = imp.value(node.args[0])
+    dim, keepdim = imp.arg(1, "dim"), bool(imp.arg(2, "keepdim", False))
+    if dim is None:
+        if keepdim:
+            raise imp.unsupported("keepdim without a dim")
+        x, dim = imp.emit("Reshape", [x, imp.ints([-1])]), 0
+    return imp.emit(op, [x], {"axis": int(dim), "keepdims": int(keepdim)}, out=imp.out())
+
+
+@converts(aten.max.dim, aten.min.dim)
+def _max_dim(imp: _Importer, node: FxNode) -> list:
+    reduce_op, arg_op = ("ReduceMax", "ArgMax") if node.target is aten.max.dim else ("ReduceMin", "ArgMin")
+    x = imp.value(node.args[0])
+    dim, keepdim = int(node.args[1]), int(bool(imp.arg(2, "keepdim", False)))
+    values = imp.emit(reduce_op, [x, imp.ints([dim])], {"keepdims": keepdim}, out=imp.out(0))
+    indices = imp.emit(arg_op, [x], {"axis": dim, "keepdims": keepdim, "select_last_index": 0}, out=imp.out(1))
+    return [values, indices]
+
+
+@converts(aten.cumsum.default)
+def _cumsum(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    x = imp.cast(imp.value(node.args[0]), out.dtype)
+    return imp.emit("CumSum", [x, imp.scalar(int(node.args[1]), DType.i64)], out=out)
+
+
+# --- shape and data movement --------------------------------------------------------------------------------
+
+@converts(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _reshape(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    shape = imp.ints(list(out.shape)) if out.is_static else imp.int_list(list(node.args[1]))
+    return imp.emit("Reshape", [imp.value(node.args[0]), shape], out=out)
+
+
+@converts(aten.permute.default)
+def _permute(imp: _Importer, node: FxNode) -> Value:
+    rank = len(node.args[1])
+    return imp.emit("Transpose", [imp.value(node.args[0])], {"perm": [_axis(int(d), rank) for d in node.args[1]]},
+                    out=imp.out())
+
+
+@converts(aten.transpose.int, aten.t.default)
+def _transpose(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    rank = len(out.shape)
+    perm = list(range(rank))
+    if rank < 2:
+        return imp.value(node.args[0])
+    dims = node.args[1:3] if node.target is aten.transpose.int else (0, 1)
+    a, b = _axis(int(dims[0]), rank), _axis(int(dims[1]), rank)
+    perm[a], perm[b] = perm[b], perm[a]
+    return imp.emit("Transpose", [imp.value(node.args[0])], {"perm": perm}, out=out)
+
+
+@converts(aten.expand.default)
+def _expand(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    x = imp.value(node.args[0])
+    if out.is_static:
+        if x.type == out:
+            return x
+        shape = imp.ints(list(out.shape))
+    else:  # -1 keeps the input's dim, which ONNX's broadcasting also does for a 1
+        shape = imp.int_list([1 if (not isinstance(s, FxNode) and s == -1) else s for s in node.args[1]])
+    return imp.emit("Expand", [x, shape], out=out)
+
+
+@converts(aten.unsqueeze.default)
+def _unsqueeze(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("Unsqueeze", [imp.value(node.args[0]), imp.ints([int(node.args[1])])], out=imp.out())
+
+
+@converts(aten.squeeze.dims, aten.squeeze.dim, aten.squeeze.default)
+def _squeeze(imp: _Importer, node: FxNode) -> Value:
+    """torch ignores dims that are not 1; ONNX rejects them, so only the size-1 dims are named."""
+    x = imp.value(node.args[0])
+    shape = x.type.shape
+    dims = node.args[1] if len(node.args) > 1 else list(range(len(shape)))
+    dims = [_axis(int(d), len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    ones = [d for d in dims if shape[d] == 1]
+    if not ones:
+        return x
+    return imp.emit("Squeeze", [x, imp.ints(ones)], out=imp.out())
+
+
+@converts(aten.slice.Tensor)
+def _slice(imp: _Importer, node: FxNode) -> Value:
+    x = imp.value(node.args[0])
+    dim = int(imp.arg(1, "dim", 0))
+    start, end, step = imp.arg(2, "start"), imp.arg(3, "end"), imp.arg(4, "step", 1)
+    start = 0 if start is None else start
+    end = np.iinfo(np.int64).max if end is None else end
+    out = imp.out()
+    if x.type == out and start == 0 and step == 1 and not isinstance(end, FxNode):
+        return x
+    inputs = [x, imp.int_list([start]), imp.int_list([end]), imp.ints([dim]), imp.ints([int(step)])]
+    return imp.emit("Slice", inputs, out=out)
+
+
+@converts(aten.select.int)
+def _select(imp: _Importer, node: FxNode) -> Value:
+    index = node.args[2]
+    index = imp.cast(imp.value(index), DType.i64) if isinstance(index, FxNode) else imp.scalar(int(index), DType.i64)
+    return imp.emit("Gather", [imp.value(node.args[0]), index], {"axis": int(node.args[1])}, out=imp.out())
+
+
+@converts(aten.cat.default)
+def _cat(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    rank = len(out.shape)
+    parts = [imp.cast(imp.value(t), out.dtype) for t in node.args[0]]
+    parts = [p for p in parts if not (p.type.shape == (0,) and rank != 1)]  # torch's legacy empty inputs
+    if len(parts) == 1:
+        return parts[0]
+    return imp.emit("Concat", parts, {"axis": _axis(int(imp.arg(1, "dim", 0)), rank)}, out=out)
+
+
+@converts(aten.split_with_sizes.default, aten.split.Tensor)
+def _split(imp: _Importer, node: FxNode) -> list:
+    x = imp.value(node.args[0])
+    dim = _axis(int(imp.arg(2, "dim", 0)), len(x.type.shape))
+    outs = [_value_type(v) for v in node.meta["val"]]
+    sizes = [t.shape[dim] for t in outs]
+    if not all(isinstance(s, int) for s in sizes):
+        raise imp.unsupported("split along a symbolic dim")
+    return imp.emit_multi("Split", [x, imp.ints(sizes)], {"axis": dim}, outs)
+
+
+@converts(aten.embedding.default)
+def _embedding(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("Gather", [imp.value(node.args[0]), imp.value(node.args[1])], {"axis": 0}, out=imp.out())
+
+
+@converts(aten.index_select.default)
+def _index_select(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("Gather", [imp.value(node.args[0]), imp.value(node.args[2])], {"axis": int(node.args[1])},
+                    out=imp.out())
+
+
+@converts(aten.gather.default)
+def _gather(imp: _Importer, node: FxNode) -> Value:
+    return imp.emit("GatherElements", [imp.value(node.args[0]), imp.value(node.args[2])],
+                    {"axis": int(node.args[1])}, out=imp.out())
+
+
+@converts(aten.index.Tensor)
+def _index(imp: _Importer, node: FxNode) -> Value:
+    """Advanced indexing: one index is a Gather; several go to the front, are broadcast and stacked for GatherND."""
+    out = imp.out()
+    x = imp.value(node.args[0])
+    indices = list(node.args[1])
+    rank = len(x.type.shape)
+    positions = [i for i, t in enumerate(indices) if t is not None]
+    if any(imp.value(indices[i]).type.dtype == DType.bool for i in positions):
+        raise imp.unsupported("boolean mask indexing (data-dependent shape)")
+    if len(positions) == 1:
+        axis = positions[0]
+        return imp.emit("Gather", [x, imp.value(indices[axis])], {"axis": axis}, out=out)
+    rest = [d for d in range(rank) if d not in positions]
+    if positions != list(range(len(positions))):
+        x = imp.emit("Transpose", [x], {"perm": positions + rest})
+    index_values = [imp.cast(imp.value(indices[i]), DType.i64) for i in positions]
+    zeros = imp.emit("Mul", [index_values[0], imp.scalar(0, DType.i64)])
+    for v in index_values[1:]:  # zeros of the broadcast shape, symbolic dims included
+        zeros = imp.emit("Add", [zeros, imp.emit("Mul", [v, imp.scalar(0, DType.i64)])])
+    columns = [imp.emit("Unsqueeze", [imp.emit("Add", [v, zeros]), imp.ints([-1])]) for v in index_values]
+    stacked = imp.emit("Concat", columns, {"axis": -1})
+    lead = positions[0]
+    moves_back = lead > 0 and positions == list(range(lead, lead + len(positions)))
+    gathered = imp.emit("GatherND", [x, stacked], out=None if moves_back else out)
+    if not moves_back:
+        return gathered
+    # adjacent indexed dims after dim 0: torch keeps the broadcast dims where the indexed ones were
+    width = len(zeros.type.shape)
+    perm = list(range(width, width + lead)) + list(range(width)) + list(range(width + lead, width + len(rest)))
+    return imp.emit("Transpose", [gathered], {"perm": perm}, out=out)
+
+
+@converts(aten.constant_pad_nd.default)
+def _constant_pad(imp: _Importer, node: FxNode) -> Value:
+    out = imp.out()
+    x = imp.value(node.args[0])
+    pad = [int(p) for p in node.args[1]]
+    rank = len(x.type.shape)
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):  # torch lists (begin, end) pairs from the last dim backwards
+        begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    value = imp.scalar(imp.arg(2, "value", 0), out.dtype)
+    return imp.emit("Pad", [x, imp.ints(begins + ends), value], {"mode": "constant"}, out=out)
+
+
+# --- symbolic sizes (dynamic shapes): SymInts are 0-d int64 tensors ------------------------------------------
+
+@converts(aten.sym_size.int)
+def _sym_size(imp: _Importer, node: FxNode) -> Value:
+    x = imp.value(node.args[0])
+    dim = _axis(int(node.args[1]), len(x.type.shape))
+    size = imp.emit("Shape", [x], {"start": dim, "end": dim + 1})
+    return imp.emit("Squeeze", [size, imp.ints([0])], out=TensorType(DType.i64, ()))
+
+
+def _sym_arith(op: str) -> Converter:
+    def convert(imp: _Importer, node: FxNode) -> Value:
+        a, b = (imp.operand(x, DType.i64) for x in node.args[:2])
+        return imp.emit(op, [a, b], out=TensorType(DType.i64, ()))
+    return convert
+
+
+converts(operator.add)(_sym_arith("Add"))
+converts(operator.sub)(_sym_arith("Sub"))
+converts(operator.mul)(_sym_arith("Mul"))
+converts(operator.floordiv)(_sym_arith("Div"))  # sizes are non-negative: truncation is floor
