@@ -31,8 +31,13 @@ class BackwardNotSupported(HetflowError, RuntimeError):
     """A gradient was requested through a hetflow-compiled module (hetflow compiles inference only)."""
 
 
-def hetflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs) -> Callable:
-    """A torch.compile backend: core-ATen graph -> hetflow IR -> reference interpreter."""
+def hetflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], platform: str = "host",
+                    **kwargs) -> Callable:
+    """A torch.compile backend: core-ATen graph -> hetflow IR -> reference interpreter.
+
+    ``platform`` is accepted for ``hetflow.backend(platform=...)``; for now every
+    platform runs the reference interpreter.
+    """
     backend = aot_autograd(fw_compiler=_compile_forward, bw_compiler=_refuse_backward,
                            inference_compiler=_compile_forward, decompositions=core_aten_decompositions())
     return backend(gm, example_inputs, **kwargs)

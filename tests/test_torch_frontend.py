@@ -6,6 +6,8 @@ reference interpreter runs it.
 """
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 
 from hetflow.frontends.torch import capture_module  # noqa: E402
-from hetflow.ir import HetflowError, UnsupportedOpError, graph_difference, parse_graph, print_graph, verify  # noqa: E402
+from hetflow.ir import (HetflowError, UnsupportedOpError, graph_difference, load, parse_graph, print_graph,  # noqa: E402
+                        save, verify)
 from hetflow.runtime.interpreter import Interpreter  # noqa: E402
 
 torch.set_num_threads(2)
@@ -39,7 +42,7 @@ def relative_error(outputs, expected) -> float:
 
 
 def check_capture(module: nn.Module, inputs: tuple, dynamic_shapes=None, runs: list[tuple] | None = None) -> float:
-    """Capture, verify, round-trip the text form and compare with eager on ``inputs`` (and ``runs``)."""
+    """Capture, verify, round-trip text and save/load, and compare with eager on ``inputs`` (and ``runs``)."""
     module.eval()
     capture = capture_module(module, inputs, dynamic_shapes=dynamic_shapes)
     graph = capture.graph
@@ -47,6 +50,10 @@ def check_capture(module: nn.Module, inputs: tuple, dynamic_shapes=None, runs: l
     text = print_graph(graph)
     back = parse_graph(text, resources={name: w.data for name, w in graph.weights.items()})
     assert graph_difference(graph, back) is None, graph_difference(graph, back)
+    with tempfile.TemporaryDirectory() as directory:
+        save(graph, directory)
+        loaded = load(directory)
+    assert graph_difference(graph, loaded) is None, graph_difference(graph, loaded)
     assert all(node.loc for node in graph.nodes)
     interpreter = Interpreter(graph)
     worst = 0.0
