@@ -115,6 +115,27 @@ def test_mlp():
     assert "test_torch_frontend.py:" in gemms[0].loc and "(fc1)" in gemms[0].loc
 
 
+class WithConstants(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("shift", torch.arange(4.0))
+        self.register_buffer("scale", torch.full((4,), 0.5), persistent=False)
+        self.table = torch.tensor([1.0, -1.0, 2.0, -2.0])  # a plain tensor attribute: a lifted constant
+
+    def forward(self, x):
+        return self.fc(x) * self.scale + self.shift + self.table
+
+
+def test_buffers_and_constants_become_named_weights():
+    torch.manual_seed(0)
+    module = WithConstants()
+    check_capture(module, (torch.randn(2, 4),))
+    weights = capture_module(module, (torch.randn(2, 4),)).graph.weights
+    assert {"fc.weight", "fc.bias", "shift", "scale"} <= set(weights)
+    assert any(np.array_equal(w.data, [1.0, -1.0, 2.0, -2.0]) for w in weights.values())
+
+
 def test_mlp_dynamic_batch():
     torch.manual_seed(0)
     batch = torch.export.Dim("batch")
