@@ -2,21 +2,27 @@
 
     canonicalize  fold constants and static shapes, drop identities and dead code, merge reshapes, CSE
     fuse          group ops: attention, gated-MLP experts, contraction + epilogue, reductions, elementwise chains
+    place         a device per group from its Op/B against each device's roofline (policy: roofline,
+                  optimal, split), transfers where values cross memories that are not unified
+    schedule      a queue per device; the event-driven simulation gives the predicted timeline
 
 A pipeline can also be given as a string: ``--passes canonicalize,fuse``.
 """
 from __future__ import annotations
 
 from hetflow.ir import Graph
-from hetflow.passes import PassRunner, parse_pipeline
+from hetflow.passes import CompileOptions, PassRunner, parse_pipeline
 
 PIPELINE = [
     "canonicalize",
     "fuse",
+    "place",
+    "schedule",
 ]
 
 
-def run_pipeline(graph: Graph, passes: list[str] | str | None = None, verify_each: bool = False) -> tuple[Graph, PassRunner]:
+def run_pipeline(graph: Graph, passes: list[str] | str | None = None, verify_each: bool = False,
+                 options: CompileOptions | None = None) -> tuple[Graph, PassRunner]:
     names = PIPELINE if passes is None else parse_pipeline(passes) if isinstance(passes, str) else list(passes)
-    runner = PassRunner(names, verify_each=verify_each)
+    runner = PassRunner(names, options or CompileOptions(), verify_each=verify_each)
     return runner.run(graph), runner

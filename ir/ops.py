@@ -339,3 +339,13 @@ def _group_kernel(node: Node, opset: int) -> Kernel:
 register_op(OpDef("hetflow.group", FusionKind.opaque, flops=_group_flops, make_kernel=_group_kernel,
                   infer=_group_infer, attr_schema={"kind": str, "body": object},
                   notes="a fused group: runs its body subgraph; its bytes are what crosses its boundary"))
+
+
+def _identity_infer(node: Node, opset: int) -> list[TensorType | None]:
+    return [node.inputs[0].type]
+
+
+register_op(OpDef("hetflow.transfer", FusionKind.injective, flops=lambda node: 0,
+                  make_kernel=lambda node, opset: (lambda ins: [np.array(ins[0], copy=True)]),
+                  infer=_identity_infer, attr_schema={"src": str, "dst": str},
+                  notes="a copy between memory spaces that are not one unified space"))

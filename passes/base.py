@@ -29,7 +29,23 @@ class PassResult:
     modified: bool
 
 
-PassFn = Callable[[Graph], PassResult]
+@dataclass
+class CompileOptions:
+    """What the passes that need more than the graph read: the platform, the placement policy..."""
+    platform: object = None            # hetflow.platform.Platform; None means the "host" preset
+    placement: str = "roofline"
+    devices: list[str] | None = None   # restrict placement to these devices
+    time_limit: float = 10.0           # seconds for each exact solver
+    results: dict = field(default_factory=dict)  # analyses the passes leave: "placement", "schedule"
+
+    def resolved_platform(self):
+        from hetflow.platform import load_platform
+        if self.platform is None or isinstance(self.platform, str):
+            self.platform = load_platform(self.platform or "host")
+        return self.platform
+
+
+PassFn = Callable[..., PassResult]  # (graph, options: CompileOptions | None = None) -> PassResult
 PASSES: dict[str, PassFn] = {}
 
 
@@ -71,7 +87,7 @@ def parse_pipeline(text: str) -> list[str]:
 
 
 def _load_builtin_passes() -> None:
-    from hetflow.passes import canonicalize, fuse  # noqa: F401  (registration on import)
+    from hetflow.passes import canonicalize, fuse, place_pass  # noqa: F401  (registration on import)
 
 
 @dataclass
@@ -85,6 +101,7 @@ class PassRecord:
 @dataclass
 class PassRunner:
     passes: list[str | PassFn]
+    options: CompileOptions = field(default_factory=CompileOptions)
     verify_each: bool = True
     dump_dir: str | Path | None = None
     records: list[PassRecord] = field(default_factory=list)
@@ -101,7 +118,7 @@ class PassRunner:
             name = getattr(fn, "pass_name", getattr(fn, "__name__", "pass"))
             start = time.perf_counter()
             try:
-                result = fn(graph)
+                result = fn(graph, self.options)
             except NodeError as exc:
                 raise PassError(self._where(name, done) + str(exc) + "\n" + _context(graph, exc.node)) from exc
             except HetflowError:

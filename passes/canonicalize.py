@@ -192,7 +192,7 @@ def eliminate_dead_code(graph: Graph) -> bool:
 
 
 @register_pass("canonicalize")
-def canonicalize(graph: Graph) -> PassResult:
+def canonicalize(graph: Graph, options=None) -> PassResult:
     modified = False
     for _ in range(10):
         changed = rewrite(graph, RULES)

@@ -295,7 +295,7 @@ def build_group(graph: Graph, kind: str, members: list[Node], name: str) -> Node
 
 
 @register_pass("fuse")
-def fuse(graph: Graph) -> PassResult:
+def fuse(graph: Graph, options=None) -> PassResult:
     fusion = _Fusion(graph)
     fusion.run()
     if not fusion.groups:

@@ -64,7 +64,7 @@ def test_pipeline_string_and_unknown_pass():
 
 
 def test_runner_names_the_pass_and_the_passes_before(tmp_path):
-    def breaks_graph(graph):
+    def breaks_graph(graph, options=None):
         out = graph.nodes[0].outputs[0]
         out.type = TensorType(out.type.dtype, (99,))  # a type the op does not produce
         return PassResult(graph, True)

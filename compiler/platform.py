@@ -1,0 +1,301 @@
+"""Platforms: devices, memory spaces, links and flash, loaded from TOML data files.
+
+A preset lives in ``hetflow/platforms/NAME.toml``; every number cites its source.
+Quantities are strings with units ("68 GB/s", "16 GiB", "10 TFLOP/s", "20 us") or
+plain numbers in base units (bytes, bytes/s, FLOP/s, seconds). ``load_platform``
+validates everything and names the offending field on error.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetflow.ir.errors import HetflowError
+
+PRESET_DIR = Path(__file__).parent / "platforms"
+DEVICE_KINDS = ("cpu", "gpu", "npu", "pim")
+
+
+class PlatformError(HetflowError):
+    pass
+
+
+_UNITS = {
+    "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+    "FLOP/s": 1, "GFLOP/s": 1e9, "TFLOP/s": 1e12, "PFLOP/s": 1e15, "OP/s": 1, "GOP/s": 1e9, "TOP/s": 1e12,
+    "B/s": 1, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12, "GiB/s": 1024**3,
+    "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9, "Hz": 1, "MHz": 1e6, "GHz": 1e9,
+}
+_QUANTITY = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*([A-Za-z/]*)\s*$")
+_KINDS_OF_UNIT = {
+    "bytes": {"B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"},
+    "rate": {"FLOP/s", "GFLOP/s", "TFLOP/s", "PFLOP/s", "OP/s", "GOP/s", "TOP/s"},
+    "bandwidth": {"B/s", "KB/s", "MB/s", "GB/s", "TB/s", "GiB/s"},
+    "time": {"s", "ms", "us", "ns"},
+}
+
+
+def quantity(value: Any, kind: str, where: str, positive: bool = True) -> float:
+    """'68 GB/s' -> 68e9 (checking the unit is a ``kind``: bytes, rate, bandwidth or time)."""
+    if isinstance(value, bool):
+        raise PlatformError(f"{where}: expected a {kind} quantity, got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        m = _QUANTITY.match(str(value))
+        if m is None:
+            raise PlatformError(f"{where}: cannot read {value!r} as a {kind} quantity (e.g. {_example(kind)})")
+        number, unit = float(m.group(1)), m.group(2)
+        if unit and unit not in _KINDS_OF_UNIT[kind]:
+            raise PlatformError(f"{where}: unit {unit!r} is not a {kind} unit (e.g. {_example(kind)})")
+        number *= _UNITS.get(unit, 1)
+    if positive and number <= 0:
+        raise PlatformError(f"{where}: must be positive, got {value!r}")
+    if number < 0:
+        raise PlatformError(f"{where}: must not be negative, got {value!r}")
+    return number
+
+
+def _example(kind: str) -> str:
+    return {"bytes": "'16 GiB'", "rate": "'10 TFLOP/s'", "bandwidth": "'68 GB/s'", "time": "'20 us'"}[kind]
+
+
+@dataclass(frozen=True)
+class Memory:
+    name: str
+    capacity: float           # bytes
+    bandwidth: float          # bytes/s, theoretical
+    shared: tuple[float, ...]  # achievable total bytes/s when 1, 2, ... devices stream at once
+    unified: bool             # every device that sees it shares one address space (no copies)
+    source: str = ""
+
+    def achievable_total(self, streams: int) -> float:
+        if streams <= 0:
+            return self.bandwidth
+        return self.shared[min(streams, len(self.shared)) - 1]
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: str
+    memory: str
+    peak: dict[str, float]    # dtype -> FLOP/s (what the device achieves on dense work)
+    bandwidth: float          # bytes/s this device alone reaches in its memory
+    launch: float             # seconds per kernel
+    tile: int = 1             # contraction dims are padded to a multiple of this
+    stationary_penalty: float = 1.0  # NPU: slowdown when the weight's reduction dim exceeds its output dim
+    channels: int = 1         # PIM: channels x banks computing in parallel (informational)
+    ops: tuple[str, ...] = ("*",)   # ops or fusion kinds supported; "*" = all
+    dtypes: tuple[str, ...] = ("*",)
+    measured: bool = False    # True when its numbers come from this machine (calibration), not a paper
+    source: str = ""
+
+    def supports(self, op: str, kind: str, dtype: str | None) -> bool:
+        op_ok = "*" in self.ops or op in self.ops or kind in self.ops
+        dtype_ok = dtype is None or "*" in self.dtypes or dtype in self.dtypes
+        return op_ok and dtype_ok
+
+    def peak_for(self, dtype: str | None) -> float:
+        """FLOP/s for ``dtype``; a float type the device lacks runs in its nearest float precision."""
+        if dtype in self.peak:
+            return self.peak[dtype]
+        for fallback in ("f32", "f16", "bf16", "f64"):
+            if fallback in self.peak:
+                return self.peak[fallback]
+        return min(self.peak.values())
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    src: str
+    dst: str
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Flash:
+    page_size: float
+    read_latency: float
+    channels: int
+    throughput: tuple[tuple[float, float], ...]  # (chunk bytes, bytes/s), sorted by chunk
+    source: str = ""
+
+    def throughput_at(self, chunk: float) -> float:
+        """Throughput for reads of ``chunk`` bytes, interpolated in log space between measured points."""
+        import math
+        points = self.throughput
+        if chunk <= points[0][0]:
+            return points[0][1]
+        for (c0, t0), (c1, t1) in zip(points, points[1:]):
+            if chunk <= c1:
+                f = (math.log(chunk) - math.log(c0)) / (math.log(c1) - math.log(c0))
+                return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+        return points[-1][1]
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    source: str
+    description: str
+    devices: dict[str, Device]
+    memories: dict[str, Memory]
+    links: tuple[Link, ...] = ()
+    flash: Flash | None = None
+    sync: float = 5e-6          # seconds: flag-based cross-device synchronisation
+    driver_sync: float = 400e-6  # seconds: driver-level synchronisation, for comparison
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def device(self, name: str) -> Device:
+        if name not in self.devices:
+            raise PlatformError(f"platform {self.name!r} has no device {name!r} (devices: {', '.join(self.devices)})")
+        return self.devices[name]
+
+    def memory_of(self, device: str) -> Memory:
+        return self.memories[self.devices[device].memory]
+
+    def host_device(self) -> str:
+        for name, d in self.devices.items():
+            if d.kind == "cpu":
+                return name
+        return next(iter(self.devices))
+
+    def transfer_time(self, src_device: str, dst_device: str, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` from one device's memory to another's (0 within a unified memory)."""
+        a, b = self.devices[src_device].memory, self.devices[dst_device].memory
+        if a == b and self.memories[a].unified:
+            return 0.0
+        if a == b:
+            return nbytes / self.memories[a].bandwidth
+        for link in self.links:
+            if {link.src, link.dst} == {a, b}:
+                return link.latency + nbytes / link.bandwidth
+        raise PlatformError(f"platform {self.name!r}: no link between memories {a!r} and {b!r}")
+
+    def needs_transfer(self, src_device: str, dst_device: str) -> bool:
+        a, b = self.devices[src_device].memory, self.devices[dst_device].memory
+        return a != b or not self.memories[a].unified
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def _require(table: dict, key: str, where: str) -> Any:
+    if key not in table:
+        raise PlatformError(f"{where}: missing field {key!r}")
+    return table[key]
+
+
+def _memory(name: str, t: dict, where: str) -> Memory:
+    bandwidth = quantity(_require(t, "bandwidth", where), "bandwidth", f"{where}.bandwidth")
+    shared_raw = t.get("shared_bandwidth", [])
+    if not isinstance(shared_raw, list):
+        raise PlatformError(f"{where}.shared_bandwidth: expected a list (total for 1, 2, ... streaming devices)")
+    shared = tuple(quantity(v, "bandwidth", f"{where}.shared_bandwidth[{i}]") for i, v in enumerate(shared_raw))
+    return Memory(name, quantity(_require(t, "capacity", where), "bytes", f"{where}.capacity"), bandwidth,
+                  shared or (bandwidth,), bool(t.get("unified", True)), t.get("source", ""))
+
+
+def _device(name: str, t: dict, memories: dict[str, Memory], where: str) -> Device:
+    kind = _require(t, "kind", where)
+    if kind not in DEVICE_KINDS:
+        raise PlatformError(f"{where}.kind: {kind!r} is not one of {', '.join(DEVICE_KINDS)}")
+    memory = _require(t, "memory", where)
+    if memory not in memories:
+        raise PlatformError(f"{where}.memory: no memory space {memory!r} (spaces: {', '.join(memories)})")
+    peak_raw = _require(t, "peak", where)
+    if not isinstance(peak_raw, dict) or not peak_raw:
+        raise PlatformError(f"{where}.peak: expected a table of dtype = 'N TFLOP/s'")
+    peak = {dt: quantity(v, "rate", f"{where}.peak.{dt}") for dt, v in peak_raw.items()}
+    bandwidth = quantity(t.get("bandwidth", memories[memory].bandwidth), "bandwidth", f"{where}.bandwidth")
+    ops = t.get("ops", ["*"])
+    dtypes = t.get("dtypes", ["*"])
+    return Device(name, kind, memory, peak, bandwidth,
+                  quantity(t.get("launch", 0), "time", f"{where}.launch", positive=False),
+                  int(t.get("tile", 1)), float(t.get("stationary_penalty", 1.0)), int(t.get("channels", 1)),
+                  tuple(ops), tuple(dtypes), bool(t.get("measured", False)), t.get("source", ""))
+
+
+def _flash(t: dict, where: str) -> Flash:
+    raw = _require(t, "throughput", where)
+    if not isinstance(raw, dict) or not raw:
+        raise PlatformError(f"{where}.throughput: expected a table of chunk size = bandwidth")
+    points = sorted((quantity(k, "bytes", f"{where}.throughput key {k!r}"),
+                     quantity(v, "bandwidth", f"{where}.throughput.{k}")) for k, v in raw.items())
+    return Flash(quantity(_require(t, "page_size", where), "bytes", f"{where}.page_size"),
+                 quantity(_require(t, "read_latency", where), "time", f"{where}.read_latency"),
+                 int(t.get("channels", 1)), tuple(points), t.get("source", ""))
+
+
+def platform_from_dict(data: dict, origin: str = "platform") -> Platform:
+    name = _require(data, "name", origin)
+    where = f"{origin} ({name})"
+    memories_raw = _require(data, "memory", where)
+    memories = {n: _memory(n, t, f"{where} memory.{n}") for n, t in memories_raw.items()}
+    devices_raw = _require(data, "device", where)
+    if not devices_raw:
+        raise PlatformError(f"{where}: no devices")
+    devices = {n: _device(n, t, memories, f"{where} device.{n}") for n, t in devices_raw.items()}
+    links = []
+    for n, t in data.get("link", {}).items():
+        lw = f"{where} link.{n}"
+        for end in ("from", "to"):
+            if _require(t, end, lw) not in memories:
+                raise PlatformError(f"{lw}.{end}: no memory space {t[end]!r}")
+        links.append(Link(n, t["from"], t["to"], quantity(_require(t, "bandwidth", lw), "bandwidth", f"{lw}.bandwidth"),
+                          quantity(t.get("latency", 0), "time", f"{lw}.latency", positive=False)))
+    flash = _flash(data["flash"], f"{where} flash") if "flash" in data else None
+    sync = data.get("sync", {})
+    return Platform(name, data.get("source", ""), data.get("description", ""), devices, memories, tuple(links), flash,
+                    quantity(sync.get("flag", "5 us"), "time", f"{where} sync.flag"),
+                    quantity(sync.get("driver", "400 us"), "time", f"{where} sync.driver"), raw=data)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+@functools.lru_cache(maxsize=None)
+def load_platform(name_or_path: str) -> Platform:
+    """A preset by name (``host``, ``mobile-soc``...) or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.exists():
+            raise PlatformError(f"{path}: no such platform file")
+        origin = str(path)
+    else:
+        path = PRESET_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise PlatformError(f"unknown platform {name_or_path!r}; presets: {', '.join(preset_names())} "
+                                "(or give a path to a .toml file)")
+        origin = f"preset {name_or_path}"
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise PlatformError(f"{origin}: not valid TOML: {exc}") from None
+    if data.get("calibrate") == "host":
+        from hetflow.calibrate import host_calibration
+        data = _apply_calibration(data, host_calibration())
+    return platform_from_dict(data, origin)
+
+
+def _apply_calibration(data: dict, calibration: dict) -> dict:
+    data = json.loads(json.dumps(data))
+    for device in data["device"].values():
+        if device.get("kind") == "cpu":
+            device["peak"] = {"f32": calibration["gemm_flops"], "f64": calibration["gemm_flops"] / 2}
+            device["bandwidth"] = calibration["memory_bandwidth"]
+            device["measured"] = True
+            device["source"] = (f"measured on this machine: {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s f32 GEMM, "
+                                f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s copy ({calibration['when']})")
+    for memory in data["memory"].values():
+        memory["bandwidth"] = calibration["memory_bandwidth"]
+        memory["shared_bandwidth"] = [calibration["memory_bandwidth"]]
+    return data

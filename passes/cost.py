@@ -1,0 +1,172 @@
+"""cost: FLOPs, bytes, Op/B of every top-level node (fused group or lone op), and its time on every device.
+
+Device time of a node: ``max(FLOPs / peak, bytes / bandwidth) + launch`` with the
+quirks the papers measured:
+
+* NPU (HeteroInfer): contraction dims are padded to the array's tile (32): any
+  dimension below 32 costs as much as 32; a contraction whose weight has a longer
+  reduction dim than output dim cannot keep the large weight stationary and runs
+  ``stationary_penalty`` (6x) slower.
+* PIM (Duplex, PIM-GPT): its peak and bandwidth are the aggregate over channels x
+  banks; a matrix with fewer output rows than channels leaves channels idle.
+
+Bytes are what crosses the node's boundary (a group's internal values stay on
+chip), so fusion raises a group's Op/B.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetflow.ir import Graph, Node, get_op, node_bytes, node_flops
+from hetflow.ir.errors import HetflowError
+from hetflow.platform import Device, Platform
+
+CONTRACTIONS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger")
+
+
+@dataclass
+class NodeCost:
+    node: Node
+    name: str
+    kind: str                 # group kind, or the op's fusion kind
+    ops: str
+    flops: int
+    bytes: int
+    dtype: str | None
+    times: dict[str, float] = field(default_factory=dict)        # device -> seconds (supported devices only)
+    unsupported: dict[str, str] = field(default_factory=dict)    # device -> why not
+
+    @property
+    def intensity(self) -> float:
+        return self.flops / self.bytes if self.bytes else 0.0
+
+    def fastest(self) -> str:
+        return min(self.times, key=self.times.get)
+
+
+def node_kind(node: Node) -> str:
+    if node.op == "hetflow.group":
+        return node.attrs["kind"]
+    return get_op(node.op, node).kind.value
+
+
+def inner_nodes(node: Node) -> list[Node]:
+    return list(node.attrs["body"].nodes) if node.op == "hetflow.group" else [node]
+
+
+def node_dtype(node: Node) -> str | None:
+    for v in list(node.inputs) + list(node.outputs):
+        if v is not None and v.type is not None and v.type.dtype.is_float:
+            return v.type.dtype.value
+    return None
+
+
+def _dims(node: Node) -> tuple[int, int, int, int] | None:
+    """(batch, M, K, N) of a MatMul/Gemm, None when not static."""
+    a, b = node.inputs[0], node.inputs[1]
+    if a is None or b is None or a.type is None or b.type is None or not a.type.is_static or not b.type.is_static:
+        return None
+    sa, sb = a.type.shape, b.type.shape
+    if node.op == "Gemm":
+        m, k = (sa[1], sa[0]) if node.attrs.get("transA", 0) else sa
+        n = sb[0] if node.attrs.get("transB", 0) else sb[1]
+        return 1, m, k, n
+    if len(sa) < 1 or len(sb) < 1:
+        return None
+    m = sa[-2] if len(sa) >= 2 else 1
+    k = sa[-1]
+    n = sb[-1] if len(sb) >= 2 else 1
+    out = node.outputs[0].type
+    batch = int(np.prod(out.shape[:-2])) if out is not None and out.is_static and len(out.shape) > 2 else 1
+    return batch, m, k, n
+
+
+def _pad(x: int, tile: int) -> int:
+    return -(-x // tile) * tile
+
+
+def contraction_time(inner: Node, device: Device, peak: float) -> tuple[float, float] | None:
+    """(compute seconds, slowdown) of one MatMul/Gemm on an NPU: dims padded to the tile; the weight not
+    stationary (reduction dim longer than output dim) makes the whole kernel ``stationary_penalty`` slower."""
+    if inner.op not in ("MatMul", "Gemm"):
+        return None
+    dims = _dims(inner)
+    if dims is None:
+        return None
+    batch, m, k, n = dims
+    slowdown = 1.0
+    if device.stationary_penalty > 1 and inner.inputs[1] is not None and inner.inputs[1].data is not None and k > n:
+        slowdown = device.stationary_penalty
+    if device.tile > 1:
+        m, k, n = _pad(m, device.tile), _pad(k, device.tile), _pad(n, device.tile)
+    return 2 * batch * m * k * n / peak * slowdown, slowdown
+
+
+def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None) -> tuple[float, float]:
+    """(compute seconds, bandwidth in bytes/s) of ``node`` on ``device``; time = max(compute, bytes/bw) + launch."""
+    peak = device.peak_for(dtype)
+    compute, slowdown = 0.0, 1.0
+    for inner in inner_nodes(node):
+        special = contraction_time(inner, device, peak) if device.kind == "npu" else None
+        if special is None:
+            compute += _safe_flops(inner) / peak
+        else:
+            compute += special[0]
+            slowdown = max(slowdown, special[1])
+    bandwidth = device.bandwidth / slowdown
+    if device.kind == "pim" and device.channels > 1:
+        rows = _output_rows(node)
+        if rows and rows < device.channels:
+            bandwidth *= rows / device.channels
+    return compute, bandwidth
+
+
+def device_time(node: Node, device: Device, moved: int, dtype: str | None) -> float:
+    compute, bandwidth = device_time_parts(node, device, moved, dtype)
+    return max(compute, moved / bandwidth) + device.launch
+
+
+def _safe_flops(node: Node) -> int:
+    try:
+        return node_flops(node)
+    except HetflowError:
+        return 0
+
+
+def _output_rows(node: Node) -> int | None:
+    for inner in inner_nodes(node):
+        if inner.op in ("MatMul", "Gemm"):
+            dims = _dims(inner)
+            if dims:
+                return dims[3]
+    return None
+
+
+def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None) -> str | None:
+    if dtype is not None and not ("*" in device.dtypes or dtype in device.dtypes):
+        return f"{device.name} does not run {dtype}"
+    if not device.supports(node.op, kind, None):
+        return f"{device.name} does not run {kind if node.op == 'hetflow.group' else node.op}"
+    return None
+
+
+def cost_node(node: Node, platform: Platform) -> NodeCost:
+    kind = node_kind(node)
+    flops = _safe_flops(node)
+    moved = node_bytes(node)
+    dtype = node_dtype(node)
+    ops = ",".join(i.op for i in inner_nodes(node))
+    cost = NodeCost(node, node.outputs[0].name, kind, ops, flops, moved, dtype)
+    for name, device in platform.devices.items():
+        reason = _unsupported_reason(node, device, kind, dtype)
+        if reason:
+            cost.unsupported[name] = reason
+        else:
+            cost.times[name] = device_time(node, device, moved, dtype)
+    return cost
+
+
+def cost_graph(graph: Graph, platform: Platform) -> list[NodeCost]:
+    return [cost_node(node, platform) for node in graph.nodes]

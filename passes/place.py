@@ -1,0 +1,333 @@
+"""place: a device for every top-level node (fused group or lone op), and for split contractions, per part.
+
+Policies:
+
+* ``roofline``: each node to the device that runs it fastest (Duplex's rule).
+* ``optimal``: the minimum predicted makespan with transfer and sync costs, each
+  device running its nodes in graph order; exact with OR-Tools CP-SAT under a time
+  limit, hinted with the roofline plan, and never worse than roofline or any
+  single-device plan (the best of them is kept, and the report says which won).
+* ``split``: ``optimal``, then every MatMul/Gemm that gains from it is split across
+  its two fastest devices, by weight columns (decode: few rows) or by activation
+  rows (prefill), with HeteroInfer's rule: min(max(T_a(r), T_b(1-r)) + sync + copy,
+  T_a(all), T_b(all)) over r in eighths.
+
+Every decision is recorded in ``node.meta``: ``device`` and ``reason`` (the times it
+compared). Values crossing memories that are not unified get a ``hetflow.transfer``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetflow.ir import Graph, Node, TensorType
+from hetflow.ir.errors import HetflowError
+from hetflow.platform import Platform
+
+from .cost import NodeCost, cost_node, device_time_parts
+from .schedule import TRANSFER_OP, static_makespan
+
+POLICIES = ("roofline", "optimal", "split")
+SPLIT_STEPS = 8
+
+
+class PlacementError(HetflowError):
+    pass
+
+
+@dataclass
+class PlacementReport:
+    policy: str
+    platform: str
+    costs: list[NodeCost] = field(default_factory=list)
+    static_makespan: dict[str, float] = field(default_factory=dict)  # plan -> seconds (no contention)
+    chosen: str = ""
+    solver: str = ""
+    splits: list[dict] = field(default_factory=list)
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f}us" if seconds < 1e-2 else f"{seconds * 1e3:.2f}ms"
+
+
+def _reason(cost: NodeCost, chosen: str) -> str:
+    ordered = sorted(cost.times.items(), key=lambda kv: kv[1])
+    text = " < ".join(f"{d} {_fmt(t)}" for d, t in ordered)
+    if chosen != ordered[0][0]:
+        text = f"{chosen} keeps the makespan lowest ({text})"
+    if cost.unsupported:
+        text += "; " + "; ".join(cost.unsupported.values())
+    return text
+
+
+def check_supported(costs: list[NodeCost], platform: Platform) -> None:
+    for cost in costs:
+        if not cost.times:
+            reasons = "; ".join(cost.unsupported.values())
+            raise PlacementError(f"op {cost.ops} ({cost.node.describe()}) is supported by no device of platform "
+                                 f"{platform.name!r}: {reasons}")
+
+
+def check_memory_fits(graph: Graph, platform: Platform, assignment: dict[int, str]) -> None:
+    """Weights must fit the memory of the devices that read them (flash streaming lifts this later)."""
+    need: dict[str, list] = {}
+    for node in graph.nodes:
+        memory = platform.devices[assignment[id(node)]].memory
+        for v in node.inputs:
+            if v is not None and v.data is not None:
+                need.setdefault(memory, {})[v.name] = v
+    for memory, weights in need.items():
+        total = sum(w.type.nbytes() or 0 for w in weights.values())
+        capacity = platform.memories[memory].capacity
+        if total > capacity:
+            largest = max(weights.values(), key=lambda w: w.type.nbytes() or 0)
+            raise PlacementError(f"the model's weights need {total / 2**30:.2f} GiB in memory {memory!r} of platform "
+                                 f"{platform.name!r}, which holds {capacity / 2**30:.2f} GiB (largest tensor: "
+                                 f"%{largest.name}: {largest.type}, {largest.type.nbytes() / 2**20:.1f} MiB)")
+
+
+# --- the static model shared by optimal and the brute-force check ----------------------------------
+
+@dataclass
+class PlacementProblem:
+    order: list[int]
+    times: dict[int, dict[str, float]]
+    preds: dict[int, list[tuple[int, float]]]
+    platform: Platform
+
+    def comm(self, pred: int, node: int, nbytes: float, assignment: dict[int, str]) -> float:
+        a, b = assignment[pred], assignment[node]
+        return self.platform.sync + self.platform.transfer_time(a, b, nbytes)
+
+    def makespan(self, assignment: dict[int, str]) -> float:
+        return static_makespan(self.order, assignment, self.times, self.preds,
+                               lambda p, i, n: self.comm(p, i, n, assignment))
+
+
+def placement_problem(graph: Graph, costs: list[NodeCost], platform: Platform) -> PlacementProblem:
+    index = {id(c.node): i for i, c in enumerate(costs)}
+    preds: dict[int, list[tuple[int, float]]] = {}
+    for i, cost in enumerate(costs):
+        for v in cost.node.inputs:
+            if v is not None and v.producer is not None and id(v.producer) in index:
+                preds.setdefault(i, []).append((index[id(v.producer)], float(v.type.nbytes() or 0)))
+    return PlacementProblem(list(range(len(costs))), {i: dict(c.times) for i, c in enumerate(costs)}, preds, platform)
+
+
+def solve_optimal(problem: PlacementProblem, hint: dict[int, str], time_limit: float) -> tuple[dict[int, str], str]:
+    """CP-SAT: choose a device per node, minimise the makespan (fixed per-device order, exact comm costs)."""
+    from ortools.sat.python import cp_model
+    scale = 1e9  # nanoseconds
+    n = len(problem.order)
+    devices = sorted({d for t in problem.times.values() for d in t})
+    model = cp_model.CpModel()
+    horizon = int(sum(max(t.values()) for t in problem.times.values()) * scale) + 1
+    for i in problem.order:
+        for p, nbytes in problem.preds.get(i, []):
+            worst = max(problem.platform.sync + problem.platform.transfer_time(a, b, nbytes)
+                        for a in problem.times[p] for b in problem.times[i] if a != b) if len(devices) > 1 else 0
+            horizon += int(worst * scale) + 1
+    on = {(i, d): model.NewBoolVar(f"on_{i}_{d}") for i in problem.order for d in problem.times[i]}
+    start = {i: model.NewIntVar(0, horizon, f"s{i}") for i in problem.order}
+    end = {i: model.NewIntVar(0, horizon, f"e{i}") for i in problem.order}
+    for i in problem.order:
+        model.AddExactlyOne(on[i, d] for d in problem.times[i])
+        model.Add(end[i] == start[i] + sum(int(round(t * scale)) * on[i, d] for d, t in problem.times[i].items()))
+    for i in problem.order:
+        for p, nbytes in problem.preds.get(i, []):
+            for a in problem.times[p]:
+                for b in problem.times[i]:
+                    delay = 0 if a == b else int(round((problem.platform.sync +
+                                                        problem.platform.transfer_time(a, b, nbytes)) * scale))
+                    model.Add(start[i] >= end[p] + delay).OnlyEnforceIf([on[p, a], on[i, b]])
+    for d in devices:
+        members = [i for i in problem.order if d in problem.times[i]]
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                i, j = members[x], members[y]
+                model.Add(start[j] >= end[i]).OnlyEnforceIf([on[i, d], on[j, d]])
+    makespan = model.NewIntVar(0, horizon, "makespan")
+    model.AddMaxEquality(makespan, list(end.values()))
+    model.Minimize(makespan)
+    for i, d in hint.items():
+        for dd in problem.times[i]:
+            model.AddHint(on[i, dd], dd == d)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = 2
+    status = solver.Solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return dict(hint), f"CP-SAT found no plan in {time_limit:.0f} s; kept the roofline plan"
+    assignment = {i: next(d for d in problem.times[i] if solver.Value(on[i, d])) for i in problem.order}
+    kind = "optimal" if status == cp_model.OPTIMAL else f"best found in the {time_limit:.0f} s limit"
+    return assignment, f"CP-SAT {kind} ({n} nodes, {solver.WallTime():.2f} s)"
+
+
+# --- splitting one contraction across two devices --------------------------------------------------
+
+def _split_candidate(node: Node) -> tuple[str, int, int] | None:
+    """('rows' | 'cols', M, N) for a plain MatMul/Gemm with a constant weight, else None."""
+    if node.op not in ("MatMul", "Gemm") or node.inputs[1] is None or node.inputs[1].data is None:
+        return None
+    if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("transB", 0)):
+        return None
+    x, out = node.inputs[0].type, node.outputs[0].type
+    if x is None or out is None or not out.is_static or len(out.shape) < 2 or node.inputs[1].data.ndim != 2:
+        return None
+    m, n = int(np.prod(out.shape[:-1])), out.shape[-1]
+    return ("rows" if m >= 64 else "cols"), m, n
+
+
+def _part_time(node: Node, device, dim: str, share: float, cost: NodeCost, platform: Platform) -> float:
+    """Time of the part of ``node`` computing ``share`` of its columns (or rows), both parts streaming at once."""
+    compute, bandwidth = device_time_parts(node, device, cost.bytes, cost.dtype)
+    weight = node.inputs[1].type.nbytes() or 0
+    other = cost.bytes - weight
+    moved = (weight + other) * share if dim == "cols" else weight + other * share
+    concurrent = platform.memories[device.memory].achievable_total(2) / 2
+    return max(compute * share, moved / min(bandwidth, concurrent)) + device.launch
+
+
+def best_split(node: Node, cost: NodeCost, platform: Platform) -> dict | None:
+    found = _split_candidate(node)
+    if found is None or len(cost.times) < 2:
+        return None
+    dim, m, n = found
+    a, b = sorted(cost.times, key=cost.times.get)[:2]
+    da, db = platform.devices[a], platform.devices[b]
+    copy = 0.0 if not platform.needs_transfer(b, a) else platform.transfer_time(b, a, cost.bytes / 2)
+    options = {(a, SPLIT_STEPS): cost.times[a], (a, 0): cost.times[b] + platform.sync + copy}
+    for k in range(1, SPLIT_STEPS):
+        r = k / SPLIT_STEPS
+        options[(a, k)] = max(_part_time(node, da, dim, r, cost, platform),
+                              _part_time(node, db, dim, 1 - r, cost, platform)) + platform.sync + copy
+    (first, k), best = min(options.items(), key=lambda kv: kv[1])
+    return {"node": node.outputs[0].name, "dim": dim, "devices": [a, b], "eighths_on_first": k,
+            "time": best, "alone": {a: cost.times[a], b: cost.times[b]},
+            "options": {f"{kk}/8": t for (_, kk), t in sorted(options.items(), key=lambda kv: kv[0][1])}}
+
+
+def apply_split(graph: Graph, node: Node, decision: dict) -> None:
+    """Rewrite ``node`` into two parts on two devices and a Concat."""
+    a, b = decision["devices"]
+    k = decision["eighths_on_first"]
+    x, w = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    out = node.outputs[0]
+    dtype = out.type.dtype
+    name = out.name
+    if decision["dim"] == "cols":
+        n = out.type.shape[-1]
+        cut = max(1, min(n - 1, round(n * k / SPLIT_STEPS)))
+        parts = []
+        for device, (lo, hi) in ((a, (0, cut)), (b, (cut, n))):
+            wp = graph.add_weight(graph.fresh_name(f"{w.name}_cols{lo}_{hi}"), w.data[:, lo:hi])
+            ins = [x, wp]
+            if bias is not None and bias.data is not None:
+                ins.append(graph.add_weight(graph.fresh_name(f"{bias.name}_{lo}_{hi}"),
+                                            bias.data[..., lo:hi] if bias.data.ndim else bias.data))
+            shape = tuple(out.type.shape[:-1]) + (hi - lo,)
+            part = graph.add_node(node.op, ins, [TensorType(dtype, shape)], dict(node.attrs), node.loc,
+                                  output_names=[f"{name}_part"], before=node,
+                                  meta={"device": device, "split": f"{hi - lo}/{n} columns"})
+            parts.append(part.outputs[0])
+        axis = -1
+    else:
+        m = out.type.shape[-2]
+        cut = max(1, min(m - 1, round(m * k / SPLIT_STEPS)))
+        parts = []
+        for device, (lo, hi) in ((a, (0, cut)), (b, (cut, m))):
+            starts = graph.add_weight(graph.fresh_name("slice_start"), np.array([lo], np.int64))
+            ends = graph.add_weight(graph.fresh_name("slice_end"), np.array([hi], np.int64))
+            axes = graph.add_weight(graph.fresh_name("slice_axis"), np.array([-2], np.int64))
+            xshape = tuple(x.type.shape[:-2]) + (hi - lo, x.type.shape[-1])
+            xs = graph.add_node("Slice", [x, starts, ends, axes], [TensorType(x.type.dtype, xshape)], loc=node.loc,
+                                output_names=[f"{name}_rows{lo}"], before=node, meta={"device": device})
+            shape = tuple(out.type.shape[:-2]) + (hi - lo, out.type.shape[-1])
+            part = graph.add_node(node.op, [xs.outputs[0]] + list(node.inputs[1:]), [TensorType(dtype, shape)],
+                                  dict(node.attrs), node.loc, output_names=[f"{name}_part"], before=node,
+                                  meta={"device": device, "split": f"{hi - lo}/{m} rows"})
+            parts.append(part.outputs[0])
+        axis = -2
+    concat = graph.add_node("Concat", parts, [out.type], {"axis": axis}, node.loc, output_names=[f"{name}_joined"],
+                            before=node, meta={"device": a, "reason": "joins the split parts (in place in unified memory)"})
+    out.replace_all_uses_with(concat.outputs[0], graph)
+    graph.remove(node)
+    graph.rename(concat.outputs[0], name)  # the joined value takes the original name back
+
+
+# --- transfers ---------------------------------------------------------------------------------------
+
+def insert_transfers(graph: Graph, platform: Platform) -> int:
+    """A hetflow.transfer on every edge between devices whose memories are not one unified space."""
+    inserted = 0
+    for node in list(graph.nodes):
+        device = node.meta.get("device")
+        if device is None or node.op == TRANSFER_OP:
+            continue
+        for index, v in enumerate(node.inputs):
+            if v is None or v.producer is None or "device" not in v.producer.meta:
+                continue
+            src = v.producer.meta["device"]
+            if src == device or not platform.needs_transfer(src, device):
+                continue
+            a, b = platform.devices[src].memory, platform.devices[device].memory
+            copy = graph.add_node(TRANSFER_OP, [v], [v.type], {"src": a, "dst": b}, node.loc,
+                                  output_names=[f"{v.name}_to_{b}"], before=node,
+                                  meta={"device": f"link:{a}->{b}"})
+            node.set_input(index, copy.outputs[0])
+            inserted += 1
+    return inserted
+
+
+# --- the pass ----------------------------------------------------------------------------------------
+
+def restrict(platform: Platform, devices: list[str] | None) -> Platform:
+    """The platform with only ``devices`` (e.g. HeteroInfer's GPU + NPU without the CPU)."""
+    if not devices:
+        return platform
+    import dataclasses
+    for d in devices:
+        platform.device(d)
+    return dataclasses.replace(platform, devices={d: platform.devices[d] for d in devices})
+
+
+def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time_limit: float = 10.0,
+                devices: list[str] | None = None) -> PlacementReport:
+    if policy not in POLICIES:
+        raise PlacementError(f"unknown placement policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    platform = restrict(platform, devices)
+    costs = [cost_node(node, platform) for node in graph.nodes]
+    check_supported(costs, platform)
+    report = PlacementReport(policy, platform.name, costs)
+    roofline = {i: c.fastest() for i, c in enumerate(costs)}
+    assignment = roofline
+    if policy in ("optimal", "split") and len(platform.devices) > 1:
+        problem = placement_problem(graph, costs, platform)
+        candidates = {"roofline": roofline}
+        for d in platform.devices:
+            if all(d in c.times for c in costs):
+                candidates[f"all on {d}"] = {i: d for i in range(len(costs))}
+        started = time.perf_counter()
+        solved, report.solver = solve_optimal(problem, roofline, time_limit)
+        candidates["optimal"] = solved
+        report.static_makespan = {k: problem.makespan(v) for k, v in candidates.items()}
+        report.chosen = min(report.static_makespan, key=lambda k: (report.static_makespan[k], k != "optimal"))
+        assignment = candidates[report.chosen]
+        report.solver += f"; kept {report.chosen!r} ({time.perf_counter() - started:.2f} s)"
+    else:
+        report.chosen = "roofline"
+    check_memory_fits(graph, platform, {id(c.node): assignment[i] for i, c in enumerate(costs)})
+    for i, cost in enumerate(costs):
+        cost.node.meta["device"] = assignment[i]
+        cost.node.meta["reason"] = _reason(cost, assignment[i])
+    if policy == "split":
+        for cost in costs:
+            decision = best_split(cost.node, cost, platform)
+            if decision and 0 < decision["eighths_on_first"] < SPLIT_STEPS:
+                report.splits.append(decision)
+                apply_split(graph, cost.node, decision)
+    insert_transfers(graph, platform)
+    return report

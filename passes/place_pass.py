@@ -1,0 +1,30 @@
+"""The place and schedule passes: wrappers that read the platform and policy from CompileOptions."""
+from __future__ import annotations
+
+from hetflow.ir import Graph
+
+from .base import CompileOptions, PassResult, register_pass
+from .place import place_graph
+from .schedule import simulate
+
+
+@register_pass("place")
+def place(graph: Graph, options: CompileOptions | None = None) -> PassResult:
+    options = options or CompileOptions()
+    platform = options.resolved_platform()
+    before = [(n.op, n.meta.get("device")) for n in graph.nodes]
+    report = place_graph(graph, platform, options.placement, options.time_limit, options.devices)
+    options.results["placement"] = report
+    return PassResult(graph, [(n.op, n.meta.get("device")) for n in graph.nodes] != before)
+
+
+@register_pass("schedule")
+def schedule(graph: Graph, options: CompileOptions | None = None) -> PassResult:
+    options = options or CompileOptions()
+    platform = options.resolved_platform()
+    if options.devices:
+        from .place import restrict
+        platform = restrict(platform, options.devices)
+    before = [dict(n.meta) for n in graph.nodes]
+    options.results["schedule"] = simulate(graph, platform)
+    return PassResult(graph, [n.meta for n in graph.nodes] != before)
