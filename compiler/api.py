@@ -11,9 +11,6 @@ from hetflow.ir import Graph, verify
 from hetflow.ir.errors import HetflowError
 from hetflow.runtime.interpreter import Interpreter
 
-PLATFORMS = ("host",)
-
-
 class CompileError(HetflowError):
     pass
 
@@ -26,10 +23,10 @@ def _is_torch_module(model: Any) -> bool:
     return isinstance(model, torch.nn.Module)
 
 
-def _check_platform(platform: str) -> str:
-    if platform not in PLATFORMS:
-        raise CompileError(f"unknown platform {platform!r}; available: {', '.join(PLATFORMS)}")
-    return platform
+def _check_platform(platform):
+    """The Platform for a preset name, a .toml path or a Platform (errors name what is wrong)."""
+    from hetflow.platform import Platform, load_platform
+    return platform if isinstance(platform, Platform) else load_platform(platform)
 
 
 def capture(model: Any, example_inputs: Sequence[Any] | None = None):
@@ -53,9 +50,12 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None):
 class CompiledModel:
     """What ``hetflow.compile`` returns: call it like the model; ``report()`` says what was built."""
 
-    def __init__(self, graph: Graph, platform: str, torch_capture=None, compile_seconds: float = 0.0):
+    def __init__(self, graph: Graph, platform, torch_capture=None, compile_seconds: float = 0.0, options=None):
         self.graph = graph
         self.platform = platform
+        self.options = options
+        self.placement = options.results.get("placement") if options else None
+        self.schedule = options.results.get("schedule") if options else None
         self.compile_seconds = compile_seconds
         self._torch = torch_capture
         self._interpreter = Interpreter(graph)
@@ -90,33 +90,46 @@ class CompiledModel:
 
     def save(self, directory: str | Path) -> Path:
         from hetflow.runtime.artifact import write_artifact
-        return write_artifact(self.graph, directory, self.platform)
+        extra = {"platform_data": self.platform.raw}
+        if self.schedule is not None:
+            extra["schedule"] = self.schedule.as_dict()
+        if self.placement is not None:
+            extra["placement"] = {"policy": self.placement.policy, "chosen": self.placement.chosen,
+                                  "solver": self.placement.solver,
+                                  "static_makespan_us": {k: v * 1e6 for k, v in self.placement.static_makespan.items()},
+                                  "splits": self.placement.splits}
+        return write_artifact(self.graph, directory, self.platform.name, extra)
 
     def report(self) -> str:
-        from hetflow.report import graph_summary
-        return graph_summary(self.graph, platform=self.platform, compile_seconds=self.compile_seconds)
+        from hetflow.report import compile_report
+        return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds)
 
 
-def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: str = "host",
-            passes: Sequence[str] | str | None = None) -> CompiledModel:
+def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
+            passes: Sequence[str] | str | None = None, placement: str = "roofline",
+            devices: Sequence[str] | None = None, time_limit: float = 10.0) -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
+    ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
+    Platform. ``placement`` is roofline, optimal or split; ``devices`` restricts it.
     ``passes`` overrides the pipeline (a list of pass names or "canonicalize,fuse").
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
+    from hetflow.passes import CompileOptions
     from hetflow.pipeline import run_pipeline
-    _check_platform(platform)
+    platform = _check_platform(platform)
+    options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit)
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs)
     verify(graph)
-    graph, runner = run_pipeline(graph, passes)
-    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start)
+    graph, runner = run_pipeline(graph, passes, options=options)
+    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options)
     compiled.pass_records = runner.records
     return compiled
 
 
-def backend(platform: str = "host"):
+def backend(platform: Any = "host"):
     """A ``torch.compile`` backend compiling for ``platform``: ``torch.compile(m, backend=hetflow.backend())``."""
     _check_platform(platform)
     from hetflow.torch_backend import hetflow_backend

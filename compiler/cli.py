@@ -18,7 +18,9 @@ examples:
   hetflow compile hetflow.examples.mlp:build -o out/     compile a torch module that build() returns
   hetflow run out/ --input x=x.npy --output-dir res/     run the artifact on inputs saved with numpy.save
   hetflow run out/ --random                              run it on random inputs of the declared shapes
-  hetflow inspect out/                                   fused groups, op counts, parameters, FLOPs
+  hetflow compile model.onnx --platform mobile-soc --placement split -o out/
+  hetflow inspect out/ --plot plots/                     placement, timeline; roofline + Gantt PNGs, trace
+  hetflow platforms [show NAME]                          the platform presets
   hetflow memplan problem.csv --capacity 1048576         solve a static memory allocation problem
 
 Run 'hetflow COMMAND --help' for the options of each command.
@@ -63,7 +65,9 @@ def cmd_compile(args) -> int:
     import hetflow
     model, example_inputs = _load_model_spec(args.model)
     start = time.perf_counter()
-    compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes)
+    devices = [d for d in args.devices.split(",") if d] if args.devices else None
+    compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
+                               placement=args.placement, devices=devices, time_limit=args.time_limit)
     out = compiled.save(args.output)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s")
@@ -128,9 +132,80 @@ def cmd_inspect(args) -> int:
     print(f"artifact {args.artifact}: schema {m['schema']}, hetflow {m.get('hetflow')}, platform {m.get('platform')}, "
           f"created {m.get('created')}")
     print(graph_summary(model.graph))
+    _print_placement(model, args)
     if args.ir:
         print()
         print(model.graph)
+    return 0
+
+
+def _print_placement(model, args) -> None:
+    from hetflow.passes.cost import cost_node
+    from hetflow.platform import platform_from_dict
+    from hetflow.report import placement_table, provenance, timeline_text
+    from hetflow.passes.schedule import Event, Schedule
+    manifest = model.manifest
+    if "platform_data" not in manifest:
+        return
+    platform = platform_from_dict(manifest["platform_data"], "artifact platform")
+    nodes = [n for n in model.graph.nodes if n.op != "hetflow.transfer" and n.meta.get("device") in platform.devices]
+    costs = [cost_node(n, platform) for n in nodes]
+    placement = manifest.get("placement", {})
+
+    class _Placement:  # what placement_table reads
+        pass
+    shown = _Placement()
+    shown.costs = costs
+    print(f"\nplacement ({placement.get('policy', '?')}; {placement.get('solver', '')})")
+    print(placement_table(shown))
+    schedule = None
+    if "schedule" in manifest:
+        data = manifest["schedule"]
+        schedule = Schedule(data["platform"], [Event(e["name"], e["device"], e["start_us"] / 1e6, e["end_us"] / 1e6,
+                                                     e["kind"], e["ops"], e["flops"], e["bytes"]) for e in data["events"]])
+        print("\ntimeline\n" + timeline_text(schedule))
+        print(provenance(platform))
+    if args.plot:
+        from hetflow.plots import write_plots
+        for path in write_plots(args.plot, costs, platform, schedule):
+            print(f"wrote {path}")
+
+
+def cmd_platforms(args) -> int:
+    from hetflow.platform import load_platform, preset_names
+    from hetflow.report import human_bytes, table
+    if args.action == "show":
+        if not args.name:
+            raise UsageError("usage: hetflow platforms show NAME")
+        platform = load_platform(args.name)
+        print(f"{platform.name}: {platform.description}\nsource: {platform.source}")
+        print(f"sync: flag {platform.sync * 1e6:.1f} us, driver {platform.driver_sync * 1e6:.0f} us")
+        rows = []
+        for d in platform.devices.values():
+            peaks = ", ".join(f"{k} {v / 1e12:g} TFLOP/s" for k, v in d.peak.items())
+            rows.append([d.name, d.kind, d.memory, peaks, f"{d.bandwidth / 1e9:g} GB/s",
+                         f"{d.launch * 1e6:g} us", str(d.tile), "measured" if d.measured else "from the source",
+                         d.source[:60]])
+        print(table(rows, ["device", "kind", "memory", "peak", "bandwidth", "launch", "tile", "figures", "source"]))
+        rows = [[m.name, human_bytes(m.capacity), f"{m.bandwidth / 1e9:g} GB/s",
+                 " / ".join(f"{b / 1e9:g}" for b in m.shared) + " GB/s", "yes" if m.unified else "no"]
+                for m in platform.memories.values()]
+        print(table(rows, ["memory", "capacity", "bandwidth", "shared by 1/2/.. devices", "unified"]))
+        for link in platform.links:
+            print(f"link {link.name}: {link.src} <-> {link.dst}, {link.bandwidth / 1e9:g} GB/s, {link.latency * 1e6:g} us")
+        if platform.flash:
+            f = platform.flash
+            points = ", ".join(f"{human_bytes(c)}: {t / 1e9:g} GB/s" for c, t in f.throughput)
+            print(f"flash: page {human_bytes(f.page_size)}, read latency {f.read_latency * 1e6:g} us, "
+                  f"{f.channels} channels; throughput by chunk: {points}")
+        return 0
+    rows = []
+    for name in preset_names():
+        platform = load_platform(name)
+        rows.append([name, ", ".join(f"{d.name} ({d.kind})" for d in platform.devices.values()),
+                     platform.source[:70]])
+    print(table(rows, ["platform", "devices", "source"]))
+    print("\n'hetflow platforms show NAME' prints one; a .toml file of the same form can be given to --platform.")
     return 0
 
 
@@ -159,7 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                               "function returns (torch_module, example_inputs).")
     p.add_argument("model", metavar="MODEL", help="a .onnx file or module:function")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
-    p.add_argument("--platform", default="host", help="target platform preset (default: host)")
+    p.add_argument("--platform", default="host",
+                   help="a preset (see 'hetflow platforms') or a platform .toml file (default: host)")
+    p.add_argument("--placement", default="roofline", choices=["roofline", "optimal", "split"],
+                   help="roofline: each group to its fastest device; optimal: minimum predicted makespan with "
+                        "transfer and sync costs (CP-SAT); split: optimal, then MatMuls split across two devices")
+    p.add_argument("--devices", metavar="D1,D2", help="place only on these devices of the platform")
+    p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="seconds for each exact solver")
     p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
                    "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
     p.set_defaults(func=cmd_compile)
@@ -177,7 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print what an artifact holds.")
     p.add_argument("artifact", metavar="OUT")
     p.add_argument("--ir", action="store_true", help="also print the textual IR")
+    p.add_argument("--plot", metavar="DIR", help="write roofline.png, timeline.png (Gantt) and trace.json "
+                   "(Chrome/Perfetto: open it in ui.perfetto.dev) into DIR")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("platforms", help="list the platform presets, or show one",
+                       description="Platform presets: devices, memories, links and flash, each number citing "
+                                   "its source.")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?", help="the preset to show")
+    p.set_defaults(func=cmd_platforms)
 
     sub.add_parser("memplan", help="solve a static memory allocation problem (MiniMalloc CSV)", add_help=False)
     return parser

@@ -283,7 +283,27 @@ def load_platform(name_or_path: str) -> Platform:
     if data.get("calibrate") == "host":
         from hetflow.calibrate import host_calibration
         data = _apply_calibration(data, host_calibration())
+    if data.get("cuda"):
+        from hetflow.calibrate import cuda_calibration
+        data = _add_cuda(data, cuda_calibration())
     return platform_from_dict(data, origin)
+
+
+def _add_cuda(data: dict, gpu: dict | None) -> dict:
+    """host+cuda: add the CUDA GPU (its HBM, and a PCIe link to DRAM) when one is present."""
+    if gpu is None:
+        data = dict(data)
+        data["description"] = data.get("description", "") + " No CUDA GPU is present: the platform is the host alone."
+        return data
+    data = json.loads(json.dumps(data))
+    data["memory"]["hbm"] = {"capacity": gpu["memory_bytes"], "bandwidth": gpu["memory_bandwidth"], "unified": True,
+                             "source": f"measured: {gpu['name']}"}
+    data["device"]["gpu"] = {"kind": "gpu", "memory": "hbm", "launch": "10 us", "measured": True,
+                             "peak": {"f32": gpu["f32_flops"], "f16": gpu["f16_flops"]},
+                             "source": f"measured on {gpu['name']} ({gpu['when']})"}
+    data.setdefault("link", {})["pcie"] = {"from": "dram", "to": "hbm", "bandwidth": gpu["pcie_bandwidth"],
+                                          "latency": "10 us"}
+    return data
 
 
 def _apply_calibration(data: dict, calibration: dict) -> dict:

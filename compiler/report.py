@@ -54,10 +54,6 @@ def graph_summary(graph: Graph, platform: str | None = None, compile_seconds: fl
                  f"{human_bytes(totals['bytes'])} moved across node and group boundaries")
     if compile_seconds is not None:
         lines.append(f"  compiled in {compile_seconds:.2f} s")
-    groups = group_table(graph)
-    if groups:
-        lines.append("")
-        lines.append(groups)
     counts = graph.op_counts()
     rows = [[op, str(n)] for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     lines.append("")
@@ -98,3 +94,65 @@ def group_table(graph: Graph, limit: int = 60) -> str:
     if len(rows) > limit:
         text += f"\n... and {len(rows) - limit} more"
     return text
+
+
+def _us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.1f} us" if us < 1000 else f"{us / 1e3:.2f} ms"
+
+
+def placement_table(placement, limit: int = 80) -> str:
+    rows = []
+    for cost in placement.costs[:limit]:
+        node = cost.node
+        device = node.meta.get("device", "?")
+        ops = cost.ops if len(cost.ops) <= 40 else cost.ops[:37] + "..."
+        time_on = cost.times.get(device)
+        rows.append([cost.name[:28], cost.kind, ops, human_count(cost.flops), human_bytes(cost.bytes),
+                     f"{cost.intensity:.1f}", device, _us(time_on) if time_on is not None else "-",
+                     node.meta.get("reason", "")[:90]])
+    text = table(rows, ["group", "kind", "ops", "FLOPs", "bytes", "Op/B", "device", "predicted", "why"])
+    if len(placement.costs) > limit:
+        text += f"\n... and {len(placement.costs) - limit} more"
+    return text
+
+
+def timeline_text(schedule, limit: int = 40) -> str:
+    lines = [f"predicted makespan {_us(schedule.makespan)} on {schedule.platform} (modelled)"]
+    busy = schedule.busy()
+    for device, seconds in sorted(busy.items()):
+        share = 100 * seconds / schedule.makespan if schedule.makespan else 0
+        lines.append(f"  {device:14s} busy {_us(seconds):>10s} ({share:4.0f}% of the makespan)")
+    rows = [[f"{e.start * 1e6:10.1f}", f"{e.end * 1e6:10.1f}", e.device, e.kind, e.name[:32]]
+            for e in sorted(schedule.events, key=lambda e: e.start)[:limit]]
+    lines.append(table(rows, ["start us", "end us", "device", "kind", "node"]))
+    if len(schedule.events) > limit:
+        lines.append(f"... and {len(schedule.events) - limit} more events")
+    return "\n".join(lines)
+
+
+def provenance(platform) -> str:
+    measured = [d.name for d in platform.devices.values() if d.measured]
+    text = "Times are predicted by the cost model from the platform file's figures (modelled)"
+    if measured:
+        text += f"; the figures of {', '.join(measured)} were measured on this machine by calibration"
+    return text + "."
+
+
+def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None) -> str:
+    parts = [graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)]
+    if placement is not None:
+        header = f"placement ({placement.policy}"
+        if placement.solver:
+            header += f"; {placement.solver}"
+        header += ")"
+        parts.append(header + "\n" + placement_table(placement))
+        if placement.splits:
+            for s in placement.splits:
+                parts.append(f"split {s['node']} by {s['dim']}: {s['eighths_on_first']}/8 on {s['devices'][0]}, "
+                             f"the rest on {s['devices'][1]} -> {_us(s['time'])} (alone: "
+                             + ", ".join(f"{d} {_us(t)}" for d, t in s['alone'].items()) + ")")
+    if schedule is not None:
+        parts.append("timeline\n" + timeline_text(schedule))
+        parts.append(provenance(platform))
+    return "\n\n".join(parts)

@@ -126,8 +126,8 @@ def solve_optimal(problem: PlacementProblem, hint: dict[int, str], time_limit: f
     horizon = int(sum(max(t.values()) for t in problem.times.values()) * scale) + 1
     for i in problem.order:
         for p, nbytes in problem.preds.get(i, []):
-            worst = max(problem.platform.sync + problem.platform.transfer_time(a, b, nbytes)
-                        for a in problem.times[p] for b in problem.times[i] if a != b) if len(devices) > 1 else 0
+            worst = max((problem.platform.sync + problem.platform.transfer_time(a, b, nbytes)
+                         for a in problem.times[p] for b in problem.times[i] if a != b), default=0.0)
             horizon += int(worst * scale) + 1
     on = {(i, d): model.NewBoolVar(f"on_{i}_{d}") for i in problem.order for d in problem.times[i]}
     start = {i: model.NewIntVar(0, horizon, f"s{i}") for i in problem.order}

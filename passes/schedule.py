@@ -91,9 +91,9 @@ def _tasks(graph: Graph, platform: Platform, costs: dict[int, NodeCost]) -> list
             task = _Task(node, device, platform.devices[device].memory, platform.devices[device].launch, compute,
                          cost.bytes, bandwidth, cost)
         for v in node.inputs:
-            if v is None or v.producer is None or id(v.producer) not in producer_task:
+            if v is None or id(v) not in producer_task:
                 continue
-            pred = producer_task[id(v.producer)]
+            pred = producer_task[id(v)]
             cross = tasks[pred].device != task.device and not task.device.startswith("link:") \
                 and not tasks[pred].device.startswith("link:")
             task.preds.append((pred, platform.sync if cross else 0.0))
