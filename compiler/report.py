@@ -125,8 +125,9 @@ def timeline_text(schedule, limit: int = 40) -> str:
         lines.append(f"  {device:14s} busy {_us(seconds):>10s} ({share:4.0f}% of the makespan)")
     rows = [[f"{e.start * 1e6:10.1f}", f"{e.end * 1e6:10.1f}", e.device, e.kind, e.name[:32]]
             for e in sorted(schedule.events, key=lambda e: e.start)[:limit]]
-    lines.append(table(rows, ["start us", "end us", "device", "kind", "node"]))
-    if len(schedule.events) > limit:
+    if rows:
+        lines.append(table(rows, ["start us", "end us", "device", "kind", "node"]))
+    if limit and len(schedule.events) > limit:
         lines.append(f"... and {len(schedule.events) - limit} more events")
     return "\n".join(lines)
 

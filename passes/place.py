@@ -83,9 +83,10 @@ def check_memory_fits(graph: Graph, platform: Platform, assignment: dict[int, st
         capacity = platform.memories[memory].capacity
         if total > capacity:
             largest = max(weights.values(), key=lambda w: w.type.nbytes() or 0)
-            raise PlacementError(f"the model's weights need {total / 2**30:.2f} GiB in memory {memory!r} of platform "
-                                 f"{platform.name!r}, which holds {capacity / 2**30:.2f} GiB (largest tensor: "
-                                 f"%{largest.name}: {largest.type}, {largest.type.nbytes() / 2**20:.1f} MiB)")
+            from hetflow.report import human_bytes
+            raise PlacementError(f"the model's weights need {human_bytes(total)} in memory {memory!r} of platform "
+                                 f"{platform.name!r}, which holds {human_bytes(capacity)} (largest tensor: "
+                                 f"%{largest.name}: {largest.type}, {human_bytes(largest.type.nbytes())})")
 
 
 # --- the static model shared by optimal and the brute-force check ----------------------------------
