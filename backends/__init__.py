@@ -1,0 +1,151 @@
+"""hetflow.backends: partition a placed graph by device and emit what each device runs.
+
+A partition is a maximal run of consecutive top-level nodes (in schedule order)
+placed on one device. Each partition becomes a standalone graph, lowered by its
+device's backend:
+
+* ``cpu``: an ONNX model run by ONNX Runtime (``cpu/partN.onnx``), measured.
+* ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
+  partition's IR (``npu/partN.json``), executed functionally by the reference
+  interpreter until the device's simulator lands; its time is the modelled one.
+* ``transfer``: a copy between two memories that are not one unified space.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hetflow.ir import Graph, Node, Value
+from hetflow.ir.graph import Node as _Node
+from hetflow.ir.graph import Value as _Value
+from hetflow.ir.serialize import graph_from_json, graph_to_json
+
+TRANSFER_OP = "hetflow.transfer"
+
+
+@dataclass
+class Partition:
+    index: int
+    device: str
+    backend: str                      # "cpu", "simulated", "transfer"
+    graph: Graph                      # standalone: its inputs, weights and outputs
+    nodes: list[str] = field(default_factory=list)  # the top-level nodes it holds (first output names)
+    predicted_start: float = 0.0
+    predicted_end: float = 0.0
+    file: str = ""
+    onnx_bytes: bytes | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.graph.outputs]
+
+    def manifest_entry(self) -> dict:
+        return {"index": self.index, "device": self.device, "backend": self.backend, "file": self.file,
+                "inputs": self.input_names, "outputs": self.output_names,
+                "weights": list(self.graph.weights), "nodes": self.nodes,
+                "predicted_start_us": self.predicted_start * 1e6, "predicted_end_us": self.predicted_end * 1e6}
+
+
+def backend_for(device: str, platform) -> str:
+    if device.startswith("link:"):
+        return "transfer"
+    kind = platform.devices[device].kind if platform is not None and device in platform.devices else "cpu"
+    if kind == "cpu":
+        return "cpu"
+    return "simulated"
+
+
+def split_partitions(graph: Graph) -> list[tuple[str, list[Node]]]:
+    runs: list[tuple[str, list[Node]]] = []
+    for node in graph.nodes:
+        device = node.meta.get("device", "cpu")
+        if runs and runs[-1][0] == device and node.op != TRANSFER_OP and runs[-1][1][-1].op != TRANSFER_OP:
+            runs[-1][1].append(node)
+        else:
+            runs.append((device, [node]))
+    return runs
+
+
+def partition_graph(graph: Graph, nodes: list[Node], name: str) -> Graph:
+    """The nodes as a standalone graph: their external inputs become inputs, the values others read, outputs."""
+    members = {id(n) for n in nodes}
+    sub = Graph(name, graph.opset)
+    mapping: dict[int, Value] = {}
+    for node in nodes:
+        for v in node.inputs:
+            if v is None or id(v) in mapping:
+                continue
+            if v.data is not None:
+                mapping[id(v)] = sub.add_weight(v.name, v.data, v.type)
+            elif v.producer is None or id(v.producer) not in members:
+                mapping[id(v)] = sub.add_input(v.name, v.type)
+    outputs = []
+    for node in nodes:
+        outs = []
+        for out in node.outputs:
+            sub._claim(out.name)
+            outs.append(_Value(out.name, out.type))
+            mapping[id(out)] = outs[-1]
+            if out in graph.outputs or any(id(u) not in members for u, _ in out.uses):
+                outputs.append(outs[-1])
+        sub.nodes.append(_Node(node.op, [None if v is None else mapping[id(v)] for v in node.inputs], outs,
+                               dict(node.attrs), node.loc, dict(node.meta)))
+    sub.outputs = outputs
+    return sub
+
+
+def build_partitions(graph: Graph, platform=None) -> list[Partition]:
+    from .cpu import lower_partition
+    partitions = []
+    for index, (device, nodes) in enumerate(split_partitions(graph)):
+        backend = backend_for(device, platform)
+        sub = partition_graph(graph, nodes, f"part{index}")
+        part = Partition(index, device, backend, sub, [n.outputs[0].name for n in nodes],
+                         min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
+                         max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
+        folder = device.replace(":", "_").replace(">", "").replace("-", "_")
+        if backend == "cpu":
+            model, _ = lower_partition(sub)
+            part.onnx_bytes = model.SerializeToString()
+            part.file = f"{folder}/part{index}.onnx"
+        else:
+            part.file = f"{folder}/part{index}.json"
+        partitions.append(part)
+    return partitions
+
+
+def write_partitions(partitions: list[Partition], directory: Path) -> list[Path]:
+    written = []
+    for part in partitions:
+        path = directory / part.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if part.onnx_bytes is not None:
+            path.write_bytes(part.onnx_bytes)
+        else:
+            path.write_text(json.dumps(graph_to_json(part.graph), indent=1))
+        written.append(path)
+    return written
+
+
+def read_partitions(entries: list[dict], directory: Path, graph: Graph) -> list[Partition]:
+    """Partitions of a loaded artifact (the standalone graphs are rebuilt from the main graph)."""
+    by_name = {n.outputs[0].name: n for n in graph.nodes}
+    partitions = []
+    for entry in entries:
+        nodes = [by_name[name] for name in entry["nodes"]]
+        sub = partition_graph(graph, nodes, f"part{entry['index']}")
+        part = Partition(entry["index"], entry["device"], entry["backend"], sub, entry["nodes"],
+                         entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"])
+        path = directory / entry["file"]
+        if entry["backend"] == "cpu":
+            part.onnx_bytes = path.read_bytes()
+        elif entry["backend"] == "simulated":
+            weights = {w.name: w.data for w in graph.weights.values()}
+            part.graph = graph_from_json(json.loads(path.read_text()), weights)
+        partitions.append(part)
+    return partitions

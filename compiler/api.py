@@ -9,7 +9,6 @@ import numpy as np
 
 from hetflow.ir import Graph, verify
 from hetflow.ir.errors import HetflowError
-from hetflow.runtime.interpreter import Interpreter
 
 class CompileError(HetflowError):
     pass
@@ -56,9 +55,10 @@ class CompiledModel:
         self.options = options
         self.placement = options.results.get("placement") if options else None
         self.schedule = options.results.get("schedule") if options else None
+        self.memory_plan = options.results.get("memory_plan") if options else None
+        self._executor = None
         self.compile_seconds = compile_seconds
         self._torch = torch_capture
-        self._interpreter = Interpreter(graph)
 
     @property
     def input_names(self) -> list[str]:
@@ -69,8 +69,19 @@ class CompiledModel:
             return self._call_torch(args, kwargs)
         feeds = dict(zip(self.input_names, args))
         feeds.update(kwargs)
-        outputs = self._interpreter.run({k: np.asarray(v) for k, v in feeds.items()})
+        outputs = list(self.executor.run({k: np.asarray(v) for k, v in feeds.items()}).values())
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    @property
+    def executor(self):
+        """The runtime program: ONNX Runtime for CPU partitions, simulators for devices this machine lacks."""
+        if self._executor is None:
+            from hetflow.backends import build_partitions
+            from hetflow.runtime.executor import Executor
+            self.partitions = build_partitions(self.graph, self.platform)
+            plan = self.memory_plan.as_manifest() if self.memory_plan is not None else None
+            self._executor = Executor(self.graph, self.partitions, self.platform, plan)
+        return self._executor
 
     def _call_torch(self, args, kwargs):
         import torch
@@ -83,14 +94,19 @@ class CompiledModel:
         if len(tensors) != len(names):
             raise CompileError(f"the compiled module takes {len(names)} tensor inputs, got {len(tensors)}")
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-        outputs = [torch.from_numpy(np.ascontiguousarray(o)) for o in self._interpreter.run(feeds)]
+        outputs = [torch.from_numpy(o) for o in self.executor.run(feeds).values()]
         if self._torch.out_spec is None:
             return outputs[0] if len(outputs) == 1 else tuple(outputs)
         return pytree.tree_unflatten(outputs, self._torch.out_spec)
 
     def save(self, directory: str | Path) -> Path:
+        from hetflow.backends import write_partitions
         from hetflow.runtime.artifact import write_artifact
-        extra = {"platform_data": self.platform.raw}
+        self.executor  # builds the partitions
+        extra = {"platform_data": self.platform.raw,
+                 "partitions": [p.manifest_entry() for p in self.partitions]}
+        if self.memory_plan is not None:
+            extra["memory_plan"] = self.memory_plan.as_manifest()
         if self.schedule is not None:
             extra["schedule"] = self.schedule.as_dict()
         if self.placement is not None:
@@ -98,7 +114,8 @@ class CompiledModel:
                                   "solver": self.placement.solver,
                                   "static_makespan_us": {k: v * 1e6 for k, v in self.placement.static_makespan.items()},
                                   "splits": self.placement.splits}
-        return write_artifact(self.graph, directory, self.platform.name, extra)
+        written = write_partitions(self.partitions, Path(directory))
+        return write_artifact(self.graph, directory, self.platform.name, extra, written)
 
     def report(self) -> str:
         from hetflow.report import compile_report

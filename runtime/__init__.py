@@ -16,10 +16,20 @@ class LoadedModel:
     """A loaded artifact: ``run({name: array})`` returns ``{output_name: array}``."""
 
     def __init__(self, graph, manifest: dict, path: Path):
+        from hetflow.backends import read_partitions
+        from hetflow.platform import platform_from_dict
+        from .executor import Executor
         self.graph = graph
         self.manifest = manifest
         self.path = path
-        self._interpreter = Interpreter(graph)
+        self.platform = platform_from_dict(manifest["platform_data"], "artifact platform") \
+            if "platform_data" in manifest else None
+        if "partitions" in manifest:
+            self.partitions = read_partitions(manifest["partitions"], Path(path), graph)
+            self.executor = Executor(graph, self.partitions, self.platform, manifest.get("memory_plan"))
+        else:
+            self.partitions, self.executor = [], None
+            self._interpreter = Interpreter(graph)
 
     @property
     def input_names(self) -> list[str]:
@@ -30,8 +40,9 @@ class LoadedModel:
         return [v.name for v in self.graph.outputs]
 
     def run(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._interpreter.run(feeds)
-        return dict(zip(self.output_names, outputs))
+        if self.executor is not None:
+            return self.executor.run(feeds)
+        return dict(zip(self.output_names, self._interpreter.run(feeds)))
 
 
 def load(path: str | Path) -> LoadedModel:

@@ -43,7 +43,7 @@ def signature(graph: Graph) -> dict[str, Any]:
 
 
 def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
-                   extra: dict[str, Any] | None = None) -> Path:
+                   extra: dict[str, Any] | None = None, also_written: list[Path] | None = None) -> Path:
     from hetflow import __version__
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
         "graph": graph.name,
         **signature(graph),
         **(extra or {}),
-        "files": {p.name: sha256_file(p) for p in written},
+        "files": {str(p.relative_to(directory)): sha256_file(p) for p in written + list(also_written or [])},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory

@@ -38,7 +38,9 @@ def test_compile_run_inspect_roundtrip(tmp_path, capsys):
     code, out, _ = run_cli(["compile", tmp_path / "m.onnx", "-o", tmp_path / "out"], capsys)
     assert code == 0 and "MatMul" in out
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["schema"] == 1 and set(manifest["files"]) == {"graph.json", "weights.safetensors"}
+    assert manifest["schema"] == 1
+    assert set(manifest["files"]) == {"graph.json", "weights.safetensors", "cpu/part0.onnx"}
+    assert manifest["partitions"][0]["backend"] == "cpu"
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     code, out, _ = run_cli(["run", tmp_path / "out", "--input", f"x={tmp_path / 'x.npy'}",
@@ -94,11 +96,17 @@ def test_tampered_and_missing_artifact_files(tmp_path, capsys):
     mlp_onnx(tmp_path / "m.onnx")
     assert run_cli(["compile", tmp_path / "m.onnx", "-o", tmp_path / "out"], capsys)[0] == 0
     weights = tmp_path / "out" / "weights.safetensors"
-    data = bytearray(weights.read_bytes())
+    original = weights.read_bytes()
+    data = bytearray(original)
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     code, _, err = run_cli(["run", tmp_path / "out", "--random"], capsys)
     one_line_error(code, err, "weights.safetensors", "was modified")
+    weights.write_bytes(original)
+    partition = tmp_path / "out" / "cpu" / "part0.onnx"
+    partition.write_bytes(partition.read_bytes() + b"\0")
+    code, _, err = run_cli(["run", tmp_path / "out", "--random"], capsys)
+    one_line_error(code, err, "part0.onnx", "was modified")
     weights.unlink()
     code, _, err = run_cli(["run", tmp_path / "out", "--random"], capsys)
     one_line_error(code, err, "weights.safetensors", "missing")

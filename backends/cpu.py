@@ -1,0 +1,159 @@
+"""The CPU backend: a partition of the IR lowered to an ONNX model and run by ONNX Runtime.
+
+The IR's ops are ONNX ops, so lowering is direct: fused groups are inlined (ONNX
+Runtime's own graph optimiser then fuses them again into its fast kernels: GELU,
+LayerNorm, attention, MatMul+Add...). The emitted ``.onnx`` holds the structure
+and the small constants only: its large initializers are marked external and handed to ONNX Runtime from the
+artifact's weights at load time (``add_external_initializers``), so weights are
+stored once. Inputs and outputs are bound with IOBinding straight to the
+runtime's buffers: nothing is copied on the way in or out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from hetflow.ir import Graph, Node, Value
+from hetflow.ir.errors import HetflowError
+from hetflow.ir.onnx_convert import node_to_onnx, value_info
+
+ONNX_IR_VERSION = 10  # what ONNX Runtime 1.17+ reads
+
+
+class BackendError(HetflowError):
+    pass
+
+
+def _flatten(node: Node, names: dict[int, str], prefix: str) -> list[tuple[Node, dict[int, str]]]:
+    """A top-level node as (node, value-name map) pairs, groups inlined with their internal values renamed."""
+    if node.op != "hetflow.group":
+        return [(node, names)]
+    body: Graph = node.attrs["body"]
+    inner = dict(names)
+    for outer, inner_value in zip(node.inputs, body.inputs):
+        inner[id(inner_value)] = names[id(outer)]
+    for outer, inner_value in zip(node.outputs, body.outputs):
+        inner[id(inner_value)] = names[id(outer)]
+    for body_node in body.nodes:
+        for out in body_node.outputs:
+            inner.setdefault(id(out), f"{prefix}{body.name}/{out.name}")
+    flat = []
+    for body_node in body.nodes:
+        flat.extend(_flatten(body_node, inner, f"{prefix}{body.name}/"))
+    return flat
+
+
+def lower_partition(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
+    """A standalone partition graph as an ONNX model; returns it and the names of the weights it reads."""
+    names = {id(v): v.name for v in graph.values()}
+    protos, infos = [], {}
+    weights = dict(graph.weights)
+    for node in graph.nodes:
+        for inner, mapping in _flatten(node, names, ""):
+            op = "Identity" if inner.op == "hetflow.transfer" else inner.op
+            attrs = {} if inner.op == "hetflow.transfer" else inner.attrs
+            ins = ["" if v is None else mapping[id(v)] for v in inner.inputs]
+            outs = [mapping[id(o)] for o in inner.outputs]
+            protos.append(node_to_onnx(op, ins, outs, attrs, graph.opset, name=f"n{len(protos)} {inner.loc[:160]}"))
+            for o in inner.outputs:
+                infos[mapping[id(o)]] = o.type
+    outputs = list(graph.outputs)
+    if any(v.data is not None or v in graph.inputs for v in outputs):
+        raise BackendError(f"partition {graph.name}: an output that is an input or a weight needs no kernel")
+    initializers = [onnx.numpy_helper.from_array(np.asarray(v.data), n) if _inline(v) else _external_initializer(n, v)
+                    for n, v in weights.items()]
+    boundary = {v.name for v in graph.inputs} | {v.name for v in outputs}
+    g = helper.make_graph(protos, graph.name, [value_info(v.name, v.type) for v in graph.inputs],
+                          [value_info(v.name, v.type) for v in outputs], initializers,
+                          value_info=[value_info(n, t) for n, t in infos.items() if n not in boundary and t is not None])
+    domains = {d for d in (n.domain for n in protos) if d}
+    opsets = [helper.make_opsetid("", graph.opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
+    model = helper.make_model(g, opset_imports=opsets, producer_name="hetflow")
+    model.ir_version = ONNX_IR_VERSION
+    return model, [n for n, v in weights.items() if not _inline(v)]
+
+
+INLINE_BYTES = 4096
+
+
+def _inline(value: Value) -> bool:
+    """Small constants (shapes, axes, scalars) stay in the model: ONNX Runtime's shape inference reads them."""
+    return value.data.nbytes <= INLINE_BYTES or value.data.dtype.kind in "OUS"
+
+
+def _external_initializer(name: str, value: Value) -> TensorProto:
+    """An initializer whose data ONNX Runtime receives from hetflow at load time."""
+    t = TensorProto()
+    t.name = name
+    t.data_type = value.type.dtype.onnx
+    t.dims.extend(value.data.shape)
+    t.data_location = TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "weights.safetensors"
+    return t
+
+
+def emit(partition_graph: Graph, path: Path) -> list[str]:
+    """Write the partition's ONNX model to ``path``; returns the weights it reads."""
+    model, weights = lower_partition(partition_graph)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return weights
+
+
+class CpuPartition:
+    """A loaded CPU partition: an ONNX Runtime session with its weights, run through IOBinding."""
+
+    def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
+                 output_names: list[str], threads: int | None = None, name: str = "partition"):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or _cores()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._keep = [np.ascontiguousarray(weights[n]) for n in weights]  # ORT reads these buffers directly
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._keep]
+        if values:
+            options.add_external_initializers(list(weights), values)
+        try:
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).strip().splitlines()[0]}") from None
+        self.input_names = input_names
+        self.output_names = output_names
+        self.binding = self.session.io_binding()
+        types = [t.type for t in list(self.session.get_inputs()) + list(self.session.get_outputs())]
+        self.bindable = all("string" not in t for t in types)  # IOBinding takes numeric tensors only
+
+    def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """For shapes known only at run time: ONNX Runtime allocates the outputs."""
+        results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+        return dict(zip(self.output_names, results))
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Read ``inputs`` and write the results into the preallocated ``outputs`` arrays (no copies)."""
+        if not self.bindable:
+            results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+            for name, result in zip(self.output_names, results):
+                outputs[name][...] = result
+            return
+        binding = self.binding
+        for name in self.input_names:
+            array = inputs[name]
+            binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
+        for name in self.output_names:
+            array = outputs[name]
+            binding.bind_output(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+
+
+def _cores() -> int:
+    import os
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+

@@ -1,0 +1,225 @@
+"""The executor: runs a partitioned program, one worker per device, synchronised by flags in shared memory.
+
+Memory: every value that crosses a partition boundary lives in the arena of its
+memory space (one NumPy buffer per space, the offsets from the memory plan; a
+unified space is one buffer every worker sees). Partitions read and write their
+arena views in place (ONNX Runtime through IOBinding).
+
+Synchronisation (HeteroInfer's scheme): each cross-device value has a flag word in
+a shared array; the producer writes the value, then stores the run's number in
+its flag; the consumer sleeps until the producer's predicted finish, then polls
+the flag, yielding between polls. No locks, no driver-level waits.
+
+With one partition (everything on the CPU) the executor simply runs it in the
+calling thread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetflow.ir import Graph
+from hetflow.ir.errors import HetflowError
+
+from .interpreter import Interpreter, check_inputs
+
+ALIGNMENT = 64
+POLL_SLEEP = 0.0  # time.sleep(0): yield the GIL between polls
+
+
+class RuntimeFailure(HetflowError):
+    pass
+
+
+@dataclass
+class Measured:
+    name: str
+    device: str
+    start: float
+    end: float
+    backend: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "device": self.device, "start_us": self.start * 1e6, "end_us": self.end * 1e6,
+                "kind": self.backend, "ops": "", "flops": 0, "bytes": 0}
+
+
+@dataclass
+class RunRecord:
+    events: list[Measured] = field(default_factory=list)
+    waits: list[tuple[str, float, float]] = field(default_factory=list)  # (value, flag set at, consumer saw it at)
+    seconds: float = 0.0
+
+
+def naive_layout(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Offsets with no reuse (each value its own aligned slot): the layout when no plan is given."""
+    offsets, cursor = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = cursor
+        cursor += -(-max(size, 1) // ALIGNMENT) * ALIGNMENT
+    return offsets, cursor
+
+
+class Executor:
+    def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
+                 threads: int | None = None):
+        from hetflow.backends.cpu import CpuPartition
+        self.graph = graph
+        self.partitions = partitions
+        self.platform = platform
+        self.types = {v.name: v.type for v in graph.values()}
+        self.weights = {w.name: w.data for w in graph.weights.values()}
+        self.runners = []
+        for part in partitions:
+            if part.backend == "cpu":
+                from hetflow.backends.cpu import _inline
+                weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
+                self.runners.append(CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names,
+                                                 threads, name=part.file))
+            elif part.backend == "simulated":
+                self.runners.append(Interpreter(part.graph))
+            else:
+                self.runners.append(None)
+        produced = [n for p in partitions for n in p.output_names]
+        self.static = all(self.types[n] is not None and self.types[n].is_static for n in produced)
+        self.producer = {n: i for i, p in enumerate(partitions) for n in p.output_names}
+        self._arenas(memory_plan, produced)
+        self.cross = sorted({n for i, p in enumerate(partitions) for n in p.input_names
+                             if n in self.producer and partitions[self.producer[n]].device != p.device})
+        self.flag_index = {n: i for i, n in enumerate(self.cross)}
+        self.flags = np.zeros(max(1, len(self.cross)), np.int64)
+        self.flag_times = np.zeros(max(1, len(self.cross)), np.float64)
+        self.run_id = 0
+        self.last = RunRecord()
+        self.devices = list(dict.fromkeys(p.device for p in partitions))
+
+    # --- memory ---------------------------------------------------------------------------------
+    def memory_of(self, device: str) -> str:
+        if self.platform is None or device.startswith("link:"):
+            return device.split("->")[-1] if device.startswith("link:") else "dram"
+        return self.platform.devices[device].memory if device in self.platform.devices else "dram"
+
+    def _arenas(self, memory_plan: dict | None, produced: list[str]) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+        self.arenas: dict[str, np.ndarray] = {}
+        if not self.static:
+            return
+        by_memory: dict[str, dict[str, int]] = {}
+        for name in produced:
+            memory = self.memory_of(self.partitions[self.producer[name]].device)
+            by_memory.setdefault(memory, {})[name] = self.types[name].nbytes()
+        for memory, sizes in by_memory.items():
+            planned = (memory_plan or {}).get(memory)
+            if planned and all(n in planned["offsets"] for n in sizes):
+                offsets, total = planned["offsets"], planned["size"]
+            else:
+                offsets, total = naive_layout(sizes)
+            arena = np.zeros(total + ALIGNMENT, np.uint8)
+            base = (-arena.ctypes.data) % ALIGNMENT
+            self.arenas[memory] = arena
+            for name, size in sizes.items():
+                t = self.types[name]
+                start = base + offsets[name]
+                self.buffers[name] = arena[start:start + size].view(t.dtype.numpy).reshape(t.shape)
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self, feeds) -> dict[str, np.ndarray]:
+        arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
+                              dict(zip([v.name for v in self.graph.inputs], feeds)))
+        env = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
+        env.update(self.weights)
+        self.run_id += 1
+        record = RunRecord()
+        start = time.perf_counter()
+        if len(self.devices) == 1:
+            for index in range(len(self.partitions)):
+                self._execute(index, env, record, start)
+        else:
+            self._run_concurrent(env, record, start)
+        record.seconds = time.perf_counter() - start
+        self.last = record
+        out = {}
+        for v in self.graph.outputs:
+            value = self.buffers.get(v.name) if v.name in self.buffers else env[v.name]
+            out[v.name] = np.array(value, copy=True)
+        return out
+
+    def _execute(self, index: int, env: dict, record: RunRecord, start: float) -> None:
+        part = self.partitions[index]
+        runner = self.runners[index]
+        began = time.perf_counter()
+        try:
+            if part.backend == "cpu":
+                inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
+                if self.static:
+                    runner.run(inputs, {n: self.buffers[n] for n in part.output_names})
+                else:
+                    env.update(runner.run_dynamic(inputs))
+            elif part.backend == "simulated":
+                inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
+                results = runner.run(inputs)
+                for name, result in zip(part.output_names, results):
+                    self._store(name, result, env)
+            else:  # a transfer: copy between the memories
+                for src, dst in zip(part.input_names, part.output_names):
+                    self._store(dst, self.buffers.get(src, env.get(src)), env)
+        except HetflowError:
+            raise
+        except Exception as exc:
+            raise RuntimeFailure(f"partition {part.index} ({part.file}, device {part.device}) failed: "
+                                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                 ) from exc
+        record.events.append(Measured(part.file or f"part{part.index}", part.device, began - start,
+                                      time.perf_counter() - start, part.backend))
+
+    def _store(self, name: str, value: np.ndarray, env: dict) -> None:
+        if name in self.buffers:
+            self.buffers[name][...] = value
+        else:
+            env[name] = value
+
+    def _run_concurrent(self, env: dict, record: RunRecord, start: float) -> None:
+        errors: list[BaseException] = []
+        queues = {d: [i for i, p in enumerate(self.partitions) if p.device == d] for d in self.devices}
+
+        def worker(device: str) -> None:
+            try:
+                for index in queues[device]:
+                    if errors:
+                        return
+                    part = self.partitions[index]
+                    for name in part.input_names:
+                        if name in self.flag_index:
+                            self._wait(name, start, record)
+                    self._execute(index, env, record, start)
+                    for name in part.output_names:
+                        if name in self.flag_index:
+                            self.flag_times[self.flag_index[name]] = time.perf_counter()
+                            self.flags[self.flag_index[name]] = self.run_id  # after the data: a release
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the calling thread)
+                errors.append(exc)
+                self.flags[:] = -1  # wake every waiter
+
+        threads = [threading.Thread(target=worker, args=(d,), name=f"hetflow-{d}") for d in self.devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _wait(self, name: str, start: float, record: RunRecord) -> None:
+        """Sleep until the producer's predicted finish, then poll its flag."""
+        slot = self.flag_index[name]
+        producer = self.partitions[self.producer[name]]
+        remaining = producer.predicted_end - (time.perf_counter() - start)
+        if remaining > 200e-6 and self.flags[slot] != self.run_id:
+            time.sleep(remaining - 100e-6)
+        while self.flags[slot] != self.run_id:
+            if self.flags[slot] == -1:
+                raise RuntimeFailure(f"the producer of {name!r} failed")
+            time.sleep(POLL_SLEEP)
+        record.waits.append((name, self.flag_times[slot] - start, time.perf_counter() - start))
