@@ -54,10 +54,10 @@ for _pattern, _reason in UNSUPPORTED:
     backend_test.exclude(_pattern)
 # Only the node tests: the other groups need downloads or are PyTorch-converted models covered elsewhere.
 # hetflow's reference path runs on the CPU: drop the CUDA copies BackendTest makes of every case.
-NodeTests = backend_test.test_cases["OnnxBackendNodeModelTest"]
-for _attr in [a for a in vars(NodeTests) if a.startswith("test_") and a.endswith("_cuda")]:
-    delattr(NodeTests, _attr)
-globals()["OnnxBackendNodeModelTest"] = NodeTests
+_node_tests = backend_test.test_cases["OnnxBackendNodeModelTest"]
+for _attr in [a for a in vars(_node_tests) if a.startswith("test_") and a.endswith("_cuda")]:
+    delattr(_node_tests, _attr)
+globals()["OnnxBackendNodeModelTest"] = _node_tests
 
 
 @pytest.mark.parametrize("name", _unsupported_names())
