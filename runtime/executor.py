@@ -25,9 +25,9 @@ from hetflow.ir import Graph
 from hetflow.ir.errors import HetflowError
 
 from .interpreter import Interpreter, check_inputs
+from .sync import Flags, SyncFailure
 
 ALIGNMENT = 64
-POLL_SLEEP = 0.0  # time.sleep(0): yield the GIL between polls
 
 
 class RuntimeFailure(HetflowError):
@@ -90,8 +90,7 @@ class Executor:
         self.cross = sorted({n for i, p in enumerate(partitions) for n in p.input_names
                              if n in self.producer and partitions[self.producer[n]].device != p.device})
         self.flag_index = {n: i for i, n in enumerate(self.cross)}
-        self.flags = np.zeros(max(1, len(self.cross)), np.int64)
-        self.flag_times = np.zeros(max(1, len(self.cross)), np.float64)
+        self.flags = Flags(len(self.cross))
         self.run_id = 0
         self.last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
@@ -197,11 +196,10 @@ class Executor:
                     self._execute(index, env, record, start)
                     for name in part.output_names:
                         if name in self.flag_index:
-                            self.flag_times[self.flag_index[name]] = time.perf_counter()
-                            self.flags[self.flag_index[name]] = self.run_id  # after the data: a release
+                            self.flags.signal(self.flag_index[name], self.run_id)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the calling thread)
                 errors.append(exc)
-                self.flags[:] = -1  # wake every waiter
+                self.flags.fail_all()  # wake every waiter
 
         threads = [threading.Thread(target=worker, args=(d,), name=f"hetflow-{d}") for d in self.devices]
         for t in threads:
@@ -215,11 +213,8 @@ class Executor:
         """Sleep until the producer's predicted finish, then poll its flag."""
         slot = self.flag_index[name]
         producer = self.partitions[self.producer[name]]
-        remaining = producer.predicted_end - (time.perf_counter() - start)
-        if remaining > 200e-6 and self.flags[slot] != self.run_id:
-            time.sleep(remaining - 100e-6)
-        while self.flags[slot] != self.run_id:
-            if self.flags[slot] == -1:
-                raise RuntimeFailure(f"the producer of {name!r} failed")
-            time.sleep(POLL_SLEEP)
-        record.waits.append((name, self.flag_times[slot] - start, time.perf_counter() - start))
+        try:
+            seen, _ = self.flags.wait(slot, self.run_id, start + producer.predicted_end)
+        except SyncFailure:
+            raise RuntimeFailure(f"the producer of {name!r} (partition {producer.index}) failed") from None
+        record.waits.append((name, self.flags.set_at[slot] - start, seen - start))
