@@ -5,6 +5,9 @@ placed on one device. Each partition becomes a standalone graph, lowered by its
 device's backend:
 
 * ``cpu``: an ONNX model run by ONNX Runtime (``cpu/partN.onnx``), measured.
+* ``cuda``: the same ONNX lowering for a real CUDA GPU (``host+cuda``), run by ONNX
+  Runtime's CUDA execution provider; a machine without one refuses the artifact
+  unless the run asks for ``fallback="cpu"``, which the run then reports.
 * ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
   partition's IR (``npu/partN.json``), executed functionally by the reference
   interpreter until the device's simulator lands; its time is the modelled one.
@@ -54,9 +57,11 @@ class Partition:
 def backend_for(device: str, platform) -> str:
     if device.startswith("link:"):
         return "transfer"
-    kind = platform.devices[device].kind if platform is not None and device in platform.devices else "cpu"
-    if kind == "cpu":
+    spec = platform.devices.get(device) if platform is not None else None
+    if spec is None or spec.kind == "cpu":
         return "cpu"
+    if spec.kind == "gpu" and spec.measured:  # a real GPU of this machine (host+cuda)
+        return "cuda"
     return "simulated"
 
 
@@ -109,7 +114,7 @@ def build_partitions(graph: Graph, platform=None) -> list[Partition]:
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
                          max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
         folder = device.replace(":", "_").replace(">", "").replace("-", "_")
-        if backend == "cpu":
+        if backend in ("cpu", "cuda"):
             model, _ = lower_partition(sub)
             part.onnx_bytes = model.SerializeToString()
             part.file = f"{folder}/part{index}.onnx"
@@ -142,7 +147,7 @@ def read_partitions(entries: list[dict], directory: Path, graph: Graph) -> list[
         part = Partition(entry["index"], entry["device"], entry["backend"], sub, entry["nodes"],
                          entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"])
         path = directory / entry["file"]
-        if entry["backend"] == "cpu":
+        if entry["backend"] in ("cpu", "cuda"):
             part.onnx_bytes = path.read_bytes()
         elif entry["backend"] == "simulated":
             weights = {w.name: w.data for w in graph.weights.values()}

@@ -108,7 +108,8 @@ class CpuPartition:
     """A loaded CPU partition: an ONNX Runtime session with its weights, run through IOBinding."""
 
     def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
-                 output_names: list[str], threads: int | None = None, name: str = "partition"):
+                 output_names: list[str], threads: int | None = None, name: str = "partition",
+                 providers: list[str] | None = None):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -121,7 +122,7 @@ class CpuPartition:
         if values:
             options.add_external_initializers(list(weights), values)
         try:
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).strip().splitlines()[0]}") from None
         self.input_names = input_names
@@ -157,3 +158,8 @@ def _cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()

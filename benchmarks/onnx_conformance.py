@@ -1,6 +1,9 @@
 """ONNX backend node tests through hetflow, scored over the cases onnx's own reference evaluator passes.
 
-    python benchmarks/onnx_conformance.py [--mode interpreter] [--failures]
+    python benchmarks/onnx_conformance.py [--mode interpreter|compiled] [--failures]
+
+``--mode compiled`` runs every case through the compiled host path: the pipeline,
+an artifact on disk, hetflow.runtime.load and ONNX Runtime kernels.
 
 The cases are generated in memory from the installed onnx package. The last line
 printed is ``passed/total``: hetflow's passes among the reference evaluator's.
@@ -12,9 +15,10 @@ import collections
 import sys
 import time
 
-from hetflow.conformance import node_test_cases, prepare_hetflow_interpreter, prepare_reference, run_suite
+from hetflow.conformance import (node_test_cases, prepare_hetflow_compiled, prepare_hetflow_interpreter,
+                                 prepare_reference, run_suite)
 
-MODES = {"interpreter": prepare_hetflow_interpreter}
+MODES = {"interpreter": prepare_hetflow_interpreter, "compiled": prepare_hetflow_compiled}
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,7 @@ class CompiledModel:
         self.placement = options.results.get("placement") if options else None
         self.schedule = options.results.get("schedule") if options else None
         self.memory_plan = options.results.get("memory_plan") if options else None
+        self.partitions = None
         self._executor = None
         self.compile_seconds = compile_seconds
         self._torch = torch_capture
@@ -76,12 +77,16 @@ class CompiledModel:
     def executor(self):
         """The runtime program: ONNX Runtime for CPU partitions, simulators for devices this machine lacks."""
         if self._executor is None:
-            from hetflow.backends import build_partitions
             from hetflow.runtime.executor import Executor
-            self.partitions = build_partitions(self.graph, self.platform)
             plan = self.memory_plan.as_manifest() if self.memory_plan is not None else None
-            self._executor = Executor(self.graph, self.partitions, self.platform, plan)
+            self._executor = Executor(self.graph, self._build_partitions(), self.platform, plan)
         return self._executor
+
+    def _build_partitions(self):
+        if getattr(self, "partitions", None) is None:
+            from hetflow.backends import build_partitions
+            self.partitions = build_partitions(self.graph, self.platform)
+        return self.partitions
 
     def _call_torch(self, args, kwargs):
         import torch
@@ -102,7 +107,7 @@ class CompiledModel:
     def save(self, directory: str | Path) -> Path:
         from hetflow.backends import write_partitions
         from hetflow.runtime.artifact import write_artifact
-        self.executor  # builds the partitions
+        self._build_partitions()
         extra = {"platform_data": self.platform.raw,
                  "partitions": [p.manifest_entry() for p in self.partitions]}
         if self.memory_plan is not None:

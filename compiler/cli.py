@@ -104,20 +104,66 @@ def _random_inputs(graph) -> dict[str, np.ndarray]:
 
 def cmd_run(args) -> int:
     from hetflow.runtime import load
-    model = load(args.artifact)
+    model = load(args.artifact, fallback=args.fallback)
+    for note in model.fallbacks:
+        print(f"fallback: {note}", file=sys.stderr)
     feeds = _random_inputs(model.graph) if args.random else {}
     feeds.update(_parse_inputs(args.input or []))
     start = time.perf_counter()
     outputs = model.run(feeds)
     elapsed = time.perf_counter() - start
+    if args.trace or args.profile:
+        model.run(feeds)  # a warm run: the first one pays for allocation
     for name, value in outputs.items():
         preview = np.array2string(value.reshape(-1)[:6], precision=4, separator=", ")
         print(f"{name}: {value.dtype}{list(value.shape)} {preview}{' ...' if value.size > 6 else ''}")
         if args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             np.save(Path(args.output_dir) / f"{_file_safe(name)}.npy", value)
-    print(f"ran in {elapsed * 1e3:.2f} ms (measured, reference interpreter)")
+    backends = sorted({f"{p.device} ({_BACKEND_WORDS[p.backend]})" for p in model.partitions}) or ["interpreter"]
+    print(f"ran in {elapsed * 1e3:.2f} ms (measured; {', '.join(backends)})")
+    if args.trace:
+        _write_trace(model, args.trace)
+    if args.profile:
+        _print_profile(model, feeds)
     return 0
+
+
+_BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "ONNX Runtime CUDA, measured",
+                  "simulated": "simulated: functional, time modelled", "transfer": "copy"}
+
+
+def _schedule_from_manifest(manifest):
+    from hetflow.passes.schedule import Event, Schedule
+    if "schedule" not in manifest:
+        return None
+    data = manifest["schedule"]
+    return Schedule(data["platform"], [Event(e["name"], e["device"], e["start_us"] / 1e6, e["end_us"] / 1e6,
+                                             e["kind"], e["ops"], e["flops"], e["bytes"]) for e in data["events"]])
+
+
+def _write_trace(model, path) -> None:
+    from hetflow.passes.schedule import Schedule
+    from hetflow.plots import chrome_trace
+    schedule = _schedule_from_manifest(model.manifest) or Schedule(model.manifest.get("platform", "?"))
+    measured = [e.as_dict() for e in model.executor.last.events] if model.executor is not None else []
+    chrome_trace(schedule, path, measured=measured)
+    print(f"wrote {path}: predicted timeline (modelled) beside the measured run; open it in ui.perfetto.dev")
+
+
+def _print_profile(model, feeds) -> None:
+    from hetflow.report import table
+    from hetflow.runtime.profile import profile
+    rows = profile(model.graph, model.platform, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+    body = [[r.name[:30], r.kind[:14], r.device, f"{r.predicted * 1e6:.1f}", f"{r.measured * 1e6:.1f}",
+             f"{r.measured / r.predicted:.2f}" if r.predicted and r.backend in ("cpu", "cuda") else "-",
+             "measured" if r.backend in ("cpu", "cuda") else "simulated (NumPy wall time)"] for r in rows]
+    print(table(body, ["group", "kind", "device", "predicted us", "measured us", "ratio", "how"]))
+    real = [r for r in rows if r.backend in ("cpu", "cuda")]
+    total_p = sum(r.predicted for r in real)
+    total_m = sum(r.measured for r in real)
+    print(f"groups on real devices: predicted {total_p * 1e3:.2f} ms (modelled), measured {total_m * 1e3:.2f} ms "
+          "(each group alone)")
 
 
 def _file_safe(name: str) -> str:
@@ -252,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input, repeatable")
     p.add_argument("--random", action="store_true", help="random values for the inputs not given")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy")
+    p.add_argument("--fallback", choices=["cpu"], help="run partitions built for a device this machine lacks "
+                   "(a CUDA GPU) on the CPU instead, and say so")
+    p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace: what ran where and when "
+                   "(measured), beside the predicted timeline")
+    p.add_argument("--profile", action="store_true", help="run each group on its own and print its measured time "
+                   "beside the predicted one")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="summarise an artifact: signature, op counts, parameters, FLOPs",

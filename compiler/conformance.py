@@ -78,6 +78,20 @@ def prepare_hetflow_interpreter(model):
     return lambda inputs: interpreter.run(dict(zip(names, inputs)))
 
 
+def prepare_hetflow_compiled(model):
+    """The compiled host path: hetflow.compile -> artifact on disk -> hetflow.runtime.load -> ONNX Runtime."""
+    import tempfile
+
+    import hetflow
+    from hetflow.runtime import load
+    compiled = hetflow.compile(model, platform="host")
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled.save(tmp)
+        loaded = load(tmp)
+    names = loaded.input_names
+    return lambda inputs: list(loaded.run(dict(zip(names, inputs))).values())
+
+
 def run_suite(prepare: Callable, names: set[str] | None = None, progress: Callable | None = None) -> list[CaseResult]:
     results = []
     cases = [c for c in node_test_cases() if names is None or c.name in names]

@@ -15,7 +15,7 @@ __all__ = ["ArtifactError", "ExecutionError", "InputError", "Interpreter", "Load
 class LoadedModel:
     """A loaded artifact: ``run({name: array})`` returns ``{output_name: array}``."""
 
-    def __init__(self, graph, manifest: dict, path: Path):
+    def __init__(self, graph, manifest: dict, path: Path, fallback: str | None = None):
         from hetflow.backends import read_partitions
         from hetflow.platform import platform_from_dict
         from .executor import Executor
@@ -26,10 +26,15 @@ class LoadedModel:
             if "platform_data" in manifest else None
         if "partitions" in manifest:
             self.partitions = read_partitions(manifest["partitions"], Path(path), graph)
-            self.executor = Executor(graph, self.partitions, self.platform, manifest.get("memory_plan"))
+            self.executor = Executor(graph, self.partitions, self.platform, manifest.get("memory_plan"),
+                                     fallback=fallback)
         else:
             self.partitions, self.executor = [], None
             self._interpreter = Interpreter(graph)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return self.executor.fallbacks if self.executor is not None else []
 
     @property
     def input_names(self) -> list[str]:
@@ -45,6 +50,8 @@ class LoadedModel:
         return dict(zip(self.output_names, self._interpreter.run(feeds)))
 
 
-def load(path: str | Path) -> LoadedModel:
+def load(path: str | Path, fallback: str | None = None) -> LoadedModel:
+    """Load an artifact (hashes checked). ``fallback="cpu"`` runs partitions built for a device this
+    machine lacks (a CUDA GPU) on the CPU instead, and says so in ``LoadedModel.fallbacks``."""
     graph, manifest = load_artifact(path)
-    return LoadedModel(graph, manifest, Path(path))
+    return LoadedModel(graph, manifest, Path(path), fallback)

@@ -65,20 +65,31 @@ def naive_layout(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
 
 class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
-                 threads: int | None = None):
-        from hetflow.backends.cpu import CpuPartition
+                 threads: int | None = None, fallback: str | None = None):
+        from hetflow.backends.cpu import CpuPartition, _inline, cuda_available
         self.graph = graph
         self.partitions = partitions
         self.platform = platform
         self.types = {v.name: v.type for v in graph.values()}
         self.weights = {w.name: w.data for w in graph.weights.values()}
         self.runners = []
+        self.fallbacks: list[str] = []
         for part in partitions:
-            if part.backend == "cpu":
-                from hetflow.backends.cpu import _inline
+            if part.backend in ("cpu", "cuda"):
+                providers = None
+                if part.backend == "cuda":
+                    if cuda_available():
+                        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+                    elif fallback == "cpu":
+                        self.fallbacks.append(f"partition {part.index} ({part.file}) was compiled for device "
+                                              f"{part.device!r} (CUDA); it runs on the CPU (--fallback cpu)")
+                    else:
+                        raise RuntimeFailure(f"partition {part.index} ({part.file}) runs on device {part.device!r} "
+                                             "(CUDA), but this machine has no CUDA GPU for ONNX Runtime; run with "
+                                             "--fallback cpu to run it on the CPU instead")
                 weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
                 self.runners.append(CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names,
-                                                 threads, name=part.file))
+                                                 threads, name=part.file, providers=providers))
             elif part.backend == "simulated":
                 self.runners.append(Interpreter(part.graph))
             else:
@@ -151,7 +162,7 @@ class Executor:
         runner = self.runners[index]
         began = time.perf_counter()
         try:
-            if part.backend == "cpu":
+            if part.backend in ("cpu", "cuda"):
                 inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
                 if self.static:
                     runner.run(inputs, {n: self.buffers[n] for n in part.output_names})

@@ -1,0 +1,124 @@
+"""The runtime: artifacts run without torch, partitions on several devices synchronise, bad artifacts are refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import hetflow
+from hetflow.runtime import load
+from hetflow.runtime.executor import RuntimeFailure
+from hetflow.runtime.interpreter import Interpreter
+from hetflow.runtime.sync import Flags
+
+
+def mlp_model(width=64, layers=4):
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / 8).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"act{i}")]
+        x = f"a{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [32, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_run_without_torch(tmp_path):
+    model = mlp_model()
+    hetflow.compile(model).save(tmp_path / "out")
+    np.save(tmp_path / "x.npy", np.ones((32, 64), np.float32))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None          # any 'import torch' now fails
+        sys.modules["transformers"] = None
+        from hetflow.cli import main
+        code = main(["run", r"{tmp_path / 'out'}", "--input", r"x={tmp_path / 'x.npy'}"])
+        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        sys.exit(code)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "ONNX Runtime, measured" in proc.stdout
+
+
+def test_multi_device_run_synchronises_and_matches(tmp_path):
+    model = mlp_model(width=256, layers=6)
+    compiled = hetflow.compile(model, platform="mobile-soc", placement="optimal")
+    devices = {p.device for p in compiled.executor.partitions}
+    x = np.random.default_rng(1).standard_normal((32, 256)).astype(np.float32)
+    expected = Interpreter(hetflow.frontends.onnx.import_onnx(model)).run({"x": x})[0]
+    got = compiled(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if len(devices) > 1:
+        waits = compiled.executor.last.waits
+        assert waits and all(seen >= signalled for _, signalled, seen in waits)
+    compiled.save(tmp_path / "out")
+    again = load(tmp_path / "out").run({"x": x})
+    np.testing.assert_allclose(next(iter(again.values())), expected, rtol=1e-5, atol=1e-5)
+
+
+CUDA_PLATFORM = """
+name = "cpu-and-cuda"
+source = "a test platform: a CPU and a (pretend) measured CUDA GPU"
+[memory.dram]
+capacity = "8 GiB"
+bandwidth = "10 GB/s"
+[memory.hbm]
+capacity = "8 GiB"
+bandwidth = "1000 GB/s"
+[link.pcie]
+from = "dram"
+to = "hbm"
+bandwidth = "10 GB/s"
+latency = "5 us"
+[device.cpu]
+kind = "cpu"
+memory = "dram"
+peak = { f32 = "1 GFLOP/s" }
+[device.gpu]
+kind = "gpu"
+memory = "hbm"
+peak = { f32 = "50 TFLOP/s" }
+measured = true
+"""
+
+
+def test_cuda_artifact_on_a_machine_without_cuda(tmp_path):
+    from hetflow.backends.cpu import cuda_available
+    if cuda_available():
+        pytest.skip("this machine has ONNX Runtime's CUDA provider: the refusal cannot be shown here")
+    platform_file = tmp_path / "cuda.toml"
+    platform_file.write_text(CUDA_PLATFORM)
+    model = mlp_model(width=256)
+    compiled = hetflow.compile(model, platform=str(platform_file))
+    assert any(p.backend == "cuda" for p in compiled._build_partitions())
+    compiled.save(tmp_path / "out")
+    with pytest.raises(RuntimeFailure, match=r"runs on device 'gpu' \(CUDA\).*--fallback cpu"):
+        load(tmp_path / "out")
+    loaded = load(tmp_path / "out", fallback="cpu")
+    assert loaded.fallbacks and "runs on the CPU" in loaded.fallbacks[0]
+    x = np.ones((32, 256), np.float32)
+    expected = Interpreter(hetflow.frontends.onnx.import_onnx(model)).run({"x": x})[0]
+    np.testing.assert_allclose(next(iter(loaded.run({"x": x}).values())), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flags_wait_for_the_run_number():
+    import threading
+    import time
+    flags = Flags(2)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(flags.wait(1, 7, time.perf_counter() + 0.002)))
+    thread.start()
+    time.sleep(0.01)
+    assert not seen  # still waiting: the flag holds another run's number
+    flags.signal(1, 7)
+    thread.join(timeout=5)
+    assert seen and seen[0][0] >= flags.set_at[1]
