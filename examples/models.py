@@ -55,3 +55,75 @@ def build_bert(hidden: int = 768, layers: int = 12, heads: int = 12, seq: int = 
     config = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=4 * hidden)
     return _Logits(BertModel(config).eval()), (torch.randint(0, config.vocab_size, (1, seq)),)
+
+
+class _GPT2DecodeStep(torch.nn.Module):
+    """One decode step of a GPT2LMHeadModel over a fixed-size KV cache (see ``build_gpt2_decode``)."""
+
+    def __init__(self, model, context: int):
+        super().__init__()
+        self.model = model
+        self.context = context
+        config = model.config
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        # cache slots 0..context-1, compared with ``position`` to mask the slots not yet written
+        self.register_buffer("slots", torch.arange(context, dtype=torch.int64), persistent=False)
+
+    def forward(self, input_ids, position, k_cache, v_cache):
+        transformer = self.model.transformer
+        n_head, head_dim = self.n_head, self.head_dim
+        embd = n_head * head_dim
+        hidden = transformer.wte(input_ids) + transformer.wpe(position).reshape(1, 1, embd)
+        # [1, 1, context + 1]: True where the key is a written cache slot (< position) or the new token
+        valid = torch.cat([self.slots < position, torch.ones(1, dtype=torch.bool)]).reshape(1, 1, self.context + 1)
+        new_k, new_v = [], []
+        for i, block in enumerate(transformer.h):
+            attn = block.attn
+            qkv = attn.c_attn(block.ln_1(hidden))                          # [1, 1, 3E]
+            q, k, v = qkv.split(embd, dim=2)
+            q = q.reshape(1, 1, n_head, head_dim).transpose(1, 2)           # [1, H, 1, D]
+            k = k.reshape(1, 1, n_head, head_dim).transpose(1, 2)
+            v = v.reshape(1, 1, n_head, head_dim).transpose(1, 2)
+            keys = torch.cat([k_cache[i], k], dim=2)                        # [1, H, context + 1, D]
+            values = torch.cat([v_cache[i], v], dim=2)
+            scores = torch.matmul(q, keys.transpose(-1, -2)) * (head_dim ** -0.5)
+            scores = torch.where(valid, scores, torch.full_like(scores, -1e9))
+            probs = torch.softmax(scores, dim=-1)
+            ctx = torch.matmul(probs, values).transpose(1, 2).reshape(1, 1, embd)
+            hidden = hidden + attn.c_proj(ctx)
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.model.lm_head(transformer.ln_f(hidden))
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+def build_gpt2_decode(n_layer: int = 2, n_embd: int = 64, n_head: int = 2, context: int = 128, vocab: int = 100):
+    """One decode step of GPT-2 with an explicit, fixed-size KV cache (static shapes for torch.export).
+
+    The weights are a ``GPT2LMHeadModel`` built from a ``GPT2Config`` (n_positions 1024, as GPT-2's)
+    with random weights after ``torch.manual_seed(0)``; the step uses its own submodules and weights.
+
+    Inputs, in order (D = n_embd // n_head):
+      ``input_ids`` int64[1, 1]  the new token;
+      ``position``  int64[1]     its position = the number of tokens already in the cache;
+      ``k_cache``, ``v_cache``   float32[n_layer, 1, n_head, context, D]: slot j holds token j's key
+                                 (value) for j < position; slots >= position are ignored (masked).
+    Outputs, in order:
+      ``logits``    float32[1, 1, vocab] for the next token;
+      ``new_k``, ``new_v``       float32[n_layer, 1, n_head, 1, D]: the new token's key and value, which
+                                 the caller writes into slot ``position`` before the next step.
+    The step attends over the cache slots < position plus the new token, so position must be < context.
+    ``module.model`` is the underlying ``GPT2LMHeadModel``.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab,
+                        n_positions=max(1024, context), bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    head_dim = n_embd // n_head
+    cache = (n_layer, 1, n_head, context, head_dim)
+    inputs = (torch.randint(0, vocab, (1, 1)), torch.tensor([3], dtype=torch.int64),
+              torch.randn(cache), torch.randn(cache))
+    return _GPT2DecodeStep(model, context).eval(), inputs
