@@ -18,6 +18,8 @@ examples:
   hetflow compile hetflow.examples.mlp:build -o out/     compile a torch module that build() returns
   hetflow run out/ --input x=x.npy --output-dir res/     run the artifact on inputs saved with numpy.save
   hetflow run out/ --random                              run it on random inputs of the declared shapes
+  hetflow run out/ --random --trace t.json --profile     a Perfetto trace; per-group measured vs predicted
+  hetflow compile hetflow.examples.models:build_gpt2_decode -o dec/ && hetflow run dec/ --generate 16
   hetflow compile model.onnx --platform mobile-soc --placement split -o out/
   hetflow inspect out/ --plot plots/                     placement, timeline; roofline + Gantt PNGs, trace
   hetflow platforms [show NAME]                          the platform presets
@@ -107,6 +109,8 @@ def cmd_run(args) -> int:
     model = load(args.artifact, fallback=args.fallback)
     for note in model.fallbacks:
         print(f"fallback: {note}", file=sys.stderr)
+    if args.generate:
+        return _generate(model, args)
     feeds = _random_inputs(model.graph) if args.random else {}
     feeds.update(_parse_inputs(args.input or []))
     start = time.perf_counter()
@@ -126,6 +130,21 @@ def cmd_run(args) -> int:
         _write_trace(model, args.trace)
     if args.profile:
         _print_profile(model, feeds)
+    return 0
+
+
+def _generate(model, args) -> int:
+    from hetflow.runtime.generate import generate
+    try:
+        prompt = [int(t) for t in args.prompt.split(",") if t.strip()] if args.prompt else [0]
+    except ValueError:
+        raise UsageError(f"--prompt {args.prompt!r}: expected token ids separated by commas, e.g. 1,2,3") from None
+    result = generate(model, prompt, args.generate, max_seq=args.max_seq)
+    steps = list(result.step_seconds)
+    decode = steps[result.prefill_steps:] or steps
+    print(f"prompt {prompt} -> generated {list(result)}")
+    print(f"{len(steps)} decode steps ({result.prefill_steps} for the prompt), KV cache in its own paged arena; "
+          f"median step {sorted(decode)[len(decode) // 2] * 1e3:.2f} ms (measured)")
     return 0
 
 
@@ -304,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(measured), beside the predicted timeline")
     p.add_argument("--profile", action="store_true", help="run each group on its own and print its measured time "
                    "beside the predicted one")
+    p.add_argument("--generate", type=int, metavar="N", help="for a decode-step model (inputs input_ids, position, "
+                   "k_cache, v_cache; outputs logits, new_k, new_v): generate N tokens greedily, token by token, "
+                   "with the KV cache in its own arena")
+    p.add_argument("--prompt", metavar="IDS", help="with --generate: the prompt's token ids, e.g. 1,2,3 (default 0)")
+    p.add_argument("--max-seq", type=int, metavar="N", help="with --generate: the KV cache's capacity in tokens "
+                   "(default: the model's context)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="summarise an artifact: signature, op counts, parameters, FLOPs",
