@@ -110,3 +110,82 @@ def cuda_calibration() -> dict | None:
     except OSError:
         pass
     return result
+
+
+# --- fitting the host's cost model to measured runs ----------------------------------------------------
+
+def suite():
+    """Models the calibration measures: different mixes of compute-bound and memory-bound groups."""
+    from hetflow.examples import models
+    from hetflow.examples.mlp import build as build_mlp
+    return {
+        "mlp": build_mlp,
+        "resnet18@112": lambda: models.build_resnet18(image=112),
+        "gpt2-4x256": lambda: models.build_gpt2(n_layer=4, n_embd=256, n_head=4, seq=64, vocab=2048),
+        "vit-4x192": lambda: models.build_vit(hidden=192, layers=4, heads=3),
+        "bert-4x256": lambda: models.build_bert(hidden=256, layers=4, heads=4, seq=64),
+    }
+
+
+def measure_model(compiled, inputs, repeats: int = 10) -> float:
+    compiled(*inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compiled(*inputs)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def fit(samples: list[dict]) -> dict:
+    """Peak FLOP/s, bandwidth and per-group overhead minimising the squared log error of predicted latency.
+
+    Each sample: {"groups": [(flops, bytes), ...], "measured": seconds}. The prediction for a model on the
+    one-device host is the sum over its groups of max(flops / peak, bytes / bandwidth) + overhead.
+    """
+    peaks = np.logspace(9, 12.5, 80)
+    bandwidths = np.logspace(9, 11.7, 70)
+    overheads = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256]) * 1e-6
+    best = (np.inf, None)
+    for overhead in overheads:
+        error = np.zeros((len(peaks), len(bandwidths)))
+        for sample in samples:
+            flops = np.array([g[0] for g in sample["groups"]], np.float64)
+            moved = np.array([g[1] for g in sample["groups"]], np.float64)
+            compute = flops[None, :] / peaks[:, None]                    # peaks x groups
+            memory = moved[None, :] / bandwidths[:, None]                # bandwidths x groups
+            predicted = np.maximum(compute[:, None, :], memory[None, :, :]).sum(axis=2) + overhead * len(flops)
+            error += np.log(predicted / sample["measured"]) ** 2
+        i, j = np.unravel_index(np.argmin(error), error.shape)
+        if error[i, j] < best[0]:
+            best = (error[i, j], (peaks[i], bandwidths[j], overhead))
+    peak, bandwidth, overhead = best[1]
+    return {"gemm_flops": float(peak), "memory_bandwidth": float(bandwidth), "launch": float(overhead)}
+
+
+def calibrate_host(progress=print, repeats: int = 10) -> dict:
+    """Measure the suite on the host, fit the cost model, save it as the host calibration; returns the result."""
+    import hetflow
+    from hetflow.passes.cost import cost_node
+    from hetflow.platform import load_platform
+    samples = []
+    platform = load_platform("host")
+    for name, build in suite().items():
+        module, inputs = build()
+        compiled = hetflow.compile(module, inputs, platform=platform)
+        measured = measure_model(compiled, inputs, repeats)
+        groups = [(c.flops, c.bytes) for c in (cost_node(n, platform) for n in compiled.graph.nodes)]
+        samples.append({"model": name, "groups": groups, "measured": measured})
+        progress(f"  measured {name}: {measured * 1e3:.2f} ms ({len(groups)} groups)")
+    fitted = fit(samples)
+    for sample in samples:
+        sample["predicted"] = sum(max(f / fitted["gemm_flops"], b / fitted["memory_bandwidth"]) + fitted["launch"]
+                                  for f, b in sample["groups"])
+        del sample["groups"]
+    result = {**fitted, "key": _key(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "fitted_on": samples, "source": "fitted to measured runs of the calibration models"}
+    path = cache_dir() / "host-calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    load_platform.cache_clear()
+    return result

@@ -274,6 +274,19 @@ def cmd_platforms(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from hetflow.calibrate import calibrate_host
+    print("calibrating the host platform: compiling and timing the calibration models (about a minute)")
+    result = calibrate_host(repeats=args.repeat)
+    print(f"fitted: {result['gemm_flops'] / 1e9:.1f} GFLOP/s, {result['memory_bandwidth'] / 1e9:.1f} GB/s, "
+          f"{result['launch'] * 1e6:.0f} us per group")
+    for sample in result["fitted_on"]:
+        error = sample["predicted"] / sample["measured"] - 1
+        print(f"  {sample['model']:14s} measured {sample['measured'] * 1e3:8.2f} ms   predicted "
+              f"{sample['predicted'] * 1e3:8.2f} ms   ({100 * error:+.0f}%)")
+    return 0
+
+
 def cmd_memplan(args, rest: list[str]) -> int:
     try:
         from hetflow.passes.memplan import cli
@@ -345,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("name", nargs="?", help="the preset to show")
     p.set_defaults(func=cmd_platforms)
+
+    p = sub.add_parser("calibrate", help="fit the host platform's cost model to measured runs on this machine",
+                       description="Compile and time a few models on this CPU, fit the host platform's peak FLOP/s, "
+                                   "bandwidth and per-group overhead to the measurements, and save them (the host "
+                                   "preset uses them from then on; 'hetflow platforms show host' says so).")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
+    p.set_defaults(func=cmd_calibrate)
 
     sub.add_parser("memplan", help="solve a static memory allocation problem (MiniMalloc CSV)", add_help=False)
     return parser

@@ -313,8 +313,11 @@ def _apply_calibration(data: dict, calibration: dict) -> dict:
             device["peak"] = {"f32": calibration["gemm_flops"], "f64": calibration["gemm_flops"] / 2}
             device["bandwidth"] = calibration["memory_bandwidth"]
             device["measured"] = True
-            device["source"] = (f"measured on this machine: {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s f32 GEMM, "
-                                f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s copy ({calibration['when']})")
+            if "launch" in calibration:
+                device["launch"] = calibration["launch"]
+            how = "fitted to measured model runs" if "fitted_on" in calibration else "measured GEMM and copy"
+            device["source"] = (f"measured on this machine ({how}): {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s, "
+                                f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s ({calibration['when']})")
     for memory in data["memory"].values():
         memory["bandwidth"] = calibration["memory_bandwidth"]
         memory["shared_bandwidth"] = [calibration["memory_bandwidth"]]
