@@ -53,7 +53,8 @@ def model_specs():
         "bert": ("BERT-base seq 128", models.build_bert, None),
         "gpt2": ("GPT-2 small prefill 128",
                  lambda: models.build_gpt2(n_layer=12, n_embd=768, n_head=12, seq=128, vocab=50257), None),
-        "gpt2-decode": ("GPT-2 small decode, 128 KV", decode,
+        "gpt2-decode": ("GPT-2 small decode, 128 KV",
+                        decode and (lambda: decode(n_layer=12, n_embd=768, n_head=12, context=128, vocab=50257)),
                         None if decode else "hetflow.examples.models has no build_gpt2_decode yet"),
     }
 
@@ -176,7 +177,7 @@ def print_table(rows, args, header: str) -> list[str]:
         return f"{c['compile_s']:.1f}" if "compile_s" in c and "error" not in c else "-"
 
     cols = ["model", "eager ms", "inductor ms", "ind. compile s", "ORT ms", "TVM ms", "hetflow ms",
-            "hf compile s", "hf/ORT", "hf/eager"]
+            "hf compile s", "hf/ORT", "hf/eager", "hf predicted ms"]
     lines = []
     for r in rows:
         if "skipped" in r:
@@ -194,9 +195,13 @@ def print_table(rows, args, header: str) -> list[str]:
         hf_compile = secs(hf)
         if hf_compile != "-":
             hf_compile += " met" if hf["compile_s"] < TARGET_COMPILE_S else " NOT"
+        predicted = "-"
+        if "predicted_ms" in hf and "median_ms" in hf:
+            error = hf["predicted_ms"] / hf["median_ms"] - 1
+            predicted = f"{hf['predicted_ms']:.1f} ({100 * error:+.0f}% {'met' if abs(error) <= 0.25 else 'NOT'})"
         lines.append([r["model"], ms(eager, r["model"]), ms(c.get("inductor", {"skipped": ""}), r["model"]),
                       secs(c.get("inductor", {})), ms(ort_c, r["model"]), ms(c.get("tvm", {"skipped": ""}), r["model"]),
-                      ms(hf, r["model"]), hf_compile, ratio_ort, ratio_eager])
+                      ms(hf, r["model"]), hf_compile, ratio_ort, ratio_eager, predicted])
     widths = [max(len(cols[i]), *(len(l[i]) for l in lines)) if lines else len(cols[i]) for i in range(len(cols))]
     out = [header, ""]
     out.append("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(cols, widths))))
@@ -205,7 +210,9 @@ def print_table(rows, args, header: str) -> list[str]:
         out.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(l, widths))))
     out.append("")
     out.append(f"targets: hf/ORT <= {TARGET_ORT}x, hf/eager <= {TARGET_EAGER}x, hetflow compile < {TARGET_COMPILE_S:.0f} s"
-               " (met / NOT); '-' = not run (see options), ratios need both cells")
+               ", predicted within 25% of measured (met / NOT); '-' = not run (see options), ratios need both cells")
+    out.append("'hf predicted ms' is the only modelled number: the calibrated host platform's predicted latency "
+               "('hetflow calibrate' fits it on this machine)")
     for r in rows:
         o = r.get("onnx")
         if o and "error" not in o:

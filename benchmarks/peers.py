@@ -199,4 +199,7 @@ def prepare_hetflow(module, inputs, platform: str = "host"):
     t0 = time.perf_counter()
     compiled = hetflow.compile(module, inputs, platform=platform)
     compile_s = time.perf_counter() - t0
-    return (lambda: _first(compiled(*inputs))), {"compile_s": compile_s}
+    info = {"compile_s": compile_s}
+    if compiled.schedule is not None:
+        info["predicted_ms"] = compiled.schedule.makespan * 1e3  # modelled by the calibrated host platform
+    return (lambda: _first(compiled(*inputs))), info
