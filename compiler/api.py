@@ -1,6 +1,7 @@
 """``hetflow.compile``: a torch module or an ONNX model in, a callable with the model's signature out."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,11 +16,8 @@ class CompileError(HetflowError):
 
 
 def _is_torch_module(model: Any) -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return isinstance(model, torch.nn.Module)
+    torch = sys.modules.get("torch")  # a torch module exists only if torch is imported: never import it here
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def _check_platform(platform):

@@ -146,7 +146,8 @@ def simulate(graph: Graph, platform: Platform, costs: dict[int, NodeCost] | None
         for device, index in list(running.items()):
             task = tasks[index]
             if task.work_start >= 0:
-                task.remaining -= (step - now) * rates[index]
+                rate = rates[index]
+                task.remaining = 0.0 if rate == float("inf") else task.remaining - (step - now) * rate
         now = step
         for device, index in list(running.items()):
             task = tasks[index]

@@ -190,3 +190,17 @@ def test_shared_bandwidth_slows_concurrent_streams():
     for event in schedule.events:  # both stream 32 MiB at once: 60 GB/s shared, not 45 + 40
         assert event.end - event.start > alone[event.device] * 1.2
     assert schedule.makespan == pytest.approx(2 * 4096 * 4096 * 2 / 60e9 + 20e-6, rel=0.05)
+
+
+def test_schedule_of_zero_cost_nodes_terminates():
+    import copy
+    data = copy.deepcopy(TWO_MEMORIES)
+    data["device"]["cpu"]["launch"] = 0  # a node with no FLOPs, no bytes and no launch takes no time
+    platform = platform_from_dict(data)
+    g = Graph("tiny")
+    x = g.add_input("x", TensorType(DType.f32, (0, 4)))
+    g.outputs = [add(g, "Relu", [add(g, "Neg", [x])])]
+    for node in g.nodes:
+        node.meta["device"] = "cpu"
+    schedule = simulate(g, platform)
+    assert schedule.makespan == 0.0 and len(schedule.events) == 2
