@@ -1,0 +1,462 @@
+"""Static memory allocation: an offset for every buffer, no two live ones overlapping.
+
+A buffer is live on the half-open interval [lower, upper) and needs ``size``
+bytes. A plan gives every buffer an offset so that buffers live at the same
+time never share an address; its peak is the largest offset + size. This module
+knows nothing about graphs: the memory-planning pass turns a schedule into
+buffers and calls ``solve``.
+
+Methods:
+
+- ``greedy``: TFLite's greedy by size (largest first, best-fitting gap).
+- ``cpsat``: OR-Tools CP-SAT with NoOverlap2D over time x address, hinted with
+  the greedy plan.
+- ``exact`` (default): a search over canonical plans after MiniMalloc, with CP-SAT
+  beside it (``memplan_search``); without a capacity it bisects the peak between
+  the lower bound and the greedy peak.
+
+Every plan is checked, never worse than greedy, and reports the lower bound
+(the most bytes live at once) beside its peak.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import memplan_search
+
+__all__ = [
+    "Buffer",
+    "MemoryPlan",
+    "MemplanInputError",
+    "InfeasibleError",
+    "PlanError",
+    "lower_bound",
+    "greedy_by_size",
+    "solve",
+    "check_plan",
+    "read_csv",
+    "write_csv",
+    "cli",
+]
+
+METHODS = ("exact", "cpsat", "greedy")
+
+
+class MemplanInputError(ValueError):
+    """A malformed allocation problem (bad CSV row, negative size, ...)."""
+
+
+class InfeasibleError(RuntimeError):
+    """No plan fits the capacity (proved, or not found in time: see the message)."""
+
+
+class PlanError(AssertionError):
+    """A plan breaks a rule: a missing offset, overlap, misalignment, over capacity."""
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """``size`` bytes live on the half-open time interval [lower, upper)."""
+
+    id: str
+    lower: int
+    upper: int
+    size: int
+
+
+@dataclass
+class MemoryPlan:
+    offsets: dict[str, int]
+    peak: int
+    lower_bound: int
+    method: str
+    optimal: bool  # proved: no plan has a smaller peak (or, with a capacity, fits and is proved minimal)
+    solve_seconds: float
+    note: str = ""
+    greedy_peak: int | None = field(default=None)
+
+    @property
+    def gap(self) -> float:
+        """How far the peak is above the lower bound, as a fraction of the lower bound."""
+        if self.lower_bound <= 0:
+            return 0.0
+        return (self.peak - self.lower_bound) / self.lower_bound
+
+
+# ---------------------------------------------------------------- basics
+
+def _validate(buffers: list[Buffer]) -> None:
+    seen = set()
+    for b in buffers:
+        if b.id in seen:
+            raise MemplanInputError(f"duplicate buffer id {b.id!r}")
+        seen.add(b.id)
+        if b.size < 0:
+            raise MemplanInputError(f"buffer {b.id!r}: negative size {b.size}")
+        if b.upper <= b.lower:
+            raise MemplanInputError(f"buffer {b.id!r}: upper {b.upper} <= lower {b.lower} (lifetime is empty)")
+
+
+def lower_bound(buffers: list[Buffer]) -> int:
+    """The most bytes live at any one time: no plan's peak is below it."""
+    events = {}
+    for b in buffers:
+        events[b.lower] = events.get(b.lower, 0) + b.size
+        events[b.upper] = events.get(b.upper, 0) - b.size
+    live = best = 0
+    for t in sorted(events):
+        live += events[t]
+        best = max(best, live)
+    return best
+
+
+def _align_up(x: int, alignment: int) -> int:
+    return -(-x // alignment) * alignment
+
+
+def _peak(buffers: list[Buffer], offsets: dict[str, int]) -> int:
+    return max((offsets[b.id] + b.size for b in buffers), default=0)
+
+
+def greedy_by_size(buffers: list[Buffer], alignment: int = 1) -> dict[str, int]:
+    """TFLite's greedy by size: largest first, each into the best-fitting gap.
+
+    The gaps are those left by already-placed buffers that overlap it in time;
+    the smallest gap that holds it wins, else it goes on top of them.
+    """
+    order = sorted(buffers, key=lambda b: (-b.size, b.lower, b.id))
+    placed: list[tuple[int, int, int, int]] = []  # offset, top, lower, upper (sorted by offset)
+    offsets: dict[str, int] = {}
+    for b in order:
+        best, best_gap, cursor = None, math.inf, 0
+        for off, top, lo, up in placed:
+            if up <= b.lower or b.upper <= lo:
+                continue
+            gap = off - _align_up(cursor, alignment)
+            if gap >= b.size and gap < best_gap:
+                best, best_gap = _align_up(cursor, alignment), gap
+            cursor = max(cursor, top)
+        if best is None:
+            best = _align_up(cursor, alignment)
+        offsets[b.id] = best
+        entry = (best, best + b.size, b.lower, b.upper)
+        placed.insert(_bisect(placed, best), entry)
+    return offsets
+
+
+def _bisect(placed, offset):
+    lo, hi = 0, len(placed)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if placed[mid][0] <= offset:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def check_plan(buffers: list[Buffer], plan_or_offsets, capacity: int | None = None,
+               alignment: int = 1) -> None:
+    """Raise PlanError unless the plan is valid for these buffers."""
+    offsets = plan_or_offsets.offsets if isinstance(plan_or_offsets, MemoryPlan) else plan_or_offsets
+    for b in buffers:
+        if b.id not in offsets:
+            raise PlanError(f"buffer {b.id!r} has no offset")
+        off = offsets[b.id]
+        if off < 0:
+            raise PlanError(f"buffer {b.id!r}: negative offset {off}")
+        if off % alignment:
+            raise PlanError(f"buffer {b.id!r}: offset {off} is not a multiple of {alignment}")
+        if capacity is not None and off + b.size > capacity:
+            raise PlanError(f"buffer {b.id!r}: [{off}, {off + b.size}) exceeds capacity {capacity}")
+    live = sorted((b for b in buffers if b.size > 0), key=lambda b: b.lower)
+    active: list[Buffer] = []
+    for b in live:
+        active = [a for a in active if a.upper > b.lower]
+        lo, hi = offsets[b.id], offsets[b.id] + b.size
+        for a in active:
+            alo, ahi = offsets[a.id], offsets[a.id] + a.size
+            if lo < ahi and alo < hi:
+                raise PlanError(
+                    f"buffers {a.id!r} (live [{a.lower}, {a.upper}), bytes [{alo}, {ahi})) and "
+                    f"{b.id!r} (live [{b.lower}, {b.upper}), bytes [{lo}, {hi})) overlap")
+        active.append(b)
+
+
+# ---------------------------------------------------------------- solvers
+
+def _cpsat(buffers, capacity, alignment, time_limit, hint, upper):
+    """Plain CP-SAT: NoOverlap2D over time x address. Returns (offsets | None, proved)."""
+    from ortools.sat.python import cp_model
+
+    m = cp_model.CpModel()
+    top = capacity if capacity is not None else upper
+    peak = m.NewIntVar(0, top, "peak")
+    xs, ys, starts = [], [], {}
+    for b in buffers:
+        k = m.NewIntVar(0, max((top - b.size) // alignment, 0), f"k_{b.id}")
+        start = k * alignment if alignment > 1 else k
+        starts[b.id] = k
+        xs.append(m.NewFixedSizeIntervalVar(b.lower, b.upper - b.lower, f"t_{b.id}"))
+        ys.append(m.NewFixedSizeIntervalVar(start, b.size, f"a_{b.id}"))
+        m.Add(start + b.size <= peak)
+        m.AddHint(k, hint[b.id] // alignment)
+    m.AddNoOverlap2D(xs, ys)
+    if capacity is None:
+        m.Minimize(peak)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
+    status = solver.Solve(m)
+    if status == cp_model.INFEASIBLE:
+        return None, True
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None, False
+    offsets = {bid: solver.Value(k) * alignment for bid, k in starts.items()}
+    return offsets, status == cp_model.OPTIMAL
+
+
+def _exact_fit(buffers, capacity, alignment, time_limit):
+    """Offsets that fit capacity; None if proved impossible; raises SearchTimeout."""
+    live = [b for b in buffers if b.size > 0]
+    found = memplan_search.fit([b.lower for b in live], [b.upper for b in live],
+                               [b.size for b in live], capacity, alignment, time_limit)
+    if found is None:
+        return None
+    offsets = {b.id: 0 for b in buffers}
+    offsets.update({b.id: off for b, off in zip(live, found)})
+    return offsets
+
+
+def _exact_min(buffers, lb, greedy, greedy_peak, alignment, time_limit, start):
+    """Bisect the peak between the lower bound and the greedy peak. Returns (offsets, proved, note)."""
+    best, best_peak = greedy, greedy_peak
+    lo = lb  # proved: no plan peaks below lo
+    first = True
+    while lo < best_peak:
+        left = time_limit - (time.perf_counter() - start)
+        if left <= 0:
+            break
+        target = lo if first else (lo + best_peak - 1) // 2
+        first = False
+        try:
+            found = _exact_fit(buffers, target, alignment, left / 2 if target < best_peak - 1 else left)
+        except memplan_search.SearchTimeout:
+            break
+        if found is None:
+            lo = target + 1
+        else:
+            best, best_peak = found, _peak(buffers, found)
+    if lo >= best_peak:
+        return best, True, ""
+    return best, False, "time limit reached, best plan found used"
+
+
+def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: float = 60.0,
+          method: str = "exact", alignment: int = 1) -> MemoryPlan:
+    """Plan offsets for buffers.
+
+    Without a capacity, minimise the peak. With one, find a plan that fits it,
+    or raise InfeasibleError: "infeasible at capacity N (lower bound M)" when
+    that is proved, "no plan found within capacity N in T s (...)" otherwise.
+    The plan is never worse than greedy's; ``note`` says when the time limit
+    cut the search short.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if alignment < 1:
+        raise ValueError(f"alignment must be >= 1, got {alignment}")
+    buffers = list(buffers)
+    _validate(buffers)
+    start = time.perf_counter()
+    lb = lower_bound(buffers)
+    greedy = greedy_by_size(buffers, alignment)
+    greedy_peak = _peak(buffers, greedy)
+
+    def plan(offsets, method_used, optimal, note=""):
+        check_plan(buffers, offsets, capacity, alignment)
+        return MemoryPlan(offsets, _peak(buffers, offsets), lb, method_used, optimal,
+                          time.perf_counter() - start, note, greedy_peak)
+
+    if capacity is not None and lb > capacity:
+        raise InfeasibleError(f"infeasible at capacity {capacity} (lower bound {lb})")
+    if capacity is not None and any(b.size > capacity for b in buffers):
+        big = max(buffers, key=lambda b: b.size)
+        raise InfeasibleError(f"infeasible at capacity {capacity} (buffer {big.id!r} alone needs {big.size})")
+
+    def not_found(best_peak, proved=False):
+        secs = time.perf_counter() - start
+        if proved:
+            return InfeasibleError(f"infeasible at capacity {capacity} (lower bound {lb}; "
+                                   f"proved by exhaustive search in {secs:.1f} s)")
+        return InfeasibleError(f"no plan found within capacity {capacity} in {secs:.1f} s "
+                               f"(best peak {best_peak}, lower bound {lb})")
+
+    if capacity is not None and greedy_peak <= capacity and method == "greedy":
+        return plan(greedy, "greedy", greedy_peak == lb)
+    if method == "greedy":
+        if capacity is not None:
+            raise not_found(greedy_peak)
+        return plan(greedy, "greedy", greedy_peak == lb)
+    if greedy_peak == lb or (capacity is not None and greedy_peak <= capacity):
+        return plan(greedy, method, greedy_peak == lb, "greedy plan fits" if greedy_peak > lb else "")
+
+    if method == "cpsat":
+        offsets, proved = _cpsat(buffers, capacity, alignment, time_limit_s, greedy, greedy_peak)
+        if offsets is None:
+            if capacity is not None:
+                raise not_found(greedy_peak, proved)
+            return plan(greedy, "cpsat", False, "time limit reached, greedy plan used")
+        if _peak(buffers, offsets) > greedy_peak:
+            offsets = greedy
+        optimal = proved if capacity is None else _peak(buffers, offsets) == lb
+        note = "" if proved or capacity is not None else "time limit reached, best plan found used"
+        return plan(offsets, "cpsat", optimal, note)
+
+    if capacity is not None:
+        try:
+            offsets = _exact_fit(buffers, capacity, alignment, time_limit_s)
+        except memplan_search.SearchTimeout:
+            raise not_found(greedy_peak) from None
+        if offsets is None:
+            raise not_found(greedy_peak, proved=True)
+        return plan(offsets, "exact", _peak(buffers, offsets) == lb)
+    offsets, proved, note = _exact_min(buffers, lb, greedy, greedy_peak, alignment, time_limit_s, start)
+    return plan(offsets, "exact", proved, note)
+
+
+# ---------------------------------------------------------------- CSV
+
+def read_csv(path) -> list[Buffer]:
+    """Read MiniMalloc's format: a header ``id,lower,upper,size`` (extra columns ignored)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MemplanInputError(f"{path}: cannot read ({e.strerror})") from None
+    rows = csv.reader(text.splitlines())
+    header = next(rows, None)
+    if header is None:
+        raise MemplanInputError(f"{path}:1: empty file; expected a header id,lower,upper,size")
+    header = [h.strip() for h in header]
+    missing = [c for c in ("id", "lower", "upper", "size") if c not in header]
+    if missing:
+        raise MemplanInputError(f"{path}:1: missing column(s) {', '.join(missing)} "
+                                f"(header is {','.join(header)}; expected id,lower,upper,size)")
+    col = {c: header.index(c) for c in ("id", "lower", "upper", "size")}
+    buffers, seen = [], {}
+    for lineno, row in enumerate(rows, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        where = f"{path}:{lineno}"
+        if len(row) < len(header):
+            raise MemplanInputError(f"{where}: {len(row)} fields, expected {len(header)}")
+        bid = row[col["id"]].strip()
+        vals = {}
+        for c in ("lower", "upper", "size"):
+            raw = row[col[c]].strip()
+            try:
+                vals[c] = int(raw)
+            except ValueError:
+                raise MemplanInputError(f"{where}: {c} {raw!r} is not an integer") from None
+        if bid in seen:
+            raise MemplanInputError(f"{where}: duplicate id {bid!r} (first on line {seen[bid]})")
+        seen[bid] = lineno
+        if vals["size"] < 0:
+            raise MemplanInputError(f"{where}: buffer {bid!r} has negative size {vals['size']}")
+        if vals["upper"] <= vals["lower"]:
+            raise MemplanInputError(f"{where}: buffer {bid!r} has upper {vals['upper']} <= "
+                                    f"lower {vals['lower']} (lifetimes are [lower, upper))")
+        buffers.append(Buffer(bid, vals["lower"], vals["upper"], vals["size"]))
+    return buffers
+
+
+def write_csv(path, buffers: list[Buffer], offsets: dict[str, int]) -> None:
+    """Write the buffers with an ``offset`` column added."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "lower", "upper", "size", "offset"])
+        for b in buffers:
+            w.writerow([b.id, b.lower, b.upper, b.size, offsets[b.id]])
+
+
+# ---------------------------------------------------------------- CLI
+
+_DESCRIPTION = """\
+Plan a static memory arena: give every buffer an offset so that buffers that
+are live at the same time never overlap, within a capacity.
+
+The input is a CSV in MiniMalloc's format, one buffer per row:
+
+    id,lower,upper,size
+    a,0,10,4096
+    b,5,20,1024
+
+A buffer is live on the half-open interval [lower, upper) (any integer time
+unit: op index, cycle, ...) and needs size bytes.
+
+The output (-o) is the same CSV with an 'offset' column. The summary gives
+whether the plan fits, its peak (largest offset + size), the lower bound (the
+most bytes live at once, which no plan can beat), the gap between them and the
+solve time. Exit status: 0 when a plan fits, 1 when none was found or the input
+is malformed.
+"""
+
+_EPILOG = """\
+methods:
+  exact   search over canonical plans (as MiniMalloc) with CP-SAT beside it (default)
+  cpsat   OR-Tools CP-SAT, NoOverlap2D over time x address, hinted with greedy
+  greedy  TFLite's greedy by size: largest first into the best-fitting gap
+
+example:
+  hetflow memplan problem.csv --capacity 1048576 -o plan.csv
+"""
+
+
+def _parser(prog="hetflow memplan"):
+    p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("problem", help="CSV with columns id,lower,upper,size")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="bytes available; without it the peak is minimised")
+    p.add_argument("--method", choices=METHODS, default="exact", help="solver (default: exact)")
+    p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
+                   help="seconds before the best plan found is used (default: 60)")
+    p.add_argument("--alignment", type=int, default=1, metavar="A",
+                   help="every offset a multiple of A bytes (default: 1)")
+    p.add_argument("-o", "--output", metavar="OUT.csv", help="write the plan here")
+    return p
+
+
+def cli(argv=None, prog="hetflow memplan") -> int:
+    args = _parser(prog).parse_args(argv)
+    try:
+        buffers = read_csv(args.problem)
+        result = solve(buffers, args.capacity, args.time_limit, args.method, args.alignment)
+    except (MemplanInputError, InfeasibleError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cap = f" within capacity {args.capacity}" if args.capacity is not None else ""
+    print(f"fits{cap}: {len(buffers)} buffers")
+    print(f"peak:        {result.peak}")
+    print(f"lower bound: {result.lower_bound}")
+    print(f"gap:         {100 * result.gap:.2f}%{' (proved optimal)' if result.optimal else ''}")
+    print(f"greedy peak: {result.greedy_peak}")
+    print(f"method:      {result.method}, {result.solve_seconds:.2f} s")
+    if result.note:
+        print(f"note:        {result.note}")
+    if args.output:
+        write_csv(args.output, buffers, result.offsets)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(prog="python3 -m hetflow.passes.memplan"))
