@@ -54,6 +54,14 @@ class RunRecord:
     seconds: float = 0.0
 
 
+ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool"}
+
+
+def _arena_type(t) -> bool:
+    """Values the arena holds: static shapes of the plain numeric types."""
+    return t is not None and t.is_static and t.dtype.value in ORT_BINDABLE
+
+
 def naive_layout(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
     """Offsets with no reuse (each value its own aligned slot): the layout when no plan is given."""
     offsets, cursor = {}, 0
@@ -66,7 +74,6 @@ def naive_layout(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
 class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
                  threads: int | None = None, fallback: str | None = None):
-        from hetflow.backends.cpu import CpuPartition, _inline, cuda_available
         self.graph = graph
         self.partitions = partitions
         self.platform = platform
@@ -76,26 +83,12 @@ class Executor:
         self.fallbacks: list[str] = []
         for part in partitions:
             if part.backend in ("cpu", "cuda"):
-                providers = None
-                if part.backend == "cuda":
-                    if cuda_available():
-                        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-                    elif fallback == "cpu":
-                        self.fallbacks.append(f"partition {part.index} ({part.file}) was compiled for device "
-                                              f"{part.device!r} (CUDA); it runs on the CPU (--fallback cpu)")
-                    else:
-                        raise RuntimeFailure(f"partition {part.index} ({part.file}) runs on device {part.device!r} "
-                                             "(CUDA), but this machine has no CUDA GPU for ONNX Runtime; run with "
-                                             "--fallback cpu to run it on the CPU instead")
-                weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
-                self.runners.append(CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names,
-                                                 threads, name=part.file, providers=providers))
+                self.runners.append(self._onnx_runner(part, threads, fallback))
             elif part.backend == "simulated":
                 self.runners.append(Interpreter(part.graph))
             else:
                 self.runners.append(None)
-        produced = [n for p in partitions for n in p.output_names]
-        self.static = all(self.types[n] is not None and self.types[n].is_static for n in produced)
+        produced = [n for p in partitions for n in p.output_names if _arena_type(self.types[n])]
         self.producer = {n: i for i, p in enumerate(partitions) for n in p.output_names}
         self._arenas(memory_plan, produced)
         self.cross = sorted({n for i, p in enumerate(partitions) for n in p.input_names
@@ -106,6 +99,39 @@ class Executor:
         self.last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
 
+    def _onnx_runner(self, part, threads, fallback):
+        """ONNX Runtime for a CPU (or CUDA) partition; the interpreter, stated, where ONNX Runtime has no kernel."""
+        from hetflow.backends.cpu import BackendError, CpuPartition, _inline, cuda_available
+        providers = None
+        if part.backend == "cuda":
+            if cuda_available():
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            elif fallback == "cpu":
+                self.fallbacks.append(f"partition {part.index} ({part.file}) was compiled for device "
+                                      f"{part.device!r} (CUDA); it runs on the CPU (--fallback cpu)")
+            else:
+                raise RuntimeFailure(f"partition {part.index} ({part.file}) runs on device {part.device!r} "
+                                     "(CUDA), but this machine has no CUDA GPU for ONNX Runtime; run with "
+                                     "--fallback cpu to run it on the CPU instead")
+        exotic = [v.name for v in list(part.graph.inputs) + list(part.graph.outputs)
+                  if v.type is not None and v.type.dtype.value not in ORT_BINDABLE]
+        if exotic:
+            self.fallbacks.append(f"partition {part.index} ({part.file}): ONNX Runtime cannot exchange "
+                                  f"{self.types[exotic[0]].dtype.value} tensors ({exotic[0]}); it runs on the "
+                                  "reference interpreter")
+            return Interpreter(part.graph)
+        weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
+        try:
+            return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, threads,
+                                name=part.file, providers=providers)
+        except BackendError as exc:
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            self.fallbacks.append(f"partition {part.index} ({part.file}): ONNX Runtime has no kernel for it "
+                                  f"({str(exc).split('NOT_IMPLEMENTED : ')[-1][:120]}); it runs on the reference "
+                                  "interpreter")
+            return Interpreter(part.graph)
+
     # --- memory ---------------------------------------------------------------------------------
     def memory_of(self, device: str) -> str:
         if self.platform is None or device.startswith("link:"):
@@ -115,8 +141,6 @@ class Executor:
     def _arenas(self, memory_plan: dict | None, produced: list[str]) -> None:
         self.buffers: dict[str, np.ndarray] = {}
         self.arenas: dict[str, np.ndarray] = {}
-        if not self.static:
-            return
         by_memory: dict[str, dict[str, int]] = {}
         for name in produced:
             memory = self.memory_of(self.partitions[self.producer[name]].device)
@@ -162,9 +186,14 @@ class Executor:
         runner = self.runners[index]
         began = time.perf_counter()
         try:
-            if part.backend in ("cpu", "cuda"):
+            if isinstance(runner, Interpreter):  # simulated devices, and stated CPU fallbacks
                 inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
-                if self.static:
+                results = runner.run(inputs)
+                for name, result in zip(part.output_names, results):
+                    self._store(name, result, env)
+            elif part.backend in ("cpu", "cuda"):
+                inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
+                if all(n in self.buffers for n in part.output_names):
                     runner.run(inputs, {n: self.buffers[n] for n in part.output_names})
                 else:
                     env.update(runner.run_dynamic(inputs))
