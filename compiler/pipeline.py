@@ -5,6 +5,8 @@
     place         a device per group from its Op/B against each device's roofline (policy: roofline,
                   optimal, split), transfers where values cross memories that are not unified
     schedule      a queue per device; the event-driven simulation gives the predicted timeline
+    plan_memory   an offset for every activation in its memory space's arena, from the timeline's
+                  lifetimes (exact search, never worse than greedy; repeated blocks solved once)
 
 A pipeline can also be given as a string: ``--passes canonicalize,fuse``.
 """
@@ -18,6 +20,7 @@ PIPELINE = [
     "fuse",
     "place",
     "schedule",
+    "plan_memory",
 ]
 
 

@@ -87,7 +87,7 @@ def parse_pipeline(text: str) -> list[str]:
 
 
 def _load_builtin_passes() -> None:
-    from hetflow.passes import canonicalize, fuse, place_pass  # noqa: F401  (registration on import)
+    from hetflow.passes import canonicalize, fuse, place_pass, plan_memory  # noqa: F401  (registration on import)
 
 
 @dataclass

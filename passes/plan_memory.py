@@ -1,0 +1,247 @@
+"""plan_memory: an offset in its memory space's arena for every activation, from the schedule's lifetimes.
+
+Buffers are the values top-level nodes produce (a fused group's internal values
+never reach memory). A buffer lives from its producer's start to its last
+consumer's end on the predicted timeline (graph outputs to the end), in the
+memory of its producer's device. Steps:
+
+1. in-place reuse: an elementwise node may write over an input whose last use it
+   is (same size): the two share one buffer;
+2. two levels (MEMO): when the graph repeats a block of nodes (transformer
+   layers), one block's internal buffers are solved once, and the whole graph is
+   solved with each block as one buffer of that block's peak; the block's offsets
+   are reused at each block's base;
+3. every memory space is solved by ``hetflow.passes.memplan`` (exact search,
+   warm-started and bounded by greedy best-fit, never worse than it), each buffer
+   aligned (64 bytes by default).
+
+The report gives, per memory space, the arena's size beside the lower bound (the
+most bytes live at once), greedy best-fit and no reuse at all. Weights have their
+own region; the KV cache of decode models is a dynamic arena outside this plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hetflow.ir import FusionKind, Graph, Node, Value, get_op
+
+from .base import CompileOptions, PassResult, register_pass
+
+ALIGNMENT = 64
+SCALE = 1000  # lifetimes in nanoseconds (integers)
+
+
+@dataclass
+class SpacePlan:
+    memory: str
+    size: int
+    lower_bound: int
+    greedy: int
+    no_reuse: int
+    offsets: dict[str, int] = field(default_factory=dict)
+    method: str = ""
+    note: str = ""
+    seconds: float = 0.0
+    buffers: int = 0
+    blocks: str = ""
+
+    @property
+    def gap(self) -> float:
+        return (self.size - self.lower_bound) / self.lower_bound if self.lower_bound else 0.0
+
+
+@dataclass
+class MemoryPlanReport:
+    spaces: dict[str, SpacePlan] = field(default_factory=dict)
+    alignment: int = ALIGNMENT
+
+    def as_manifest(self) -> dict:
+        return {m: {"size": p.size, "offsets": p.offsets, "lower_bound": p.lower_bound, "greedy": p.greedy,
+                    "no_reuse": p.no_reuse, "method": p.method, "note": p.note}
+                for m, p in self.spaces.items()}
+
+
+def _aligned(n: int, alignment: int) -> int:
+    return -(-max(int(n), 1) // alignment) * alignment
+
+
+def _memory_of(node: Node, platform) -> str:
+    device = node.meta.get("device")
+    if platform is None or device is None or device not in platform.devices:
+        return "dram" if platform is None else platform.memory_of(platform.host_device()).name
+    return platform.devices[device].memory
+
+
+def lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
+    """[start, end) of every top-level value, from the predicted timeline (or the node order without one)."""
+    timed = all("start_us" in n.meta for n in graph.nodes)
+    start, end = {}, {}
+    for index, node in enumerate(graph.nodes):
+        s = int(node.meta["start_us"] * SCALE) if timed else 2 * index
+        e = int(node.meta["end_us"] * SCALE) + 1 if timed else 2 * index + 1
+        for out in node.outputs:
+            start[out.name] = s
+            end[out.name] = max(end.get(out.name, e), e)
+        for v in node.inputs:
+            if v is not None and v.name in start:
+                end[v.name] = max(end[v.name], e)
+    final = max(end.values(), default=1) + 1
+    for v in graph.outputs:
+        if v.name in end:
+            end[v.name] = final
+    return {n: (start[n], max(end[n], start[n] + 1)) for n in start}
+
+
+def in_place_pairs(graph: Graph) -> dict[str, str]:
+    """output name -> input name it may overwrite (an elementwise node at the input's last use)."""
+    last_user: dict[str, Node] = {}
+    for node in graph.nodes:
+        for v in node.inputs:
+            if v is not None:
+                last_user[v.name] = node
+    pairs = {}
+    outputs = {v.name for v in graph.outputs}
+    for node in graph.nodes:
+        if node.op == "hetflow.group" or len(node.outputs) != 1:
+            continue
+        if get_op(node.op, node).kind not in (FusionKind.elementwise, FusionKind.broadcast):
+            continue
+        out = node.outputs[0]
+        for v in node.inputs:
+            if (v is not None and v.producer is not None and v.data is None and last_user.get(v.name) is node
+                    and v.name not in outputs and v.type == out.type and v.name not in pairs.values()):
+                pairs[out.name] = v.name
+                break
+    return pairs
+
+
+def repeated_block(graph: Graph, min_repeats: int = 2) -> tuple[int, int, int] | None:
+    """(first index, block length, repeats) of the longest run of a repeated node pattern, if any."""
+    signature = [(n.op, n.attrs.get("kind", ""), tuple(str(o.type) for o in n.outputs)) for n in graph.nodes]
+    n = len(signature)
+    best = None
+    for length in range(2, n // min_repeats + 1):
+        for first in range(0, n - length * min_repeats + 1):
+            repeats = 1
+            while (first + (repeats + 1) * length <= n and
+                   signature[first + repeats * length:first + (repeats + 1) * length] == signature[first:first + length]):
+                repeats += 1
+            if repeats >= min_repeats and (best is None or length * repeats > best[1] * best[2]):
+                best = (first, length, repeats)
+        if best is not None and best[1] * best[2] > n * 0.6:
+            break
+    return best
+
+
+def plan_graph(graph: Graph, platform=None, time_limit: float = 10.0, alignment: int = ALIGNMENT) -> MemoryPlanReport:
+    from . import memplan
+    spans = lifetimes(graph)
+    pairs = in_place_pairs(graph)
+    owner = {}
+    for out, into in pairs.items():
+        root = into
+        while root in owner:
+            root = owner[root]
+        owner[out] = root
+    sizes: dict[str, int] = {}
+    space_of: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        memory = _memory_of(node, platform)
+        for out in node.outputs:
+            if out.type is None or out.type.nbytes() is None:
+                continue
+            root = owner.get(out.name, out.name)
+            members.setdefault(root, []).append(out.name)
+            sizes[root] = max(sizes.get(root, 0), _aligned(out.type.nbytes(), alignment))
+            space_of[root] = space_of.get(root, memory)
+    merged_spans = {}
+    for root, names in members.items():
+        merged_spans[root] = (min(spans[n][0] for n in names), max(spans[n][1] for n in names))
+    report = MemoryPlanReport(alignment=alignment)
+    for memory in sorted(set(space_of.values())):
+        roots = [r for r in members if space_of[r] == memory]
+        buffers = [memplan.Buffer(r, merged_spans[r][0], merged_spans[r][1], sizes[r]) for r in roots]
+        plan = _solve_two_level(graph, buffers, time_limit, alignment)
+        offsets = {}
+        for root in roots:
+            for name in members[root]:
+                offsets[name] = plan.offsets[root]
+        greedy = plan.greedy_peak if plan.greedy_peak is not None else plan.peak
+        report.spaces[memory] = SpacePlan(memory, plan.peak, memplan.lower_bound(buffers), greedy,
+                                          sum(b.size for b in buffers), offsets, plan.method, plan.note,
+                                          plan.solve_seconds, len(buffers), getattr(plan, "blocks", ""))
+    return report
+
+
+def _solve_two_level(graph: Graph, buffers, time_limit: float, alignment: int):
+    """MEMO's two levels when the graph repeats a block; the flat exact solve otherwise (the better one wins)."""
+    from . import memplan
+    flat = memplan.solve(buffers, time_limit_s=time_limit, alignment=alignment)
+    found = repeated_block(graph)
+    if found is None or flat.optimal:
+        return flat
+    first, length, repeats = found
+    by_name = {b.id: b for b in buffers}
+    node_names = [[o.name for n in graph.nodes[first + k * length:first + (k + 1) * length] for o in n.outputs]
+                  for k in range(repeats)]
+    blocks = []
+    for k, names in enumerate(node_names):
+        inside = set(names)
+        internal = [by_name[n] for n in names if n in by_name and _dies_inside(graph, n, inside)]
+        blocks.append(internal)
+    if not blocks[0]:
+        return flat
+    inner = memplan.solve(_rebased(blocks[0]), time_limit_s=time_limit / 4, alignment=alignment)
+    outer, block_ids = [], {}
+    for k, internal in enumerate(blocks):
+        if not internal:
+            continue
+        block_id = f"__block{k}"
+        block_ids[block_id] = internal
+        outer.append(memplan.Buffer(block_id, min(b.lower for b in internal), max(b.upper for b in internal),
+                                    inner.peak))
+    rest = [b for b in buffers if not any(b in internal for internal in blocks)]
+    top = memplan.solve(rest + outer, time_limit_s=time_limit, alignment=alignment)
+    offsets = {b.id: top.offsets[b.id] for b in rest}
+    for block_id, internal in block_ids.items():
+        for position, b in enumerate(internal):
+            template = blocks[0][min(position, len(blocks[0]) - 1)]
+            offsets[b.id] = top.offsets[block_id] + inner.offsets[template.id]
+    try:
+        memplan.check_plan(buffers, offsets, alignment=alignment)
+    except memplan.PlanError:
+        return flat
+    peak = max(offsets[b.id] + b.size for b in buffers)
+    if peak >= flat.peak:
+        return flat
+    return memplan.MemoryPlan(offsets, peak, flat.lower_bound, "two-level", False,
+                              flat.solve_seconds + inner.solve_seconds + top.solve_seconds,
+                              f"MEMO two levels: a block of {length} nodes x {repeats}", flat.greedy_peak)
+
+
+def _dies_inside(graph: Graph, name: str, inside: set[str]) -> bool:
+    value = next((o for n in graph.nodes for o in n.outputs if o.name == name), None)
+    if value is None or value in graph.outputs:
+        return False
+    return all(any(o.name in inside for o in user.outputs) for user in value.users())
+
+
+def _rebased(buffers):
+    from . import memplan
+    return [memplan.Buffer(b.id, b.lower, b.upper, b.size) for b in buffers]
+
+
+@register_pass("plan_memory")
+def plan_memory(graph: Graph, options: CompileOptions | None = None) -> PassResult:
+    options = options or CompileOptions()
+    platform = options.resolved_platform()
+    report = plan_graph(graph, platform, options.time_limit)
+    options.results["memory_plan"] = report
+    before = [dict(n.meta) for n in graph.nodes]
+    for node in graph.nodes:
+        memory = _memory_of(node, platform)
+        offsets = [report.spaces[memory].offsets.get(o.name) for o in node.outputs] if memory in report.spaces else []
+        node.meta["memory"] = memory
+        node.meta["offsets"] = offsets
+    return PassResult(graph, [n.meta for n in graph.nodes] != before)
