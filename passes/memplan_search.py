@@ -37,7 +37,7 @@ import time
 import numpy as np
 
 FOUND, NOT_FOUND = 0, 1
-HEURISTICS = ("AT", "TA", "WAT")
+HEURISTICS = ("TWA", "AT", "TA")
 
 
 class SearchTimeout(Exception):
