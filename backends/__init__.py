@@ -19,9 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetflow.ir import Graph, Node, Value
-from hetflow.ir.graph import Node as _Node
-from hetflow.ir.graph import Value as _Value
+from hetflow.ir import Graph, Node
+from hetflow.ir.graph import extract_subgraph
 from hetflow.ir.serialize import graph_from_json, graph_to_json
 
 TRANSFER_OP = "hetflow.transfer"
@@ -78,30 +77,7 @@ def split_partitions(graph: Graph) -> list[tuple[str, list[Node]]]:
 
 def partition_graph(graph: Graph, nodes: list[Node], name: str) -> Graph:
     """The nodes as a standalone graph: their external inputs become inputs, the values others read, outputs."""
-    members = {id(n) for n in nodes}
-    sub = Graph(name, graph.opset)
-    mapping: dict[int, Value] = {}
-    for node in nodes:
-        for v in node.inputs:
-            if v is None or id(v) in mapping:
-                continue
-            if v.data is not None:
-                mapping[id(v)] = sub.add_weight(v.name, v.data, v.type)
-            elif v.producer is None or id(v.producer) not in members:
-                mapping[id(v)] = sub.add_input(v.name, v.type)
-    outputs = []
-    for node in nodes:
-        outs = []
-        for out in node.outputs:
-            sub._claim(out.name)
-            outs.append(_Value(out.name, out.type))
-            mapping[id(out)] = outs[-1]
-            if out in graph.outputs or any(id(u) not in members for u, _ in out.uses):
-                outputs.append(outs[-1])
-        sub.nodes.append(_Node(node.op, [None if v is None else mapping[id(v)] for v in node.inputs], outs,
-                               dict(node.attrs), node.loc, dict(node.meta)))
-    sub.outputs = outputs
-    return sub
+    return extract_subgraph(graph, nodes, name)[0]
 
 
 def build_partitions(graph: Graph, platform=None) -> list[Partition]:

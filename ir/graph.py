@@ -398,3 +398,40 @@ def _arrays_equal(x: np.ndarray | None, y: np.ndarray | None) -> bool:
     if x.dtype.kind in "iub?O" or x.dtype.kind == "U":
         return bool(np.array_equal(x, y))
     return x.tobytes() == y.tobytes()
+
+
+def extract_subgraph(graph: Graph, nodes: list[Node], name: str,
+                     weights_as_inputs: bool = False) -> tuple[Graph, list[Value], list[Value]]:
+    """Copy ``nodes`` (convex, in order) into a standalone graph.
+
+    Values they read from outside become its inputs (weights too, with
+    ``weights_as_inputs``; else they are copied as weights); values read outside
+    them, or graph outputs, become its outputs. Returns the subgraph, the outer
+    values feeding its inputs and the outer values its outputs stand for.
+    """
+    members = {id(n) for n in nodes}
+    sub = Graph(name, graph.opset)
+    mapping: dict[int, Value] = {}
+    external: list[Value] = []
+    for node in nodes:
+        for v in node.inputs:
+            if v is None or id(v) in mapping:
+                continue
+            if v.data is not None and not weights_as_inputs:
+                mapping[id(v)] = sub.add_weight(v.name, v.data, v.type)
+            elif v.producer is None or id(v.producer) not in members:
+                mapping[id(v)] = sub.add_input(v.name, v.type)
+                external.append(v)
+    escaping: list[Value] = []
+    for node in nodes:
+        outs = []
+        for out in node.outputs:
+            sub._claim(out.name)
+            outs.append(Value(out.name, out.type))
+            mapping[id(out)] = outs[-1]
+            if out in graph.outputs or any(id(u) not in members for u, _ in out.uses):
+                escaping.append(out)
+        sub.nodes.append(Node(node.op, [None if v is None else mapping[id(v)] for v in node.inputs], outs,
+                              dict(node.attrs), node.loc, dict(node.meta)))
+    sub.outputs = [mapping[id(v)] for v in escaping]
+    return sub, external, escaping

@@ -16,7 +16,7 @@ Single nodes stay plain nodes.
 from __future__ import annotations
 
 from hetflow.ir import FusionKind, Graph, Node, Value, get_op
-from hetflow.ir.graph import Value as _Value
+from hetflow.ir.graph import extract_subgraph
 
 from .base import PassResult, register_pass
 
@@ -257,29 +257,9 @@ def _widest_activation(node: Node) -> Value | None:
 
 def build_group(graph: Graph, kind: str, members: list[Node], name: str) -> Node:
     """Replace ``members`` (convex, in topological order) by one group node holding them as its body."""
-    member_ids = {id(n) for n in members}
-    body = Graph(name, graph.opset)
-    mapping: dict[int, Value] = {}
-    external: list[Value] = []
-    for node in members:
-        for v in node.inputs:
-            if v is None or id(v) in mapping:
-                continue
-            if v.producer is None or id(v.producer) not in member_ids:
-                mapping[id(v)] = body.add_input(v.name, v.type)
-                external.append(v)
-    escaping: list[Value] = []
-    for node in members:
-        outs = []
-        for out in node.outputs:
-            body._claim(out.name)
-            outs.append(_Value(out.name, out.type))
-            mapping[id(out)] = outs[-1]
-            if out in graph.outputs or any(id(u) not in member_ids for u, _ in out.uses):
-                escaping.append(out)
-        body.nodes.append(Node(node.op, [None if v is None else mapping[id(v)] for v in node.inputs], outs,
-                               dict(node.attrs), node.loc, dict(node.meta)))
-    body.outputs = [mapping[id(v)] for v in escaping]
+    body, external, escaping = extract_subgraph(graph, members, name, weights_as_inputs=True)
+    for node in body.nodes:
+        node.meta.clear()  # placement and scheduling annotate the group, not its members
     position = graph.nodes.index(members[-1])
     for node in members:
         node.detach_inputs()
