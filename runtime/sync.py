@@ -41,15 +41,18 @@ def _native_wait():
         return None
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     library = cache_dir() / f"flagwait-{digest}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        partial = library.with_suffix(f".{time.monotonic_ns()}.tmp")
-        result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            return None
-        partial.replace(library)
-    function = ctypes.CDLL(str(library)).hetflow_wait_flag  # CDLL calls release the interpreter lock
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            partial = library.with_suffix(f".{time.monotonic_ns()}.tmp")
+            result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)],
+                                    capture_output=True, text=True, timeout=60)
+            if result.returncode != 0:
+                return None
+            partial.replace(library)
+        function = ctypes.CDLL(str(library)).hetflow_wait_flag  # CDLL calls release the interpreter lock
+    except (OSError, subprocess.SubprocessError):
+        return None  # no writable cache or no working compiler: poll in Python
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_double)]
     return function
