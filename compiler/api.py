@@ -122,7 +122,8 @@ class CompiledModel:
 
     def report(self) -> str:
         from hetflow.report import compile_report
-        return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds)
+        return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds,
+                              self.memory_plan)
 
 
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",

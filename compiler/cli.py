@@ -223,6 +223,13 @@ def _print_placement(model, args) -> None:
     shown.costs = costs
     print(f"\nplacement ({placement.get('policy', '?')}; {placement.get('solver', '')})")
     print(placement_table(shown))
+    if "memory_plan" in manifest:
+        from hetflow.passes.plan_memory import MemoryPlanReport, SpacePlan
+        from hetflow.report import memory_table
+        plans = MemoryPlanReport({m: SpacePlan(m, p["size"], p["lower_bound"], p["greedy"], p["no_reuse"],
+                                               p["offsets"], p["method"], p["note"], buffers=len(p["offsets"]))
+                                  for m, p in manifest["memory_plan"].items()})
+        print("\nmemory plan\n" + memory_table(plans))
     schedule = None
     if "schedule" in manifest:
         data = manifest["schedule"]

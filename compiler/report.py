@@ -140,7 +140,15 @@ def provenance(platform) -> str:
     return text + "."
 
 
-def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None) -> str:
+def memory_table(report) -> str:
+    rows = [[p.memory, str(p.buffers), human_bytes(p.size), human_bytes(p.lower_bound), f"{100 * p.gap:.2f}%",
+             human_bytes(p.greedy), human_bytes(p.no_reuse), p.method + (f" ({p.note})" if p.note else "")]
+            for p in report.spaces.values()]
+    return table(rows, ["memory", "buffers", "arena", "lower bound", "gap", "greedy", "no reuse", "method"])
+
+
+def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
+                   memory_plan=None) -> str:
     parts = [graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)]
     if placement is not None:
         header = f"placement ({placement.policy}"
@@ -153,6 +161,9 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
                 parts.append(f"split {s['node']} by {s['dim']}: {s['eighths_on_first']}/8 on {s['devices'][0]}, "
                              f"the rest on {s['devices'][1]} -> {_us(s['time'])} (alone: "
                              + ", ".join(f"{d} {_us(t)}" for d, t in s['alone'].items()) + ")")
+    if memory_plan is not None and memory_plan.spaces:
+        parts.append("memory plan (activations crossing groups; weights have their own region)\n"
+                     + memory_table(memory_plan))
     if schedule is not None:
         parts.append("timeline\n" + timeline_text(schedule))
         parts.append(provenance(platform))
