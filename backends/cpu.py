@@ -109,7 +109,7 @@ class CpuPartition:
 
     def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
                  output_names: list[str], threads: int | None = None, name: str = "partition",
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, spin: bool = True):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -117,6 +117,8 @@ class CpuPartition:
         options.intra_op_num_threads = threads or _cores()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not spin:  # several sessions share the cores: idle threads sleep instead of spinning
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._keep = [np.ascontiguousarray(weights[n]) for n in weights]  # ORT reads these buffers directly
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._keep]
         if values:

@@ -121,9 +121,10 @@ class Executor:
                                   "reference interpreter")
             return Interpreter(part.graph)
         weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
+        alone = sum(p.backend in ("cpu", "cuda") for p in self.partitions) == 1
         try:
             return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, threads,
-                                name=part.file, providers=providers)
+                                name=part.file, providers=providers, spin=alone)
         except BackendError as exc:
             if "NOT_IMPLEMENTED" not in str(exc):
                 raise
