@@ -123,14 +123,14 @@ def part_b() -> bool:
 def part_c() -> bool:
     print("(c1) pim-gpt: one GPT-2 (small) decode step, KV cache of 128 tokens")
     _, placement, schedule = compile_graph(build_gpt2_decode_step(), "pim-gpt", "optimal")
-    print(placement_table(placement, limit=24))
+    print(placement_table(placement.costs, limit=24))
     print(timeline_text(schedule, limit=0))
     print("\n(c2) mobile-soc: ResNet-18 (transformers config, 1x3x224x224, fp32)")
     from hetflow.examples.models import build_resnet18
     from hetflow.frontends.torch import capture_module
     module, inputs = build_resnet18()
     _, placement, schedule = compile_graph(capture_module(module, inputs).graph, "mobile-soc", "optimal")
-    print(placement_table(placement))
+    print(placement_table(placement.costs))
     print(timeline_text(schedule, limit=0))
     return True
 

@@ -152,19 +152,12 @@ _BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "ONNX Runtime CUDA, m
                   "simulated": "simulated: functional, time modelled", "transfer": "copy"}
 
 
-def _schedule_from_manifest(manifest):
-    from hetflow.passes.schedule import Event, Schedule
-    if "schedule" not in manifest:
-        return None
-    data = manifest["schedule"]
-    return Schedule(data["platform"], [Event(e["name"], e["device"], e["start_us"] / 1e6, e["end_us"] / 1e6,
-                                             e["kind"], e["ops"], e["flops"], e["bytes"]) for e in data["events"]])
-
-
 def _write_trace(model, path) -> None:
     from hetflow.passes.schedule import Schedule
     from hetflow.plots import chrome_trace
-    schedule = _schedule_from_manifest(model.manifest) or Schedule(model.manifest.get("platform", "?"))
+    manifest = model.manifest
+    schedule = Schedule.from_dict(manifest["schedule"]) if "schedule" in manifest else Schedule(
+        manifest.get("platform", "?"))
     measured = [e.as_dict() for e in model.executor.last.events] if model.executor is not None else []
     chrome_trace(schedule, path, measured=measured)
     print(f"wrote {path}: predicted timeline (modelled) beside the measured run; open it in ui.perfetto.dev")
@@ -207,8 +200,8 @@ def cmd_inspect(args) -> int:
 def _print_placement(model, args) -> None:
     from hetflow.passes.cost import cost_node
     from hetflow.platform import platform_from_dict
+    from hetflow.passes.schedule import Schedule
     from hetflow.report import placement_table, provenance, timeline_text
-    from hetflow.passes.schedule import Event, Schedule
     manifest = model.manifest
     if "platform_data" not in manifest:
         return
@@ -216,13 +209,8 @@ def _print_placement(model, args) -> None:
     nodes = [n for n in model.graph.nodes if n.op != "hetflow.transfer" and n.meta.get("device") in platform.devices]
     costs = [cost_node(n, platform) for n in nodes]
     placement = manifest.get("placement", {})
-
-    class _Placement:  # what placement_table reads
-        pass
-    shown = _Placement()
-    shown.costs = costs
     print(f"\nplacement ({placement.get('policy', '?')}; {placement.get('solver', '')})")
-    print(placement_table(shown))
+    print(placement_table(costs))
     if "memory_plan" in manifest:
         from hetflow.passes.plan_memory import MemoryPlanReport, SpacePlan
         from hetflow.report import memory_table
@@ -232,9 +220,7 @@ def _print_placement(model, args) -> None:
         print("\nmemory plan\n" + memory_table(plans))
     schedule = None
     if "schedule" in manifest:
-        data = manifest["schedule"]
-        schedule = Schedule(data["platform"], [Event(e["name"], e["device"], e["start_us"] / 1e6, e["end_us"] / 1e6,
-                                                     e["kind"], e["ops"], e["flops"], e["bytes"]) for e in data["events"]])
+        schedule = Schedule.from_dict(manifest["schedule"])
         print("\ntimeline\n" + timeline_text(schedule))
         print(provenance(platform))
     if args.plot:

@@ -101,9 +101,10 @@ def _us(seconds: float) -> str:
     return f"{us:.1f} us" if us < 1000 else f"{us / 1e3:.2f} ms"
 
 
-def placement_table(placement, limit: int = 80) -> str:
+def placement_table(costs, limit: int = 80) -> str:
+    """One row per placed node: its costs, device, predicted time and why (``costs``: NodeCost list)."""
     rows = []
-    for cost in placement.costs[:limit]:
+    for cost in costs[:limit]:
         node = cost.node
         device = node.meta.get("device", "?")
         ops = cost.ops if len(cost.ops) <= 40 else cost.ops[:37] + "..."
@@ -112,8 +113,8 @@ def placement_table(placement, limit: int = 80) -> str:
                      f"{cost.intensity:.1f}", device, _us(time_on) if time_on is not None else "-",
                      node.meta.get("reason", "")[:90]])
     text = table(rows, ["group", "kind", "ops", "FLOPs", "bytes", "Op/B", "device", "predicted", "why"])
-    if len(placement.costs) > limit:
-        text += f"\n... and {len(placement.costs) - limit} more"
+    if len(costs) > limit:
+        text += f"\n... and {len(costs) - limit} more"
     return text
 
 
@@ -155,7 +156,7 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
         if placement.solver:
             header += f"; {placement.solver}"
         header += ")"
-        parts.append(header + "\n" + placement_table(placement))
+        parts.append(header + "\n" + placement_table(placement.costs))
         if placement.splits:
             for s in placement.splits:
                 parts.append(f"split {s['node']} by {s['dim']}: {s['eighths_on_first']}/8 on {s['devices'][0]}, "

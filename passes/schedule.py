@@ -55,6 +55,13 @@ class Schedule:
         return {"platform": self.platform, "makespan_us": self.makespan * 1e6, "modelled": True,
                 "events": [e.as_dict() for e in self.events]}
 
+    @staticmethod
+    def from_dict(data: dict) -> "Schedule":
+        """The inverse of ``as_dict`` (what an artifact's manifest stores)."""
+        return Schedule(data["platform"], [Event(e["name"], e["device"], e["start_us"] / 1e6, e["end_us"] / 1e6,
+                                                 e["kind"], e["ops"], e["flops"], e["bytes"])
+                                           for e in data["events"]])
+
 
 @dataclass
 class _Task:

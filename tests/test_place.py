@@ -204,3 +204,13 @@ def test_schedule_of_zero_cost_nodes_terminates():
         node.meta["device"] = "cpu"
     schedule = simulate(g, platform)
     assert schedule.makespan == 0.0 and len(schedule.events) == 2
+
+
+def test_schedule_round_trips_through_the_manifest_form():
+    from hetflow.passes.schedule import Schedule
+    options = CompileOptions(platform="mobile-soc", placement="optimal")
+    run_pipeline(mlp_graph(), options=options)
+    schedule = options.results["schedule"]
+    again = Schedule.from_dict(schedule.as_dict())
+    assert again.platform == schedule.platform and again.makespan == pytest.approx(schedule.makespan)
+    assert [(e.name, e.device) for e in again.events] == [(e.name, e.device) for e in schedule.events]
