@@ -11,6 +11,8 @@ device's backend:
 * ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
   partition's IR (``npu/partN.json``), executed functionally by the reference
   interpreter until the device's simulator lands; its time is the modelled one.
+* ``tvm-llvm``: with ``cpu_backend="tvm"``, a CPU partition's same ONNX lowering compiled by
+  TVM for LLVM into a native library (``cpu/partN.so``, see ``tvm_cpu``).
 * ``transfer``: a copy between two memories that are not one unified space.
 """
 from __future__ import annotations
@@ -30,13 +32,15 @@ TRANSFER_OP = "hetflow.transfer"
 class Partition:
     index: int
     device: str
-    backend: str                      # "cpu", "simulated", "transfer"
+    backend: str                      # "cpu", "cuda", "tvm-llvm", "simulated", "transfer"
     graph: Graph                      # standalone: its inputs, weights and outputs
     nodes: list[str] = field(default_factory=list)  # the top-level nodes it holds (first output names)
     predicted_start: float = 0.0
     predicted_end: float = 0.0
     file: str = ""
     onnx_bytes: bytes | None = None
+    library: bytes | None = None      # tvm-llvm: the compiled .so
+    target: dict | None = None        # tvm-llvm: the LLVM target it was compiled for
 
     @property
     def input_names(self) -> list[str]:
@@ -50,7 +54,8 @@ class Partition:
         return {"index": self.index, "device": self.device, "backend": self.backend, "file": self.file,
                 "inputs": self.input_names, "outputs": self.output_names,
                 "weights": list(self.graph.weights), "nodes": self.nodes,
-                "predicted_start_us": self.predicted_start * 1e6, "predicted_end_us": self.predicted_end * 1e6}
+                "predicted_start_us": self.predicted_start * 1e6, "predicted_end_us": self.predicted_end * 1e6,
+                **({"target": self.target} if self.target else {})}
 
 
 def backend_for(device: str, platform) -> str:
@@ -80,11 +85,17 @@ def partition_graph(graph: Graph, nodes: list[Node], name: str) -> Graph:
     return extract_subgraph(graph, nodes, name)[0]
 
 
-def build_partitions(graph: Graph, platform=None) -> list[Partition]:
+CPU_BACKENDS = ("onnxruntime", "tvm")
+
+
+def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntime") -> list[Partition]:
+    """``cpu_backend="tvm"`` compiles the CPU partitions with TVM (``tvm-llvm``) instead of ONNX Runtime."""
     from .cpu import lower_partition
     partitions = []
     for index, (device, nodes) in enumerate(split_partitions(graph)):
         backend = backend_for(device, platform)
+        if backend == "cpu" and cpu_backend == "tvm":
+            backend = "tvm-llvm"
         sub = partition_graph(graph, nodes, f"part{index}")
         part = Partition(index, device, backend, sub, [n.outputs[0].name for n in nodes],
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
@@ -94,6 +105,10 @@ def build_partitions(graph: Graph, platform=None) -> list[Partition]:
             model, _ = lower_partition(sub)
             part.onnx_bytes = model.SerializeToString()
             part.file = f"{folder}/part{index}.onnx"
+        elif backend == "tvm-llvm":
+            from .tvm_cpu import compile_partition
+            part.file = f"{folder}/part{index}.so"
+            part.library, _, part.target = compile_partition(sub, f"{index} ({part.file})")
         else:
             part.file = f"{folder}/part{index}.json"
         partitions.append(part)
@@ -105,8 +120,8 @@ def write_partitions(partitions: list[Partition], directory: Path) -> list[Path]
     for part in partitions:
         path = directory / part.file
         path.parent.mkdir(parents=True, exist_ok=True)
-        if part.onnx_bytes is not None:
-            path.write_bytes(part.onnx_bytes)
+        if part.onnx_bytes is not None or part.library is not None:
+            path.write_bytes(part.onnx_bytes if part.onnx_bytes is not None else part.library)
         else:
             path.write_text(json.dumps(graph_to_json(part.graph), indent=1))
         written.append(path)
@@ -121,10 +136,13 @@ def read_partitions(entries: list[dict], directory: Path, graph: Graph) -> list[
         nodes = [by_name[name] for name in entry["nodes"]]
         sub = partition_graph(graph, nodes, f"part{entry['index']}")
         part = Partition(entry["index"], entry["device"], entry["backend"], sub, entry["nodes"],
-                         entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"])
+                         entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"],
+                         target=entry.get("target"))
         path = directory / entry["file"]
         if entry["backend"] in ("cpu", "cuda"):
             part.onnx_bytes = path.read_bytes()
+        elif entry["backend"] == "tvm-llvm":
+            part.library = path.read_bytes()
         elif entry["backend"] == "simulated":
             weights = {w.name: w.data for w in graph.weights.values()}
             part.graph = graph_from_json(json.loads(path.read_text()), weights)

@@ -47,8 +47,10 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None):
 class CompiledModel:
     """What ``hetflow.compile`` returns: call it like the model; ``report()`` says what was built."""
 
-    def __init__(self, graph: Graph, platform, torch_capture=None, compile_seconds: float = 0.0, options=None):
+    def __init__(self, graph: Graph, platform, torch_capture=None, compile_seconds: float = 0.0, options=None,
+                 cpu_backend: str = "onnxruntime"):
         self.graph = graph
+        self.cpu_backend = cpu_backend
         self.platform = platform
         self.options = options
         self.placement = options.results.get("placement") if options else None
@@ -83,7 +85,7 @@ class CompiledModel:
     def _build_partitions(self):
         if getattr(self, "partitions", None) is None:
             from hetflow.backends import build_partitions
-            self.partitions = build_partitions(self.graph, self.platform)
+            self.partitions = build_partitions(self.graph, self.platform, self.cpu_backend)
         return self.partitions
 
     def _call_torch(self, args, kwargs):
@@ -128,24 +130,33 @@ class CompiledModel:
 
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
             passes: Sequence[str] | str | None = None, placement: str = "roofline",
-            devices: Sequence[str] | None = None, time_limit: float = 10.0) -> CompiledModel:
+            devices: Sequence[str] | None = None, time_limit: float = 10.0,
+            cpu_backend: str = "onnxruntime") -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
     Platform. ``placement`` is roofline, optimal or split; ``devices`` restricts it.
     ``passes`` overrides the pipeline (a list of pass names or "canonicalize,fuse").
+    ``cpu_backend`` is what runs the CPU partitions: ``"onnxruntime"`` or ``"tvm"`` (compiled
+    here by apache-tvm for LLVM, untuned; a partition TVM cannot compile fails the compile).
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
     from hetflow.passes import CompileOptions
+    from hetflow.backends import CPU_BACKENDS
     from hetflow.pipeline import run_pipeline
+    if cpu_backend not in CPU_BACKENDS:
+        raise CompileError(f"cpu_backend {cpu_backend!r} is not one of {', '.join(CPU_BACKENDS)}")
     platform = _check_platform(platform)
     options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit)
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs)
     verify(graph)
     graph, runner = run_pipeline(graph, passes, options=options)
-    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options)
+    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options, cpu_backend)
+    if cpu_backend == "tvm":  # TVM compiles now, so that a partition it cannot compile fails the compile
+        compiled._build_partitions()
+        compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
     return compiled
 

@@ -69,7 +69,8 @@ def cmd_compile(args) -> int:
     start = time.perf_counter()
     devices = [d for d in args.devices.split(",") if d] if args.devices else None
     compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
-                               placement=args.placement, devices=devices, time_limit=args.time_limit)
+                               placement=args.placement, devices=devices, time_limit=args.time_limit,
+                               cpu_backend=args.cpu_backend)
     out = compiled.save(args.output)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s")
@@ -149,6 +150,7 @@ def _generate(model, args) -> int:
 
 
 _BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "ONNX Runtime CUDA, measured",
+                  "tvm-llvm": "TVM LLVM, measured",
                   "simulated": "simulated: functional, time modelled", "transfer": "copy"}
 
 
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "transfer and sync costs (CP-SAT); split: optimal, then MatMuls split across two devices")
     p.add_argument("--devices", metavar="D1,D2", help="place only on these devices of the platform")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="seconds for each exact solver")
+    p.add_argument("--cpu-backend", choices=["onnxruntime", "tvm"], default="onnxruntime",
+                   help="what runs the CPU partitions: ONNX Runtime (default) or a native library TVM compiles "
+                        "now for this CPU (untuned LLVM; needs apache-tvm)")
     p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
                    "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
     p.set_defaults(func=cmd_compile)

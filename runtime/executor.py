@@ -84,6 +84,8 @@ class Executor:
         for part in partitions:
             if part.backend in ("cpu", "cuda"):
                 self.runners.append(self._onnx_runner(part, threads, fallback))
+            elif part.backend == "tvm-llvm":
+                self.runners.append(self._tvm_runner(part))
             elif part.backend == "simulated":
                 self.runners.append(Interpreter(part.graph))
             else:
@@ -132,6 +134,14 @@ class Executor:
                                   f"({str(exc).split('NOT_IMPLEMENTED : ')[-1][:120]}); it runs on the reference "
                                   "interpreter")
             return Interpreter(part.graph)
+
+    def _tvm_runner(self, part):
+        """A partition TVM compiled: its library in a Relax VM (imports tvm; the ONNX Runtime path never does)."""
+        from hetflow.backends.cpu import _inline
+        from hetflow.backends.tvm_cpu import TvmPartition
+        weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
+        return TvmPartition(part.library, weights, part.input_names, part.output_names,
+                            name=f"partition {part.index} ({part.file})")
 
     # --- memory ---------------------------------------------------------------------------------
     def memory_of(self, device: str) -> str:
@@ -192,7 +202,7 @@ class Executor:
                 results = runner.run(inputs)
                 for name, result in zip(part.output_names, results):
                     self._store(name, result, env)
-            elif part.backend in ("cpu", "cuda"):
+            elif part.backend in ("cpu", "cuda", "tvm-llvm"):
                 inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
                 if all(n in self.buffers for n in part.output_names):
                     runner.run(inputs, {n: self.buffers[n] for n in part.output_names})
