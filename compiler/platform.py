@@ -87,7 +87,7 @@ class Device:
     memory: str
     peak: dict[str, float]    # dtype -> FLOP/s (what the device achieves on dense work)
     bandwidth: float          # bytes/s this device alone reaches in its memory
-    launch: float             # seconds per kernel
+    launch: float             # seconds per top-level node (a fused group or a lone op): one dispatch
     tile: int = 1             # contraction dims are padded to a multiple of this
     stationary_penalty: float = 1.0  # NPU: slowdown when the weight's reduction dim exceeds its output dim
     channels: int = 1         # PIM: channels x banks computing in parallel (informational)
@@ -95,6 +95,11 @@ class Device:
     dtypes: tuple[str, ...] = ("*",)
     measured: bool = False    # True when its numbers come from this machine (calibration), not a paper
     source: str = ""
+    op_launch: float = 0.0    # seconds per op inside a node: backends that run each inner op as a kernel
+
+    def launch_for(self, ops: int) -> float:
+        """Fixed cost of a node made of ``ops`` ops (1 for a lone op)."""
+        return self.launch + self.op_launch * ops
 
     def supports(self, op: str, kind: str, dtype: str | None) -> bool:
         op_ok = "*" in self.ops or op in self.ops or kind in self.ops
@@ -220,7 +225,8 @@ def _device(name: str, t: dict, memories: dict[str, Memory], where: str) -> Devi
     return Device(name, kind, memory, peak, bandwidth,
                   quantity(t.get("launch", 0), "time", f"{where}.launch", positive=False),
                   int(t.get("tile", 1)), float(t.get("stationary_penalty", 1.0)), int(t.get("channels", 1)),
-                  tuple(ops), tuple(dtypes), bool(t.get("measured", False)), t.get("source", ""))
+                  tuple(ops), tuple(dtypes), bool(t.get("measured", False)), t.get("source", ""),
+                  quantity(t.get("op_launch", 0), "time", f"{where}.op_launch", positive=False))
 
 
 def _flash(t: dict, where: str) -> Flash:
@@ -313,8 +319,9 @@ def _apply_calibration(data: dict, calibration: dict) -> dict:
             device["peak"] = {"f32": calibration["gemm_flops"], "f64": calibration["gemm_flops"] / 2}
             device["bandwidth"] = calibration["memory_bandwidth"]
             device["measured"] = True
-            if "launch" in calibration:
-                device["launch"] = calibration["launch"]
+            for key in ("launch", "op_launch"):
+                if key in calibration:
+                    device[key] = calibration[key]
             how = "fitted to measured model runs" if "fitted_on" in calibration else "measured GEMM and copy"
             device["source"] = (f"measured on this machine ({how}): {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s, "
                                 f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s ({calibration['when']})")

@@ -111,15 +111,44 @@ def node_flops(node: Node) -> int:
     return out_numel(node)
 
 
+GATHERS = ("Gather", "GatherElements", "GatherND")
+
+
 def node_bytes(node: Node) -> int:
-    """Bytes read plus bytes written, each value counted once."""
+    """Bytes read plus bytes written, each value counted once.
+
+    A table that only gathers read (an embedding) counts as the rows they read,
+    at most the bytes of their outputs, not the whole table.
+    """
     seen: set[int] = set()
     total = 0
     for v in list(node.inputs) + list(node.outputs):
         if v is None or id(v) in seen or v.type is None:
             continue
         seen.add(id(v))
-        total += v.type.nbytes() or 0
+        size = v.type.nbytes() or 0
+        if v in node.inputs:
+            size = min(size, _gathered_bytes(node, node.inputs.index(v), size))
+        total += size
+    return total
+
+
+def _gathered_bytes(node: Node, index: int, size: int) -> int:
+    """The bytes of input ``index`` that ``node`` reads when gathers alone read it as their table, else ``size``."""
+    if node.op in GATHERS:
+        out = node.outputs[0].type
+        return size if index != 0 or out is None else (out.nbytes() or size)
+    body = node.attrs.get("body") if node.op == "hetflow.group" else None
+    if body is None or index >= len(body.inputs):
+        return size
+    inner = body.inputs[index]
+    if inner in body.outputs or not inner.uses:
+        return size
+    total = 0
+    for user, slot in inner.uses:
+        if user.op not in GATHERS or slot != 0 or user.outputs[0].type is None:
+            return size
+        total += user.outputs[0].type.nbytes() or size
     return total
 
 

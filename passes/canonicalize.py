@@ -1,4 +1,5 @@
-"""canonicalize: constant folding, shape folding, identity removal, reshape/transpose merging, CSE, DCE.
+"""canonicalize: constant folding, shape folding, identity removal, reshape/transpose merging,
+MatMul of a transposed weight as Gemm, CSE, DCE.
 
 Local rules go through the rewrite engine; common subexpression elimination and
 dead code elimination are whole-graph sweeps. A graph output keeps its name: a
@@ -135,6 +136,27 @@ def merge_transposes(graph: Graph, node: Node) -> bool:
     return True
 
 
+def matmul_of_transposed_weight(graph: Graph, node: Node) -> bool:
+    """MatMul(a, Transpose(w)) on matrices with a constant w -> Gemm(a, w, transB=1): no transposed copy.
+
+    The transpose of a large weight (a tied LM head: 50257 x 768) is too big to fold,
+    and computing it on every call would stream the whole weight twice.
+    """
+    a, b = node.inputs
+    t = b.producer if b is not None else None
+    if t is None or t.op != "Transpose" or t.inputs[0] is None or t.inputs[0].data is None:
+        return False
+    w = t.inputs[0]
+    if a is None or a.type is None or a.type.shape is None or len(a.type.shape) != 2:
+        return False
+    if w.data.ndim != 2 or list(t.attrs.get("perm", [1, 0])) != [1, 0]:
+        return False
+    node.op = "Gemm"
+    node.attrs = {"transB": 1}
+    node.set_input(1, w)
+    return True
+
+
 RULES = [
     Rule("fold-constants", fold_constants),
     Rule("fold-static-shape", fold_static_shape, ("Shape", "Size")),
@@ -144,6 +166,7 @@ RULES = [
     Rule("remove-neutral-arithmetic", remove_neutral_arithmetic, ("Add", "Sub", "Mul", "Div")),
     Rule("merge-reshapes", merge_reshapes, ("Reshape",)),
     Rule("merge-transposes", merge_transposes, ("Transpose",)),
+    Rule("matmul-of-transposed-weight", matmul_of_transposed_weight, ("MatMul",)),
 ]
 
 

@@ -1,6 +1,7 @@
 """cost: FLOPs, bytes, Op/B of every top-level node (fused group or lone op), and its time on every device.
 
-Device time of a node: ``max(FLOPs / peak, bytes / bandwidth) + launch`` with the
+Device time of a node: ``max(FLOPs / peak, bytes / bandwidth) + launch + op_launch x ops``
+(ops: the ops inside a fused group, 1 for a lone op) with the
 quirks the papers measured:
 
 * NPU (HeteroInfer): contraction dims are padded to the array's tile (32): any
@@ -125,7 +126,7 @@ def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None)
 
 def device_time(node: Node, device: Device, moved: int, dtype: str | None) -> float:
     compute, bandwidth = device_time_parts(node, device, moved, dtype)
-    return max(compute, moved / bandwidth) + device.launch
+    return max(compute, moved / bandwidth) + device.launch_for(len(inner_nodes(node)))
 
 
 def _safe_flops(node: Node) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hetflow.ir import Graph, Node
 from hetflow.platform import Platform
 
-from .cost import NodeCost, cost_node, device_time_parts
+from .cost import NodeCost, cost_node, device_time_parts, inner_nodes
 
 TRANSFER_OP = "hetflow.transfer"
 
@@ -95,7 +95,8 @@ def _tasks(graph: Graph, platform: Platform, costs: dict[int, NodeCost]) -> list
                 raise ValueError(f"{node.describe()} has no device: run place before schedule")
             cost = costs.get(id(node)) or cost_node(node, platform)
             compute, bandwidth = device_time_parts(node, platform.devices[device], cost.bytes, cost.dtype)
-            task = _Task(node, device, platform.devices[device].memory, platform.devices[device].launch, compute,
+            spec = platform.devices[device]
+            task = _Task(node, device, spec.memory, spec.launch_for(len(inner_nodes(node))), compute,
                          cost.bytes, bandwidth, cost)
         for v in node.inputs:
             if v is None or id(v) not in producer_task:

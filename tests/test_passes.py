@@ -84,3 +84,52 @@ def test_rewrite_guard_stops_endless_rewriting():
         return True
     with pytest.raises(RewriteLimitError, match=r"rules still firing: flip"):
         rewrite(graph, [Rule("flip", flip, ("Relu",))], max_sweeps=5)
+
+
+def test_matmul_of_transposed_weight_becomes_gemm(monkeypatch):
+    """A weight too large to fold its transpose (a tied LM head) is read as Gemm's transB, not copied."""
+    from hetflow.ir import parse_graph
+    from hetflow.passes import canonicalize as canon
+    monkeypatch.setattr(canon, "FOLD_LIMIT", 16)  # stands for a 50257 x 768 table
+    text = """graph m(%x: f32[2,4], %ids: i64[3]) -> (%y: f32[2,6], %e: f32[3,4]) opset 18 {
+  weight %w: f32[6,4] = resource
+  %e: f32[3,4] = Gather(%w, %ids) {axis = 0}
+  %wt: f32[4,6] = Transpose(%w) {perm = [1, 0]}
+  %y: f32[2,6] = MatMul(%x, %wt)
+  return %y, %e
+}"""
+    graph = parse_graph(text, resources_for(text))
+    reference = graph.clone()
+    result = canon.canonicalize(graph)
+    verify(result.graph)
+    assert result.graph.op_counts() == {"Gather": 1, "Gemm": 1}
+    gemm = next(n for n in result.graph.nodes if n.op == "Gemm")
+    assert gemm.attrs == {"transB": 1} and gemm.inputs[1].name == "w"
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32),
+             "ids": np.array([5, 0, 2], dtype=np.int64)}
+    for a, b in zip(Interpreter(reference).run(feeds), Interpreter(result.graph).run(feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # a batched MatMul keeps its Transpose: Gemm takes matrices only
+    text3 = text.replace("f32[2,4]", "f32[5,2,4]").replace("%y: f32[2,6]", "%y: f32[5,2,6]")
+    graph3 = canon.canonicalize(parse_graph(text3, resources_for(text3))).graph
+    assert "Gemm" not in graph3.op_counts()
+
+
+def test_gather_reads_rows_not_the_table():
+    """The bytes of an embedding lookup are the rows it reads (cost model), alone and inside a group."""
+    from hetflow.ir import node_bytes, parse_graph
+    from hetflow.passes.fuse import build_group
+    text = """graph m(%ids: i64[1,1]) -> (%y: f32[1,1,768], %z: f32[50257,768]) opset 18 {
+  weight %table: f32[50257,768] = resource
+  %e: f32[1,1,768] = Gather(%table, %ids) {axis = 0}
+  %y: f32[1,1,768] = Mul(%e, %e)
+  %z: f32[50257,768] = Neg(%table)
+  return %y, %z
+}"""
+    graph = parse_graph(text, resources_for(text))
+    gather, mul, neg = graph.nodes
+    row = 768 * 4
+    assert node_bytes(gather) == 8 + 2 * row      # ids, the row read, the row written
+    assert node_bytes(neg) == 2 * 50257 * row     # read whole
+    group = build_group(graph, "injective", [gather, mul], "g")
+    assert node_bytes(group) == 8 + 2 * row

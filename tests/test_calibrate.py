@@ -1,0 +1,50 @@
+"""Calibration of the host's cost model: the fit recovers known parameters; the platform takes them."""
+from __future__ import annotations
+
+import tomllib
+from importlib.resources import files
+
+import numpy as np
+import pytest
+
+from hetflow.calibrate import LAUNCHES, OP_LAUNCHES, fit, predict
+from hetflow.platform import _apply_calibration, platform_from_dict
+
+
+def _samples(peak, bandwidth, launch, op_launch, seed=0):
+    """Six synthetic models: compute-bound, memory-bound and many-small-op mixes, timed by the model itself."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for kind in ("gemm", "stream", "tiny", "mixed", "gemm", "tiny"):
+        n = int(rng.integers(20, 200))
+        if kind == "gemm":
+            groups = [(float(rng.uniform(1e8, 1e9)), float(rng.uniform(1e5, 1e6)), 3) for _ in range(n)]
+        elif kind == "stream":
+            groups = [(float(rng.uniform(1e5, 1e6)), float(rng.uniform(5e6, 3e7)), 2) for _ in range(n)]
+        elif kind == "tiny":
+            groups = [(1e3, 4e3, int(rng.integers(1, 12))) for _ in range(n)]
+        else:
+            groups = [(float(rng.uniform(0, 5e8)), float(rng.uniform(0, 1e7)), int(rng.integers(1, 20)))
+                      for _ in range(n)]
+        samples.append({"groups": groups, "measured": predict(groups, peak, bandwidth, launch, op_launch)})
+    return samples
+
+
+@pytest.mark.parametrize("launch,op_launch", [(LAUNCHES[3], OP_LAUNCHES[2]), (LAUNCHES[0], OP_LAUNCHES[5])])
+def test_fit_recovers_the_parameters_that_timed_the_samples(launch, op_launch):
+    peak, bandwidth = np.logspace(9, 12.5, 80)[50], np.logspace(9, 11.7, 70)[40]
+    fitted = fit(_samples(peak, bandwidth, launch, op_launch))
+    assert fitted["gemm_flops"] == pytest.approx(peak, rel=0.12)
+    assert fitted["memory_bandwidth"] == pytest.approx(bandwidth, rel=0.12)
+    assert fitted["launch"] == pytest.approx(launch, abs=2e-6)
+    assert fitted["op_launch"] == pytest.approx(op_launch, abs=1e-6)
+
+
+def test_calibration_reaches_the_cost_model():
+    data = tomllib.loads(files("hetflow").joinpath("platforms/host.toml").read_text())
+    calibration = {"gemm_flops": 1e11, "memory_bandwidth": 2e10, "launch": 4e-6, "op_launch": 2e-6,
+                   "when": "now", "fitted_on": []}
+    cpu = platform_from_dict(_apply_calibration(data, calibration), "host").devices["cpu"]
+    assert cpu.measured and cpu.peak["f32"] == 1e11 and cpu.bandwidth == 2e10
+    assert cpu.launch_for(1) == pytest.approx(6e-6)
+    assert cpu.launch_for(10) == pytest.approx(24e-6)
