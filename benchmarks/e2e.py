@@ -4,6 +4,7 @@
     python benchmarks/e2e.py --models resnet18,bert --tvm --json out.json
     python benchmarks/e2e.py --no-inductor --repeat 10
     python benchmarks/e2e.py --no-spin            # on a machine other processes keep busy
+    python benchmarks/e2e.py --models resnet18 --hetflow-tvm   # also hetflow --cpu-backend tvm
 
 A default run (no TVM) takes about 5-6 min on this 2-core machine; --tvm adds about 11 min.
 
@@ -21,6 +22,8 @@ Columns (every number is measured in this run; nothing is copied from elsewhere)
              relax.VirtualMachine (only with --tvm: slow)
   hetflow    hetflow.compile(module, inputs, platform="host"), the compiled callable called with
              torch inputs; its compile time in its own column
+  hf TVM     the same with cpu_backend="tvm": hetflow's CPU partitions compiled by TVM (untuned LLVM)
+             instead of run by ONNX Runtime (only with --hetflow-tvm: slow, like the TVM column)
 Latencies are medians in ms of up to --repeat runs after --warmup warm-up runs; a cell whose runs
 would exceed --budget seconds uses fewer runs (never fewer than 3); the runs are in the JSON.
 Targets (issue 6): hetflow <= 1.05x ORT, <= 0.8x eager, hetflow compile < 15 s.
@@ -138,6 +141,8 @@ def bench_model(name, spec, args, peers, workdir: Path) -> dict:
     onnx_path.unlink(missing_ok=True)
 
     cell("hetflow", lambda: peers.prepare_hetflow(module, inputs, args.platform), budget=args.hetflow_budget)
+    if args.hetflow_tvm:
+        cell("hetflow-tvm", lambda: peers.prepare_hetflow(module, inputs, args.platform, "tvm"), budget=args.tvm_budget)
     del module
     return row
 
@@ -177,7 +182,8 @@ def print_table(rows, args, header: str) -> list[str]:
         return f"{c['compile_s']:.1f}" if "compile_s" in c and "error" not in c else "-"
 
     cols = ["model", "eager ms", "inductor ms", "ind. compile s", "ORT ms", "TVM ms", "hetflow ms",
-            "hf compile s", "hf/ORT", "hf/eager", "hf predicted ms"]
+            "hf compile s", "hf/ORT", "hf/eager", "hf predicted ms"] + (
+            ["hf TVM ms", "hf TVM compile s"] if args.hetflow_tvm else [])
     lines = []
     for r in rows:
         if "skipped" in r:
@@ -201,7 +207,9 @@ def print_table(rows, args, header: str) -> list[str]:
             predicted = f"{hf['predicted_ms']:.1f} ({100 * error:+.0f}% {'met' if abs(error) <= 0.25 else 'NOT'})"
         lines.append([r["model"], ms(eager, r["model"]), ms(c.get("inductor", {"skipped": ""}), r["model"]),
                       secs(c.get("inductor", {})), ms(ort_c, r["model"]), ms(c.get("tvm", {"skipped": ""}), r["model"]),
-                      ms(hf, r["model"]), hf_compile, ratio_ort, ratio_eager, predicted])
+                      ms(hf, r["model"]), hf_compile, ratio_ort, ratio_eager, predicted]
+                     + ([ms(c.get("hetflow-tvm", {"skipped": ""}), r["model"]), secs(c.get("hetflow-tvm", {}))]
+                        if args.hetflow_tvm else []))
     widths = [max(len(cols[i]), *(len(l[i]) for l in lines)) if lines else len(cols[i]) for i in range(len(cols))]
     out = [header, ""]
     out.append("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(cols, widths))))
@@ -240,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor-cache", action="store_true",
                     help="let inductor use its on-disk caches (default: disabled, so compile times are cold)")
     ap.add_argument("--tvm", action="store_true", help="also run TVM untuned (slow: measured here on a loaded 2-core machine, 1.7 s per ResNet-18 run, 37 s BERT, 77 s GPT-2 prefill; the TVM cells took about 11 min in all)")
+    ap.add_argument("--hetflow-tvm", action="store_true",
+                    help="also hetflow with cpu_backend='tvm' (its CPU partitions compiled by TVM, untuned: slow)")
     ap.add_argument("--no-spin", action="store_true",
                     help="idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, ORT "
                          "allow_spinning=0, TVM spin count 0): use on a machine other processes keep busy")
@@ -271,7 +281,7 @@ def main(argv=None) -> int:
                 if l.startswith("model name")), _platform.processor()) if Path("/proc/cpuinfo").exists() else _platform.processor()
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                 "python": _platform.python_version()}
-    if args.tvm:
+    if args.tvm or args.hetflow_tvm:
         try:
             import tvm
             versions["tvm"] = tvm.__version__

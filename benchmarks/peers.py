@@ -193,11 +193,11 @@ def prepare_tvm(onnx_path: Path, inputs):
 
 
 # ---------------------------------------------------------------- hetflow
-def prepare_hetflow(module, inputs, platform: str = "host"):
-    """hetflow.compile(module, inputs, platform=...): whatever hetflow does when called."""
+def prepare_hetflow(module, inputs, platform: str = "host", cpu_backend: str = "onnxruntime"):
+    """hetflow.compile(module, inputs, platform=..., cpu_backend=...): whatever hetflow does when called."""
     import hetflow
     t0 = time.perf_counter()
-    compiled = hetflow.compile(module, inputs, platform=platform)
+    compiled = hetflow.compile(module, inputs, platform=platform, cpu_backend=cpu_backend)
     compile_s = time.perf_counter() - t0
     info = {"compile_s": compile_s}
     if compiled.schedule is not None:
