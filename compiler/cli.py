@@ -244,7 +244,8 @@ def cmd_platforms(args) -> int:
         for d in platform.devices.values():
             peaks = ", ".join(f"{k} {v / 1e12:g} TFLOP/s" for k, v in d.peak.items())
             rows.append([d.name, d.kind, d.memory, peaks, f"{d.bandwidth / 1e9:g} GB/s",
-                         f"{d.launch * 1e6:g} us", str(d.tile), "measured" if d.measured else "from the source",
+                         f"{d.launch * 1e6:g} us" + (f" + {d.op_launch * 1e6:g} us/op" if d.op_launch else ""),
+                         str(d.tile), "measured" if d.measured else "from the source",
                          d.source[:60]])
         print(table(rows, ["device", "kind", "memory", "peak", "bandwidth", "launch", "tile", "figures", "source"]))
         rows = [[m.name, human_bytes(m.capacity), f"{m.bandwidth / 1e9:g} GB/s",
