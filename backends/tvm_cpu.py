@@ -64,6 +64,23 @@ def host_target() -> dict:
     return target
 
 
+def check_target(target: dict | None, name: str) -> None:
+    """Refuse, in one line, a library built for a CPU with features this one lacks (it would crash, not fail)."""
+    if not target or "mcpu" not in target:
+        return
+    tvm = import_tvm(f"{name} was compiled by TVM (backend {BACKEND}) and needs it to run")
+    from tvm.target import codegen
+    here = host_target()
+    if here.get("mcpu") == target["mcpu"]:
+        return
+    missing = codegen.llvm_get_cpu_features(tvm.target.Target(target)) - \
+        codegen.llvm_get_cpu_features(tvm.target.Target(here))
+    if missing:
+        raise BackendError(f"{name} was compiled by TVM for CPU {target['mcpu']}, whose features this CPU "
+                           f"({here.get('mcpu', 'generic')}) lacks ({', '.join(sorted(missing)[:6])}): "
+                           "compile it again on this machine")
+
+
 def tvm_model(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
     """The partition's ONNX model with its large weights turned into inputs (after the real inputs)."""
     model, weights = lower_partition(graph)
@@ -149,9 +166,10 @@ class TvmPartition:
     """A loaded TVM partition: the library in a Relax VM, its weights bound once, run on the runtime's arrays."""
 
     def __init__(self, library: bytes, weights: dict[str, np.ndarray], input_names: list[str],
-                 output_names: list[str], name: str = "partition"):
+                 output_names: list[str], name: str = "partition", target: dict | None = None):
         tvm = import_tvm(f"{name} was compiled by TVM (backend {BACKEND}) and needs it to run")
         from tvm import relax
+        check_target(target, name)
         self.tvm = tvm
         fd, path = tempfile.mkstemp(prefix="hetflow-tvm-", suffix=".so")
         try:

@@ -141,7 +141,7 @@ class Executor:
         from hetflow.backends.tvm_cpu import TvmPartition
         weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
         return TvmPartition(part.library, weights, part.input_names, part.output_names,
-                            name=f"partition {part.index} ({part.file})")
+                            name=f"partition {part.index} ({part.file})", target=part.target)
 
     # --- memory ---------------------------------------------------------------------------------
     def memory_of(self, device: str) -> str:
