@@ -23,13 +23,21 @@ depth-first search over canonical sequences is complete. It prunes with:
 - a table of failed states (the unplaced buffers and their ``minoff``).
 
 Static orders (the tie-breaking rank) are tried round-robin under a doubling
-node limit, as MiniMalloc does. ``fit`` runs this search and, on a second core,
+node limit, as MiniMalloc does. The search runs compiled (a C version of
+``_Search``, built with the system's C compiler on first use and cached; it
+visits the same nodes, a few hundred times faster) and falls back to the Python
+``_Search`` where no compiler is available. ``fit`` runs this search and, on a second core,
 CP-SAT with one NoOverlap per section (which refutes some dead ends that the
 search only finds by enumeration); the first answer wins.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import math
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -50,6 +58,21 @@ class _NodeLimit(Exception):
 
 class _Stopped(Exception):
     pass
+
+
+class _Stop:
+    """Set by the CP-SAT thread when it has an answer: an event for Python, a flag word for C."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.flag = np.zeros(1, dtype=np.int32)
+
+    def set(self):
+        self.flag[0] = 1
+        self.event.set()
+
+    def is_set(self):
+        return self.event.is_set()
 
 
 class _Instance:
@@ -103,7 +126,7 @@ class _Instance:
         total = np.array([self.section_total[a:b].max() for a, b in zip(self.slo, self.shi)])
         sizes = self.sizes.astype(np.int64)
         keys = {"W": self.width, "A": self.width * sizes, "T": total, "Z": sizes}
-        cols = [np.arange(self.n)] + [-keys[c] for c in reversed(heuristic)]
+        cols = [self.perm] + [-keys[c] for c in reversed(heuristic)]
         order = np.lexsort(tuple(cols))
         rank = np.empty(self.n, dtype=np.int64)
         rank[order] = np.arange(self.n)
@@ -252,9 +275,406 @@ class _Search:
         return not ((lb > self.C - total) & (total > 0)).any()
 
 
-def _round_robin(inst, deadline, stop, heuristics, stats):
+# The same search in C: compiled with the system's C compiler on first use and cached
+# (as runtime/sync.py does); without a compiler the Python search above runs instead.
+# It keeps the rules of _Search (including the order of candidates, so it visits the
+# same tree) except the table of failed states, and adds one that _Search gets from
+# its stranded-buffer check: when a buffer with no unplaced neighbour (nothing can
+# ever be stacked on it, MiniMalloc's "hatless" case) fails, its later siblings fail
+# too, as it would stay stranded below them.
+_KERNEL_C = r"""
+/* hetflow memplan: the canonical search of memplan_search.py in C (same rules). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { FOUND = 0, NOT_FOUND = 1, LIMIT = 2, TIMEOUT = 3, STOPPED = 4, NOMEM = 5 };
+
+typedef struct {
+    int32_t n, S;
+    int64_t C, align;
+    const int32_t *slo, *shi, *first_of, *twin_prev, *nbr_start, *nbr, *sec_start, *sec_mem;
+    const int64_t *size, *rank;
+    int64_t *minoff, *total, *solution, *eff, *low_of;
+    int32_t *cuts, *strand, hint;
+    int64_t *table, table_mask;  /* failed states: (key1, key2, o, r) per slot */
+    char *placed;
+    int64_t nodes, limit;
+    double deadline;
+    volatile int32_t *stop;
+    int32_t *cand; int64_t cand_cap, cand_top;   /* candidate lists, one block per open node */
+    int64_t *undo; int64_t undo_cap, undo_top;   /* (buffer, old minoff) pairs */
+} Search;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static int reserve_cand(Search *s, int64_t more) {
+    if (s->cand_top + more <= s->cand_cap) return 1;
+    int64_t cap = 2 * (s->cand_top + more);
+    int32_t *p = realloc(s->cand, cap * sizeof *p);
+    if (!p) return 0;
+    s->cand = p; s->cand_cap = cap;
+    return 1;
+}
+
+static int reserve_undo(Search *s, int64_t more) {
+    if (s->undo_top + 2 * more <= s->undo_cap) return 1;
+    int64_t cap = 2 * (s->undo_top + 2 * more);
+    int64_t *p = realloc(s->undo, cap * sizeof *p);
+    if (!p) return 0;
+    s->undo = p; s->undo_cap = cap;
+    return 1;
+}
+
+/* Whether section t can no longer hold its unplaced buffers: all of them start above
+   C - total[t] (eff[] holds their lowest offsets). Stops at the first that does not. */
+static int section_fails(const Search *s, int32_t t) {
+    int64_t room = s->C - s->total[t];
+    if (s->total[t] == 0) return 0;
+    for (int32_t m = s->sec_start[t]; m < s->sec_start[t + 1]; m++) {
+        int32_t j = s->sec_mem[m];
+        if (!s->placed[j] && s->eff[j] <= room) return 0;
+    }
+    return 1;
+}
+
+/* Section inference after placing a buffer at o with rank r (see _Search._feasible).
+   Cheap refutations first: the section that failed last, then the sections
+   [d0, d1) of the buffers just raised (only these can fail before the stranded
+   buffers are raised: the parent passed, and o + total fits everywhere). */
+static int feasible(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_t o, int64_t r,
+                    int32_t d0, int32_t d1) {
+    const int64_t BIG = INT64_MAX / 4;
+    int64_t *eff = s->eff, *low_of = s->low_of;
+    for (int32_t j = b0; j < b1; j++)
+        if (!s->placed[j]) eff[j] = s->minoff[j] > o ? s->minoff[j] : o;
+    if (s->hint >= s0 && s->hint < s1 && section_fails(s, s->hint)) return 0;
+    if (d0 < s0) d0 = s0;
+    if (d1 > s1) d1 = s1;
+    for (int32_t t = d0; t < d1; t++)
+        if (section_fails(s, t)) { s->hint = t; return 0; }
+    int32_t nst = 0;
+    for (int32_t j = b0; j < b1; j++) {
+        if (s->placed[j]) continue;
+        int64_t mo = s->minoff[j];
+        if (!(mo < o || (mo == o && s->rank[j] < r))) continue;
+        /* stranded: it must sit on a buffer not yet placed, which must reach into its slot */
+        int64_t near = BIG, low = BIG;
+        for (int32_t e = s->nbr_start[j]; e < s->nbr_start[j + 1]; e++) {
+            int32_t k = s->nbr[e];
+            if (s->placed[k]) continue;
+            if (eff[k] < near) near = eff[k];
+            if (eff[k] + s->size[k] < low) low = eff[k] + s->size[k];
+        }
+        if (near >= mo + s->size[j]) return 0;
+        if (low + s->size[j] > s->C) return 0;
+        s->strand[nst] = j;
+        low_of[nst++] = low;
+    }
+    for (int32_t i = 0; i < nst; i++) eff[s->strand[i]] = low_of[i];
+    for (int32_t t = s0; t < s1; t++)
+        if (section_fails(s, t)) { s->hint = t; return 0; }
+    return 1;
+}
+
+static uint64_t mix(uint64_t z) {  /* splitmix64's finaliser */
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* The table slot of a state (the unplaced buffers of [b0, b1) and their minoff),
+   named by two independent 64-bit hashes; -1 when it is not there. */
+static int64_t table_find(const Search *s, uint64_t k1, uint64_t k2, int64_t *free_slot) {
+    *free_slot = -1;
+    for (int64_t i = 0; i < 4; i++) {
+        int64_t slot = (int64_t)((k1 + (uint64_t)i) & (uint64_t)s->table_mask);
+        int64_t *e = s->table + 4 * slot;
+        if ((uint64_t)e[0] == k1 && (uint64_t)e[1] == k2) return slot;
+        if (e[0] == 0 && e[1] == 0 && *free_slot < 0) *free_slot = slot;
+    }
+    if (*free_slot < 0) *free_slot = (int64_t)(k1 & (uint64_t)s->table_mask);  /* evict */
+    return -1;
+}
+
+static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_t o, int64_t r);
+
+static int solve_parts(Search *s, int32_t s0, int32_t s1) {
+    int32_t a = s0;
+    for (int32_t t = s0; t < s1; t++) {
+        if (t + 1 < s1 && s->cuts[t] != 0) continue;
+        int32_t b = t + 1, b0 = s->first_of[a], b1 = s->first_of[b], open = 0;
+        for (int32_t j = b0; j < b1 && !open; j++) open = !s->placed[j];
+        if (open) {
+            int st = dfs(s, a, b, b0, b1, -1, -1);
+            if (st != FOUND) return st;
+        }
+        a = b;
+    }
+    return FOUND;
+}
+
+static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_t o, int64_t r) {
+    if (++s->nodes > s->limit) return LIMIT;
+    if ((s->nodes & 255) == 0) {
+        if (now() > s->deadline) return TIMEOUT;
+        if (*s->stop) return STOPPED;
+    }
+    int64_t min_height = INT64_MAX;
+    int any = 0;
+    for (int32_t j = b0; j < b1; j++) {
+        if (s->placed[j]) continue;
+        any = 1;
+        if (s->minoff[j] + s->size[j] < min_height) min_height = s->minoff[j] + s->size[j];
+    }
+    if (!any) return FOUND;
+    uint64_t k1 = mix(((uint64_t)b0 << 32) | (uint32_t)b1), k2 = mix(k1 ^ 0x5bd1e995ULL);
+    for (int32_t j = b0; j < b1; j++) {
+        if (s->placed[j]) continue;
+        uint64_t v = ((uint64_t)j << 40) ^ (uint64_t)s->minoff[j];
+        k1 += mix(v);
+        k2 ^= mix(v ^ 0xc2b2ae3d27d4eb4fULL);
+    }
+    k1 |= 1;  /* never the empty slot */
+    int64_t slot = -1, free_slot = -1;
+    if (s->table) {
+        slot = table_find(s, k1, k2, &free_slot);
+        if (slot >= 0) {
+            const int64_t *e = s->table + 4 * slot;
+            if (o > e[2] || (o == e[2] && r >= e[3])) return NOT_FOUND;  /* failed from here or earlier */
+        }
+    }
+    if (!reserve_cand(s, b1 - b0)) return NOMEM;
+    int64_t base = s->cand_top, k = 0;
+    int32_t *cand = s->cand + base;
+    for (int32_t j = b0; j < b1; j++) {
+        if (s->placed[j]) continue;
+        int64_t mo = s->minoff[j];
+        if (mo >= min_height || mo < o || (mo == o && s->rank[j] <= r)) continue;
+        /* insertion by (minoff, rank) */
+        int64_t i = k++;
+        while (i > 0) {
+            int32_t p = cand[i - 1];
+            if (s->minoff[p] < mo || (s->minoff[p] == mo && s->rank[p] < s->rank[j])) break;
+            cand[i] = p;
+            i--;
+        }
+        cand[i] = j;
+    }
+    s->cand_top = base + k;
+    int64_t tmax = 0;
+    for (int32_t t = s0; t < s1; t++)
+        if (s->total[t] > tmax) tmax = s->total[t];
+    int status = NOT_FOUND;
+    for (int64_t i = 0; i < k; i++) {
+        int32_t c = s->cand[base + i];
+        int64_t x = s->minoff[c];
+        if (x + tmax > s->C) break;  /* some section could no longer be filled from x up */
+        int32_t twin = s->twin_prev[c];
+        if (twin >= 0 && !s->placed[twin]) continue;
+        int64_t h = x + s->size[c];
+        if (s->align > 1) h = (h + s->align - 1) / s->align * s->align;
+        int32_t e0 = s->nbr_start[c], e1 = s->nbr_start[c + 1];
+        if (!reserve_undo(s, e1 - e0)) { status = NOMEM; break; }
+        int64_t u0 = s->undo_top;
+        int hat = 0, over = 0;
+        int32_t d0 = s->slo[c], d1 = s->shi[c];
+        for (int32_t e = e0; e < e1; e++) {
+            int32_t j = s->nbr[e];
+            if (s->placed[j]) continue;
+            hat = 1;
+            if (s->minoff[j] >= h) continue;
+            if (h + s->size[j] > s->C) { over = 1; break; }
+            if (s->slo[j] < d0) d0 = s->slo[j];
+            if (s->shi[j] > d1) d1 = s->shi[j];
+            s->undo[s->undo_top++] = j;
+            s->undo[s->undo_top++] = s->minoff[j];
+            s->minoff[j] = h;
+        }
+        int st = NOT_FOUND;
+        if (!over) {
+            int32_t lo = s->slo[c], hi = s->shi[c], cut = 0;
+            s->placed[c] = 1;
+            for (int32_t t = lo; t < hi; t++) s->total[t] -= s->size[c];
+            for (int32_t t = lo; t < hi - 1; t++) cut |= (--s->cuts[t] == 0);
+            s->solution[c] = x;
+            if (feasible(s, s0, s1, b0, b1, x, s->rank[c], d0, d1))
+                st = cut ? solve_parts(s, s0, s1) : dfs(s, s0, s1, b0, b1, x, s->rank[c]);
+            for (int32_t t = lo; t < hi - 1; t++) s->cuts[t]++;
+            for (int32_t t = lo; t < hi; t++) s->total[t] += s->size[c];
+            s->placed[c] = 0;
+        }
+        while (s->undo_top > u0) {
+            s->undo_top -= 2;
+            s->minoff[s->undo[s->undo_top]] = s->undo[s->undo_top + 1];
+        }
+        if (st != NOT_FOUND) { status = st; break; }
+        if (!over && !hat) break;  /* hatless: c stays where it is, stranded for every later sibling */
+    }
+    s->cand_top = base;
+    if (status == NOT_FOUND && s->table) {
+        int64_t *e = s->table + 4 * (slot >= 0 ? slot : free_slot);
+        e[0] = (int64_t)k1; e[1] = (int64_t)k2; e[2] = o; e[3] = r;
+    }
+    return status;
+}
+
+int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
+                           const int32_t *slo, const int32_t *shi, const int64_t *size,
+                           const int32_t *first_of, const int32_t *twin_prev,
+                           const int32_t *nbr_start, const int32_t *nbr,
+                           const int32_t *sec_start, const int32_t *sec_mem, const int64_t *rank,
+                           const int32_t *cuts0, const int64_t *total0,
+                           int64_t *table, int64_t table_slots,
+                           int64_t node_limit, double seconds, volatile int32_t *stop,
+                           int64_t *solution, int64_t *nodes_out) {
+    Search s;
+    memset(&s, 0, sizeof s);
+    s.n = n; s.S = S; s.C = C; s.align = align;
+    s.slo = slo; s.shi = shi; s.size = size; s.first_of = first_of; s.twin_prev = twin_prev;
+    s.nbr_start = nbr_start; s.nbr = nbr; s.sec_start = sec_start; s.sec_mem = sec_mem;
+    s.rank = rank; s.hint = -1;
+    s.table = table_slots > 0 ? table : NULL; s.table_mask = table_slots - 1;
+    s.limit = node_limit; s.deadline = now() + seconds; s.stop = stop;
+    s.solution = solution;
+    s.minoff = calloc(n, sizeof(int64_t));
+    s.eff = calloc(n, sizeof(int64_t));
+    s.low_of = calloc(n, sizeof(int64_t));
+    s.strand = calloc(n, sizeof(int32_t));
+    s.total = malloc(S * sizeof(int64_t));
+    s.cuts = malloc((S > 1 ? S - 1 : 1) * sizeof(int32_t));
+    s.placed = calloc(n, 1);
+    int status = NOMEM;
+    if (s.minoff && s.eff && s.low_of && s.strand && s.total && s.cuts && s.placed && reserve_cand(&s, n) && reserve_undo(&s, n)) {
+        memcpy(s.total, total0, S * sizeof(int64_t));
+        if (S > 1) memcpy(s.cuts, cuts0, (S - 1) * sizeof(int32_t));
+        for (int32_t j = 0; j < n; j++) solution[j] = -1;
+        status = solve_parts(&s, 0, S);
+    }
+    *nodes_out = s.nodes;
+    free(s.minoff); free(s.eff); free(s.low_of); free(s.strand); free(s.total); free(s.cuts); free(s.placed);
+    free(s.cand); free(s.undo);
+    return status;
+}
+"""
+_C_FOUND, _C_NOT_FOUND, _C_LIMIT, _C_TIMEOUT, _C_STOPPED = range(5)
+_TABLE_SLOTS = 1 << 18  # failed states kept per order (8 MiB); a full table evicts
+_NATIVE_MAX_BUFFERS = 20000  # recursion depth grows with the buffers: stay far from a thread's C stack
+
+
+@functools.lru_cache(maxsize=1)
+def _native_kernel():
+    """The compiled search, or None when no C compiler (or no writable cache) is available."""
+    from hetflow.calibrate import cache_dir
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    digest = hashlib.sha256(_KERNEL_C.encode()).hexdigest()[:12]
+    library = cache_dir() / f"memplan-{digest}.so"
+    try:
+        if not library.exists():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            stamp = time.monotonic_ns()
+            source = library.with_suffix(f".{stamp}.c")
+            partial = library.with_suffix(f".{stamp}.tmp")
+            source.write_text(_KERNEL_C)
+            try:
+                result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)],
+                                        capture_output=True, text=True, timeout=120)
+            finally:
+                source.unlink(missing_ok=True)
+            if result.returncode != 0:
+                partial.unlink(missing_ok=True)
+                return None
+            partial.replace(library)
+        function = ctypes.CDLL(str(library)).hetflow_memplan_search  # releases the interpreter lock
+    except (OSError, subprocess.SubprocessError):
+        return None
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    function.restype = ctypes.c_int
+    function.argtypes = [i32, i32, i64, i64] + [ptr] * 12 + [ptr, i64, i64, ctypes.c_double, ptr, ptr, ptr]
+    return function
+
+
+def native_available() -> bool:
+    """Whether the compiled search can run here (else ``fit`` searches in Python)."""
+    return _native_kernel() is not None
+
+
+class _Native:
+    """The instance's arrays laid out for the C search."""
+
+    def __init__(self, kernel, inst: _Instance, stop: _Stop):
+        self.kernel, self.inst, self.stop = kernel, inst, stop
+        i32 = np.int32
+        adj = inst.adj
+        self.nbr_start = np.zeros(inst.n + 1, dtype=i32)
+        np.cumsum(adj.sum(axis=1), out=self.nbr_start[1:])
+        self.nbr = np.ascontiguousarray(np.nonzero(adj)[1], dtype=i32)
+        self.sec_start = np.zeros(inst.S + 1, dtype=i32)
+        np.cumsum(inst.member.sum(axis=1), out=self.sec_start[1:])
+        self.sec_mem = np.ascontiguousarray(np.nonzero(inst.member)[1], dtype=i32)
+        self.slo = np.ascontiguousarray(inst.slo, dtype=i32)
+        self.shi = np.ascontiguousarray(inst.shi, dtype=i32)
+        self.size = np.ascontiguousarray(inst.sizes, dtype=np.int64)
+        self.first_of = np.ascontiguousarray(inst.first_of, dtype=i32)
+        self.twin_prev = np.ascontiguousarray(inst.twin_prev, dtype=i32)
+        cuts = np.zeros(max(inst.S - 1, 1), dtype=i32)
+        for a, b in zip(inst.slo.tolist(), inst.shi.tolist()):
+            cuts[a:b - 1] += 1
+        self.cuts = cuts
+        self.total = np.ascontiguousarray(inst.section_total, dtype=np.int64)
+        self.solution = np.full(inst.n, -1, dtype=np.int64)
+
+    def table(self):
+        """An empty table of failed states for one order (kept across its restarts)."""
+        return np.zeros((_TABLE_SLOTS, 4), dtype=np.int64)
+
+    def run(self, rank, table, node_limit, seconds):
+        """(status, nodes) of one search under one order and node limit."""
+        inst = self.inst
+        rank = np.ascontiguousarray(rank, dtype=np.int64)
+        nodes = np.zeros(1, dtype=np.int64)
+        p = lambda a: a.ctypes.data  # noqa: E731
+        status = self.kernel(inst.n, inst.S, inst.capacity, inst.alignment,
+                             p(self.slo), p(self.shi), p(self.size), p(self.first_of), p(self.twin_prev),
+                             p(self.nbr_start), p(self.nbr), p(self.sec_start), p(self.sec_mem), p(rank), p(self.cuts), p(self.total),
+                             p(table), len(table),
+                             node_limit, max(seconds, 0.0), p(self.stop.flag), p(self.solution), p(nodes))
+        if status > _C_STOPPED:
+            raise MemoryError("memplan search: out of memory")
+        return status, int(nodes[0])
+
+
+def _round_robin(inst, deadline, stop, heuristics, stats, native=None):
     """MiniMalloc's restarts: each order in turn, the node limit doubling."""
     ranks = [inst.rank(h) for h in heuristics]
+    kernel = _native_kernel() if native is not False and inst.n <= _NATIVE_MAX_BUFFERS else None
+    if native and kernel is None:
+        raise RuntimeError("the compiled memplan search is not available here")
+    stats["engine"] = "native" if kernel is not None else "python"
+    if kernel is not None:
+        runner = _Native(kernel, inst, stop)
+        tables = [runner.table() for _ in ranks]
+        limit = inst.n
+        while True:
+            limit *= 2
+            for rank, table in zip(ranks, tables):
+                status, nodes = runner.run(rank, table, limit, deadline - time.perf_counter())
+                stats["nodes"] = stats.get("nodes", 0) + nodes
+                if status == _C_LIMIT:
+                    continue
+                if status == _C_TIMEOUT:
+                    raise SearchTimeout()
+                if status == _C_STOPPED:
+                    raise _Stopped()
+                return None if status == _C_NOT_FOUND else runner.solution.copy()
     tables = [{} for _ in heuristics]
     limit = inst.n
     while True:
@@ -315,11 +735,13 @@ class _SectionModel:
 
 
 def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
-        workers=2, heuristics=HEURISTICS, stats=None):
+        workers=2, heuristics=HEURISTICS, stats=None, native=None):
     """Offsets (multiples of alignment) that fit capacity, or None when none exist.
 
     Raises SearchTimeout when neither the search nor CP-SAT answers in time.
     ``workers`` > 1 runs CP-SAT in a second thread beside the search.
+    ``native``: None runs the compiled search where it is available, else the
+    Python one; False always runs Python; True requires the compiled one.
     """
     stats = {} if stats is None else stats
     n = len(sizes)
@@ -330,7 +752,7 @@ def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
     if int(inst.sizes.max()) > inst.capacity:
         return None
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * n + 1000))
-    stop = threading.Event()
+    stop = _Stop()
     side = None
     if workers > 1:
         side = _SectionModel(inst)
@@ -343,7 +765,7 @@ def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
         thread = threading.Thread(target=run_side, daemon=True)
         thread.start()
     try:
-        found = _round_robin(inst, deadline, stop, heuristics, stats)
+        found = _round_robin(inst, deadline, stop, heuristics, stats, native)
         stats["by"] = "search"
         return None if found is None else inst.offsets(found)
     except _Stopped:

@@ -296,3 +296,74 @@ def test_public_instance_fits():
     plan = solve(bufs, capacity=1048576, time_limit_s=60)
     check_plan(bufs, plan, capacity=1048576)
     assert plan.peak == 1048576 == plan.lower_bound
+
+
+# ---------------------------------------------------------------- the search alone (no CP-SAT beside it)
+
+from hetflow.passes import memplan_search  # noqa: E402
+
+ENGINES = [False] + ([True] if memplan_search.native_available() else [])
+
+
+def _fit(bufs, capacity, alignment=1, native=False, stats=None):
+    live = [b for b in bufs if b.size > 0]
+    found = memplan_search.fit([b.lower for b in live], [b.upper for b in live], [b.size for b in live],
+                               capacity, alignment, time_limit=30, workers=1, native=native, stats=stats)
+    if found is None:
+        return None
+    return {b.id: 0 for b in bufs} | {b.id: off for b, off in zip(live, found)}
+
+
+def _optimum(bufs, alignment):
+    cp = solve(bufs, method="cpsat", alignment=alignment, time_limit_s=10)
+    return cp.peak if cp.optimal else None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(max_buffers=12), st.sampled_from([1, 1, 4]))
+def test_property_search_alone_fits_the_optimum_and_proves_below_it(bufs, alignment):
+    # Every pruning rule (canonical order, dominance, stranded buffers, hatless
+    # buffers, identical buffers, the failed-state table) must keep a plan at the
+    # optimum and find none below it; CP-SAT does not run beside the search here.
+    opt = _optimum(bufs, alignment)
+    if opt is None or opt == 0:
+        return
+    for native in ENGINES:
+        plan = _fit(bufs, opt, alignment, native)
+        assert plan is not None, f"native={native}: no plan at the optimum {opt}"
+        check_plan(bufs, plan, capacity=opt, alignment=alignment)
+        assert _fit(bufs, opt - 1, alignment, native) is None, f"native={native}: a plan below the optimum"
+
+
+@pytest.mark.skipif(len(ENGINES) < 2, reason="no C compiler: only the Python search runs")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(max_buffers=14), st.integers(0, 12))
+def test_property_compiled_and_python_search_walk_the_same_tree(bufs, slack):
+    cap = lower_bound(bufs) + slack
+    if cap == 0:
+        return
+    results = []
+    for native in (False, True):
+        stats = {}
+        plan = _fit(bufs, cap, 1, native, stats)
+        if plan is not None:
+            check_plan(bufs, plan, capacity=cap)
+        results.append((plan, stats["nodes"], stats["engine"]))
+    (py, py_nodes, py_engine), (c, c_nodes, c_engine) = results
+    assert (py_engine, c_engine) == ("python", "native")
+    assert py == c and py_nodes == c_nodes
+
+
+def test_native_false_runs_python_and_both_find_the_same_plan_on_a_public_instance():
+    path = BENCH / "C.1048576.csv"
+    if not path.exists():
+        pytest.skip("benchmark instances not present")
+    bufs = read_csv(path)
+    plans = []
+    for native in ENGINES:
+        stats = {}
+        plan = _fit(bufs, 1048576, 1, native, stats)
+        check_plan(bufs, plan, capacity=1048576)
+        assert stats["engine"] == ("native" if native else "python")
+        plans.append((plan, stats["nodes"]))
+    assert all(p == plans[0] for p in plans)
