@@ -299,6 +299,9 @@ typedef struct {
     int64_t *minoff, *total, *solution, *eff, *low_of;
     int32_t *cuts, *strand, hint;
     int64_t *table, table_mask;  /* failed states: (key1, key2, o, r) per slot */
+    /* each section's unplaced buffers first in its slice of sec_list (sec_count of
+       them); pos[pair_start[j] + t - slo[j]] is where buffer j sits in section t's */
+    int32_t *sec_list, *sec_count, *pos, *pair_start;
     char *placed;
     int64_t nodes, limit;
     double deadline;
@@ -335,12 +338,27 @@ static int reserve_undo(Search *s, int64_t more) {
    C - total[t] (eff[] holds their lowest offsets). Stops at the first that does not. */
 static int section_fails(const Search *s, int32_t t) {
     int64_t room = s->C - s->total[t];
-    if (s->total[t] == 0) return 0;
-    for (int32_t m = s->sec_start[t]; m < s->sec_start[t + 1]; m++) {
-        int32_t j = s->sec_mem[m];
-        if (!s->placed[j] && s->eff[j] <= room) return 0;
+    const int32_t *m = s->sec_list + s->sec_start[t];
+    for (int32_t i = 0, k = s->sec_count[t]; i < k; i++)
+        if (s->eff[m[i]] <= room) return 0;
+    return s->sec_count[t] > 0;
+}
+
+/* Take buffer c out of (or, undoing the last take, back into) its sections' lists. */
+static void take(Search *s, int32_t c) {
+    for (int32_t t = s->slo[c]; t < s->shi[c]; t++) {
+        int32_t *m = s->sec_list + s->sec_start[t];
+        int32_t p = s->pos[s->pair_start[c] + t - s->slo[c]], last = --s->sec_count[t];
+        int32_t other = m[last];
+        m[p] = other;
+        s->pos[s->pair_start[other] + t - s->slo[other]] = p;
+        m[last] = c;
+        s->pos[s->pair_start[c] + t - s->slo[c]] = last;
     }
-    return 1;
+}
+
+static void put_back(Search *s, int32_t c) {
+    for (int32_t t = s->slo[c]; t < s->shi[c]; t++) s->sec_count[t]++;
 }
 
 /* Section inference after placing a buffer at o with rank r (see _Search._feasible).
@@ -501,6 +519,7 @@ static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_
         if (!over) {
             int32_t lo = s->slo[c], hi = s->shi[c], cut = 0;
             s->placed[c] = 1;
+            take(s, c);
             for (int32_t t = lo; t < hi; t++) s->total[t] -= s->size[c];
             for (int32_t t = lo; t < hi - 1; t++) cut |= (--s->cuts[t] == 0);
             s->solution[c] = x;
@@ -508,6 +527,7 @@ static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_
                 st = cut ? solve_parts(s, s0, s1) : dfs(s, s0, s1, b0, b1, x, s->rank[c]);
             for (int32_t t = lo; t < hi - 1; t++) s->cuts[t]++;
             for (int32_t t = lo; t < hi; t++) s->total[t] += s->size[c];
+            put_back(s, c);
             s->placed[c] = 0;
         }
         while (s->undo_top > u0) {
@@ -550,15 +570,30 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
     s.total = malloc(S * sizeof(int64_t));
     s.cuts = malloc((S > 1 ? S - 1 : 1) * sizeof(int32_t));
     s.placed = calloc(n, 1);
+    int64_t pairs = sec_start[S];
+    s.sec_list = malloc((pairs > 0 ? pairs : 1) * sizeof(int32_t));
+    s.pos = malloc((pairs > 0 ? pairs : 1) * sizeof(int32_t));
+    s.sec_count = malloc(S * sizeof(int32_t));
+    s.pair_start = malloc(((size_t)n + 1) * sizeof(int32_t));
     int status = NOMEM;
-    if (s.minoff && s.eff && s.low_of && s.strand && s.total && s.cuts && s.placed && reserve_cand(&s, n) && reserve_undo(&s, n)) {
+    if (s.minoff && s.eff && s.low_of && s.strand && s.sec_list && s.pos && s.sec_count && s.pair_start && s.total && s.cuts && s.placed && reserve_cand(&s, n) && reserve_undo(&s, n)) {
         memcpy(s.total, total0, S * sizeof(int64_t));
         if (S > 1) memcpy(s.cuts, cuts0, (S - 1) * sizeof(int32_t));
         for (int32_t j = 0; j < n; j++) solution[j] = -1;
+        s.pair_start[0] = 0;
+        for (int32_t j = 0; j < n; j++) s.pair_start[j + 1] = s.pair_start[j] + shi[j] - slo[j];
+        for (int32_t t = 0; t < S; t++) s.sec_count[t] = 0;
+        for (int32_t j = 0; j < n; j++)
+            for (int32_t t = slo[j]; t < shi[j]; t++) {
+                int32_t p = s.sec_count[t]++;
+                s.sec_list[sec_start[t] + p] = j;
+                s.pos[s.pair_start[j] + t - slo[j]] = p;
+            }
         status = solve_parts(&s, 0, S);
     }
     *nodes_out = s.nodes;
-    free(s.minoff); free(s.eff); free(s.low_of); free(s.strand); free(s.total); free(s.cuts); free(s.placed);
+    free(s.minoff); free(s.eff); free(s.low_of); free(s.strand);
+    free(s.sec_list); free(s.pos); free(s.sec_count); free(s.pair_start); free(s.total); free(s.cuts); free(s.placed);
     free(s.cand); free(s.undo);
     return status;
 }
