@@ -19,16 +19,20 @@ depth-first search over canonical sequences is complete. It prunes with:
 - dominance: no buffer is placed at or above the top of the lowest slot still
   free for another unplaced buffer; identical buffers go in index order;
 - decomposition: when no unplaced buffer crosses a section boundary, the two
-  sides are solved apart;
+  sides are solved apart, each under an order made afresh (as MiniMalloc's
+  dynamic decomposition does): T counts the unplaced buffers only, so a part
+  starts with the buffers of its now most crowded sections. Without this the
+  search can thrash for minutes in a part split off early (MiniMalloc's
+  instance I: millions of nodes, against 2,641 with it);
 - a table of failed states (the unplaced buffers and their ``minoff``).
 
-Static orders (the tie-breaking rank) are tried round-robin under a doubling
-node limit, as MiniMalloc does. The search runs compiled (a C version of
-``_Search``, built with the system's C compiler on first use and cached; it
-visits the same nodes, a few hundred times faster) and falls back to the Python
-``_Search`` where no compiler is available. ``fit`` runs this search and, on a second core,
-CP-SAT with one NoOverlap per section (which refutes some dead ends that the
-search only finds by enumeration); the first answer wins.
+Static orders (the tie-breaking rank; ties go by input order) are tried
+round-robin under a doubling node limit, as MiniMalloc does. The search runs
+compiled where it can (``_KERNEL_C``, a C version of ``_Search`` built with the
+system's C compiler on first use and cached: it visits the same nodes, some 20
+to 100 times faster) and in Python otherwise. ``fit`` runs it and, on a second
+core, CP-SAT with one NoOverlap per section (which refutes some dead ends that
+the search only finds by enumeration); the first answer wins.
 """
 from __future__ import annotations
 
@@ -141,9 +145,12 @@ class _Instance:
 class _Search:
     """One depth-first search under one static order and one node limit."""
 
-    def __init__(self, inst: _Instance, rank, deadline, node_limit, table, stop):
+    def __init__(self, inst: _Instance, rank, deadline, node_limit, table, stop, heuristic="", dynamic=True):
         self.inst = inst
-        self.rank = rank
+        self.rank = np.array(rank, dtype=np.int64)  # the current part's order (see solve_parts)
+        self.heuristic = heuristic
+        self.dynamic = dynamic
+        self.epoch = None  # the state the current part's order was made in (part of table keys)
         self.deadline = deadline
         self.node_limit = node_limit
         self.table = table
@@ -168,9 +175,43 @@ class _Search:
             b0, b1 = inst.first_of[a], inst.first_of[b]
             if self.placed[b0:b1].all():
                 continue
-            if self.dfs(a, b, b0, b1, -1, -1) != FOUND:
+            if not self.dynamic:
+                if self.dfs(a, b, b0, b1, -1, -1) != FOUND:
+                    return NOT_FOUND
+                continue
+            idx, saved, epoch = self._order_part(b0, b1)
+            try:
+                status = self.dfs(a, b, b0, b1, -1, -1)
+            finally:
+                self.rank[idx] = saved
+                self.epoch = epoch
+            if status != FOUND:
                 return NOT_FOUND
         return FOUND
+
+    def _order_part(self, b0, b1):
+        """Order the unplaced buffers of [b0, b1) afresh, T counting unplaced buffers only.
+
+        MiniMalloc sorts each part that a placement splits off anew: the section
+        totals have dropped by then, so T (the largest total among a buffer's
+        sections) says which buffers are still in the most crowded sections.
+        Returns what to restore: the buffers, their old ranks, the old epoch.
+        """
+        inst = self.inst
+        unpl = ~self.placed[b0:b1]
+        idx = np.flatnonzero(unpl) + b0
+        total, slo, shi = self.total, inst.slo, inst.shi
+        tkey = np.array([total[slo[j]:shi[j]].max() for j in idx.tolist()], dtype=np.int64)
+        sizes = inst.sizes[idx].astype(np.int64)
+        width = inst.width[idx].astype(np.int64)
+        keys = {"T": tkey, "W": width, "A": width * sizes, "Z": sizes}
+        cols = [inst.perm[idx]] + [-keys[c] for c in reversed(self.heuristic)]
+        order = np.lexsort(tuple(cols))
+        saved, epoch = self.rank[idx].copy(), self.epoch
+        self.rank[idx[order]] = np.arange(len(idx))
+        # the table compares positions (o, rank): only those made under the same order
+        self.epoch = (b0, b1, unpl.tobytes(), (self.minoff[b0:b1] * unpl).tobytes())
+        return idx, saved, epoch
 
     def dfs(self, s0, s1, b0, b1, o, r):
         """Place the rest of buffers [b0, b1) canonically after position (o, r)."""
@@ -186,7 +227,7 @@ class _Search:
         if not unpl.any():
             return FOUND
         mo = self.minoff[b0:b1]
-        key = (b0, b1, unpl.tobytes(), (mo * unpl).tobytes())
+        key = (self.epoch, b0, b1, unpl.tobytes(), (mo * unpl).tobytes())
         prev = self.table.get(key)
         if prev is not None and (o, r) >= prev:
             return NOT_FOUND
@@ -295,7 +336,10 @@ typedef struct {
     int32_t n, S;
     int64_t C, align;
     const int32_t *slo, *shi, *first_of, *twin_prev, *nbr_start, *nbr, *sec_start, *sec_mem;
-    const int64_t *size, *rank;
+    const int64_t *size, *width, *orig;
+    int64_t *rank, *tkey;       /* rank: the order of the current part (see solve_parts) */
+    int32_t heur[4], dynamic;   /* heuristic letters as codes: 0 T, 1 W, 2 A, 3 Z, -1 none */
+    uint64_t epoch;             /* names the state the current part's order was made in */
     int64_t *minoff, *total, *solution, *eff, *low_of;
     int32_t *cuts, *strand, hint;
     int64_t *table, table_mask;  /* failed states: (key1, key2, o, r) per slot */
@@ -423,6 +467,33 @@ static int64_t table_find(const Search *s, uint64_t k1, uint64_t k2, int64_t *fr
 
 static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_t o, int64_t r);
 
+static __thread Search *sort_ctx;
+
+static int64_t order_key(const Search *s, int32_t j, int32_t code) {
+    switch (code) {
+        case 0: return s->tkey[j];
+        case 1: return s->width[j];
+        case 2: return s->width[j] * s->size[j];
+        default: return s->size[j];
+    }
+}
+
+static int by_order(const void *pa, const void *pb) {
+    const Search *s = sort_ctx;
+    int32_t a = *(const int32_t *)pa, b = *(const int32_t *)pb;
+    for (int i = 0; i < 4 && s->heur[i] >= 0; i++) {
+        int64_t ka = order_key(s, a, s->heur[i]), kb = order_key(s, b, s->heur[i]);
+        if (ka != kb) return ka > kb ? -1 : 1;
+    }
+    return s->orig[a] < s->orig[b] ? -1 : s->orig[a] > s->orig[b];
+}
+
+static void state_key(const Search *s, int32_t b0, int32_t b1, uint64_t *k1, uint64_t *k2);
+
+/* Solve the unplaced buffers of sections [s0, s1), split where no unplaced
+   buffer crosses. With s->dynamic, each part is searched under its own order,
+   its T (the largest total of a buffer's sections) counting unplaced buffers
+   only, as MiniMalloc re-sorts each part it decomposes. */
 static int solve_parts(Search *s, int32_t s0, int32_t s1) {
     int32_t a = s0;
     for (int32_t t = s0; t < s1; t++) {
@@ -430,12 +501,57 @@ static int solve_parts(Search *s, int32_t s0, int32_t s1) {
         int32_t b = t + 1, b0 = s->first_of[a], b1 = s->first_of[b], open = 0;
         for (int32_t j = b0; j < b1 && !open; j++) open = !s->placed[j];
         if (open) {
+            int32_t *members = NULL, k = 0;
+            int64_t *saved = NULL;
+            uint64_t epoch = s->epoch;
+            if (s->dynamic) {
+                members = malloc((b1 - b0) * sizeof *members);
+                saved = malloc((b1 - b0) * sizeof *saved);
+                if (!members || !saved) { free(members); free(saved); return NOMEM; }
+                for (int32_t j = b0; j < b1; j++) {
+                    if (s->placed[j]) continue;
+                    int64_t most = 0;
+                    for (int32_t u = s->slo[j]; u < s->shi[j]; u++)
+                        if (s->total[u] > most) most = s->total[u];
+                    s->tkey[j] = most;
+                    members[k] = j;
+                    saved[k++] = s->rank[j];
+                }
+                sort_ctx = s;
+                qsort(members, k, sizeof *members, by_order);
+                for (int32_t i = 0; i < k; i++) s->rank[members[i]] = i;
+                uint64_t k1, k2;
+                state_key(s, b0, b1, &k1, &k2);
+                s->epoch = k1 ^ (k2 >> 1);
+            }
             int st = dfs(s, a, b, b0, b1, -1, -1);
+            if (s->dynamic) {
+                /* saved[] follows the unsorted order: walk it again */
+                int32_t i = 0;
+                for (int32_t j = b0; j < b1; j++)
+                    if (!s->placed[j]) s->rank[j] = saved[i++];
+                s->epoch = epoch;
+                free(members); free(saved);
+            }
             if (st != FOUND) return st;
         }
         a = b;
     }
     return FOUND;
+}
+
+/* Two independent 64-bit hashes of a state: the unplaced buffers of [b0, b1),
+   their minoff, and the order in force (epoch). */
+static void state_key(const Search *s, int32_t b0, int32_t b1, uint64_t *k1, uint64_t *k2) {
+    uint64_t h1 = mix((((uint64_t)b0 << 32) | (uint32_t)b1) ^ s->epoch), h2 = mix(h1 ^ 0x5bd1e995ULL ^ (s->epoch << 1));
+    for (int32_t j = b0; j < b1; j++) {
+        if (s->placed[j]) continue;
+        uint64_t v = ((uint64_t)j << 40) ^ (uint64_t)s->minoff[j];
+        h1 += mix(v);
+        h2 ^= mix(v ^ 0xc2b2ae3d27d4eb4fULL);
+    }
+    *k1 = h1 | 1;  /* never the empty slot */
+    *k2 = h2;
 }
 
 static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_t o, int64_t r) {
@@ -452,14 +568,8 @@ static int dfs(Search *s, int32_t s0, int32_t s1, int32_t b0, int32_t b1, int64_
         if (s->minoff[j] + s->size[j] < min_height) min_height = s->minoff[j] + s->size[j];
     }
     if (!any) return FOUND;
-    uint64_t k1 = mix(((uint64_t)b0 << 32) | (uint32_t)b1), k2 = mix(k1 ^ 0x5bd1e995ULL);
-    for (int32_t j = b0; j < b1; j++) {
-        if (s->placed[j]) continue;
-        uint64_t v = ((uint64_t)j << 40) ^ (uint64_t)s->minoff[j];
-        k1 += mix(v);
-        k2 ^= mix(v ^ 0xc2b2ae3d27d4eb4fULL);
-    }
-    k1 |= 1;  /* never the empty slot */
+    uint64_t k1, k2;
+    state_key(s, b0, b1, &k1, &k2);
     int64_t slot = -1, free_slot = -1;
     if (s->table) {
         slot = table_find(s, k1, k2, &free_slot);
@@ -550,6 +660,7 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
                            const int32_t *first_of, const int32_t *twin_prev,
                            const int32_t *nbr_start, const int32_t *nbr,
                            const int32_t *sec_start, const int32_t *sec_mem, const int64_t *rank,
+                           const int64_t *width, const int64_t *orig, const int32_t *heur, int32_t dynamic,
                            const int32_t *cuts0, const int64_t *total0,
                            int64_t *table, int64_t table_slots,
                            int64_t node_limit, double seconds, volatile int32_t *stop,
@@ -559,7 +670,12 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
     s.n = n; s.S = S; s.C = C; s.align = align;
     s.slo = slo; s.shi = shi; s.size = size; s.first_of = first_of; s.twin_prev = twin_prev;
     s.nbr_start = nbr_start; s.nbr = nbr; s.sec_start = sec_start; s.sec_mem = sec_mem;
-    s.rank = rank; s.hint = -1;
+    s.hint = -1;
+    s.width = width; s.orig = orig; s.dynamic = dynamic;
+    for (int i = 0; i < 4; i++) s.heur[i] = heur[i];
+    s.rank = malloc((size_t)n * sizeof(int64_t));
+    s.tkey = calloc(n, sizeof(int64_t));
+    if (s.rank) memcpy(s.rank, rank, (size_t)n * sizeof(int64_t));
     s.table = table_slots > 0 ? table : NULL; s.table_mask = table_slots - 1;
     s.limit = node_limit; s.deadline = now() + seconds; s.stop = stop;
     s.solution = solution;
@@ -576,7 +692,7 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
     s.sec_count = malloc(S * sizeof(int32_t));
     s.pair_start = malloc(((size_t)n + 1) * sizeof(int32_t));
     int status = NOMEM;
-    if (s.minoff && s.eff && s.low_of && s.strand && s.sec_list && s.pos && s.sec_count && s.pair_start && s.total && s.cuts && s.placed && reserve_cand(&s, n) && reserve_undo(&s, n)) {
+    if (s.rank && s.tkey && s.minoff && s.eff && s.low_of && s.strand && s.sec_list && s.pos && s.sec_count && s.pair_start && s.total && s.cuts && s.placed && reserve_cand(&s, n) && reserve_undo(&s, n)) {
         memcpy(s.total, total0, S * sizeof(int64_t));
         if (S > 1) memcpy(s.cuts, cuts0, (S - 1) * sizeof(int32_t));
         for (int32_t j = 0; j < n; j++) solution[j] = -1;
@@ -592,7 +708,7 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
         status = solve_parts(&s, 0, S);
     }
     *nodes_out = s.nodes;
-    free(s.minoff); free(s.eff); free(s.low_of); free(s.strand);
+    free(s.rank); free(s.tkey); free(s.minoff); free(s.eff); free(s.low_of); free(s.strand);
     free(s.sec_list); free(s.pos); free(s.sec_count); free(s.pair_start); free(s.total); free(s.cuts); free(s.placed);
     free(s.cand); free(s.undo);
     return status;
@@ -633,7 +749,8 @@ def _native_kernel():
         return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     function.restype = ctypes.c_int
-    function.argtypes = [i32, i32, i64, i64] + [ptr] * 12 + [ptr, i64, i64, ctypes.c_double, ptr, ptr, ptr]
+    function.argtypes = ([i32, i32, i64, i64] + [ptr] * 13 + [i32] + [ptr] * 3
+                          + [i64, i64, ctypes.c_double] + [ptr] * 3)
     return function
 
 
@@ -666,20 +783,26 @@ class _Native:
         self.cuts = cuts
         self.total = np.ascontiguousarray(inst.section_total, dtype=np.int64)
         self.solution = np.full(inst.n, -1, dtype=np.int64)
+        self.width = np.ascontiguousarray(inst.width, dtype=np.int64)
+        self.orig = np.ascontiguousarray(inst.perm, dtype=np.int64)
 
     def table(self):
         """An empty table of failed states for one order (kept across its restarts)."""
         return np.zeros((_TABLE_SLOTS, 4), dtype=np.int64)
 
-    def run(self, rank, table, node_limit, seconds):
+    def run(self, rank, table, node_limit, seconds, heuristic="", dynamic=True):
         """(status, nodes) of one search under one order and node limit."""
         inst = self.inst
         rank = np.ascontiguousarray(rank, dtype=np.int64)
+        heur = np.full(4, -1, dtype=np.int32)
+        codes = [ "TWAZ".index(ch) for ch in heuristic[:4]]
+        heur[:len(codes)] = codes
         nodes = np.zeros(1, dtype=np.int64)
         p = lambda a: a.ctypes.data  # noqa: E731
         status = self.kernel(inst.n, inst.S, inst.capacity, inst.alignment,
                              p(self.slo), p(self.shi), p(self.size), p(self.first_of), p(self.twin_prev),
-                             p(self.nbr_start), p(self.nbr), p(self.sec_start), p(self.sec_mem), p(rank), p(self.cuts), p(self.total),
+                             p(self.nbr_start), p(self.nbr), p(self.sec_start), p(self.sec_mem), p(rank),
+                             p(self.width), p(self.orig), p(heur), int(dynamic), p(self.cuts), p(self.total),
                              p(table), len(table),
                              node_limit, max(seconds, 0.0), p(self.stop.flag), p(self.solution), p(nodes))
         if status > _C_STOPPED:
@@ -700,8 +823,9 @@ def _round_robin(inst, deadline, stop, heuristics, stats, native=None):
         limit = inst.n
         while True:
             limit *= 2
-            for rank, table in zip(ranks, tables):
-                status, nodes = runner.run(rank, table, limit, deadline - time.perf_counter())
+            for heuristic, rank, table in zip(heuristics, ranks, tables):
+                status, nodes = runner.run(rank, table, limit, deadline - time.perf_counter(),
+                                           heuristic, dynamic=True)
                 stats["nodes"] = stats.get("nodes", 0) + nodes
                 if status == _C_LIMIT:
                     continue
@@ -714,8 +838,8 @@ def _round_robin(inst, deadline, stop, heuristics, stats, native=None):
     limit = inst.n
     while True:
         limit *= 2
-        for rank, table in zip(ranks, tables):
-            s = _Search(inst, rank, deadline, limit, table, stop)
+        for heuristic, rank, table in zip(heuristics, ranks, tables):
+            s = _Search(inst, rank, deadline, limit, table, stop, heuristic)
             try:
                 status = s.solve_parts(0, inst.S)
             except _NodeLimit:
