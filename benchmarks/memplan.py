@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from hetflow.passes import memplan_search
 from hetflow.passes.memplan import InfeasibleError, check_plan, lower_bound, read_csv, solve
 
 CAPACITY = 1_048_576
@@ -56,8 +57,9 @@ def main(argv=None) -> int:
     if not files:
         print(f"no instances in {args.dir}", file=sys.stderr)
         return 1
-    print(f"capacity {CAPACITY:,} bytes; {os.cpu_count()} cores; "
-          f"CP-SAT limit {args.cpsat_limit:g} s, exact limit {args.exact_limit:g} s")
+    engine = "compiled" if memplan_search.native_available() else "Python (no C compiler)"
+    print(f"capacity {CAPACITY:,} bytes; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}; "
+          f"CP-SAT limit {args.cpsat_limit:g} s, exact limit {args.exact_limit:g} s; exact search: {engine}")
     header = (f"{'inst':4} {'buffers':>7} {'lower bound':>11}  {'greedy peak fits':>22}  "
               f"{'cpsat peak fits time':>22}  {'exact peak fits time':>22}")
     print(header)

@@ -12,8 +12,9 @@ Methods:
 - ``cpsat``: OR-Tools CP-SAT with NoOverlap2D over time x address, hinted with
   the greedy plan.
 - ``exact`` (default): a search over canonical plans after MiniMalloc, with CP-SAT
-  beside it (``memplan_search``); without a capacity it bisects the peak between
-  the lower bound and the greedy peak.
+  beside it (``memplan_search``; the search runs compiled where a C compiler is
+  available, in Python otherwise); without a capacity it bisects the peak
+  between the lower bound and the greedy peak.
 
 Every plan is checked, never worse than greedy, and reports the lower bound
 (the most bytes live at once) beside its peak.

@@ -335,7 +335,7 @@ enum { FOUND = 0, NOT_FOUND = 1, LIMIT = 2, TIMEOUT = 3, STOPPED = 4, NOMEM = 5 
 typedef struct {
     int32_t n, S;
     int64_t C, align;
-    const int32_t *slo, *shi, *first_of, *twin_prev, *nbr_start, *nbr, *sec_start, *sec_mem;
+    const int32_t *slo, *shi, *first_of, *twin_prev, *nbr_start, *nbr, *sec_start;
     const int64_t *size, *width, *orig;
     int64_t *rank, *tkey;       /* rank: the order of the current part (see solve_parts) */
     int32_t heur[4], dynamic;   /* heuristic letters as codes: 0 T, 1 W, 2 A, 3 Z, -1 none */
@@ -659,7 +659,7 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
                            const int32_t *slo, const int32_t *shi, const int64_t *size,
                            const int32_t *first_of, const int32_t *twin_prev,
                            const int32_t *nbr_start, const int32_t *nbr,
-                           const int32_t *sec_start, const int32_t *sec_mem, const int64_t *rank,
+                           const int32_t *sec_start, const int64_t *rank,
                            const int64_t *width, const int64_t *orig, const int32_t *heur, int32_t dynamic,
                            const int32_t *cuts0, const int64_t *total0,
                            int64_t *table, int64_t table_slots,
@@ -669,7 +669,7 @@ int hetflow_memplan_search(int32_t n, int32_t S, int64_t C, int64_t align,
     memset(&s, 0, sizeof s);
     s.n = n; s.S = S; s.C = C; s.align = align;
     s.slo = slo; s.shi = shi; s.size = size; s.first_of = first_of; s.twin_prev = twin_prev;
-    s.nbr_start = nbr_start; s.nbr = nbr; s.sec_start = sec_start; s.sec_mem = sec_mem;
+    s.nbr_start = nbr_start; s.nbr = nbr; s.sec_start = sec_start;
     s.hint = -1;
     s.width = width; s.orig = orig; s.dynamic = dynamic;
     for (int i = 0; i < 4; i++) s.heur[i] = heur[i];
@@ -749,7 +749,7 @@ def _native_kernel():
         return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     function.restype = ctypes.c_int
-    function.argtypes = ([i32, i32, i64, i64] + [ptr] * 13 + [i32] + [ptr] * 3
+    function.argtypes = ([i32, i32, i64, i64] + [ptr] * 12 + [i32] + [ptr] * 3
                           + [i64, i64, ctypes.c_double] + [ptr] * 3)
     return function
 
@@ -771,7 +771,6 @@ class _Native:
         self.nbr = np.ascontiguousarray(np.nonzero(adj)[1], dtype=i32)
         self.sec_start = np.zeros(inst.S + 1, dtype=i32)
         np.cumsum(inst.member.sum(axis=1), out=self.sec_start[1:])
-        self.sec_mem = np.ascontiguousarray(np.nonzero(inst.member)[1], dtype=i32)
         self.slo = np.ascontiguousarray(inst.slo, dtype=i32)
         self.shi = np.ascontiguousarray(inst.shi, dtype=i32)
         self.size = np.ascontiguousarray(inst.sizes, dtype=np.int64)
@@ -801,7 +800,7 @@ class _Native:
         p = lambda a: a.ctypes.data  # noqa: E731
         status = self.kernel(inst.n, inst.S, inst.capacity, inst.alignment,
                              p(self.slo), p(self.shi), p(self.size), p(self.first_of), p(self.twin_prev),
-                             p(self.nbr_start), p(self.nbr), p(self.sec_start), p(self.sec_mem), p(rank),
+                             p(self.nbr_start), p(self.nbr), p(self.sec_start), p(rank),
                              p(self.width), p(self.orig), p(heur), int(dynamic), p(self.cuts), p(self.total),
                              p(table), len(table),
                              node_limit, max(seconds, 0.0), p(self.stop.flag), p(self.solution), p(nodes))

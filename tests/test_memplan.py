@@ -367,3 +367,30 @@ def test_native_false_runs_python_and_both_find_the_same_plan_on_a_public_instan
         assert stats["engine"] == ("native" if native else "python")
         plans.append((plan, stats["nodes"]))
     assert all(p == plans[0] for p in plans)
+
+
+@pytest.mark.skipif(not (BENCH / "I.1048576.csv").exists(), reason="benchmark instances not present")
+@pytest.mark.parametrize("native", ENGINES)
+def test_search_alone_fits_the_instance_that_needs_a_fresh_order_per_part(native):
+    # Instance I thrashes for millions of nodes in a part split off early unless
+    # each part is ordered afresh (T from the unplaced buffers' totals).
+    bufs = read_csv(BENCH / "I.1048576.csv")
+    stats = {}
+    plan = _fit(bufs, 1048576, 1, native, stats)
+    assert plan is not None and stats["by"] == "search"
+    check_plan(bufs, plan, capacity=1048576)
+
+
+def test_without_a_c_compiler_the_python_search_runs(monkeypatch):
+    monkeypatch.setattr(memplan_search.shutil, "which", lambda name: None)
+    memplan_search._native_kernel.cache_clear()
+    try:
+        assert not memplan_search.native_available()
+        stats = {}
+        plan = _fit(TRICKY, 9, 1, None, stats)
+        check_plan(TRICKY, plan, capacity=9)
+        assert stats["engine"] == "python"
+        with pytest.raises(RuntimeError, match="compiled memplan search is not available"):
+            _fit(TRICKY, 9, 1, True)
+    finally:
+        memplan_search._native_kernel.cache_clear()
