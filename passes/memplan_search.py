@@ -318,11 +318,15 @@ class _Search:
 
 # The same search in C: compiled with the system's C compiler on first use and cached
 # (as runtime/sync.py does); without a compiler the Python search above runs instead.
-# It keeps the rules of _Search (including the order of candidates, so it visits the
-# same tree) except the table of failed states, and adds one that _Search gets from
-# its stranded-buffer check: when a buffer with no unplaced neighbour (nothing can
-# ever be stacked on it, MiniMalloc's "hatless" case) fails, its later siblings fail
-# too, as it would stay stranded below them.
+# It keeps the rules of _Search and the order of candidates, so it visits the same
+# tree. Its table of failed states has a fixed size (a full slot is overwritten,
+# which only loses pruning) and names a state by two independent 64-bit hashes
+# instead of the state itself (a wrong prune would need both to collide). It stops
+# early on one rule that _Search gets from its stranded-buffer check: when a buffer
+# with no unplaced neighbour (nothing can ever be stacked on it, MiniMalloc's
+# "hatless" case) fails, its later siblings fail too, as it would stay stranded
+# below them. Section checks keep each section's unplaced buffers in a list and try
+# first the section that failed last and those of the buffers just raised.
 _KERNEL_C = r"""
 /* hetflow memplan: the canonical search of memplan_search.py in C (same rules). */
 #include <stdint.h>
