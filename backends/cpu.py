@@ -60,11 +60,12 @@ def lower_partition(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
             protos.append(node_to_onnx(op, ins, outs, attrs, graph.opset, name=f"n{len(protos)} {inner.loc[:160]}"))
             for o in inner.outputs:
                 infos[mapping[id(o)]] = o.type
+    extra = _erf_argument_as_division(protos, graph)
     outputs = list(graph.outputs)
     if any(v.data is not None or v in graph.inputs for v in outputs):
         raise BackendError(f"partition {graph.name}: an output that is an input or a weight needs no kernel")
     initializers = [onnx.numpy_helper.from_array(np.asarray(v.data), n) if _inline(v) else _external_initializer(n, v)
-                    for n, v in weights.items()]
+                    for n, v in weights.items()] + extra
     boundary = {v.name for v in graph.inputs} | {v.name for v in outputs}
     g = helper.make_graph(protos, graph.name, [value_info(v.name, v.type) for v in graph.inputs],
                           [value_info(v.name, v.type) for v in outputs], initializers,
@@ -77,6 +78,35 @@ def lower_partition(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
 
 
 INLINE_BYTES = 4096
+SQRT_HALF = float(np.float32(np.sqrt(0.5)))
+
+
+def _erf_argument_as_division(protos: list, graph: Graph) -> list[TensorProto]:
+    """Erf(x * 0.7071...) -> Erf(x / 1.4142...), in place: torch writes GELU's argument as a product,
+    ONNX Runtime's GELU fusion (one Gelu kernel for five elementwise passes) looks for the quotient.
+    Returns the initializers the rewritten nodes read."""
+    producers = {out: p for p in protos for out in p.output}
+    name = "hetflow_sqrt2"
+    found = False
+    for erf in protos:
+        if erf.op_type != "Erf" or erf.domain:
+            continue
+        mul = producers.get(erf.input[0])
+        if mul is None or mul.op_type != "Mul" or mul.domain:
+            continue
+        for i, operand in enumerate(mul.input):
+            w = graph.weights.get(operand)
+            if w is None or w.data.dtype != np.float32 or w.data.size != 1 or w.data.ndim != 0:
+                continue
+            if float(w.data) != SQRT_HALF:
+                continue
+            other = mul.input[1 - i]
+            mul.op_type = "Div"
+            del mul.input[:]
+            mul.input.extend([other, name])
+            found = True
+            break
+    return [onnx.numpy_helper.from_array(np.array(np.sqrt(2), np.float32), name)] if found else []
 
 
 def _inline(value: Value) -> bool:

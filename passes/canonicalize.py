@@ -1,5 +1,6 @@
 """canonicalize: constant folding, shape folding, identity removal, reshape/transpose merging,
-MatMul of a transposed weight as Gemm, CSE, DCE.
+MatMul of a transposed weight as Gemm, scalar multiplies moved past layout ops, torch's safe-softmax
+row test in one pass, splat constants as scalars, CSE, DCE.
 
 Local rules go through the rewrite engine; common subexpression elimination and
 dead code elimination are whole-graph sweeps. A graph output keeps its name: a
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hetflow.ir import Graph, Node, Value, make_kernel
+from hetflow.ir import Graph, Node, TensorType, Value, make_kernel
 from hetflow.ir.errors import HetflowError
 
 from .base import PassResult, register_pass
@@ -157,6 +158,110 @@ def matmul_of_transposed_weight(graph: Graph, node: Node) -> bool:
     return True
 
 
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _scalar_constant(v: Value | None) -> bool:
+    return v is not None and v.data is not None and v.data.size == 1 and v.data.ndim == 0
+
+
+def sink_scalar_multiply(graph: Graph, node: Node) -> bool:
+    """Layout(Mul(x, c)) -> Mul(Layout(x), c) for a scalar constant c: the same products, moved next to
+    their consumer, where a MatMul takes them as its scale (ONNX Runtime's FusedMatMul alpha; attention's
+    1/sqrt(d) split over Q and K behind their reshapes and transposes)."""
+    x = node.inputs[0]
+    mul = x.producer if x is not None else None
+    if mul is None or mul.op != "Mul" or len(x.uses) != 1 or node.outputs[0] in graph.outputs:
+        return False
+    if not node.outputs[0].uses:  # already moved (dead until DCE)
+        return False
+    a, b = mul.inputs
+    if _scalar_constant(b):
+        src, scale = a, b
+    elif _scalar_constant(a):
+        src, scale = b, a
+    else:
+        return False
+    out = node.outputs[0]
+    if src is None or src.type is None or out.type is None or src.type != x.type:  # no broadcast, no cast
+        return False
+    moved = graph.add_node(node.op, [src] + list(node.inputs[1:]), [out.type], dict(node.attrs), node.loc,
+                           output_names=[out.name + "_unscaled"], before=node)
+    scaled = graph.add_node("Mul", [moved.outputs[0], scale], [out.type], {}, mul.loc,
+                            output_names=[out.name + "_scaled"], before=node)
+    out.replace_all_uses_with(scaled.outputs[0])
+    return True
+
+
+NEG_INF = float("-inf")
+
+
+def _is_const(v: Value | None, value: float) -> bool:
+    return v is not None and v.data is not None and v.data.size == 1 and float(v.data.reshape(())) == value
+
+
+def simplify_masked_row_test(graph: Graph, node: Node) -> bool:
+    """torch's safe softmax asks, per row, whether any score is not -inf, as
+    Not(Cast(ReduceMax(Cast(Not(Equal(x, -inf)), int32)), bool)) over the whole score tensor;
+    the same question is ReduceMax(x) == -inf, with one full-size pass instead of five.
+    (A row holding NaN: the reduction yields NaN, NaN == -inf is false, as before.)"""
+    if not node.outputs[0].uses:
+        return False
+    chain = []  # from the outer Not (``node``) down to the Equal
+    v = node.inputs[0]
+    for op in ("Cast", "ReduceMax", "Cast", "Not", "Equal"):
+        producer = v.producer if v is not None else None
+        if producer is None or producer.op != op or len(v.uses) != 1:
+            return False
+        chain.append(producer)
+        v = producer.inputs[0]
+    cast_bool, reduce, cast_int, inner_not, equal = chain
+    x, neg_inf = equal.inputs
+    if not _is_const(neg_inf, NEG_INF) or x is None or x.type is None or not x.type.dtype.is_float:
+        return False
+    if cast_bool.attrs.get("to") != 9 or reduce.attrs.get("keepdims", 1) != 1 or len(reduce.inputs) < 2:
+        return False
+    if reduce.attrs.get("noop_with_empty_axes", 0) or reduce.inputs[1] is None or reduce.inputs[1].data is None:
+        return False
+    out = node.outputs[0]
+    row_max = graph.add_node("ReduceMax", [x, reduce.inputs[1]], [TensorType(x.type.dtype, out.type.shape)],
+                             {"keepdims": 1}, reduce.loc, output_names=[out.name + "_rowmax"], before=node)
+    empty = graph.add_node("Equal", [row_max.outputs[0], neg_inf], [out.type], {}, equal.loc,
+                           output_names=[out.name + "_allmasked"], before=node)
+    return _forward(graph, node, empty.outputs[0])
+
+
+BROADCASTING = ("Where", "Add", "Sub", "Mul", "Div", "Max", "Min")
+
+
+def shrink_splat_operand(graph: Graph, node: Node) -> bool:
+    """A constant operand of a broadcasting op whose elements are all one value becomes that scalar
+    when the other operands already give the output its shape (torch's ``full_like`` zeros beside a
+    softmax: a 1x6x197x197 tensor read on every call, for one number)."""
+    out = node.outputs[0].type
+    if out is None or not out.is_static:
+        return False
+    for i, v in enumerate(node.inputs):
+        if v is None or v.data is None or v.data.size <= 1 or v.data.dtype.kind not in "biuf":
+            continue
+        flat = v.data.reshape(-1)
+        if not np.all(flat == flat[0]) or np.isnan(flat[0]):
+            continue
+        others = [u for j, u in enumerate(node.inputs) if j != i]
+        if any(u is None or u.type is None or not u.type.is_static for u in others):
+            continue
+        try:
+            shape = np.broadcast_shapes(*(tuple(u.type.shape) for u in others))
+        except ValueError:
+            continue
+        if tuple(shape) != tuple(out.shape):
+            continue
+        scalar = graph.add_weight(graph.fresh_name(v.name + "_scalar"), np.array(flat[0], dtype=v.data.dtype))
+        node.set_input(i, scalar)
+        return True
+    return False
+
+
 RULES = [
     Rule("fold-constants", fold_constants),
     Rule("fold-static-shape", fold_static_shape, ("Shape", "Size")),
@@ -167,6 +272,9 @@ RULES = [
     Rule("merge-reshapes", merge_reshapes, ("Reshape",)),
     Rule("merge-transposes", merge_transposes, ("Transpose",)),
     Rule("matmul-of-transposed-weight", matmul_of_transposed_weight, ("MatMul",)),
+    Rule("sink-scalar-multiply", sink_scalar_multiply, LAYOUT_OPS),
+    Rule("simplify-masked-row-test", simplify_masked_row_test, ("Not",)),
+    Rule("shrink-splat-operand", shrink_splat_operand, BROADCASTING),
 ]
 
 

@@ -122,3 +122,29 @@ def test_flags_wait_for_the_run_number():
     flags.signal(1, 7)
     thread.join(timeout=5)
     assert seen and seen[0][0] >= flags.set_at[1]
+
+
+def test_gelu_argument_is_lowered_as_a_division():
+    """The CPU lowering writes Erf(x * 1/sqrt2) as Erf(x / sqrt2), the form ONNX Runtime fuses into Gelu;
+    the results stay the interpreter's."""
+    import onnxruntime as ort
+    from hetflow.backends.cpu import lower_partition
+    from hetflow.ir import parse_graph
+    text = """graph g(%x: f32[4,8]) -> (%y: f32[4,8]) opset 18 {
+  weight %half: f32[] = dense<f32[]: [0.5]>
+  weight %r: f32[] = dense<f32[]: [0.7071067690849304]>
+  weight %one: f32[] = dense<f32[]: [1.0]>
+  %a: f32[4,8] = Mul(%x, %r)
+  %e: f32[4,8] = Erf(%a)
+  %b: f32[4,8] = Add(%e, %one)
+  %h: f32[4,8] = Mul(%x, %half)
+  %y: f32[4,8] = Mul(%h, %b)
+  return %y
+}"""
+    graph = parse_graph(text)
+    model, _ = lower_partition(graph)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Div") == 1 and ops.count("Mul") == 2
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, Interpreter(graph).run({"x": x})[0], rtol=1e-6, atol=1e-6)
