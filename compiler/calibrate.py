@@ -117,8 +117,9 @@ def cuda_calibration() -> dict | None:
 def suite():
     """Models the calibration measures: different mixes of compute-bound and memory-bound groups.
 
-    The decode step streams more weight bytes than the caches hold (about 60 MB), which pins the
-    bandwidth to what weight streaming reaches; the others pin the GEMM rate and the fixed costs.
+    The decode steps stream more weight bytes than the caches hold (about 70 and 160 MB in a similar
+    number of ops), which separates the bandwidth weight streaming reaches from the per-op cost; the
+    others pin the GEMM rate and the fixed costs.
     """
     from hetflow.examples import models
     from hetflow.examples.mlp import build as build_mlp
@@ -130,6 +131,8 @@ def suite():
         "bert-4x256": lambda: models.build_bert(hidden=256, layers=4, heads=4, seq=64),
         "gpt2-decode-4x512": lambda: models.build_gpt2_decode(n_layer=4, n_embd=512, n_head=8, context=64,
                                                               vocab=8192),
+        "gpt2-decode-4x768": lambda: models.build_gpt2_decode(n_layer=4, n_embd=768, n_head=12, context=64,
+                                                              vocab=16384),
     }
 
 
@@ -143,17 +146,20 @@ def measure_model(compiled, inputs, repeats: int = 10) -> float:
     return float(np.median(times))
 
 
+CALLS = np.array([0, 25, 50, 75, 100, 150, 200, 300]) * 1e-6
 LAUNCHES = np.array([0, 1, 2, 4, 8, 16, 32, 64]) * 1e-6
-OP_LAUNCHES = np.array([0, 0.5, 1, 2, 3, 4, 6, 8, 12]) * 1e-6
+OP_LAUNCHES = np.array([0, 0.5, 1, 2, 3, 4, 6, 8, 12, 16]) * 1e-6
 
 
-def predict(groups, peak: float, bandwidth: float, launch: float, op_launch: float) -> float:
-    """The one-device host's latency: the sum over groups of max(flops / peak, bytes / bandwidth) + fixed costs."""
-    return sum(max(f / peak, b / bandwidth) + launch + op_launch * ops for f, b, ops in groups)
+def predict(groups, peak: float, bandwidth: float, launch: float, op_launch: float, call: float = 0.0) -> float:
+    """The one-device host's latency: a fixed cost per call, then the sum over groups of
+    max(flops / peak, bytes / bandwidth) + a cost per group + a cost per op in it."""
+    return call + sum(max(f / peak, b / bandwidth) + launch + op_launch * ops for f, b, ops in groups)
 
 
 def fit(samples: list[dict]) -> dict:
-    """Peak FLOP/s, bandwidth, per-node and per-op launch minimising the squared log error of predicted latency.
+    """Peak FLOP/s, bandwidth, per-call, per-node and per-op costs minimising the squared log error of
+    predicted latency.
 
     Each sample: {"groups": [(flops, bytes, ops), ...], "measured": seconds}; ``predict`` is the model.
     A grid search: the model has four parameters and a handful of samples, and a grid cannot wander
@@ -170,37 +176,51 @@ def fit(samples: list[dict]) -> dict:
         roof = np.maximum(compute[:, None, :], memory[None, :, :]).sum(axis=2)
         parts.append((roof, len(flops), sum(g[2] for g in sample["groups"]), sample["measured"]))
     best = (np.inf, None)
-    for launch in LAUNCHES:
-        for op_launch in OP_LAUNCHES:
-            error = sum(np.log((roof + launch * nodes + op_launch * ops) / measured) ** 2
-                        for roof, nodes, ops, measured in parts)
-            i, j = np.unravel_index(np.argmin(error), error.shape)
-            if error[i, j] < best[0]:
-                best = (error[i, j], (peaks[i], bandwidths[j], launch, op_launch))
-    peak, bandwidth, launch, op_launch = best[1]
+    for call in CALLS:
+        for launch in LAUNCHES:
+            for op_launch in OP_LAUNCHES:
+                error = sum(np.log((roof + call + launch * nodes + op_launch * ops) / measured) ** 2
+                            for roof, nodes, ops, measured in parts)
+                i, j = np.unravel_index(np.argmin(error), error.shape)
+                if error[i, j] < best[0]:
+                    best = (error[i, j], (peaks[i], bandwidths[j], launch, op_launch, call))
+    peak, bandwidth, launch, op_launch, call = best[1]
     return {"gemm_flops": float(peak), "memory_bandwidth": float(bandwidth), "launch": float(launch),
-            "op_launch": float(op_launch)}
+            "op_launch": float(op_launch), "call_overhead": float(call)}
 
 
-def calibrate_host(progress=print, repeats: int = 10) -> dict:
-    """Measure the suite on the host, fit the cost model, save it as the host calibration; returns the result."""
+def calibrate_host(progress=print, repeats: int = 10, rounds: int = 5) -> dict:
+    """Measure the suite on the host, fit the cost model, save it as the host calibration; returns the result.
+
+    The models are timed in ``rounds`` interleaved rounds (each round: every model, ``repeats`` runs,
+    their median) and a model's time is the median over rounds: a virtual machine's speed drifts
+    between minutes, and models timed one after another would each see a different machine.
+    """
     import hetflow
     from hetflow.passes.cost import cost_node, inner_nodes
     from hetflow.platform import load_platform
-    samples = []
+    samples, programs = [], []
     platform = load_platform("host")
     for name, build in suite().items():
         module, inputs = build()
         compiled = hetflow.compile(module, inputs, platform=platform)
-        measured = measure_model(compiled, inputs, repeats)
         groups = [(c.flops, c.bytes, len(inner_nodes(c.node))) for c in (cost_node(n, platform)
                                                                         for n in compiled.graph.nodes)]
-        samples.append({"model": name, "groups": groups, "measured": measured})
-        progress(f"  measured {name}: {measured * 1e3:.2f} ms ({len(groups)} groups)")
+        samples.append({"model": name, "groups": groups, "rounds": []})
+        programs.append((compiled, inputs))
+        progress(f"  compiled {name} ({len(groups)} groups)")
+    for r in range(rounds):
+        for sample, (compiled, inputs) in zip(samples, programs):
+            sample["rounds"].append(measure_model(compiled, inputs, repeats))
+        progress(f"  timed round {r + 1} of {rounds}")
+    for sample in samples:
+        sample["measured"] = float(np.median(sample["rounds"]))
+        progress(f"  measured {sample['model']}: {sample['measured'] * 1e3:.2f} ms "
+                 f"(rounds {', '.join(f'{t * 1e3:.2f}' for t in sample['rounds'])})")
     fitted = fit(samples)
     for sample in samples:
         sample["predicted"] = predict(sample["groups"], fitted["gemm_flops"], fitted["memory_bandwidth"],
-                                      fitted["launch"], fitted["op_launch"])
+                                      fitted["launch"], fitted["op_launch"], fitted["call_overhead"])
         del sample["groups"]
     result = {**fitted, "key": _key(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "fitted_on": samples, "source": "fitted to measured runs of the calibration models"}

@@ -275,7 +275,8 @@ def cmd_calibrate(args) -> int:
     print("calibrating the host platform: compiling and timing the calibration models (about a minute)")
     result = calibrate_host(repeats=args.repeat)
     print(f"fitted: {result['gemm_flops'] / 1e9:.1f} GFLOP/s, {result['memory_bandwidth'] / 1e9:.1f} GB/s, "
-          f"{result['launch'] * 1e6:g} us per group + {result.get('op_launch', 0) * 1e6:g} us per op in it")
+          f"{result['launch'] * 1e6:g} us per group + {result['op_launch'] * 1e6:g} us per op in it, "
+          f"{result['call_overhead'] * 1e6:g} us per call")
     for sample in result["fitted_on"]:
         error = sample["predicted"] / sample["measured"] - 1
         print(f"  {sample['model']:18s} measured {sample['measured'] * 1e3:8.2f} ms   predicted "

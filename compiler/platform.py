@@ -157,6 +157,7 @@ class Platform:
     flash: Flash | None = None
     sync: float = 5e-6          # seconds: flag-based cross-device synchronisation
     driver_sync: float = 400e-6  # seconds: driver-level synchronisation, for comparison
+    call_overhead: float = 0.0   # seconds: the runtime's fixed cost per call (inputs bound, workers woken)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def device(self, name: str) -> Device:
@@ -261,7 +262,8 @@ def platform_from_dict(data: dict, origin: str = "platform") -> Platform:
     sync = data.get("sync", {})
     return Platform(name, data.get("source", ""), data.get("description", ""), devices, memories, tuple(links), flash,
                     quantity(sync.get("flag", "5 us"), "time", f"{where} sync.flag"),
-                    quantity(sync.get("driver", "400 us"), "time", f"{where} sync.driver"), raw=data)
+                    quantity(sync.get("driver", "400 us"), "time", f"{where} sync.driver"),
+                    quantity(data.get("call_overhead", 0), "time", f"{where} call_overhead", positive=False), raw=data)
 
 
 def preset_names() -> list[str]:
@@ -322,6 +324,8 @@ def _apply_calibration(data: dict, calibration: dict) -> dict:
             for key in ("launch", "op_launch"):
                 if key in calibration:
                     device[key] = calibration[key]
+            if "call_overhead" in calibration:
+                data["call_overhead"] = calibration["call_overhead"]
             how = "fitted to measured model runs" if "fitted_on" in calibration else "measured GEMM and copy"
             device["source"] = (f"measured on this machine ({how}): {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s, "
                                 f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s ({calibration['when']})")

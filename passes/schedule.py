@@ -120,7 +120,7 @@ def simulate(graph: Graph, platform: Platform, costs: dict[int, NodeCost] | None
         queues.setdefault(task.device, []).append(index)
     heads = {d: 0 for d in queues}
     running: dict[str, int] = {}
-    now = 0.0
+    now = platform.call_overhead  # the runtime's entry: nothing starts before it
     done = 0
     while done < len(tasks):
         # start every task at the head of an idle device whose inputs are done
@@ -129,7 +129,7 @@ def simulate(graph: Graph, platform: Platform, costs: dict[int, NodeCost] | None
                 continue
             task = tasks[queue[heads[device]]]
             if all(tasks[p].end >= 0 for p, _ in task.preds):
-                task.ready = max([tasks[p].end + delay for p, delay in task.preds], default=0.0)
+                task.ready = max([tasks[p].end + delay for p, delay in task.preds], default=platform.call_overhead)
                 if task.ready <= now + 1e-15:
                     task.start = now
                     running[device] = queue[heads[device]]
