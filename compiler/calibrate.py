@@ -117,22 +117,25 @@ def cuda_calibration() -> dict | None:
 def suite():
     """Models the calibration measures: different mixes of compute-bound and memory-bound groups.
 
-    The decode steps stream more weight bytes than the caches hold (about 70 and 160 MB in a similar
-    number of ops), which separates the bandwidth weight streaming reaches from the per-op cost; the
-    others pin the GEMM rate and the fixed costs.
+    The decode steps stream several times more weight bytes than the caches hold (about 160 and 270 MB;
+    a smaller one, partly cache-resident, ran at two speeds depending on its neighbours), which pins the
+    bandwidth weight streaming reaches apart from the per-op cost; the
+    others pin the GEMM rate and the fixed costs. Their GEMMs have the sizes of the models people run
+    (hidden 384 to 768, 128 to 197 tokens, convolutions at 160x160): small GEMMs run well below the
+    rate of large ones, and a rate fitted on toy sizes would overpredict real models.
     """
     from hetflow.examples import models
     from hetflow.examples.mlp import build as build_mlp
     return {
         "mlp": build_mlp,
-        "resnet18@112": lambda: models.build_resnet18(image=112),
-        "gpt2-4x256": lambda: models.build_gpt2(n_layer=4, n_embd=256, n_head=4, seq=64, vocab=2048),
-        "vit-4x192": lambda: models.build_vit(hidden=192, layers=4, heads=3),
-        "bert-4x256": lambda: models.build_bert(hidden=256, layers=4, heads=4, seq=64),
-        "gpt2-decode-4x512": lambda: models.build_gpt2_decode(n_layer=4, n_embd=512, n_head=8, context=64,
-                                                              vocab=8192),
+        "resnet18@160": lambda: models.build_resnet18(image=160),
+        "gpt2-4x768": lambda: models.build_gpt2(n_layer=4, n_embd=768, n_head=12, seq=128, vocab=8192),
+        "vit-4x384": lambda: models.build_vit(hidden=384, layers=4, heads=6),
+        "bert-4x512": lambda: models.build_bert(hidden=512, layers=4, heads=8, seq=128),
         "gpt2-decode-4x768": lambda: models.build_gpt2_decode(n_layer=4, n_embd=768, n_head=12, context=64,
                                                               vocab=16384),
+        "gpt2-decode-6x768": lambda: models.build_gpt2_decode(n_layer=6, n_embd=768, n_head=12, context=64,
+                                                              vocab=32000),
     }
 
 
