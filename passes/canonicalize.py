@@ -1,5 +1,6 @@
 """canonicalize: constant folding, shape folding, identity removal, reshape/transpose merging,
-MatMul of a transposed weight as Gemm, scalar multiplies moved past layout ops, torch's safe-softmax
+MatMul of a transposed weight as Gemm, scalar multiplies moved next to their MatMul, batched MatMuls
+without torch's bmm views, torch's safe-softmax
 row test in one pass, splat constants as scalars, CSE, DCE.
 
 Local rules go through the rewrite engine; common subexpression elimination and
@@ -185,12 +186,79 @@ def sink_scalar_multiply(graph: Graph, node: Node) -> bool:
     out = node.outputs[0]
     if src is None or src.type is None or out.type is None or src.type != x.type:  # no broadcast, no cast
         return False
+    if src.producer is not None and src.producer.op == "MatMul":
+        return False  # already the MatMul's output scale (see hoist_scalar_multiply)
     moved = graph.add_node(node.op, [src] + list(node.inputs[1:]), [out.type], dict(node.attrs), node.loc,
                            output_names=[out.name + "_unscaled"], before=node)
     scaled = graph.add_node("Mul", [moved.outputs[0], scale], [out.type], {}, mul.loc,
                             output_names=[out.name + "_scaled"], before=node)
     out.replace_all_uses_with(scaled.outputs[0])
     return True
+
+
+def hoist_scalar_multiply(graph: Graph, node: Node) -> bool:
+    """Mul(Layout(y), c) -> Layout(Mul(y, c)) when y comes from a MatMul through layout ops and the
+    product feeds no MatMul: the scale moves up to the MatMul's output, where ONNX Runtime takes it as
+    FusedMatMul's alpha (attention scores scaled after their reshape)."""
+    a, b = node.inputs
+    if _scalar_constant(b):
+        x, scale = a, b
+    elif _scalar_constant(a):
+        x, scale = b, a
+    else:
+        return False
+    out = node.outputs[0]
+    layout = x.producer if x is not None else None
+    if layout is None or layout.op not in LAYOUT_OPS or len(x.uses) != 1 or out in graph.outputs or not out.uses:
+        return False
+    if any(user.op == "MatMul" for user, _ in out.uses):
+        return False
+    y = layout.inputs[0]
+    source = y
+    while source is not None and source.producer is not None and source.producer.op in LAYOUT_OPS:
+        source = source.producer.inputs[0]
+    if source is None or source.producer is None or source.producer.op != "MatMul":
+        return False
+    if y.type is None or out.type is None or x.type != out.type:
+        return False
+    scaled = graph.add_node("Mul", [y, scale], [y.type], {}, node.loc, output_names=[y.name + "_scaled"],
+                            before=layout)
+    moved = graph.add_node(layout.op, [scaled.outputs[0]] + list(layout.inputs[1:]), [out.type],
+                           dict(layout.attrs), layout.loc, output_names=[out.name + "_hoisted"], before=node)
+    return _forward(graph, node, moved.outputs[0])
+
+
+def _leading_merge(shape_in, shape_out) -> bool:
+    """shape_out merges shape_in's leading dims into one and keeps its last two."""
+    return (shape_in is not None and shape_out is not None and len(shape_in) >= 3 and len(shape_out) == 3
+            and all(isinstance(d, int) for d in list(shape_in) + list(shape_out))
+            and tuple(shape_in[-2:]) == tuple(shape_out[-2:]) and int(np.prod(shape_in[:-2])) == shape_out[0])
+
+
+def batched_matmul_without_views(graph: Graph, node: Node) -> bool:
+    """Reshape(MatMul(Reshape(a), Reshape(b))) -> MatMul(a, b), when the inner reshapes only merge
+    equal leading (batch) dims of a and b and the outer one splits them back: torch's bmm through
+    views. Without the views, a transpose before the MatMul reaches it (ONNX Runtime fuses it)."""
+    mm = node.inputs[0].producer if node.inputs[0] is not None else None
+    if mm is None or mm.op != "MatMul" or len(node.inputs[0].uses) != 1 or not node.outputs[0].uses:
+        return False
+    views = [v.producer if v is not None else None for v in mm.inputs]
+    if any(r is None or r.op != "Reshape" for r in views):
+        return False
+    a, b = (r.inputs[0] for r in views)
+    if a is None or b is None or a.type is None or b.type is None or mm.outputs[0].type is None:
+        return False
+    if not all(_leading_merge(src.type.shape, r.outputs[0].type.shape) for src, r in zip((a, b), views)):
+        return False
+    if tuple(a.type.shape[:-2]) != tuple(b.type.shape[:-2]):
+        return False
+    out = node.outputs[0]
+    want = tuple(a.type.shape[:-2]) + (a.type.shape[-2], b.type.shape[-1])
+    if out.type is None or tuple(out.type.shape) != want:
+        return False
+    direct = graph.add_node("MatMul", [a, b], [out.type], {}, mm.loc, output_names=[out.name + "_batched"],
+                            before=node)
+    return _forward(graph, node, direct.outputs[0])
 
 
 NEG_INF = float("-inf")
@@ -273,6 +341,8 @@ RULES = [
     Rule("merge-transposes", merge_transposes, ("Transpose",)),
     Rule("matmul-of-transposed-weight", matmul_of_transposed_weight, ("MatMul",)),
     Rule("sink-scalar-multiply", sink_scalar_multiply, LAYOUT_OPS),
+    Rule("hoist-scalar-multiply", hoist_scalar_multiply, ("Mul",)),
+    Rule("batched-matmul-without-views", batched_matmul_without_views, ("Reshape",)),
     Rule("simplify-masked-row-test", simplify_masked_row_test, ("Not",)),
     Rule("shrink-splat-operand", shrink_splat_operand, BROADCASTING),
 ]
