@@ -148,3 +148,19 @@ def test_gelu_argument_is_lowered_as_a_division():
     x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, Interpreter(graph).run({"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_belong_to_the_caller():
+    """Outputs are written straight into arrays the caller keeps: a second call does not touch the first's."""
+    model = mlp_model(width=64, layers=2)
+    compiled = hetflow.compile(model, platform="host")
+    rng = np.random.default_rng(2)
+    x1, x2 = (rng.standard_normal((32, 64)).astype(np.float32) for _ in range(2))
+    expected = Interpreter(hetflow.frontends.onnx.import_onnx(model))
+    y1 = compiled(x1)
+    keep = np.array(y1, copy=True)
+    y2 = compiled(x2)
+    assert not np.shares_memory(y1, y2)
+    np.testing.assert_array_equal(y1, keep)
+    np.testing.assert_allclose(y2, expected.run({"x": x2})[0], rtol=1e-5, atol=1e-5)
+    assert not any(np.shares_memory(y1, arena) for arena in compiled.executor.arenas.values())
