@@ -188,6 +188,8 @@ def sink_scalar_multiply(graph: Graph, node: Node) -> bool:
         return False
     if src.producer is not None and src.producer.op == "MatMul":
         return False  # already the MatMul's output scale (see hoist_scalar_multiply)
+    if node.op == "Reshape" and all(user.op == "MatMul" for user, _ in out.uses):
+        return False  # a bmm view: batched-matmul-without-views removes it, the scale then meets the MatMul
     moved = graph.add_node(node.op, [src] + list(node.inputs[1:]), [out.type], dict(node.attrs), node.loc,
                            output_names=[out.name + "_unscaled"], before=node)
     scaled = graph.add_node("Mul", [moved.outputs[0], scale], [out.type], {}, mul.loc,
