@@ -272,7 +272,7 @@ def cmd_platforms(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from hetflow.calibrate import calibrate_host
-    print("calibrating the host platform: compiling and timing the calibration models (about a minute)")
+    print("calibrating the host platform: compiling and timing the calibration models (about a minute)", flush=True)
     result = calibrate_host(repeats=args.repeat)
     print(f"fitted: {result['gemm_flops'] / 1e9:.1f} GFLOP/s, {result['memory_bandwidth'] / 1e9:.1f} GB/s, "
           f"{result['launch'] * 1e6:g} us per group + {result['op_launch'] * 1e6:g} us per op in it, "
@@ -360,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_platforms)
 
     p = sub.add_parser("calibrate", help="fit the host platform's cost model to measured runs on this machine",
-                       description="Compile and time a few models on this CPU, fit the host platform's peak FLOP/s, "
-                                   "bandwidth and per-group overhead to the measurements, and save them (the host "
-                                   "preset uses them from then on; 'hetflow platforms show host' says so).")
+                       description="Compile seven models on this CPU, time them in five interleaved rounds, fit the host "
+                                   "platform's GEMM FLOP/s, bandwidth and per-call, per-group and per-op costs to "
+                                   "the measurements, and save them (the host preset uses them from then on; "
+                                   "'hetflow platforms show host' says so). About a minute.")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
     p.set_defaults(func=cmd_calibrate)
 

@@ -166,6 +166,16 @@ def _scalar_constant(v: Value | None) -> bool:
     return v is not None and v.data is not None and v.data.size == 1 and v.data.ndim == 0
 
 
+def _scaled_operand(mul: Node) -> tuple[Value | None, Value] | None:
+    """(x, c) of Mul(x, c) or Mul(c, x) with c a scalar constant; None for any other Mul."""
+    a, b = mul.inputs
+    if _scalar_constant(b):
+        return a, b
+    if _scalar_constant(a):
+        return b, a
+    return None
+
+
 def sink_scalar_multiply(graph: Graph, node: Node) -> bool:
     """Layout(Mul(x, c)) -> Mul(Layout(x), c) for a scalar constant c: the same products, moved next to
     their consumer, where a MatMul takes them as its scale (ONNX Runtime's FusedMatMul alpha; attention's
@@ -176,13 +186,10 @@ def sink_scalar_multiply(graph: Graph, node: Node) -> bool:
         return False
     if not node.outputs[0].uses:  # already moved (dead until DCE)
         return False
-    a, b = mul.inputs
-    if _scalar_constant(b):
-        src, scale = a, b
-    elif _scalar_constant(a):
-        src, scale = b, a
-    else:
+    operands = _scaled_operand(mul)
+    if operands is None:
         return False
+    src, scale = operands
     out = node.outputs[0]
     if src is None or src.type is None or out.type is None or src.type != x.type:  # no broadcast, no cast
         return False
@@ -202,13 +209,10 @@ def hoist_scalar_multiply(graph: Graph, node: Node) -> bool:
     """Mul(Layout(y), c) -> Layout(Mul(y, c)) when y comes from a MatMul through layout ops and the
     product feeds no MatMul: the scale moves up to the MatMul's output, where ONNX Runtime takes it as
     FusedMatMul's alpha (attention scores scaled after their reshape)."""
-    a, b = node.inputs
-    if _scalar_constant(b):
-        x, scale = a, b
-    elif _scalar_constant(a):
-        x, scale = b, a
-    else:
+    operands = _scaled_operand(node)
+    if operands is None:
         return False
+    x, scale = operands
     out = node.outputs[0]
     layout = x.producer if x is not None else None
     if layout is None or layout.op not in LAYOUT_OPS or len(x.uses) != 1 or out in graph.outputs or not out.uses:

@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -726,30 +723,9 @@ _NATIVE_MAX_BUFFERS = 20000  # recursion depth grows with the buffers: stay far 
 @functools.lru_cache(maxsize=1)
 def _native_kernel():
     """The compiled search, or None when no C compiler (or no writable cache) is available."""
-    from hetflow.calibrate import cache_dir
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    digest = hashlib.sha256(_KERNEL_C.encode()).hexdigest()[:12]
-    library = cache_dir() / f"memplan-{digest}.so"
-    try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            stamp = time.monotonic_ns()
-            source = library.with_suffix(f".{stamp}.c")
-            partial = library.with_suffix(f".{stamp}.tmp")
-            source.write_text(_KERNEL_C)
-            try:
-                result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)],
-                                        capture_output=True, text=True, timeout=120)
-            finally:
-                source.unlink(missing_ok=True)
-            if result.returncode != 0:
-                partial.unlink(missing_ok=True)
-                return None
-            partial.replace(library)
-        function = ctypes.CDLL(str(library)).hetflow_memplan_search  # releases the interpreter lock
-    except (OSError, subprocess.SubprocessError):
+    from hetflow.runtime.native import compiled_function
+    function = compiled_function("memplan", _KERNEL_C, "hetflow_memplan_search")  # releases the interpreter lock
+    if function is None:
         return None
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
     function.restype = ctypes.c_int

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .native import compiled_function
 
 SLEEP_MARGIN = 100e-6   # wake this much before the predicted finish: sleep overshoots by ~50-100 us
 MIN_SLEEP = 200e-6      # below this, polling alone is cheaper than a sleep
@@ -34,24 +33,11 @@ class SyncFailure(RuntimeError):
 @functools.lru_cache(maxsize=1)
 def _native_wait():
     """The compiled poll, or None when no C compiler is available."""
-    from hetflow.calibrate import cache_dir
     source = Path(__file__).with_name("flagwait.c")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not source.exists():
+    if not source.exists():
         return None
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    library = cache_dir() / f"flagwait-{digest}.so"
-    try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            partial = library.with_suffix(f".{time.monotonic_ns()}.tmp")
-            result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)],
-                                    capture_output=True, text=True, timeout=60)
-            if result.returncode != 0:
-                return None
-            partial.replace(library)
-        function = ctypes.CDLL(str(library)).hetflow_wait_flag  # CDLL calls release the interpreter lock
-    except (OSError, subprocess.SubprocessError):
+    function = compiled_function("flagwait", source.read_text(), "hetflow_wait_flag", timeout=60)
+    if function is None:
         return None  # no writable cache or no working compiler: poll in Python
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_double)]

@@ -7,9 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import hetflow
 from hetflow.runtime import load
@@ -17,18 +15,7 @@ from hetflow.runtime.executor import RuntimeFailure
 from hetflow.runtime.interpreter import Interpreter
 from hetflow.runtime.sync import Flags
 
-
-def mlp_model(width=64, layers=4):
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(layers):
-        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / 8).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}"),
-                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"act{i}")]
-        x = f"a{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, width])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [32, width])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+from .onnx_models import mlp_model
 
 
 def test_run_without_torch(tmp_path):

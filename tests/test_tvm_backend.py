@@ -10,12 +10,14 @@ import textwrap
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 import hetflow
 from hetflow.backends.cpu import BackendError
 from hetflow.runtime import ArtifactError, load
 from hetflow.runtime.interpreter import Interpreter
+
+from .onnx_models import mlp_model as _mlp_model
 
 TOLERANCE = 1e-4
 
@@ -34,16 +36,7 @@ def close(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 def mlp_model(width=32, layers=3) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(layers):
-        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / 4).astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}"),
-                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"act{i}")]
-        x = f"a{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, width])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, width])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return _mlp_model(width, layers, batch=8)
 
 
 @pytest.fixture(scope="module")
