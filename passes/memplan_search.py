@@ -884,10 +884,12 @@ def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
     stats = {} if stats is None else stats
     n = len(sizes)
     if n == 0:
+        stats.update(nodes=0, by="no search: no buffers")
         return []
     deadline = time.perf_counter() + time_limit
     inst = _Instance(lowers, uppers, sizes, capacity, alignment)
     if int(inst.sizes.max()) > inst.capacity:
+        stats.update(nodes=0, by="no search: a buffer exceeds the capacity")
         return None
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * n + 1000))
     stop = _Stop()

@@ -340,7 +340,7 @@ def test_property_search_alone_fits_the_optimum_and_proves_below_it(bufs, alignm
 @given(problems(max_buffers=14), st.integers(0, 12))
 def test_property_compiled_and_python_search_walk_the_same_tree(bufs, slack):
     cap = lower_bound(bufs) + slack
-    if cap == 0:
+    if cap == 0 or not bufs:  # answered before any search runs
         return
     results = []
     for native in (False, True):
