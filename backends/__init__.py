@@ -5,9 +5,11 @@ placed on one device. Each partition becomes a standalone graph, lowered by its
 device's backend:
 
 * ``cpu``: an ONNX model run by ONNX Runtime (``cpu/partN.onnx``), measured.
-* ``cuda``: the same ONNX lowering for a real CUDA GPU (``host+cuda``), run by ONNX
-  Runtime's CUDA execution provider; a machine without one refuses the artifact
-  unless the run asks for ``fallback="cpu"``, which the run then reports.
+* ``cuda``: a real CUDA GPU of this machine (``host+cuda``): the partition emitted as
+  a PyTorch program (``gpu/partN.py``, see ``gpu``), run as Triton kernels through
+  torch.compile or with PyTorch's kernels, captured in a CUDA graph. A machine
+  without a GPU refuses the artifact unless the run asks for ``fallback="cpu"``,
+  which then runs the same program on the CPU and reports it.
 * ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
   partition's IR (``npu/partN.json``), executed functionally by the reference
   interpreter until the device's simulator lands; its time is the modelled one.
@@ -40,6 +42,7 @@ class Partition:
     file: str = ""
     onnx_bytes: bytes | None = None
     library: bytes | None = None      # tvm-llvm: the compiled .so
+    source: str | None = None         # cuda: the emitted PyTorch program
     target: dict | None = None        # tvm-llvm: the LLVM target it was compiled for
 
     @property
@@ -101,7 +104,11 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
                          max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
         folder = device.replace(":", "_").replace(">", "").replace("-", "_")
-        if backend in ("cpu", "cuda"):
+        if backend == "cuda":
+            from .gpu import emit_program
+            part.file = f"{folder}/part{index}.py"
+            part.source = emit_program(sub, f"{index} ({part.file})")
+        elif backend == "cpu":
             model, _ = lower_partition(sub)
             part.onnx_bytes = model.SerializeToString()
             part.file = f"{folder}/part{index}.onnx"
@@ -120,7 +127,9 @@ def write_partitions(partitions: list[Partition], directory: Path) -> list[Path]
     for part in partitions:
         path = directory / part.file
         path.parent.mkdir(parents=True, exist_ok=True)
-        if part.onnx_bytes is not None or part.library is not None:
+        if part.source is not None:
+            path.write_text(part.source)
+        elif part.onnx_bytes is not None or part.library is not None:
             path.write_bytes(part.onnx_bytes if part.onnx_bytes is not None else part.library)
         else:
             path.write_text(json.dumps(graph_to_json(part.graph), indent=1))
@@ -139,8 +148,10 @@ def read_partitions(entries: list[dict], directory: Path, graph: Graph) -> list[
                          entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"],
                          target=entry.get("target"))
         path = directory / entry["file"]
-        if entry["backend"] in ("cpu", "cuda"):
+        if entry["backend"] == "cpu":
             part.onnx_bytes = path.read_bytes()
+        elif entry["backend"] == "cuda":
+            part.source = path.read_text()
         elif entry["backend"] == "tvm-llvm":
             part.library = path.read_bytes()
         elif entry["backend"] == "simulated":

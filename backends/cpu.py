@@ -188,10 +188,3 @@ class CpuPartition:
 def _cores() -> int:
     import os
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-
-
-def cuda_available() -> bool:
-    import onnxruntime as ort
-    return "CUDAExecutionProvider" in ort.get_available_providers()

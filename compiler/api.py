@@ -48,8 +48,9 @@ class CompiledModel:
     """What ``hetflow.compile`` returns: call it like the model; ``report()`` says what was built."""
 
     def __init__(self, graph: Graph, platform, torch_capture=None, compile_seconds: float = 0.0, options=None,
-                 cpu_backend: str = "onnxruntime"):
+                 cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton"):
         self.graph = graph
+        self.gpu_kernels = gpu_kernels
         self.cpu_backend = cpu_backend
         self.platform = platform
         self.options = options
@@ -79,7 +80,8 @@ class CompiledModel:
         if self._executor is None:
             from hetflow.runtime.executor import Executor
             plan = self.memory_plan.as_manifest() if self.memory_plan is not None else None
-            self._executor = Executor(self.graph, self._build_partitions(), self.platform, plan)
+            self._executor = Executor(self.graph, self._build_partitions(), self.platform, plan,
+                                      gpu_kernels=self.gpu_kernels)
         return self._executor
 
     def _build_partitions(self):
@@ -131,7 +133,7 @@ class CompiledModel:
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
             passes: Sequence[str] | str | None = None, placement: str = "roofline",
             devices: Sequence[str] | None = None, time_limit: float = 10.0,
-            cpu_backend: str = "onnxruntime") -> CompiledModel:
+            cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton") -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
@@ -139,6 +141,8 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     ``passes`` overrides the pipeline (a list of pass names or "canonicalize,fuse").
     ``cpu_backend`` is what runs the CPU partitions: ``"onnxruntime"`` or ``"tvm"`` (compiled
     here by apache-tvm for LLVM, untuned; a partition TVM cannot compile fails the compile).
+    ``gpu_kernels`` is how partitions placed on a CUDA GPU (``host+cuda``) run: ``"triton"``
+    (kernels torch.compile generates) or ``"torch"`` (PyTorch's own), each one CUDA graph replay.
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
@@ -147,14 +151,18 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     from hetflow.pipeline import run_pipeline
     if cpu_backend not in CPU_BACKENDS:
         raise CompileError(f"cpu_backend {cpu_backend!r} is not one of {', '.join(CPU_BACKENDS)}")
+    if gpu_kernels not in ("triton", "torch"):
+        raise CompileError(f"gpu_kernels {gpu_kernels!r} is not one of triton, torch")
     platform = _check_platform(platform)
     options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit)
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs)
     verify(graph)
     graph, runner = run_pipeline(graph, passes, options=options)
-    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options, cpu_backend)
-    if cpu_backend == "tvm":  # TVM compiles now, so that a partition it cannot compile fails the compile
+    compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options, cpu_backend,
+                             gpu_kernels)
+    if cpu_backend == "tvm" or any(d.kind == "gpu" and d.measured for d in platform.devices.values()):
+        # TVM and the GPU backend emit now, so that a partition they cannot build fails the compile
         compiled._build_partitions()
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records

@@ -107,7 +107,7 @@ def _random_inputs(graph) -> dict[str, np.ndarray]:
 
 def cmd_run(args) -> int:
     from hetflow.runtime import load
-    model = load(args.artifact, fallback=args.fallback)
+    model = load(args.artifact, fallback=args.fallback, gpu_kernels=args.gpu_kernels)
     for note in model.fallbacks:
         print(f"fallback: {note}", file=sys.stderr)
     if args.generate:
@@ -332,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy")
     p.add_argument("--fallback", choices=["cpu"], help="run partitions built for a device this machine lacks "
                    "(a CUDA GPU) on the CPU instead, and say so")
+    p.add_argument("--gpu-kernels", choices=["triton", "torch"], default="triton",
+                   help="how partitions placed on a CUDA GPU run: Triton kernels that torch.compile generates "
+                        "at load time (default), or PyTorch's own CUDA kernels (no compile wait); either way "
+                        "each partition is one CUDA graph replay")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace: what ran where and when "
                    "(measured), beside the predicted timeline")
     p.add_argument("--profile", action="store_true", help="run each group on its own and print its measured time "

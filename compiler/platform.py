@@ -306,8 +306,10 @@ def _add_cuda(data: dict, gpu: dict | None) -> dict:
     data = json.loads(json.dumps(data))
     data["memory"]["hbm"] = {"capacity": gpu["memory_bytes"], "bandwidth": gpu["memory_bandwidth"], "unified": True,
                              "source": f"measured: {gpu['name']}"}
+    from hetflow.backends.gpu import GPU_DTYPES, GPU_OPS  # exactly what the GPU backend emits
     data["device"]["gpu"] = {"kind": "gpu", "memory": "hbm", "launch": "10 us", "measured": True,
                              "peak": {"f32": gpu["f32_flops"], "f16": gpu["f16_flops"]},
+                             "ops": list(GPU_OPS), "dtypes": list(GPU_DTYPES),
                              "source": f"measured on {gpu['name']} ({gpu['when']})"}
     data.setdefault("link", {})["pcie"] = {"from": "dram", "to": "hbm", "bandwidth": gpu["pcie_bandwidth"],
                                           "latency": "10 us"}

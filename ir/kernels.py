@@ -52,6 +52,19 @@ BINARY = {
 }
 
 
+def gather_elements(node, opset):
+    """np.take_along_axis (onnx.reference's version fails once the gathered axis is longer than 64)."""
+    axis = node.attrs.get("axis", 0)
+
+    def run(ins):
+        data, indices = ins
+        dim = data.shape[axis]
+        if indices.size and (indices.min() < -dim or indices.max() >= dim):
+            raise IndexError(f"GatherElements: an index is outside [-{dim}, {dim})")
+        return [np.take_along_axis(data, np.where(indices < 0, indices + dim, indices), axis=axis)]
+    return run
+
+
 def softmax(node, opset):
     if opset < 13:
         return None

@@ -223,10 +223,11 @@ for _name in ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "E
               "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor"]:
     register_op(OpDef(_name, _B, make_kernel=_k.BINARY.get(_name)))
 for _name in ["Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice", "Concat",
-              "Split", "Gather", "GatherElements", "GatherND", "Pad", "Tile", "DepthToSpace",
+              "Split", "Gather", "GatherND", "Pad", "Tile", "DepthToSpace",
               "SpaceToDepth", "Shape", "Size", "ConstantOfShape", "Range", "Trilu", "ScatterND",
               "ScatterElements", "Constant"]:
     register_op(OpDef(_name, _I, flops=_zero))
+register_op(OpDef("GatherElements", _I, flops=_zero, make_kernel=_k.gather_elements))
 for _name in ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum", "ArgMax", "ArgMin", "CumSum",
               "GlobalAveragePool", "GlobalMaxPool", "LpNormalization"]:

@@ -149,7 +149,11 @@ def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None
     if dtype is not None and not ("*" in device.dtypes or dtype in device.dtypes):
         return f"{device.name} does not run {dtype}"
     if not device.supports(node.op, kind, None):
-        return f"{device.name} does not run {kind if node.op == 'hetflow.group' else node.op}"
+        if node.op != "hetflow.group":
+            return f"{device.name} does not run {node.op}"
+        missing = sorted({i.op for i in inner_nodes(node) if i.op not in device.ops})
+        if missing:  # a device listing ops by name runs a group when it runs every op inside
+            return f"{device.name} does not run {kind} ({', '.join(missing)})"
     return None
 
 

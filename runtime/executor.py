@@ -71,9 +71,25 @@ def naive_layout(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
     return offsets, cursor
 
 
+def _host(value):
+    """A NumPy view of ``value`` (a torch tensor of the GPU arena is copied to host memory)."""
+    if value is None or isinstance(value, np.ndarray) or np.isscalar(value):
+        return value
+    from hetflow.backends.gpu import to_numpy
+    return to_numpy(value)
+
+
+def _copy_into(destination, value) -> None:
+    if isinstance(destination, np.ndarray) and (isinstance(value, np.ndarray) or np.isscalar(value)):
+        destination[...] = value
+        return
+    from hetflow.backends.gpu import copy_into
+    copy_into(destination, value)
+
+
 class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
-                 threads: int | None = None, fallback: str | None = None):
+                 threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton"):
         self.graph = graph
         self.partitions = partitions
         self.platform = platform
@@ -81,9 +97,12 @@ class Executor:
         self.weights = {w.name: w.data for w in graph.weights.values()}
         self.runners = []
         self.fallbacks: list[str] = []
+        self.device_memories: set[str] = set()  # memories whose arena lives on the GPU
         for part in partitions:
-            if part.backend in ("cpu", "cuda"):
-                self.runners.append(self._onnx_runner(part, threads, fallback))
+            if part.backend == "cpu":
+                self.runners.append(self._onnx_runner(part, threads))
+            elif part.backend == "cuda":
+                self.runners.append(self._gpu_runner(part, fallback, gpu_kernels))
             elif part.backend == "tvm-llvm":
                 self.runners.append(self._tvm_runner(part))
             elif part.backend == "simulated":
@@ -101,20 +120,35 @@ class Executor:
         self.last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
 
-    def _onnx_runner(self, part, threads, fallback):
-        """ONNX Runtime for a CPU (or CUDA) partition; the interpreter, stated, where ONNX Runtime has no kernel."""
-        from hetflow.backends.cpu import BackendError, CpuPartition, _inline, cuda_available
+    def _gpu_runner(self, part, fallback, kernels):
+        """A GPU partition's PyTorch program on the CUDA GPU; on the CPU only when the run asks (--fallback cpu)."""
+        from hetflow.backends.gpu import GpuPartition, cuda_available
+        from hetflow.backends.cpu import _inline
+        where = f"partition {part.index} ({part.file})"
+        if cuda_available():
+            device = "cuda"
+            self.device_memories.add(self.memory_of(part.device))
+        elif fallback == "cpu":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                self.fallbacks.append(f"{where} was compiled for device {part.device!r} (CUDA); torch is not "
+                                      "installed, so it runs on the reference interpreter (--fallback cpu)")
+                return Interpreter(part.graph)
+            self.fallbacks.append(f"{where} was compiled for device {part.device!r} (CUDA); its PyTorch program "
+                                  "runs on the CPU (--fallback cpu)")
+            device, kernels = "cpu", "torch"
+        else:
+            raise RuntimeFailure(f"{where} runs on device {part.device!r} (CUDA), but this machine has no CUDA "
+                                 "GPU that PyTorch can use; run with --fallback cpu to run it on the CPU instead")
+        weights = {n: w.data for n, w in part.graph.weights.items()}
+        return GpuPartition(part.source, weights, part.input_names, part.output_names, name=where,
+                            kernels=kernels, device=device)
+
+    def _onnx_runner(self, part, threads):
+        """ONNX Runtime for a CPU partition; the interpreter, stated, where ONNX Runtime has no kernel."""
+        from hetflow.backends.cpu import BackendError, CpuPartition, _inline
         providers = None
-        if part.backend == "cuda":
-            if cuda_available():
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            elif fallback == "cpu":
-                self.fallbacks.append(f"partition {part.index} ({part.file}) was compiled for device "
-                                      f"{part.device!r} (CUDA); it runs on the CPU (--fallback cpu)")
-            else:
-                raise RuntimeFailure(f"partition {part.index} ({part.file}) runs on device {part.device!r} "
-                                     "(CUDA), but this machine has no CUDA GPU for ONNX Runtime; run with "
-                                     "--fallback cpu to run it on the CPU instead")
         exotic = [v.name for v in list(part.graph.inputs) + list(part.graph.outputs)
                   if v.type is not None and v.type.dtype.value not in ORT_BINDABLE]
         if exotic:
@@ -123,7 +157,7 @@ class Executor:
                                   "reference interpreter")
             return Interpreter(part.graph)
         weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
-        alone = sum(p.backend in ("cpu", "cuda") for p in self.partitions) == 1
+        alone = sum(p.backend == "cpu" for p in self.partitions) == 1
         try:
             return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, threads,
                                 name=part.file, providers=providers, spin=alone)
@@ -162,6 +196,17 @@ class Executor:
                 offsets, total = planned["offsets"], planned["size"]
             else:
                 offsets, total = naive_layout(sizes)
+            if memory in self.device_memories:  # the GPU's memory: one CUDA buffer (its allocations are aligned)
+                import torch
+                from hetflow.backends.gpu import TORCH_DTYPES
+                arena = torch.zeros(total + ALIGNMENT, dtype=torch.uint8, device="cuda")
+                self.arenas[memory] = arena
+                for name, size in sizes.items():
+                    t = self.types[name]
+                    dtype = eval(TORCH_DTYPES[t.dtype.value], {"torch": torch})  # noqa: S307  (a fixed table)
+                    view = arena[offsets[name]:offsets[name] + size]
+                    self.buffers[name] = view.view(dtype).reshape(t.shape)
+                continue
             arena = np.zeros(total + ALIGNMENT, np.uint8)
             base = (-arena.ctypes.data) % ALIGNMENT
             self.arenas[memory] = arena
@@ -177,7 +222,8 @@ class Executor:
         env = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
         env.update(self.weights)
         # graph outputs go straight into arrays the caller keeps (bound like arena slots): no copy out
-        fresh = {v.name for v in self.graph.outputs if v.name in self.buffers}
+        fresh = {v.name for v in self.graph.outputs
+                 if v.name in self.buffers and isinstance(self.buffers[v.name], np.ndarray)}
         for name in fresh:
             self.buffers[name] = np.empty_like(self.buffers[name])
         self.run_id += 1
@@ -196,7 +242,7 @@ class Executor:
                 out[v.name] = self.buffers[v.name]
                 continue
             value = self.buffers.get(v.name) if v.name in self.buffers else env[v.name]
-            out[v.name] = np.array(value, copy=True)
+            out[v.name] = np.array(_host(value), copy=True)
         return out
 
     def _execute(self, index: int, env: dict, record: RunRecord, start: float) -> None:
@@ -205,7 +251,7 @@ class Executor:
         began = time.perf_counter()
         try:
             if isinstance(runner, Interpreter):  # simulated devices, and stated CPU fallbacks
-                inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
+                inputs = {n: _host(self.buffers.get(n, env.get(n))) for n in part.input_names}
                 results = runner.run(inputs)
                 for name, result in zip(part.output_names, results):
                     self._store(name, result, env)
@@ -232,11 +278,11 @@ class Executor:
         record.events.append(Measured(part.file or f"part{part.index}", part.device, began - start,
                                       time.perf_counter() - start, part.backend))
 
-    def _store(self, name: str, value: np.ndarray, env: dict) -> None:
+    def _store(self, name: str, value, env: dict) -> None:
         if name in self.buffers:
-            self.buffers[name][...] = value
+            _copy_into(self.buffers[name], value)
         else:
-            env[name] = value
+            env[name] = _host(value)
 
     def _run_concurrent(self, env: dict, record: RunRecord, start: float) -> None:
         errors: list[BaseException] = []

@@ -72,3 +72,29 @@ def test_softmax_and_binary_ops_match_reference():
         check(op, [x, rng.standard_normal(4).astype(np.float32)], {})
     check("Div", [np.array([7, -7], np.int32), np.array([2, 2], np.int32)], {})  # integer division: truncation
     check("Relu", [x], {})
+
+
+@settings(max_examples=20, deadline=None)
+@given(axis=st.integers(-2, 1), rows=st.integers(1, 3), length=st.integers(1, 5), negative=st.booleans())
+def test_gather_elements_matches_the_definition(axis, rows, length, negative):
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((rows, 6)).astype(np.float32)
+    dim = data.shape[axis]
+    shape = (length, 6) if axis % 2 == 0 else (rows, length)
+    indices = rng.integers(-dim if negative else 0, dim, size=shape).astype(np.int64)
+    node = node_for("GatherElements", [data, indices], {"axis": axis})
+    got = make_kernel(node, 18)([data, indices])[0]
+    expected = np.empty(shape, np.float32)  # the spec's definition, element by element
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            k = indices[i, j] % dim
+            expected[i, j] = data[k, j] if axis % 2 == 0 else data[i, k]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_gather_elements_along_a_long_axis():
+    """onnx.reference's GatherElements breaks once the axis is longer than 64 (BERT's position ids: 512)."""
+    data = np.arange(512, dtype=np.int64).reshape(1, 512)
+    indices = np.arange(16, dtype=np.int64).reshape(1, 16)
+    node = node_for("GatherElements", [data, indices], {"axis": 1})
+    np.testing.assert_array_equal(make_kernel(node, 18)([data, indices])[0], data[:, :16])

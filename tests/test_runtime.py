@@ -79,9 +79,9 @@ measured = true
 
 
 def test_cuda_artifact_on_a_machine_without_cuda(tmp_path):
-    from hetflow.backends.cpu import cuda_available
+    from hetflow.backends.gpu import cuda_available
     if cuda_available():
-        pytest.skip("this machine has ONNX Runtime's CUDA provider: the refusal cannot be shown here")
+        pytest.skip("this machine has a CUDA GPU: the refusal cannot be shown here")
     platform_file = tmp_path / "cuda.toml"
     platform_file.write_text(CUDA_PLATFORM)
     model = mlp_model(width=256)
@@ -91,7 +91,8 @@ def test_cuda_artifact_on_a_machine_without_cuda(tmp_path):
     with pytest.raises(RuntimeFailure, match=r"runs on device 'gpu' \(CUDA\).*--fallback cpu"):
         load(tmp_path / "out")
     loaded = load(tmp_path / "out", fallback="cpu")
-    assert loaded.fallbacks and "runs on the CPU" in loaded.fallbacks[0]
+    assert loaded.fallbacks and "PyTorch program runs on the CPU" in loaded.fallbacks[0]
+    assert (tmp_path / "out" / "gpu").is_dir() and list((tmp_path / "out" / "gpu").glob("part*.py"))
     x = np.ones((32, 256), np.float32)
     expected = Interpreter(hetflow.frontends.onnx.import_onnx(model)).run({"x": x})[0]
     np.testing.assert_allclose(next(iter(loaded.run({"x": x}).values())), expected, rtol=1e-5, atol=1e-5)
