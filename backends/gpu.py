@@ -64,7 +64,7 @@ class Emit:
             return None
         value = self.consts[index]
         if value is None:
-            raise Unsupported(f"its {what} (input {index}) must be a constant")
+            raise Unsupported(f"{what} (input {index}) given at run time (it must be a constant)")
         return value
 
     def shape(self, index: int = 0) -> tuple[int, ...]:
@@ -339,6 +339,8 @@ def _reduce(fn: str, float_only: bool = False):
                 return e.ins[0]
             axes = list(range(rank))
         axes = sorted(_axis(a, rank) for a in axes)
+        if fn in ("torch.amax", "torch.amin") and any(e.in_shape(0)[a] == 0 for a in axes):
+            raise Unsupported("a max or min over an empty axis")
         if rank == 0:
             return e.ins[0]
         return f"{fn}({e.ins[0]}, dim={tuple(axes)}, keepdim={keep})"
@@ -502,6 +504,9 @@ def _identity(e):
 def _dropout(e):
     if len(e.node.outputs) > 1:
         raise Unsupported("the mask output")
+    training = e.const(2, "training_mode") if e.program.opset >= 12 else np.array(e.attr("is_test", 1) == 0)
+    if training is not None and bool(np.asarray(training).reshape(-1)[0]):
+        raise Unsupported("training mode (random masks)")
     return e.ins[0]
 
 
@@ -541,6 +546,10 @@ TORCH_OPS = {
     "GatherElements": _gather_elements, "Shape": _shape, "ConstantOfShape": _constant_of_shape,
     "Range": _range, "Trilu": _trilu, "Tile": _tile, "Pad": _pad,
 }
+
+# operands the rows read at emission (opset 10+ forms): they must be weights, not run-time values
+CONSTANT_OPERANDS = {"Slice": (1, 2, 3, 4), "Pad": (1, 2, 3), "Tile": (1,), "Trilu": (1,), "Range": (0, 1, 2),
+                     "Dropout": (2,), **{op: (1,) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin")}}
 
 GPU_OPS = tuple(sorted(TORCH_OPS))
 GPU_DTYPES = tuple(sorted(TORCH_DTYPES))
@@ -589,6 +598,28 @@ def emit_program(graph: Graph, where: str) -> str:
     return _source(program, variables)
 
 
+def emit_failure(node: Node, opset: int = 18) -> str | None:
+    """Why the GPU backend cannot emit this top-level node (a group: any op inside), or None if it can.
+    Placement asks this for a real GPU, so that it never places there what the backend would refuse."""
+    names = {}
+    constant_data = {}
+    for v in node.inputs:
+        if v is not None:
+            names[id(v)] = v.name
+            if v.data is not None:
+                constant_data[v.name] = np.asarray(v.data)
+    for out in node.outputs:
+        names[id(out)] = out.name
+    program = Program("check", opset)
+    variables = {name: f"x{i}" for i, name in enumerate(names.values())}
+    try:
+        for inner, mapping in _flatten(node, names, ""):
+            _emit_node(inner, mapping, program, variables, constant_data, "check")
+    except BackendError as exc:
+        return str(exc).split("partition check: ", 1)[-1]
+    return None
+
+
 def _check_dtype(dtype: str, what: str, where: str) -> None:
     if dtype not in TORCH_DTYPES:
         raise BackendError(f"backends.gpu: partition {where}: {what} is {dtype}, which the GPU backend does not "
@@ -598,7 +629,7 @@ def _check_dtype(dtype: str, what: str, where: str) -> None:
 def _emit_node(node: Node, mapping: dict, program: Program, variables: dict, constant_data: dict,
                where: str) -> None:
     row = TORCH_OPS.get(node.op)
-    described = f"node {node.describe()}"
+    described = node.describe()
     if row is None:
         raise BackendError(f"backends.gpu: partition {where}: op {node.op} ({described}) has no GPU kernel; "
                            f"the GPU backend runs {len(GPU_OPS)} ops (hetflow platforms show them)")
@@ -667,7 +698,9 @@ def cuda_available() -> bool:
 
 def to_torch(array: np.ndarray, device):
     import torch
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous or not array.flags.writeable:  # (np.ascontiguousarray makes 0-d arrays 1-d)
+        array = np.array(array, order="C")
     if array.dtype.name == "bfloat16":  # ml_dtypes' bf16: hand over the bits
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(device)
     return torch.from_numpy(array).to(device)

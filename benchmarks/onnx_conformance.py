@@ -1,9 +1,12 @@
 """ONNX backend node tests through hetflow, scored over the cases onnx's own reference evaluator passes.
 
-    python benchmarks/onnx_conformance.py [--mode interpreter|compiled] [--failures]
+    python benchmarks/onnx_conformance.py [--mode interpreter|compiled|gpu-program] [--failures]
 
 ``--mode compiled`` runs every case through the compiled host path: the pipeline,
 an artifact on disk, hetflow.runtime.load and ONNX Runtime kernels.
+``--mode gpu-program`` runs every case as the GPU backend's emitted PyTorch program
+(on the CUDA GPU when there is one, else on the CPU); a case with an op the GPU
+backend does not emit counts as an "error" (placement keeps such ops off the GPU).
 
 The cases are generated in memory from the installed onnx package. The last line
 printed is ``passed/total``: hetflow's passes among the reference evaluator's.
@@ -15,10 +18,11 @@ import collections
 import sys
 import time
 
-from hetflow.conformance import (node_test_cases, prepare_hetflow_compiled, prepare_hetflow_interpreter,
-                                 prepare_reference, run_suite)
+from hetflow.conformance import (node_test_cases, prepare_hetflow_compiled, prepare_hetflow_gpu_program,
+                                 prepare_hetflow_interpreter, prepare_reference, run_suite)
 
-MODES = {"interpreter": prepare_hetflow_interpreter, "compiled": prepare_hetflow_compiled}
+MODES = {"interpreter": prepare_hetflow_interpreter, "compiled": prepare_hetflow_compiled,
+         "gpu-program": prepare_hetflow_gpu_program}
 
 
 def main(argv=None) -> int:

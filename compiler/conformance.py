@@ -92,6 +92,33 @@ def prepare_hetflow_compiled(model):
     return lambda inputs: list(loaded.run(dict(zip(names, inputs))).values())
 
 
+def prepare_hetflow_gpu_program(model, device: str | None = None):
+    """The GPU backend's emitted PyTorch program for the whole model, run by torch (on the CUDA GPU when
+    there is one, else on the CPU). An op or corner the backend does not emit is a ``BackendError``.
+
+    The backend reads some operands at emission (Slice bounds, reduction axes, pads: ``CONSTANT_OPERANDS``);
+    the test models feed them as inputs, so those inputs are bound to the case's values first, as the
+    weights a real model has there."""
+    from hetflow.backends.gpu import CONSTANT_OPERANDS, GpuPartition, cuda_available, emit_program
+    from hetflow.frontends.onnx import import_onnx
+    device = device or ("cuda" if cuda_available() else "cpu")
+    names = [v.name for v in import_onnx(model).inputs]
+
+    def run(inputs):
+        graph = import_onnx(model)
+        feeds = dict(zip(names, inputs))
+        for v in list(graph.inputs):
+            if any(index in CONSTANT_OPERANDS.get(node.op, ()) for node, index in v.uses):
+                graph.inputs.remove(v)
+                v.data = np.asarray(feeds.pop(v.name))
+                graph.weights[v.name] = v
+        source = emit_program(graph, graph.name)
+        runner = GpuPartition(source, {n: w.data for n, w in graph.weights.items()}, list(feeds),
+                              [v.name for v in graph.outputs], name=graph.name, kernels="torch", device=device)
+        return list(runner.run_dynamic(feeds).values())
+    return run
+
+
 def run_suite(prepare: Callable, names: set[str] | None = None, progress: Callable | None = None) -> list[CaseResult]:
     results = []
     cases = [c for c in node_test_cases() if names is None or c.name in names]

@@ -145,7 +145,7 @@ def _output_rows(node: Node) -> int | None:
     return None
 
 
-def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None) -> str | None:
+def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None, opset: int) -> str | None:
     if dtype is not None and not ("*" in device.dtypes or dtype in device.dtypes):
         return f"{device.name} does not run {dtype}"
     if not device.supports(node.op, kind, None):
@@ -154,10 +154,15 @@ def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None
         missing = sorted({i.op for i in inner_nodes(node) if i.op not in device.ops})
         if missing:  # a device listing ops by name runs a group when it runs every op inside
             return f"{device.name} does not run {kind} ({', '.join(missing)})"
+    if device.kind == "gpu" and device.measured:  # a real GPU: what its backend can emit, exactly
+        from hetflow.backends.gpu import emit_failure
+        why = emit_failure(node, opset)
+        if why:
+            return f"{device.name}: {why}"
     return None
 
 
-def cost_node(node: Node, platform: Platform) -> NodeCost:
+def cost_node(node: Node, platform: Platform, opset: int = 18) -> NodeCost:
     kind = node_kind(node)
     flops = _safe_flops(node)
     moved = node_bytes(node)
@@ -165,7 +170,7 @@ def cost_node(node: Node, platform: Platform) -> NodeCost:
     ops = ",".join(i.op for i in inner_nodes(node))
     cost = NodeCost(node, node.outputs[0].name, kind, ops, flops, moved, dtype)
     for name, device in platform.devices.items():
-        reason = _unsupported_reason(node, device, kind, dtype)
+        reason = _unsupported_reason(node, device, kind, dtype, opset)
         if reason:
             cost.unsupported[name] = reason
         else:
@@ -174,4 +179,4 @@ def cost_node(node: Node, platform: Platform) -> NodeCost:
 
 
 def cost_graph(graph: Graph, platform: Platform) -> list[NodeCost]:
-    return [cost_node(node, platform) for node in graph.nodes]
+    return [cost_node(node, platform, graph.opset) for node in graph.nodes]

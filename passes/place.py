@@ -300,7 +300,7 @@ def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time
     if policy not in POLICIES:
         raise PlacementError(f"unknown placement policy {policy!r}; choose one of {', '.join(POLICIES)}")
     platform = restrict(platform, devices)
-    costs = [cost_node(node, platform) for node in graph.nodes]
+    costs = [cost_node(node, platform, graph.opset) for node in graph.nodes]
     check_supported(costs, platform)
     report = PlacementReport(policy, platform.name, costs)
     roofline = {i: c.fastest() for i, c in enumerate(costs)}

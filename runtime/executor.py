@@ -116,6 +116,8 @@ class Executor:
                              if n in self.producer and partitions[self.producer[n]].device != p.device})
         self.flag_index = {n: i for i, n in enumerate(self.cross)}
         self.flags = Flags(len(self.cross))
+        self.reuse_waits = self._reuse_waits()
+        self.done = Flags(len(partitions))  # a partition's completion, for the reuse waits
         self.run_id = 0
         self.last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
@@ -215,6 +217,43 @@ class Executor:
                 start = base + offsets[name]
                 self.buffers[name] = arena[start:start + size].view(t.dtype.numpy).reshape(t.shape)
 
+    def _reuse_waits(self) -> dict[int, list[int]]:
+        """Write-after-read across devices: the memory plan reuses a slot in schedule order, but each worker
+        runs ahead as soon as its inputs are ready. A partition that writes a slot an earlier value held
+        first waits until that value's readers (and its writer) on other devices are done."""
+        graph_outputs = {v.name for v in self.graph.outputs}
+        spans = {}
+        for name, buffer in self.buffers.items():
+            if name in graph_outputs and isinstance(buffer, np.ndarray):
+                continue  # written into a fresh array each run, not into the arena
+            memory = self.memory_of(self.partitions[self.producer[name]].device)
+            low = buffer.__array_interface__["data"][0] if isinstance(buffer, np.ndarray) else buffer.data_ptr()
+            spans[name] = (memory, low, low + max(1, buffer.nbytes))
+        readers: dict[str, list[int]] = {}
+        for index, part in enumerate(self.partitions):
+            for name in part.input_names:
+                readers.setdefault(name, []).append(index)
+        by_memory: dict[str, list[str]] = {}
+        for name, (memory, _, _) in spans.items():
+            by_memory.setdefault(memory, []).append(name)
+        waits: dict[int, set[int]] = {}
+        for names in by_memory.values():
+            active: list[str] = []  # a sweep over addresses: the values still open at this one's start
+            for later in sorted(names, key=lambda n: spans[n][1]):
+                _, low, _ = spans[later]
+                active = [n for n in active if spans[n][2] > low]
+                for earlier in active:
+                    for a, b in ((earlier, later), (later, earlier)):
+                        writer = self.producer[b]
+                        if self.producer[a] >= writer:
+                            continue
+                        device = self.partitions[writer].device
+                        for c in readers.get(a, []) + [self.producer[a]]:
+                            if c < writer and self.partitions[c].device != device:
+                                waits.setdefault(writer, set()).add(c)
+                active.append(later)
+        return {k: sorted(v) for k, v in waits.items()}
+
     # --- running --------------------------------------------------------------------------------
     def run(self, feeds) -> dict[str, np.ndarray]:
         arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
@@ -297,13 +336,20 @@ class Executor:
                     for name in part.input_names:
                         if name in self.flag_index:
                             self._wait(name, start, record)
+                    for before in self.reuse_waits.get(index, ()):
+                        try:
+                            self.done.wait(before, self.run_id, start + self.partitions[before].predicted_end)
+                        except SyncFailure:
+                            raise RuntimeFailure(f"partition {before} failed") from None
                     self._execute(index, env, record, start)
+                    self.done.signal(index, self.run_id)
                     for name in part.output_names:
                         if name in self.flag_index:
                             self.flags.signal(self.flag_index[name], self.run_id)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the calling thread)
                 errors.append(exc)
                 self.flags.fail_all()  # wake every waiter
+                self.done.fail_all()
 
         threads = [threading.Thread(target=worker, args=(d,), name=f"hetflow-{d}") for d in self.devices]
         for t in threads:
