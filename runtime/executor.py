@@ -129,7 +129,10 @@ class Executor:
         where = f"partition {part.index} ({part.file})"
         if cuda_available():
             device = "cuda"
-            self.device_memories.add(self.memory_of(part.device))
+            memory = self.memory_of(part.device)
+            if all(p.backend == "cuda" or self.memory_of(p.device) != memory for p in self.partitions
+                   if not p.device.startswith("link:")):
+                self.device_memories.add(memory)  # the GPU's own memory: its arena lives there
         elif fallback == "cpu":
             try:
                 import torch  # noqa: F401

@@ -170,11 +170,12 @@ def test_a_tampered_program_is_refused(tmp_path):
 # --- on a real GPU ---------------------------------------------------------------------------------
 
 @NEEDS_CUDA
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-@pytest.mark.parametrize("name", ["mlp", "gpt2", "resnet18"])
+@pytest.mark.parametrize("name, kernels", [("mlp", "torch"), ("mlp", "triton"), ("gpt2", "torch"),
+                                           ("gpt2", "triton"), ("resnet18", "torch"), ("gpt2-decode", "torch")])
 def test_host_cuda_runs_on_the_gpu_and_equals_the_interpreter(name, kernels, tmp_path):
     module, inputs = MODELS[name]()
-    compiled = hetflow.compile(module, inputs, platform="host+cuda", time_limit=5)
+    devices = ["gpu"] if name == "mlp" else None  # the small MLP would be placed on the CPU: all on the GPU
+    compiled = hetflow.compile(module, inputs, platform="host+cuda", time_limit=5, devices=devices)
     backends = {p.backend for p in compiled._build_partitions()}
     assert "cuda" in backends, f"nothing was placed on the GPU: {backends}"
     compiled.save(tmp_path / "out")
