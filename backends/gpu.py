@@ -744,6 +744,8 @@ class GpuPartition:
             raise BackendError(f"{name}: the emitted program does not parse: {exc}") from None
         self.name = name
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.input_names = input_names
         self.output_names = output_names
         if namespace.get("INPUTS") != list(input_names) or namespace.get("OUTPUTS") != list(output_names):

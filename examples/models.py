@@ -76,7 +76,8 @@ class _GPT2DecodeStep(torch.nn.Module):
         embd = n_head * head_dim
         hidden = transformer.wte(input_ids) + transformer.wpe(position).reshape(1, 1, embd)
         # [1, 1, context + 1]: True where the key is a written cache slot (< position) or the new token
-        valid = torch.cat([self.slots < position, torch.ones(1, dtype=torch.bool)]).reshape(1, 1, self.context + 1)
+        new_slot = torch.ones(1, dtype=torch.bool, device=position.device)
+        valid = torch.cat([self.slots < position, new_slot]).reshape(1, 1, self.context + 1)
         new_k, new_v = [], []
         for i, block in enumerate(transformer.h):
             attn = block.attn
