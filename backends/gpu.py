@@ -10,11 +10,12 @@ lacks is an error naming the node and the op: the ``host+cuda`` platform lists
 exactly these ops as its GPU's, so placement never puts another op there.
 
 Running (``GpuPartition``): the program's weights are uploaded to the GPU once.
-``kernels="triton"`` (the default) compiles the function with ``torch.compile``
-(TorchInductor), which generates Triton kernels for it; ``kernels="torch"`` runs
+``kernels="triton"`` (the default) traces the function with torch.fx and compiles
+it with TorchInductor, which generates Triton kernels for it (no dynamo guards: the
+shapes are static); ``kernels="torch"`` runs
 PyTorch's own CUDA kernels (cuBLAS, cuDNN, ATen). On CUDA the whole partition,
 including the copies of its results into the runtime's GPU arena, is captured
-once at load time into a CUDA graph and replayed on every call: one launch per
+into a CUDA graph at the first call and replayed on every later one: one launch per
 partition, no Python per op. The arena's addresses never change, so the graph
 reads its inputs and writes its outputs in place. The worker waits for the GPU
 to finish a partition before it signals the partition's outputs, so measured
@@ -652,9 +653,13 @@ def _emit_node(node: Node, mapping: dict, program: Program, variables: dict, con
         name = mapping[id(out)]
         variables[name] = f"v{len(variables)}"
         outs.append(variables[name])
-    target = ", ".join(outs) + ("," if node.op in MULTI_OUTPUT and len(outs) == 1 else "")
     comment = (node.loc or node.outputs[0].name)[:100].replace("\n", " ")
-    program.lines.append(f"    {target} = {expr}  # {node.op} {comment}")
+    if node.op not in MULTI_OUTPUT:
+        program.lines.append(f"    {outs[0]} = {expr}  # {node.op} {comment}")
+        return
+    parts = f"t{len(program.lines)}"  # indexed, not unpacked: torch.fx traces the program for Triton
+    program.lines.append(f"    {parts} = {expr}  # {node.op} {comment}")
+    program.lines.extend(f"    {out} = {parts}[{i}]" for i, out in enumerate(outs))
 
 
 def _source(program: Program, variables: dict) -> str:
@@ -666,7 +671,7 @@ def _source(program: Program, variables: dict) -> str:
     return "\n".join([
         f'"""hetflow GPU partition {program.name}: emitted by hetflow.backends.gpu from the IR.',
         "",
-        'Runs with PyTorch on a CUDA GPU, as Triton kernels through torch.compile (kernels="triton") or',
+        'Runs with PyTorch on a CUDA GPU, as Triton kernels compiled by TorchInductor (kernels="triton") or',
         'with PyTorch\'s own kernels (kernels="torch"). Arguments: the inputs, the weights (from',
         'weights.safetensors), then the constants below, in the orders listed."""',
         "import torch",
@@ -753,10 +758,8 @@ class GpuPartition:
         self.weights = [to_torch(weights[n], self.device) for n in namespace["WEIGHTS"]]
         self.constants = [to_torch(np.array(c["values"], dtype=c["dtype"]).reshape(c["shape"]), self.device)
                           for c in namespace["CONSTANTS"]]
-        function = namespace["run"]
-        if kernels == "triton":
-            function = torch.compile(function, dynamic=False, fullgraph=True)
-        self.function = function
+        self.program = namespace["run"]
+        self.function = self.program if kernels == "torch" else None  # triton: compiled at the first call
         self.kernels = kernels
         self.use_graph = cuda_graph and self.device.type == "cuda"
         self.graph = None
@@ -783,7 +786,23 @@ class GpuPartition:
             arguments.append(staged)
         return arguments + self.weights + self.constants
 
+    def _compile(self, arguments: list) -> None:
+        """Triton kernels for the program: torch.fx traces it, TorchInductor compiles the graph for these
+        argument shapes and devices (Triton on a GPU, C++ on the CPU). No guards, no recompiles: the
+        shapes are static and the runtime always passes the same buffers."""
+        import torch
+        import torch.fx
+        try:
+            traced = torch.fx.symbolic_trace(self.program)
+            self.function = torch._inductor.compile(traced, arguments)
+        except Exception as exc:  # noqa: BLE001  (reported as the partition's, with the cause)
+            raise BackendError(f"{self.name}: TorchInductor could not compile the program: {type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        del torch
+
     def _step(self, arguments: list, outputs: dict) -> None:
+        if self.function is None:
+            self._compile(arguments)
         results = self.function(*arguments)
         for name, result in zip(self.output_names, results):
             copy_into(outputs[name], result)
@@ -792,6 +811,8 @@ class GpuPartition:
         """Read ``inputs`` and write the results into the preallocated ``outputs`` (arrays or tensors)."""
         import torch
         arguments = self._arguments(inputs)
+        if self.function is None:
+            self._compile(arguments)
         if not self.use_graph or not all(isinstance(outputs[n], torch.Tensor) and outputs[n].device == self.device
                                          for n in self.output_names):
             with torch.inference_mode():
@@ -835,8 +856,11 @@ class GpuPartition:
     def run_dynamic(self, inputs: dict) -> dict[str, np.ndarray]:
         import torch
         outputs = {}
+        arguments = self._arguments(inputs)
+        if self.function is None:
+            self._compile(arguments)
         with torch.inference_mode():
-            results = self.function(*self._arguments(inputs))
+            results = self.function(*arguments)
         for name, result in zip(self.output_names, results):
             outputs[name] = to_numpy(result)
         return outputs

@@ -142,7 +142,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     ``cpu_backend`` is what runs the CPU partitions: ``"onnxruntime"`` or ``"tvm"`` (compiled
     here by apache-tvm for LLVM, untuned; a partition TVM cannot compile fails the compile).
     ``gpu_kernels`` is how partitions placed on a CUDA GPU (``host+cuda``) run: ``"triton"``
-    (kernels torch.compile generates) or ``"torch"`` (PyTorch's own), each one CUDA graph replay.
+    (kernels TorchInductor generates) or ``"torch"`` (PyTorch's own), each one CUDA graph replay.
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """

@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=["cpu"], help="run partitions built for a device this machine lacks "
                    "(a CUDA GPU) on the CPU instead, and say so")
     p.add_argument("--gpu-kernels", choices=["triton", "torch"], default="triton",
-                   help="how partitions placed on a CUDA GPU run: Triton kernels that torch.compile generates "
+                   help="how partitions placed on a CUDA GPU run: Triton kernels that TorchInductor generates "
                         "at load time (default), or PyTorch's own CUDA kernels (no compile wait); either way "
                         "each partition is one CUDA graph replay")
     p.add_argument("--trace", metavar="FILE.json", help="write a Chrome/Perfetto trace: what ran where and when "

@@ -267,6 +267,7 @@ def apply_split(graph: Graph, node: Node, decision: dict) -> None:
 def insert_transfers(graph: Graph, platform: Platform) -> int:
     """A hetflow.transfer on every edge between devices whose memories are not one unified space."""
     inserted = 0
+    copies: dict[tuple[int, str], object] = {}  # (value, destination memory) -> the copy there: one per value
     for node in list(graph.nodes):
         device = node.meta.get("device")
         if device is None or node.op == TRANSFER_OP:
@@ -278,11 +279,13 @@ def insert_transfers(graph: Graph, platform: Platform) -> int:
             if src == device or not platform.needs_transfer(src, device):
                 continue
             a, b = platform.devices[src].memory, platform.devices[device].memory
-            copy = graph.add_node(TRANSFER_OP, [v], [v.type], {"src": a, "dst": b}, node.loc,
-                                  output_names=[f"{v.name}_to_{b}"], before=node,
-                                  meta={"device": f"link:{a}->{b}"})
+            copy = copies.get((id(v), b))
+            if copy is None:  # the first reader's copy comes before every later reader (graph order)
+                copy = copies[(id(v), b)] = graph.add_node(
+                    TRANSFER_OP, [v], [v.type], {"src": a, "dst": b}, node.loc, output_names=[f"{v.name}_to_{b}"],
+                    before=node, meta={"device": f"link:{a}->{b}"})
+                inserted += 1
             node.set_input(index, copy.outputs[0])
-            inserted += 1
     return inserted
 
 

@@ -117,6 +117,7 @@ class Executor:
         self.flag_index = {n: i for i, n in enumerate(self.cross)}
         self.flags = Flags(len(self.cross))
         self.reuse_waits = self._reuse_waits()
+        self.staged_inputs = self._staged_inputs()
         self.done = Flags(len(partitions))  # a partition's completion, for the reuse waits
         self.run_id = 0
         self.last = RunRecord()
@@ -220,6 +221,21 @@ class Executor:
                 start = base + offsets[name]
                 self.buffers[name] = arena[start:start + size].view(t.dtype.numpy).reshape(t.shape)
 
+    def _staged_inputs(self) -> dict:
+        """Device buffers for the graph inputs that partitions on the GPU read (copied in once per run,
+        however many partitions read them). Only where every reader is on the GPU."""
+        if not self.device_memories:
+            return {}
+        import torch
+        from hetflow.backends.gpu import to_torch
+        staged = {}
+        for v in self.graph.inputs:
+            readers = [p for p in self.partitions if v.name in p.input_names]
+            if readers and all(p.backend == "cuda" for p in readers) and _arena_type(v.type):
+                staged[v.name] = to_torch(np.zeros(v.type.shape, v.type.dtype.numpy), "cuda")
+        del torch
+        return staged
+
     def _reuse_waits(self) -> dict[int, list[int]]:
         """Write-after-read across devices: the memory plan reuses a slot in schedule order, but each worker
         runs ahead as soon as its inputs are ready. A partition that writes a slot an earlier value held
@@ -263,6 +279,9 @@ class Executor:
                               dict(zip([v.name for v in self.graph.inputs], feeds)))
         env = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
         env.update(self.weights)
+        for name, staged in self.staged_inputs.items():  # graph inputs the GPU reads: one copy in, per run
+            _copy_into(staged, env[name])
+            env[name] = staged
         # graph outputs go straight into arrays the caller keeps (bound like arena slots): no copy out
         fresh = {v.name for v in self.graph.outputs
                  if v.name in self.buffers and isinstance(self.buffers[v.name], np.ndarray)}
@@ -284,7 +303,7 @@ class Executor:
                 out[v.name] = self.buffers[v.name]
                 continue
             value = self.buffers.get(v.name) if v.name in self.buffers else env[v.name]
-            out[v.name] = np.array(_host(value), copy=True)
+            out[v.name] = _host(value) if not isinstance(value, np.ndarray) else np.array(value, copy=True)
         return out
 
     def _execute(self, index: int, env: dict, record: RunRecord, start: float) -> None:

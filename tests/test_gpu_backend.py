@@ -174,7 +174,7 @@ def test_a_tampered_program_is_refused(tmp_path):
                                            ("gpt2", "triton"), ("resnet18", "torch"), ("gpt2-decode", "torch")])
 def test_host_cuda_runs_on_the_gpu_and_equals_the_interpreter(name, kernels, tmp_path):
     module, inputs = MODELS[name]()
-    devices = ["gpu"] if name == "mlp" else None  # the small MLP would be placed on the CPU: all on the GPU
+    devices = ["gpu"]  # these small models would be placed on the CPU; test_placement... covers mixed plans
     compiled = hetflow.compile(module, inputs, platform="host+cuda", time_limit=5, devices=devices)
     backends = {p.backend for p in compiled._build_partitions()}
     assert "cuda" in backends, f"nothing was placed on the GPU: {backends}"
@@ -214,3 +214,22 @@ def test_the_gpu_arena_is_device_memory(tmp_path):
     gpu_memories = executor.device_memories
     assert gpu_memories and all(isinstance(executor.arenas[m], torch.Tensor) and executor.arenas[m].is_cuda
                                 for m in gpu_memories)
+
+
+def test_the_triton_path_compiles_the_program_with_inductor():
+    """kernels="triton": torch.fx traces the emitted program and TorchInductor compiles it (on the CPU it
+    generates C++, on a GPU Triton): the same outputs as PyTorch's kernels, Split's outputs included."""
+    graph = parse_graph("""graph g(%x: f32[4,8]) -> (%a: f32[4,3], %b: f32[4,5]) opset 18 {
+  weight %sizes: i64[2] = dense<i64[2]: [3, 5]>
+  %e: f32[4,8] = Exp(%x)
+  %a: f32[4,3], %b: f32[4,5] = Split(%e, %sizes) {axis = 1}
+  return %a, %b
+}""")
+    source = emit_program(graph, "split")
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
+    want = Interpreter(graph).run(feeds)
+    runner = GpuPartition(source, {n: w.data for n, w in graph.weights.items()}, ["x"], ["a", "b"], name="split",
+                          kernels="triton", device="cpu")
+    got = runner.run_dynamic(feeds)
+    np.testing.assert_allclose(got["a"], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got["b"], want[1], rtol=1e-6)
