@@ -733,6 +733,15 @@ def copy_into(destination, source) -> None:
     destination.copy_(source)
 
 
+def _float32_convolutions():
+    """cuDNN without TF32: PyTorch lets convolutions round f32 inputs to TF32 by default (about 1e-3
+    relative error); the IR's f32 means f32, so the programs run (and are captured) without it."""
+    import torch
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
 class GpuPartition:
     """A loaded GPU partition: its program on a device, weights resident, captured into a CUDA graph."""
 
@@ -803,7 +812,8 @@ class GpuPartition:
     def _step(self, arguments: list, outputs: dict) -> None:
         if self.function is None:
             self._compile(arguments)
-        results = self.function(*arguments)
+        with _float32_convolutions():
+            results = self.function(*arguments)
         for name, result in zip(self.output_names, results):
             copy_into(outputs[name], result)
 
@@ -859,7 +869,7 @@ class GpuPartition:
         arguments = self._arguments(inputs)
         if self.function is None:
             self._compile(arguments)
-        with torch.inference_mode():
+        with torch.inference_mode(), _float32_convolutions():
             results = self.function(*arguments)
         for name, result in zip(self.output_names, results):
             outputs[name] = to_numpy(result)

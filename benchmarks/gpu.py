@@ -14,6 +14,8 @@ pays the same host-to-GPU copy of the inputs and GPU-to-host copy of the output:
   hf triton   the same with gpu_kernels="triton": the GPU partitions' programs compiled by
               torch.compile into Triton kernels, each partition one CUDA graph replay
 
+Every column computes in f32: TF32 is off for cuDNN convolutions (PyTorch's default rounds them to
+TF32; hetflow's GPU programs never do) and for matmuls (PyTorch's default).
 Latencies are medians in ms of --repeat runs after --warmup warm-up runs. ``predicted`` is the
 host+cuda platform's modelled makespan (its GPU figures are measured by hetflow's CUDA calibration).
 ``err`` is the largest difference from eager, relative to eager's largest magnitude.
@@ -184,7 +186,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py needs a CUDA GPU; this machine has none", file=sys.stderr)
         return 2
-    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+    torch.backends.cudnn.allow_tf32 = False  # every column computes in f32, as hetflow's GPU programs do
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; f32 throughout (no TF32)", flush=True)
     specs = model_specs()
     rows = []
     for name in args.models.split(","):
