@@ -209,7 +209,7 @@ def test_hetflow_run_on_the_gpu_from_the_command_line(tmp_path):
 @NEEDS_CUDA
 def test_the_gpu_arena_is_device_memory(tmp_path):
     module, inputs = MODELS["gpt2"]()
-    compiled = hetflow.compile(module, inputs, platform="host+cuda", time_limit=5)
+    compiled = hetflow.compile(module, inputs, platform="host+cuda", time_limit=5, devices=["gpu"])
     executor = compiled.executor
     gpu_memories = executor.device_memories
     assert gpu_memories and all(isinstance(executor.arenas[m], torch.Tensor) and executor.arenas[m].is_cuda
