@@ -144,12 +144,8 @@ def _gelu(e):
     return f"F.gelu({e.ins[0]}, approximate={approximate!r})"
 
 
-def _leaky_relu(e):
-    return f"F.leaky_relu({e.ins[0]}, {float(e.attr('alpha', 0.01))!r})"
-
-
-def _elu(e):
-    return f"F.elu({e.ins[0]}, {float(e.attr('alpha', 1.0))!r})"
+def _with_alpha(fn: str, default: float):
+    return lambda e: f"{fn}({e.ins[0]}, {float(e.attr('alpha', default))!r})"
 
 
 def _hard_sigmoid(e):
@@ -524,7 +520,7 @@ TORCH_OPS = {
     "Sin": _unary("torch.sin"), "Cos": _unary("torch.cos"), "Not": _unary("torch.logical_not"),
     "IsNaN": _unary("torch.isnan"), "Sign": _unary("torch.sign"), "Round": _unary("torch.round"),
     "Softplus": _unary("F.softplus"), "Softsign": _unary("F.softsign"), "Gelu": _gelu,
-    "LeakyRelu": _leaky_relu, "Elu": _elu, "HardSigmoid": _hard_sigmoid, "PRelu": _prelu, "Clip": _clip,
+    "LeakyRelu": _with_alpha("F.leaky_relu", 0.01), "Elu": _with_alpha("F.elu", 1.0), "HardSigmoid": _hard_sigmoid, "PRelu": _prelu, "Clip": _clip,
     "Identity": _identity, "Dropout": _dropout, "Cast": _cast, "CastLike": _cast_like,
     # broadcast
     "Add": _binary("+"), "Sub": _binary("-"), "Mul": _binary("*"), "Div": _div, "Pow": _pow, "Mod": _mod,
