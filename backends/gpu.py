@@ -795,7 +795,7 @@ class GpuPartition:
         """Triton kernels for the program: torch.fx traces it, TorchInductor compiles the graph for these
         argument shapes and devices (Triton on a GPU, C++ on the CPU). No guards, no recompiles: the
         shapes are static and the runtime always passes the same buffers."""
-        import torch
+        import torch._inductor
         import torch.fx
         try:
             traced = torch.fx.symbolic_trace(self.program)
@@ -803,7 +803,6 @@ class GpuPartition:
         except Exception as exc:  # noqa: BLE001  (reported as the partition's, with the cause)
             raise BackendError(f"{self.name}: TorchInductor could not compile the program: {type(exc).__name__}: "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-        del torch
 
     def _step(self, arguments: list, outputs: dict) -> None:
         if self.function is None:

@@ -88,8 +88,6 @@ def torch_on_gpu(module, inputs, compiled: bool):
 
 
 def hetflow_on_gpu(module, inputs, kernels: str):
-    import torch
-
     import hetflow
     from hetflow.backends.gpu import GpuPartition
     start = time.perf_counter()
@@ -111,7 +109,6 @@ def hetflow_on_gpu(module, inputs, kernels: str):
             "partitions": {d: sum(p.device == d for p in parts) for d in sorted({p.device for p in parts})},
             "cuda_graphs": sum(r.graph is not None for r in runners), "gpu_partitions": len(runners),
             "notes": [r.note for r in runners if r.note]}
-    del torch
     return run, first, info
 
 

@@ -226,14 +226,12 @@ class Executor:
         however many partitions read them). Only where every reader is on the GPU."""
         if not self.device_memories:
             return {}
-        import torch
         from hetflow.backends.gpu import to_torch
         staged = {}
         for v in self.graph.inputs:
             readers = [p for p in self.partitions if v.name in p.input_names]
             if readers and all(p.backend == "cuda" for p in readers) and _arena_type(v.type):
                 staged[v.name] = to_torch(np.zeros(v.type.shape, v.type.dtype.numpy), "cuda")
-        del torch
         return staged
 
     def _reuse_waits(self) -> dict[int, list[int]]:
