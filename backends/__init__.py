@@ -109,7 +109,7 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
             part.file = f"{folder}/part{index}.py"
             part.source = emit_program(sub, f"{index} ({part.file})")
         elif backend == "cpu":
-            model, _ = lower_partition(sub)
+            model, _ = lower_partition(sub, view_outputs=True)
             part.onnx_bytes = model.SerializeToString()
             part.file = f"{folder}/part{index}.onnx"
         elif backend == "tvm-llvm":

@@ -10,6 +10,7 @@ runtime's buffers: nothing is copied on the way in or out.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,13 @@ def _flatten(node: Node, names: dict[int, str], prefix: str) -> list[tuple[Node,
     return flat
 
 
-def lower_partition(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
-    """A standalone partition graph as an ONNX model; returns it and the names of the weights it reads."""
+def lower_partition(graph: Graph, view_outputs: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """A standalone partition graph as an ONNX model; returns it and the names of the weights it reads.
+
+    ``view_outputs``: an output that only reshapes a value computed here (GPT-2's logits: Reshape of the
+    LM head's Gemm) becomes that value itself, in its own shape; the model's metadata keeps the IR shape
+    (``hetflow.view_outputs``) and ``CpuPartition`` binds a view of the output buffer in that shape. ONNX
+    Runtime then writes the result straight into the caller's array: no copy of the logits."""
     names = {id(v): v.name for v in graph.values()}
     protos, infos = [], {}
     weights = dict(graph.weights)
@@ -62,19 +68,55 @@ def lower_partition(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
                 infos[mapping[id(o)]] = o.type
     extra = _erf_argument_as_division(protos, graph)
     outputs = list(graph.outputs)
+    viewed = _outputs_as_views(protos, graph, infos) if view_outputs else {}
     if any(v.data is not None or v in graph.inputs for v in outputs):
         raise BackendError(f"partition {graph.name}: an output that is an input or a weight needs no kernel")
     initializers = [onnx.numpy_helper.from_array(np.asarray(v.data), n) if _inline(v) else _external_initializer(n, v)
                     for n, v in weights.items()] + extra
     boundary = {v.name for v in graph.inputs} | {v.name for v in outputs}
     g = helper.make_graph(protos, graph.name, [value_info(v.name, v.type) for v in graph.inputs],
-                          [value_info(v.name, v.type) for v in outputs], initializers,
+                          [value_info(v.name, viewed[v.name] if v.name in viewed else v.type) for v in outputs],
+                          initializers,
                           value_info=[value_info(n, t) for n, t in infos.items() if n not in boundary and t is not None])
     domains = {d for d in (n.domain for n in protos) if d}
     opsets = [helper.make_opsetid("", graph.opset)] + [helper.make_opsetid(d, 1) for d in sorted(domains)]
     model = helper.make_model(g, opset_imports=opsets, producer_name="hetflow")
     model.ir_version = ONNX_IR_VERSION
+    if viewed:
+        helper.set_model_props(model, {VIEW_OUTPUTS: json.dumps({v.name: list(v.type.shape)
+                                                                 for v in outputs if v.name in viewed})})
     return model, [n for n, v in weights.items() if not _inline(v)]
+
+
+VIEW_OUTPUTS = "hetflow.view_outputs"
+RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _outputs_as_views(protos: list, graph: Graph, infos: dict) -> dict:
+    """Drop a reshape that makes a graph output from a value only it reads; the value's producer writes
+    the output instead (in the value's shape). Returns {output: the type ONNX Runtime will give it}."""
+    producers = {out: p for p in protos for out in p.output}
+    reads: dict[str, int] = {}
+    for p in protos:
+        for name in p.input:
+            reads[name] = reads.get(name, 0) + 1
+    outputs = {v.name for v in graph.outputs}
+    viewed = {}
+    for v in graph.outputs:
+        reshape = producers.get(v.name)
+        if reshape is None or reshape.op_type not in RESHAPES or reshape.domain:
+            continue
+        data = reshape.input[0]
+        inner = producers.get(data)
+        t = infos.get(data)
+        if (inner is None or reads.get(data) != 1 or reads.get(v.name) or data in outputs or t is None
+                or not t.is_static):
+            continue
+        inner.output[list(inner.output).index(data)] = v.name
+        protos.remove(reshape)
+        del infos[data]
+        viewed[v.name] = t
+    return viewed
 
 
 INLINE_BYTES = 4096
@@ -162,18 +204,23 @@ class CpuPartition:
         self.binding = self.session.io_binding()
         types = [t.type for t in list(self.session.get_inputs()) + list(self.session.get_outputs())]
         self.bindable = all("string" not in t for t in types)  # IOBinding takes numeric tensors only
+        viewed = json.loads(self.session.get_modelmeta().custom_metadata_map.get(VIEW_OUTPUTS, "{}"))
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        self.view_shapes = {n: tuple(shapes[n]) for n in viewed}   # outputs bound as views in these shapes
+        self.ir_shapes = {n: tuple(s) for n, s in viewed.items()}
 
     def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """For shapes known only at run time: ONNX Runtime allocates the outputs."""
         results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
-        return dict(zip(self.output_names, results))
+        return {n: r.reshape(self.ir_shapes[n]) if n in self.ir_shapes else r
+                for n, r in zip(self.output_names, results)}
 
     def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Read ``inputs`` and write the results into the preallocated ``outputs`` arrays (no copies)."""
         if not self.bindable:
             results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
             for name, result in zip(self.output_names, results):
-                outputs[name][...] = result
+                outputs[name][...] = result.reshape(outputs[name].shape)
             return
         binding = self.binding
         for name in self.input_names:
@@ -181,7 +228,8 @@ class CpuPartition:
             binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
         for name in self.output_names:
             array = outputs[name]
-            binding.bind_output(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
+            shape = self.view_shapes.get(name, array.shape)  # a view of the same contiguous buffer
+            binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
         self.session.run_with_iobinding(binding)
 
 

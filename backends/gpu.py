@@ -520,7 +520,8 @@ TORCH_OPS = {
     "Sin": _unary("torch.sin"), "Cos": _unary("torch.cos"), "Not": _unary("torch.logical_not"),
     "IsNaN": _unary("torch.isnan"), "Sign": _unary("torch.sign"), "Round": _unary("torch.round"),
     "Softplus": _unary("F.softplus"), "Softsign": _unary("F.softsign"), "Gelu": _gelu,
-    "LeakyRelu": _with_alpha("F.leaky_relu", 0.01), "Elu": _with_alpha("F.elu", 1.0), "HardSigmoid": _hard_sigmoid, "PRelu": _prelu, "Clip": _clip,
+    "LeakyRelu": _with_alpha("F.leaky_relu", 0.01), "Elu": _with_alpha("F.elu", 1.0),
+    "HardSigmoid": _hard_sigmoid, "PRelu": _prelu, "Clip": _clip,
     "Identity": _identity, "Dropout": _dropout, "Cast": _cast, "CastLike": _cast_like,
     # broadcast
     "Add": _binary("+"), "Sub": _binary("-"), "Mul": _binary("*"), "Div": _div, "Pow": _pow, "Mod": _mod,

@@ -154,7 +154,8 @@ def print_table(rows) -> None:
         cells = []
         for c in columns:
             cell = row.get(c)
-            cells.append(f"{cell['median_ms']:9.2f}ms" if cell and "median_ms" in cell else f"{'-' if not cell else 'fail':>11s}")
+            missing = "-" if not cell else "fail"
+            cells.append(f"{cell['median_ms']:9.2f}ms" if cell and "median_ms" in cell else f"{missing:>11s}")
         best = min((row[c]["median_ms"], c) for c in ("hf torch", "hf triton") if "median_ms" in row.get(c, {})) \
             if any("median_ms" in row.get(c, {}) for c in ("hf torch", "hf triton")) else None
         eager = row.get("eager", {}).get("median_ms")
@@ -173,7 +174,8 @@ def print_table(rows) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated, of {', '.join(model_specs())}")
+    parser.add_argument("--models", default=",".join(ALL_MODELS),
+                        help=f"comma-separated, of {', '.join(model_specs())}")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--no-triton", action="store_true", help="skip the two Triton columns (no compile waits)")

@@ -125,7 +125,10 @@ def cmd_run(args) -> int:
         if args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             np.save(Path(args.output_dir) / f"{_file_safe(name)}.npy", value)
-    backends = sorted({f"{p.device} ({_BACKEND_WORDS[p.backend]})" for p in model.partitions}) or ["interpreter"]
+    fell_back = {p.index for p in model.partitions if any(f"partition {p.index} " in n for n in model.fallbacks)}
+    words = {p.index: "on the CPU: --fallback cpu" if p.index in fell_back else _BACKEND_WORDS[p.backend]
+             for p in model.partitions}
+    backends = sorted({f"{p.device} ({words[p.index]})" for p in model.partitions}) or ["interpreter"]
     print(f"ran in {elapsed * 1e3:.2f} ms (measured; {', '.join(backends)})")
     if args.trace:
         _write_trace(model, args.trace)
@@ -149,7 +152,7 @@ def _generate(model, args) -> int:
     return 0
 
 
-_BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "ONNX Runtime CUDA, measured",
+_BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "PyTorch/Triton on the CUDA GPU, measured",
                   "tvm-llvm": "TVM LLVM, measured",
                   "simulated": "simulated: functional, time modelled", "transfer": "copy"}
 
@@ -171,7 +174,8 @@ def _print_profile(model, feeds) -> None:
     rows = profile(model.graph, model.platform, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
     body = [[r.name[:30], r.kind[:14], r.device, f"{r.predicted * 1e6:.1f}", f"{r.measured * 1e6:.1f}",
              f"{r.measured / r.predicted:.2f}" if r.predicted and r.backend in ("cpu", "cuda") else "-",
-             "measured" if r.backend in ("cpu", "cuda") else "simulated (NumPy wall time)"] for r in rows]
+             {"cpu": "measured", "cuda": "measured (copies in and out included)"}.get(
+                 r.backend, "simulated (NumPy wall time)")] for r in rows]
     print(table(body, ["group", "kind", "device", "predicted us", "measured us", "ratio", "how"]))
     real = [r for r in rows if r.backend in ("cpu", "cuda")]
     total_p = sum(r.predicted for r in real)

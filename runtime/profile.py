@@ -26,6 +26,11 @@ class ProfileRow:
     measured: float    # seconds (median, measured; simulated devices: wall time of the functional simulation)
 
 
+def _cuda() -> bool:
+    from hetflow.backends.gpu import cuda_available
+    return cuda_available()
+
+
 def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int = 5) -> list[ProfileRow]:
     from hetflow.backends import Partition, backend_for, partition_graph
     from hetflow.backends.cpu import CpuPartition, _inline, lower_partition
@@ -45,7 +50,18 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
 
             def run(runner=runner, sub=sub):
                 return runner.run_dynamic({v.name: values[v.name] for v in sub.inputs})
+        elif backend == "cuda" and _cuda():  # the GPU program, with PyTorch's kernels (copies in and out included)
+            from hetflow.backends.gpu import GpuPartition, emit_program
+            runner = GpuPartition(emit_program(sub, f"profile of {node.outputs[0].name}"),
+                                  {n: w.data for n, w in sub.weights.items()}, [v.name for v in sub.inputs],
+                                  [v.name for v in sub.outputs], name=f"profile of {node.outputs[0].name}",
+                                  kernels="torch")
+
+            def run(runner=runner, sub=sub):
+                return runner.run_dynamic({v.name: values[v.name] for v in sub.inputs})
         else:
+            if backend == "cuda":
+                backend = "interpreter"  # no GPU here: the group runs on the reference interpreter
             interpreter = Interpreter(sub)
 
             def run(interpreter=interpreter, sub=sub):

@@ -152,3 +152,40 @@ def test_outputs_belong_to_the_caller():
     np.testing.assert_array_equal(y1, keep)
     np.testing.assert_allclose(y2, expected.run({"x": x2})[0], rtol=1e-5, atol=1e-5)
     assert not any(np.shares_memory(y1, arena) for arena in compiled.executor.arenas.values())
+
+
+def test_an_output_reshape_is_bound_as_a_view_and_results_are_never_overwritten():
+    """GPT-2's logits are Reshape(Gemm): the lowering drops the Reshape and ONNX Runtime writes the Gemm
+    straight into the caller's array. A result the caller still holds is never written again; one it let go
+    of is reused (no fresh pages each call)."""
+    import onnx as onnx_lib
+    from hetflow.backends.cpu import lower_partition
+    from hetflow.ir import parse_graph
+    values = ", ".join(f"{0.01 * (i % 13 - 6)}" for i in range(8 * 6))
+    text = f"""graph g(%x: f32[4,8]) -> (%y: f32[1,4,6]) opset 18 {{
+  weight %w: f32[6,8] = dense<f32[6,8]: [{values}]>
+  weight %shape: i64[3] = dense<i64[3]: [1, 4, 6]>
+  %h: f32[4,6] = Gemm(%x, %w) {{transB = 1}}
+  %y: f32[1,4,6] = Reshape(%h, %shape)
+  return %y
+}}"""
+    graph = parse_graph(text)
+    model, _ = lower_partition(graph, view_outputs=True)
+    assert [n.op_type for n in model.graph.node] == ["Gemm"]
+    onnx_lib.checker.check_model(model)
+    compiled = hetflow.compile(lower_partition(graph)[0], platform="host")
+    lowered = onnx_lib.load_from_string(compiled._build_partitions()[0].onnx_bytes)
+    assert "Reshape" not in {n.op_type for n in lowered.graph.node}
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    expected = Interpreter(graph).run({"x": x})[0]
+    first = compiled(x)
+    np.testing.assert_allclose(first, expected, rtol=1e-6, atol=1e-6)
+    kept = first.copy()
+    second = compiled(x * 2)
+    assert second is not first  # the caller still holds the first result: it stays as it was
+    np.testing.assert_array_equal(first, kept)
+    address = second.__array_interface__["data"][0]
+    del second
+    third = compiled(x)
+    assert third.__array_interface__["data"][0] == address  # let go of: written again in place
+    np.testing.assert_allclose(third, expected, rtol=1e-6, atol=1e-6)
