@@ -6,8 +6,8 @@ device's backend:
 
 * ``cpu``: an ONNX model run by ONNX Runtime (``cpu/partN.onnx``), measured.
 * ``cuda``: a real CUDA GPU of this machine (``host+cuda``): the partition emitted as
-  a PyTorch program (``gpu/partN.py``, see ``gpu``), run as Triton kernels through
-  torch.compile or with PyTorch's kernels, captured in a CUDA graph. A machine
+  a PyTorch program (``gpu/partN.py``, see ``gpu``), run as Triton kernels compiled by
+  TorchInductor or with PyTorch's kernels, captured in a CUDA graph. A machine
   without a GPU refuses the artifact unless the run asks for ``fallback="cpu"``,
   which then runs the same program on the CPU and reports it.
 * ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
