@@ -36,8 +36,12 @@ MODELS = {
     "vit": lambda: models.build_vit(hidden=96, layers=2, heads=4, image=64),
     "bert": lambda: models.build_bert(hidden=64, layers=2, heads=2, seq=16),
 }
-NEEDS_CUDA = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on this machine: the emitted programs "
-                                "are checked on the CPU by the other tests of this file")
+_NO_CUDA = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on this machine: the emitted programs "
+                              "are checked on the CPU by the other tests of this file")
+
+
+def NEEDS_CUDA(test):  # noqa: N802  (a decorator read like a mark); select them with pytest -m gpu
+    return pytest.mark.gpu(_NO_CUDA(test))
 
 
 def _feeds(graph, inputs) -> dict[str, np.ndarray]:
