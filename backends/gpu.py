@@ -689,13 +689,29 @@ def _source(program: Program, variables: dict) -> str:
 
 # --- running -----------------------------------------------------------------------------------------
 
+def torch_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
+
+
 def cuda_available() -> bool:
     """A CUDA GPU that PyTorch can use (False, not an error, without torch)."""
-    try:
-        import torch
-    except ImportError:
+    if not torch_installed():
         return False
+    import torch
     return torch.cuda.is_available()
+
+
+def device_arena(nbytes: int):
+    """One CUDA buffer for a memory space of the plan (CUDA allocations are 512-byte aligned)."""
+    import torch
+    return torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+
+
+def arena_view(arena, offset: int, nbytes: int, dtype: str, shape):
+    """The slot [offset, offset + nbytes) of a device arena as a tensor of the IR ``dtype`` and ``shape``."""
+    import torch
+    return arena[offset:offset + nbytes].view(getattr(torch, TORCH_DTYPES[dtype].split(".")[1])).reshape(shape)
 
 
 def to_torch(array: np.ndarray, device):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -33,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import _first, measure  # noqa: E402  (the e2e benchmark's helpers)
 
 ALL_MODELS = ["resnet18", "gpt2", "gpt2-decode"]
 
@@ -49,26 +50,6 @@ def model_specs():
                         lambda: models.build_gpt2_decode(n_layer=12, n_embd=768, n_head=12, context=128,
                                                          vocab=50257)),
     }
-
-
-def _first(out):
-    import torch
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
-
-
-def measure(run, warmup: int, repeat: int) -> dict:
-    for _ in range(warmup):
-        run()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return {"median_ms": statistics.median(samples) * 1e3, "min_ms": min(samples) * 1e3, "runs": repeat}
 
 
 def torch_on_gpu(module, inputs, compiled: bool):
@@ -128,7 +109,7 @@ def bench(name, description, build, args) -> dict:
     for column, prepare in peers:
         try:
             run, first, info = prepare()
-            cell = measure(run, args.warmup, args.repeat)
+            cell = measure(run, args.warmup, args.repeat, budget_s=1e9, min_repeat=args.repeat)
             if isinstance(info, dict):
                 cell.update(info)
             else:

@@ -102,8 +102,10 @@ class PlacementProblem:
     platform: Platform
 
     def comm(self, pred: int, node: int, nbytes: float, assignment: dict[int, str]) -> float:
-        a, b = assignment[pred], assignment[node]
-        return self.platform.sync + self.platform.transfer_time(a, b, nbytes)
+        return self.copy_cost(assignment[pred], assignment[node], nbytes)
+
+    def copy_cost(self, src: str, dst: str, nbytes: float) -> float:
+        return self.platform.sync + self.platform.transfer_time(src, dst, nbytes)
 
     def makespan(self, assignment: dict[int, str]) -> float:
         return static_makespan(self.order, assignment, self.times, self.preds,
@@ -291,21 +293,18 @@ def insert_transfers(graph: Graph, platform: Platform) -> int:
 
 # --- the pass ----------------------------------------------------------------------------------------
 
-def roofline_assignment(costs: list[NodeCost], platform: Platform) -> dict[int, str]:
-    """Each node to its fastest device, its inputs' copies (from where their producers went) counted."""
-    index = {id(c.node): i for i, c in enumerate(costs)}
+def roofline_assignment(problem: PlacementProblem) -> dict[int, str]:
+    """Each node to its fastest device, the copies of its inputs from where their producers went counted."""
+    platform = problem.platform
     assignment: dict[int, str] = {}
-    for i, cost in enumerate(costs):
+    for i in problem.order:
         def total(device: str) -> float:
-            time = cost.times[device]
-            for v in cost.node.inputs:
-                if v is None or v.producer is None or id(v.producer) not in index:
-                    continue
-                source = assignment.get(index[id(v.producer)])
-                if source is not None and source != device and platform.needs_transfer(source, device):
-                    time += platform.sync + platform.transfer_time(source, device, float(v.type.nbytes() or 0))
-            return time
-        assignment[i] = min(cost.times, key=lambda d: (total(d), cost.times[d]))
+            seconds = problem.times[i][device]
+            for pred, nbytes in problem.preds.get(i, []):
+                if platform.needs_transfer(assignment[pred], device):
+                    seconds += problem.copy_cost(assignment[pred], device, nbytes)
+            return seconds
+        assignment[i] = min(problem.times[i], key=lambda d: (total(d), problem.times[i][d]))
     return assignment
 
 
@@ -327,10 +326,10 @@ def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time
     costs = [cost_node(node, platform, graph.opset) for node in graph.nodes]
     check_supported(costs, platform)
     report = PlacementReport(policy, platform.name, costs)
-    roofline = roofline_assignment(costs, platform)
+    problem = placement_problem(graph, costs, platform)
+    roofline = roofline_assignment(problem)
     assignment = roofline
     if policy in ("optimal", "split") and len(platform.devices) > 1:
-        problem = placement_problem(graph, costs, platform)
         candidates = {"roofline": roofline}
         for d in platform.devices:
             if all(d in c.times for c in costs):

@@ -127,8 +127,7 @@ class Executor:
 
     def _gpu_runner(self, part, fallback, kernels):
         """A GPU partition's PyTorch program on the CUDA GPU; on the CPU only when the run asks (--fallback cpu)."""
-        from hetflow.backends.gpu import GpuPartition, cuda_available
-        from hetflow.backends.cpu import _inline
+        from hetflow.backends.gpu import GpuPartition, cuda_available, torch_installed
         where = f"partition {part.index} ({part.file})"
         if cuda_available():
             device = "cuda"
@@ -137,9 +136,7 @@ class Executor:
                    if not p.device.startswith("link:")):
                 self.device_memories.add(memory)  # the GPU's own memory: its arena lives there
         elif fallback == "cpu":
-            try:
-                import torch  # noqa: F401
-            except ImportError:
+            if not torch_installed():
                 self.fallbacks.append(f"{where} was compiled for device {part.device!r} (CUDA); torch is not "
                                       "installed, so it runs on the reference interpreter (--fallback cpu)")
                 return Interpreter(part.graph)
@@ -204,16 +201,12 @@ class Executor:
                 offsets, total = planned["offsets"], planned["size"]
             else:
                 offsets, total = naive_layout(sizes)
-            if memory in self.device_memories:  # the GPU's memory: one CUDA buffer (its allocations are aligned)
-                import torch
-                from hetflow.backends.gpu import TORCH_DTYPES
-                arena = torch.zeros(total + ALIGNMENT, dtype=torch.uint8, device="cuda")
-                self.arenas[memory] = arena
+            if memory in self.device_memories:  # the GPU's memory: one CUDA buffer
+                from hetflow.backends.gpu import arena_view, device_arena
+                arena = self.arenas[memory] = device_arena(total + ALIGNMENT)
                 for name, size in sizes.items():
                     t = self.types[name]
-                    dtype = eval(TORCH_DTYPES[t.dtype.value], {"torch": torch})  # noqa: S307  (a fixed table)
-                    view = arena[offsets[name]:offsets[name] + size]
-                    self.buffers[name] = view.view(dtype).reshape(t.shape)
+                    self.buffers[name] = arena_view(arena, offsets[name], size, t.dtype.value, t.shape)
                 continue
             arena = np.zeros(total + ALIGNMENT, np.uint8)
             base = (-arena.ctypes.data) % ALIGNMENT
