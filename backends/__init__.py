@@ -26,6 +26,7 @@ from pathlib import Path
 from hetflow.ir import Graph, Node
 from hetflow.ir.graph import extract_subgraph
 from hetflow.ir.serialize import graph_from_json, graph_to_json
+from hetflow.passes.partition import device_runs
 
 TRANSFER_OP = "hetflow.transfer"
 
@@ -73,14 +74,8 @@ def backend_for(device: str, platform) -> str:
 
 
 def split_partitions(graph: Graph) -> list[tuple[str, list[Node]]]:
-    runs: list[tuple[str, list[Node]]] = []
-    for node in graph.nodes:
-        device = node.meta.get("device", "cpu")
-        if runs and runs[-1][0] == device and node.op != TRANSFER_OP and runs[-1][1][-1].op != TRANSFER_OP:
-            runs[-1][1].append(node)
-        else:
-            runs.append((device, [node]))
-    return runs
+    """The partitions as (device, nodes) runs (``hetflow.passes.partition.device_runs``)."""
+    return device_runs(graph)
 
 
 def partition_graph(graph: Graph, nodes: list[Node], name: str) -> Graph:

@@ -1,12 +1,21 @@
-"""plan_memory: an offset in its memory space's arena for every activation, from the schedule's lifetimes.
+"""plan_memory: an offset in its memory space's arena for every activation, sound under any timing.
 
 Buffers are the values top-level nodes produce (a fused group's internal values
-never reach memory). A buffer lives from its producer's start to its last
-consumer's end on the predicted timeline (graph outputs to the end), in the
-memory of its producer's device. Steps:
+never reach memory), each in the memory space of its producer's device
+(``Platform.memory_space``). Two buffers may share bytes only when every access
+of one happens-before the write of the other in the order the runtime enforces:
+data dependences, each device's queue order, the flag synchronisation
+(``RuntimeOrder``). The predicted timeline plays no part: devices really run at
+their own speeds (a simulated device at the interpreter's), so "ends earlier in
+predicted time" is no guarantee. A buffer's span runs, in positions of the
+graph's node order, from its producer to the first position that the runtime
+orders after all its accesses (graph outputs to the end). The plan checker
+(``hetflow.runtime.plancheck``), written apart from this pass, checks every plan
+at the end of a compile and at every artifact load. Steps:
 
-1. in-place reuse: an elementwise node may write over an input whose last use it
-   is (same size): the two share one buffer;
+1. in-place reuse: an elementwise node may write over an input when every other
+   access of the input is ordered before it (same type; never two values that
+   both cross one partition's boundary): the two share one buffer;
 2. two levels (MEMO): when the graph repeats a block of nodes (transformer
    layers), one block's internal buffers are solved once, and the whole graph is
    solved with each block as one buffer of that block's peak; the block's offsets
@@ -28,7 +37,6 @@ from hetflow.ir import FusionKind, Graph, Node, Value, get_op
 from .base import CompileOptions, PassResult, register_pass
 
 ALIGNMENT = 64
-SCALE = 1000  # lifetimes in nanoseconds (integers)
 
 
 @dataclass
@@ -66,39 +74,102 @@ def _aligned(n: int, alignment: int) -> int:
 
 
 def _memory_of(node: Node, platform) -> str:
+    if platform is None:
+        return "dram"
     device = node.meta.get("device")
-    if platform is None or device is None or device not in platform.devices:
-        return "dram" if platform is None else platform.memory_of(platform.host_device()).name
-    return platform.devices[device].memory
+    if device is None:
+        raise ValueError(f"{node.describe()} has no device: run place before plan_memory")
+    return platform.memory_space(device)
 
 
-def lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
-    """[start, end) of every top-level value, from the predicted timeline (or the node order without one)."""
-    timed = all("start_us" in n.meta for n in graph.nodes)
-    start, end = {}, {}
-    for index, node in enumerate(graph.nodes):
-        s = int(node.meta["start_us"] * SCALE) if timed else 2 * index
-        e = int(node.meta["end_us"] * SCALE) + 1 if timed else 2 * index + 1
-        for out in node.outputs:
-            start[out.name] = s
-            end[out.name] = max(end.get(out.name, e), e)
-        for v in node.inputs:
-            if v is not None and v.name in start:
-                end[v.name] = max(end[v.name], e)
-    final = max(end.values(), default=1) + 1
-    for v in graph.outputs:
-        if v.name in end:
-            end[v.name] = final
-    return {n: (start[n], max(end[n], start[n] + 1)) for n in start}
+@dataclass
+class RuntimeOrder:
+    """What the runtime guarantees about when a node's reads and writes happen.
+
+    The executor runs partitions (``device_runs``): each device's in index order, and
+    a partition that reads another device's value waits for its flag. So partition p
+    happens-before q when a chain of queue-order and data edges leads from p to q
+    (``reach``). Inside one partition the backend runs the nodes as one program: a
+    value crossing the partition's boundary (an arena value) may be read or written
+    at any moment of it, an internal value is touched at its node's position.
+    """
+    position: dict[int, int]      # id(node) -> index in graph.nodes
+    run_of: dict[int, int]        # id(node) -> partition index
+    last: list[int]               # partition -> position of its last node
+    reach: list[int]              # partition -> bitmask of the partitions that happen after it
+    tail: list[int]               # partition -> last position of a later partition NOT ordered after it (-1)
+    escaping: set[str]            # values that cross a partition boundary (or are graph outputs)
+
+    def free_from(self, node: Node, value: Value) -> int:
+        """The first position from which every node is ordered after ``node``'s access of ``value``."""
+        run = self.run_of[id(node)]
+        end = self.last[run] if value.name in self.escaping else self.position[id(node)]
+        return max(end, self.tail[run]) + 1
 
 
-def in_place_pairs(graph: Graph) -> dict[str, str]:
-    """output name -> input name it may overwrite (an elementwise node at the input's last use)."""
-    last_user: dict[str, Node] = {}
+def runtime_order(graph: Graph) -> RuntimeOrder:
+    from .partition import device_runs
+    runs = device_runs(graph)
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    run_of = {id(n): k for k, (_, nodes) in enumerate(runs) for n in nodes}
+    last = [position[id(nodes[-1])] for _, nodes in runs]
+    succ: list[set[int]] = [set() for _ in runs]
+    previous_on: dict[str, int] = {}
+    for k, (device, nodes) in enumerate(runs):
+        if device in previous_on:
+            succ[previous_on[device]].add(k)  # the device's queue
+        previous_on[device] = k
+        for node in nodes:
+            for v in node.inputs:
+                if v is not None and v.producer is not None and id(v.producer) in run_of:
+                    p = run_of[id(v.producer)]
+                    if p != k:
+                        succ[p].add(k)  # a data edge (a flag when the devices differ)
+    reach = [0] * len(runs)
+    for k in reversed(range(len(runs))):
+        mask = 0
+        for j in succ[k]:
+            mask |= (1 << j) | reach[j]
+        reach[k] = mask
+    tail = []
+    for k in range(len(runs)):
+        unordered = [last[j] for j in range(k + 1, len(runs)) if not (reach[k] >> j) & 1]
+        tail.append(max(unordered, default=-1))
+    outputs = {v.name for v in graph.outputs}
+    escaping = set()
     for node in graph.nodes:
-        for v in node.inputs:
-            if v is not None:
-                last_user[v.name] = node
+        for out in node.outputs:
+            if out.name in outputs or any(run_of.get(id(u)) != run_of[id(node)] for u in out.users()):
+                escaping.add(out.name)
+    return RuntimeOrder(position, run_of, last, reach, tail, escaping)
+
+
+def lifetimes(graph: Graph, order: RuntimeOrder | None = None) -> dict[str, tuple[int, int]]:
+    """[start, end) of every top-level value, in positions of the graph's node order.
+
+    A value starts at its producer's position and ends at the first position from
+    which every node is ordered after all its accesses (its write and every read) by
+    what the runtime enforces (``RuntimeOrder``), never by predicted times: two
+    values whose spans do not overlap may share bytes on any timing. Graph outputs
+    live to the end."""
+    order = order or runtime_order(graph)
+    final = len(graph.nodes) + 1
+    outputs = {v.name for v in graph.outputs}
+    spans = {}
+    for node in graph.nodes:
+        for out in node.outputs:
+            end = order.free_from(node, out)
+            for user in out.users():
+                end = max(end, order.free_from(user, out))
+            spans[out.name] = (order.position[id(node)], final if out.name in outputs else end)
+    return spans
+
+
+def in_place_pairs(graph: Graph, order: RuntimeOrder | None = None) -> dict[str, str]:
+    """output name -> input name it may overwrite: an elementwise node whose write is ordered after every
+    other access of the input. Never two arena values of one partition (its program may read the input
+    after writing the output)."""
+    order = order or runtime_order(graph)
     pairs = {}
     outputs = {v.name for v in graph.outputs}
     for node in graph.nodes:
@@ -107,9 +178,14 @@ def in_place_pairs(graph: Graph) -> dict[str, str]:
         if get_op(node.op, node).kind not in (FusionKind.elementwise, FusionKind.broadcast):
             continue
         out = node.outputs[0]
+        here = order.position[id(node)]
         for v in node.inputs:
-            if (v is not None and v.producer is not None and v.data is None and last_user.get(v.name) is node
-                    and v.name not in outputs and v.type == out.type and v.name not in pairs.values()):
+            if (v is None or v.producer is None or v.data is not None
+                    or v.name in outputs or v.type != out.type or v.name in pairs.values()
+                    or (v.name in order.escaping and out.name in order.escaping)):
+                continue
+            others = [u for u in v.users() if u is not node] + [v.producer]
+            if all(order.free_from(u, v) <= here for u in others):
                 pairs[out.name] = v.name
                 break
     return pairs
@@ -135,8 +211,9 @@ def repeated_block(graph: Graph, min_repeats: int = 2) -> tuple[int, int, int] |
 
 def plan_graph(graph: Graph, platform=None, time_limit: float = 10.0, alignment: int = ALIGNMENT) -> MemoryPlanReport:
     from . import memplan
-    spans = lifetimes(graph)
-    pairs = in_place_pairs(graph)
+    order = runtime_order(graph)
+    spans = lifetimes(graph, order)
+    pairs = in_place_pairs(graph, order)
     owner = {}
     for out, into in pairs.items():
         root = into
