@@ -159,6 +159,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     graph, torch_capture = capture(model, example_inputs)
     verify(graph)
     graph, runner = run_pipeline(graph, passes, options=options)
+    check_plan(graph, platform, options.results.get("memory_plan"))
     compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options, cpu_backend,
                              gpu_kernels)
     if cpu_backend == "tvm" or any(d.kind == "gpu" and d.measured for d in platform.devices.values()):
@@ -167,6 +168,18 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
     return compiled
+
+
+def check_plan(graph: Graph, platform, memory_plan) -> None:
+    """The plan checker (``hetflow.runtime.plancheck``), apart from the planner, at the end of every compile:
+    a plan two values could race on is an error here, never a wrong answer later."""
+    if memory_plan is None:
+        return
+    from hetflow.passes.partition import device_runs
+    from hetflow.runtime.plancheck import check_memory_plan
+    partitions = [(device, [n.outputs[0].name for n in nodes]) for device, nodes in device_runs(graph)]
+    check_memory_plan(graph, partitions, memory_plan.as_manifest(), platform.memory_space, memory_plan.alignment,
+                      where="compile: the memory plan")
 
 
 def backend(platform: Any = "host"):

@@ -7,14 +7,25 @@ arena views in place (ONNX Runtime through IOBinding).
 
 Synchronisation (HeteroInfer's scheme): each cross-device value has a flag word in
 a shared array; the producer writes the value, then stores the run's number in
-its flag; the consumer sleeps until the producer's predicted finish, then polls
-the flag, yielding between polls. No locks, no driver-level waits.
+its flag; the consumer sleeps until the producer's predicted finish (never more
+than ``sync.MAX_SLEEP``), then polls the flag. No locks, no driver-level waits on
+the path. The memory plan needs no other synchronisation: the plan checker
+(``plancheck``) proves at load that values sharing bytes are ordered by the queues
+and flags alone, and a plan it refuses is never run.
 
-With one partition (everything on the CPU) the executor simply runs it in the
-calling thread.
+With one device the executor simply runs the partitions in the calling thread.
+
+Calls: ``run`` may be called from several threads; runs are serialised (one at a
+time, each with its own inputs, flags and record). Each run starts with every
+flag clear, so a failed run leaves the model usable. Every wait is bounded (the
+producer's predicted finish times ``WAIT_FACTOR``, at least ``wait_timeout``
+seconds, by default ``HETFLOW_WAIT_TIMEOUT`` or 120) and ends in an error naming
+the partition and the value. Ctrl-C during a run stops the workers (at their next
+wait or partition) and the run.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -26,9 +37,13 @@ from hetflow.ir import Graph
 from hetflow.ir.errors import HetflowError
 
 from .interpreter import Interpreter, check_inputs
-from .sync import Flags, SyncFailure
+from .plancheck import check_memory_plan
+from .sync import Flags, SyncFailure, SyncTimeout
 
 ALIGNMENT = 64
+WAIT_FACTOR = 100.0      # a wait gives up at this many times the producer's predicted finish...
+WAIT_CEILING = 3600.0    # ...capped here, whatever the prediction...
+WAIT_FLOOR = 120.0       # ...and never before this many seconds (HETFLOW_WAIT_TIMEOUT overrides)
 
 
 class RuntimeFailure(HetflowError):
@@ -90,10 +105,17 @@ def _copy_into(destination, value) -> None:
 
 class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
-                 threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton"):
+                 threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton",
+                 wait_timeout: float | None = None):
         self.graph = graph
         self.partitions = partitions
         self.platform = platform
+        self.wait_timeout = float(wait_timeout if wait_timeout is not None else
+                                  os.environ.get("HETFLOW_WAIT_TIMEOUT", WAIT_FLOOR))
+        if memory_plan:
+            # never run a plan that could race: the checker proves every overlap ordered, at every load
+            check_memory_plan(graph, [(p.device, p.nodes) for p in partitions], memory_plan, self.memory_of,
+                              ALIGNMENT)
         self.types = {v.name: v.type for v in graph.values()}
         self.weights = {w.name: w.data for w in graph.weights.values()}
         self.runners = []
@@ -117,11 +139,11 @@ class Executor:
                              if n in self.producer and partitions[self.producer[n]].device != p.device})
         self.flag_index = {n: i for i, n in enumerate(self.cross)}
         self.flags = Flags(len(self.cross))
-        self.reuse_waits = self._reuse_waits()
         self.handed_out: dict[str, np.ndarray] = {}  # the output arrays the last run returned
         self.staged_inputs = self._staged_inputs()
-        self.done = Flags(len(partitions))  # a partition's completion, for the reuse waits
         self.run_id = 0
+        self._lock = threading.Lock()   # one run at a time
+        self._stragglers: list[threading.Thread] = []  # workers of a run stopped by Ctrl-C, still finishing
         self.last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
 
@@ -184,9 +206,8 @@ class Executor:
 
     # --- memory ---------------------------------------------------------------------------------
     def memory_of(self, device: str) -> str:
-        if self.platform is None or device.startswith("link:"):
-            return device.split("->")[-1] if device.startswith("link:") else "dram"
-        return self.platform.devices[device].memory if device in self.platform.devices else "dram"
+        """The memory space a partition on ``device`` writes (the platform's one function for it)."""
+        return "dram" if self.platform is None else self.platform.memory_space(device)
 
     def _arenas(self, memory_plan: dict | None, produced: list[str]) -> None:
         self.buffers: dict[str, np.ndarray] = {}
@@ -197,10 +218,18 @@ class Executor:
             by_memory.setdefault(memory, {})[name] = self.types[name].nbytes()
         for memory, sizes in by_memory.items():
             planned = (memory_plan or {}).get(memory)
-            if planned and all(n in planned["offsets"] for n in sizes):
+            if planned:
+                missing = [n for n in sizes if n not in planned["offsets"]]
+                if missing:
+                    raise RuntimeFailure(f"the memory plan for memory {memory!r} has no offset for %{missing[0]} "
+                                         f"(written by partition {self.producer[missing[0]]}"
+                                         f"{f' and {len(missing) - 1} more values' if len(missing) > 1 else ''})")
                 offsets, total = planned["offsets"], planned["size"]
+            elif memory_plan:
+                raise RuntimeFailure(f"the memory plan has no arena for memory {memory!r}, which partition "
+                                     f"{self.producer[next(iter(sizes))]} writes")
             else:
-                offsets, total = naive_layout(sizes)
+                offsets, total = naive_layout(sizes)  # no plan (a pipeline without plan_memory): no reuse
             if memory in self.device_memories:  # the GPU's memory: one CUDA buffer
                 from hetflow.backends.gpu import arena_view, device_arena
                 arena = self.arenas[memory] = device_arena(total + ALIGNMENT)
@@ -229,45 +258,16 @@ class Executor:
                 staged[v.name] = to_torch(np.zeros(v.type.shape, v.type.dtype.numpy), "cuda")
         return staged
 
-    def _reuse_waits(self) -> dict[int, list[int]]:
-        """Write-after-read across devices: the memory plan reuses a slot in schedule order, but each worker
-        runs ahead as soon as its inputs are ready. A partition that writes a slot an earlier value held
-        first waits until that value's readers (and its writer) on other devices are done."""
-        graph_outputs = {v.name for v in self.graph.outputs}
-        spans = {}
-        for name, buffer in self.buffers.items():
-            if name in graph_outputs and isinstance(buffer, np.ndarray):
-                continue  # written into a fresh array each run, not into the arena
-            memory = self.memory_of(self.partitions[self.producer[name]].device)
-            low = buffer.__array_interface__["data"][0] if isinstance(buffer, np.ndarray) else buffer.data_ptr()
-            spans[name] = (memory, low, low + max(1, buffer.nbytes))
-        readers: dict[str, list[int]] = {}
-        for index, part in enumerate(self.partitions):
-            for name in part.input_names:
-                readers.setdefault(name, []).append(index)
-        by_memory: dict[str, list[str]] = {}
-        for name, (memory, _, _) in spans.items():
-            by_memory.setdefault(memory, []).append(name)
-        waits: dict[int, set[int]] = {}
-        for names in by_memory.values():
-            active: list[str] = []  # a sweep over addresses: the values still open at this one's start
-            for later in sorted(names, key=lambda n: spans[n][1]):
-                _, low, _ = spans[later]
-                active = [n for n in active if spans[n][2] > low]
-                for earlier in active:
-                    for a, b in ((earlier, later), (later, earlier)):
-                        writer = self.producer[b]
-                        if self.producer[a] >= writer:
-                            continue
-                        device = self.partitions[writer].device
-                        for c in readers.get(a, []) + [self.producer[a]]:
-                            if c < writer and self.partitions[c].device != device:
-                                waits.setdefault(writer, set()).add(c)
-                active.append(later)
-        return {k: sorted(v) for k, v in waits.items()}
-
     # --- running --------------------------------------------------------------------------------
     def run(self, feeds) -> dict[str, np.ndarray]:
+        """One run; calls from several threads are serialised."""
+        with self._lock:
+            return self._run(feeds)
+
+    def _run(self, feeds) -> dict[str, np.ndarray]:
+        for straggler in self._stragglers:  # workers of a run interrupted by Ctrl-C finish their partition first
+            straggler.join()
+        self._stragglers = []
         arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
                               dict(zip([v.name for v in self.graph.inputs], feeds)))
         env = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
@@ -287,6 +287,7 @@ class Executor:
             self.buffers[name] = np.empty_like(last)
             self.handed_out[name] = self.buffers[name]
         self.run_id += 1
+        self.flags.reset()  # a failure left by an earlier run is gone
         record = RunRecord()
         start = time.perf_counter()
         if len(self.devices) == 1:
@@ -344,48 +345,73 @@ class Executor:
         else:
             env[name] = _host(value)
 
+    def _deadline(self, start: float, predicted_end: float) -> float:
+        """When a wait for a partition predicted to finish at ``predicted_end`` (seconds into the run) gives up."""
+        predicted = min(max(float(predicted_end), 0.0), WAIT_CEILING)
+        return start + min(max(self.wait_timeout, WAIT_FACTOR * predicted), max(WAIT_CEILING, self.wait_timeout))
+
     def _run_concurrent(self, env: dict, record: RunRecord, start: float) -> None:
         errors: list[BaseException] = []
+        cancelled = threading.Event()
         queues = {d: [i for i, p in enumerate(self.partitions) if p.device == d] for d in self.devices}
 
         def worker(device: str) -> None:
             try:
                 for index in queues[device]:
-                    if errors:
+                    if errors or cancelled.is_set():
                         return
                     part = self.partitions[index]
                     for name in part.input_names:
                         if name in self.flag_index:
-                            self._wait(name, start, record)
-                    for before in self.reuse_waits.get(index, ()):
-                        try:
-                            self.done.wait(before, self.run_id, start + self.partitions[before].predicted_end)
-                        except SyncFailure:
-                            raise RuntimeFailure(f"partition {before} failed") from None
+                            self._wait(name, start, record, part)
                     self._execute(index, env, record, start)
-                    self.done.signal(index, self.run_id)
                     for name in part.output_names:
                         if name in self.flag_index:
                             self.flags.signal(self.flag_index[name], self.run_id)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the calling thread)
                 errors.append(exc)
                 self.flags.fail_all()  # wake every waiter
-                self.done.fail_all()
 
-        threads = [threading.Thread(target=worker, args=(d,), name=f"hetflow-{d}") for d in self.devices]
+        threads = [threading.Thread(target=worker, args=(d,), name=f"hetflow-{d}", daemon=True)
+                   for d in self.devices]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.1)
+        except KeyboardInterrupt:
+            cancelled.set()
+            self.flags.fail_all()  # every waiting worker wakes and stops; a running one stops after its partition
+            for t in threads:
+                t.join(1.0)
+            self._stragglers = [t for t in threads if t.is_alive()]
+            raise
         if errors:
-            raise errors[0]
+            # the failure itself, not a waiter it woke
+            primary = [e for e in errors if not isinstance(e, _WokenByFailure)]
+            raise primary[0] if primary else errors[0]
 
-    def _wait(self, name: str, start: float, record: RunRecord) -> None:
-        """Sleep until the producer's predicted finish, then poll its flag."""
+    def _wait(self, name: str, start: float, record: RunRecord, consumer=None) -> None:
+        """Sleep until the producer's predicted finish (capped), then poll its flag, until the deadline."""
         slot = self.flag_index[name]
         producer = self.partitions[self.producer[name]]
+        deadline = self._deadline(start, producer.predicted_end)
+        reader = f"partition {consumer.index} ({consumer.device})" if consumer is not None else "a partition"
         try:
-            seen, _ = self.flags.wait(slot, self.run_id, start + producer.predicted_end)
+            seen, _ = self.flags.wait(slot, self.run_id, start + min(producer.predicted_end, WAIT_CEILING), deadline)
+        except SyncTimeout:
+            raise _Timeout(f"{reader} waited {deadline - start:.0f} s for %{name} from partition {producer.index} "
+                           f"({producer.file}, device {producer.device}) and gave up: that partition never "
+                           "finished (HETFLOW_WAIT_TIMEOUT sets the bound)") from None
         except SyncFailure:
-            raise RuntimeFailure(f"the producer of {name!r} (partition {producer.index}) failed") from None
+            raise _WokenByFailure(f"the producer of {name!r} (partition {producer.index}) failed") from None
         record.waits.append((name, self.flags.set_at[slot] - start, seen - start))
+
+
+class _WokenByFailure(RuntimeFailure):
+    """A waiter woken because another partition failed (not the failure itself)."""
+
+
+class _Timeout(RuntimeFailure):
+    pass

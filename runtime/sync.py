@@ -24,9 +24,15 @@ from .native import compiled_function
 
 SLEEP_MARGIN = 100e-6   # wake this much before the predicted finish: sleep overshoots by ~50-100 us
 MIN_SLEEP = 200e-6      # below this, polling alone is cheaper than a sleep
+MAX_SLEEP = 0.05        # the longest sleep, whatever the prediction says (then the poll takes over)
+POLL_CHUNK = 0.1        # seconds the C poll spins before it comes back to check the deadline
 
 
 class SyncFailure(RuntimeError):
+    pass
+
+
+class SyncTimeout(SyncFailure):
     pass
 
 
@@ -49,7 +55,6 @@ class Flags:
         self.words = np.zeros(max(1, slots), np.int64)
         self.set_at = np.zeros(max(1, slots), np.float64)
         self._native = _native_wait() if native else None
-        self._seen = ctypes.c_double()
 
     @property
     def native(self) -> bool:
@@ -62,27 +67,39 @@ class Flags:
     def fail_all(self) -> None:
         self.words[:] = -1
 
-    def wait(self, slot: int, run_id: int, predicted_ready: float) -> tuple[float, int]:
-        """Wait for ``slot`` to reach ``run_id``; ``predicted_ready`` is a perf_counter() time.
+    def reset(self) -> None:
+        """Clear every flag (and a failure left by an earlier run): called at the start of each run."""
+        self.words[:] = 0
+        self.set_at[:] = 0.0
 
-        Returns (the time the consumer saw the flag, the number of polls).
+    def wait(self, slot: int, run_id: int, predicted_ready: float, deadline: float | None = None) -> tuple[float, int]:
+        """Wait for ``slot`` to reach ``run_id``; ``predicted_ready`` and ``deadline`` are perf_counter() times.
+
+        Sleeps until the predicted finish (at most ``MAX_SLEEP``, whatever the prediction), then polls.
+        Raises ``SyncFailure`` when the producer failed (or the run was cancelled: the flag reads -1) and
+        ``SyncTimeout`` past ``deadline``. Returns (the time the consumer saw the flag, the number of polls).
         """
         words = self.words
         remaining = predicted_ready - time.perf_counter()
         if remaining > MIN_SLEEP and words[slot] != run_id:
-            time.sleep(remaining - SLEEP_MARGIN)
+            time.sleep(min(remaining - SLEEP_MARGIN, MAX_SLEEP))
         if self._native is not None:
             address = words.ctypes.data + slot * words.itemsize
+            seen = ctypes.c_double()
             while True:
-                status = self._native(address, run_id, 1.0, ctypes.byref(self._seen))
+                status = self._native(address, run_id, POLL_CHUNK, ctypes.byref(seen))
                 if status == 0:
                     return time.perf_counter(), 0
                 if status == -1:
                     raise SyncFailure("the producer failed")
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise SyncTimeout("timed out")
         polls = 0
         while words[slot] != run_id:
             if words[slot] == -1:
                 raise SyncFailure("the producer failed")
             polls += 1
+            if deadline is not None and not polls % 1024 and time.perf_counter() > deadline:
+                raise SyncTimeout("timed out")
             time.sleep(0)
         return time.perf_counter(), polls
