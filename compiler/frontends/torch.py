@@ -913,6 +913,22 @@ def _upsample_nearest(imp: _Importer, node: FxNode) -> Value:
     return imp.emit("Resize", [imp.value(node.args[0]), None, None, imp.ints(list(out.shape))], attrs, out=out)
 
 
+@converts(aten.upsample_bilinear2d.vec)
+def _upsample_bilinear(imp: _Importer, node: FxNode) -> Value:
+    """Bilinear resize, no antialias: ONNX Resize linear with torch's own coordinate mapping."""
+    out = imp.out()
+    x = imp.value(node.args[0])
+    if not out.is_static or not x.type.is_static:
+        raise imp.unsupported("a symbolic size")
+    align_corners = bool(imp.arg(2, "align_corners", False))
+    scales = imp.arg(3, "scale_factors")
+    if scales and any(float(s) * i != o for s, i, o in zip(scales, x.type.shape[-2:], out.shape[-2:])):
+        raise imp.unsupported(f"scale factors {list(scales)} that are not output/input sizes")
+    attrs = {"mode": "linear",
+             "coordinate_transformation_mode": "align_corners" if align_corners else "pytorch_half_pixel"}
+    return imp.emit("Resize", [x, None, None, imp.ints(list(out.shape))], attrs, out=out)
+
+
 # --- reductions ------------------------------------------------------------------------------------------
 
 def _reduce_axes(imp: _Importer, dims) -> Value | None:
@@ -995,6 +1011,40 @@ def _max_dim(imp: _Importer, node: FxNode) -> list:
     values = imp.emit(reduce_op, [x, imp.ints([dim])], {"keepdims": keepdim}, out=imp.out(0))
     indices = imp.emit(arg_op, [x], {"axis": dim, "keepdims": keepdim, "select_last_index": 0}, out=imp.out(1))
     return [values, indices]
+
+
+@converts(aten.topk.default)
+def _topk(imp: _Importer, node: FxNode) -> list:
+    x = imp.value(node.args[0])
+    k = imp.arg(1, "k")
+    if isinstance(k, FxNode):
+        raise imp.unsupported("a symbolic k")
+    dim = _axis(int(imp.arg(2, "dim", -1)), len(x.type.shape))
+    largest, sorted_ = bool(imp.arg(3, "largest", True)), bool(imp.arg(4, "sorted", True))
+    return imp.emit_multi("TopK", [x, imp.ints([int(k)])], {"axis": dim, "largest": int(largest),
+                          "sorted": int(sorted_)}, [imp.out(0), imp.out(1)])
+
+
+@converts(aten.linalg_vector_norm.default)
+def _vector_norm(imp: _Importer, node: FxNode) -> Value:
+    """``torch.linalg.vector_norm`` (weight norm's ``norm_except_dim``): ReduceL1/L2, max/min of |x|, or the
+    general sum(|x|^p)^(1/p)."""
+    out = imp.out()
+    ord_ = float(imp.arg(1, "ord", 2))
+    axes = _reduce_axes(imp, imp.arg(2, "dim"))
+    keepdims = {"keepdims": int(bool(imp.arg(3, "keepdim", False)))}
+    x = imp.cast(imp.value(node.args[0]), out.dtype)
+    args = [axes] if axes is not None else []
+    if ord_ in (1.0, 2.0):
+        return imp.emit("ReduceL1" if ord_ == 1.0 else "ReduceL2", [x] + args, keepdims, out=out)
+    magnitude = imp.emit("Abs", [x])
+    if ord_ in (math.inf, -math.inf):
+        return imp.emit("ReduceMax" if ord_ > 0 else "ReduceMin", [magnitude] + args, keepdims, out=out)
+    if ord_ == 0.0:
+        raise imp.unsupported("ord=0 (a count of non-zeros)")
+    powered = imp.emit("Pow", [magnitude, imp.scalar(ord_, out.dtype)])
+    total = imp.emit("ReduceSum", [powered] + args, keepdims)
+    return imp.emit("Pow", [total, imp.scalar(1.0 / ord_, out.dtype)], out=out)
 
 
 @converts(aten.cumsum.default)
@@ -1155,6 +1205,73 @@ def _index(imp: _Importer, node: FxNode) -> Value:
     width = len(zeros.type.shape)
     perm = list(range(width, width + lead)) + list(range(width)) + list(range(width + lead, width + len(rest)))
     return imp.emit("Transpose", [gathered], {"perm": perm}, out=out)
+
+
+@converts(aten.copy.default)
+def _copy(imp: _Importer, node: FxNode) -> Value:
+    """The functional ``copy``: ``src`` cast to ``self``'s dtype and broadcast to its shape."""
+    out = imp.out()
+    src = imp.cast(imp.value(node.args[1]), out.dtype)
+    if src.type.shape == out.shape:
+        return src
+    return imp.emit("Expand", [src, imp.shape_of(out, imp.value(node.args[0]))], out=out)
+
+
+@converts(aten.slice_scatter.default)
+def _slice_scatter(imp: _Importer, node: FxNode) -> Value:
+    """``self`` with ``self[start:end]`` along ``dim`` replaced by ``src`` (step 1): slices of ``self`` around it,
+    concatenated."""
+    out = imp.out()
+    x, src = imp.value(node.args[0]), imp.cast(imp.value(node.args[1]), out.dtype)
+    rank = len(out.shape)
+    dim = _axis(int(imp.arg(2, "dim", 0)), rank)
+    size = out.shape[dim]
+    start, end, step = imp.arg(3, "start"), imp.arg(4, "end"), imp.arg(5, "step", 1)
+    if not isinstance(size, int) or any(isinstance(v, FxNode) for v in (start, end, step)) or step != 1:
+        raise imp.unsupported("a symbolic size or bound, or a step other than 1")
+    start, end = slice(start, end).indices(size)[:2]
+    end = max(start, end)
+    parts = []
+    if start > 0:
+        parts.append(imp.emit("Slice", [x, imp.ints([0]), imp.ints([start]), imp.ints([dim])]))
+    parts.append(src)
+    if end < size:
+        parts.append(imp.emit("Slice", [x, imp.ints([end]), imp.ints([size]), imp.ints([dim])]))
+    if len(parts) == 1:
+        return src
+    return imp.emit("Concat", parts, {"axis": dim}, out=out)
+
+
+@converts(aten.repeat.default)
+def _repeat(imp: _Importer, node: FxNode) -> Value:
+    """``Tensor.repeat``: Tile, after leading size-1 dims when more repeats than dims are given."""
+    x = imp.value(node.args[0])
+    repeats = list(node.args[1])
+    rank = len(x.type.shape)
+    if len(repeats) > rank:
+        x = imp.emit("Unsqueeze", [x, imp.ints(list(range(len(repeats) - rank)))])
+    return imp.emit("Tile", [x, imp.int_list(repeats)], out=imp.out())
+
+
+@converts(aten.as_strided.default)
+def _as_strided(imp: _Importer, node: FxNode) -> Value:
+    """Only the restride that is a reshape: a contiguous input, offset 0, the same number of elements and the
+    contiguous strides of the new size (dims of size 1 may carry any stride), as adaptive_avg_pool1d's
+    decomposition emits. Anything else reads memory in an order the IR's values do not have."""
+    out = imp.out()
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], FxNode) else None
+    size, stride = [int(d) for d in node.args[1]], [int(s) for s in node.args[2]]
+    offset = int(imp.arg(3, "storage_offset", 0) or 0)
+    expected, running = [], 1
+    for d in reversed(size):
+        expected.append(running)
+        running *= d
+    expected.reverse()
+    if (source is None or not source.is_contiguous() or offset != 0 or not out.is_static
+            or source.numel() != running
+            or any(d != 1 and s != e for d, s, e in zip(size, stride, expected))):
+        raise imp.unsupported(f"a general restride (size {size}, stride {stride}, offset {offset})")
+    return imp.emit("Reshape", [imp.value(node.args[0]), imp.ints(size)], out=out)
 
 
 @converts(aten.constant_pad_nd.default)

@@ -1,0 +1,119 @@
+"""Converters the differential zoo (hetflow.examples.zoo) needed: each against torch eager on the interpreter.
+
+topk (Mixtral's router), linalg_vector_norm (wav2vec2's weight-normed positional conv), as_strided as a
+reshape (Swin's adaptive_avg_pool1d), repeat (DeBERTa, BLOOM), copy and slice_scatter (BEiT's in-place index
+table) and bilinear upsampling (BEiT's relative position bias).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+
+from hetflow.frontends.torch import capture_module  # noqa: E402
+from hetflow.ir import UnsupportedOpError, verify  # noqa: E402
+from hetflow.runtime.interpreter import Interpreter  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def check(module, inputs):
+    module = module.eval()
+    captured = capture_module(module, inputs)
+    verify(captured.graph)
+    outputs = Interpreter(captured.graph).run([a.numpy() for a in inputs])
+    with torch.no_grad():
+        expected = [e.numpy() for e in pytree.tree_leaves(module(*inputs))]
+    assert len(outputs) == len(expected)
+    for got, want in zip(outputs, expected):
+        assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+        if want.dtype.kind in "biu":
+            assert np.array_equal(got, want)
+        else:
+            assert np.max(np.abs(got - want)) <= TOLERANCE * max(1.0, float(np.max(np.abs(want))))
+    return captured.graph
+
+
+class TopK(nn.Module):
+    def forward(self, x):
+        values, indices = torch.topk(x, 3, dim=-1)
+        low, low_idx = torch.topk(x, 2, dim=0, largest=False)
+        return values, indices, low, low_idx
+
+
+class Norms(nn.Module):
+    def forward(self, x):
+        return (torch.linalg.vector_norm(x, 2, dim=-1), torch.linalg.vector_norm(x, 1, dim=(0, 2), keepdim=True),
+                torch.linalg.vector_norm(x, float("inf"), dim=1), torch.linalg.vector_norm(x, 3.0, dim=-1),
+                torch.linalg.vector_norm(x))
+
+
+class WeightNormConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1, groups=2), dim=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Pool1d(nn.Module):
+    def forward(self, x):
+        return torch.flatten(F.adaptive_avg_pool1d(x.transpose(1, 2), 1), 1)
+
+
+class Repeat(nn.Module):
+    def forward(self, x):
+        return x.repeat(2, 1, 3), x.repeat(2, 1, 1, 2)
+
+
+class IndexWrites(nn.Module):
+    """In-place writes into a fresh tensor, as BEiT builds its relative position index."""
+
+    def forward(self, x):
+        table = torch.zeros(5, 6)
+        table[1:, 1:] = x
+        table[0, 0:] = 3.0
+        table[0:, 0] = x[:, 0].sum()
+        table[2:4, 2] = 7.0
+        return table * 2
+
+
+class Bilinear(nn.Module):
+    def forward(self, x):
+        return (F.interpolate(x, size=(7, 9), mode="bilinear"), F.interpolate(x, size=(3, 2), mode="bilinear"),
+                F.interpolate(x, size=(8, 10), mode="bilinear", align_corners=True),
+                F.interpolate(x, scale_factor=2.0, mode="bilinear"))
+
+
+@pytest.mark.parametrize("module, inputs", [
+    (TopK(), (torch.randn(4, 6),)),
+    (Norms(), (torch.randn(3, 4, 5),)),
+    (WeightNormConv(), (torch.randn(2, 4, 8),)),
+    (Pool1d(), (torch.randn(2, 6, 8),)),
+    (Repeat(), (torch.randn(2, 3, 4),)),
+    (IndexWrites(), (torch.randn(4, 5),)),
+    (Bilinear(), (torch.randn(1, 2, 4, 5),)),
+], ids=["topk", "vector_norm", "weight_norm", "adaptive_pool1d", "repeat", "index_writes", "bilinear"])
+def test_zoo_converters(module, inputs):
+    torch.manual_seed(0)
+    check(module, inputs)
+
+
+def test_topk_converts_to_topk():
+    graph = check(TopK(), (torch.randn(4, 6),))
+    assert sum(n.op == "TopK" for n in graph.nodes) == 2
+
+
+class GeneralStride(nn.Module):
+    def forward(self, x):
+        return torch.as_strided(x, (3, 3), (1, 2)) + 1  # overlapping windows: not a reshape
+
+
+def test_general_as_strided_is_refused():
+    with pytest.raises(UnsupportedOpError, match="as_strided"):
+        capture_module(GeneralStride().eval(), (torch.randn(4, 4),))
