@@ -169,16 +169,20 @@ class Platform:
         return self.memories[self.devices[device].memory]
 
     def memory_space(self, device: str) -> str:
-        """The memory space a device (or a transfer's link, ``link:src->dst``) writes its results into.
+        """The memory space a device, or a transfer's link (``link:src_memory->dst_memory``), writes its results
+        into.
 
-        The one device-to-memory function: the memory planner, the plan checker and the
-        executor all place a value in the space of its producer's ``memory_space``. A
-        transfer's result lives in its destination device's memory."""
-        name = device.split("->", 1)[1] if device.startswith("link:") and "->" in device else device
-        if name not in self.devices:
-            raise PlatformError(f"platform {self.name!r} has no device {name!r} (devices: {', '.join(self.devices)})"
-                                + (f", named by the transfer link {device!r}" if name != device else ""))
-        return self.devices[name].memory
+        The one device-to-memory function: the memory planner, the plan checker and the executor all place
+        a value in the ``memory_space`` of its producer. A transfer's result lives in its destination memory."""
+        if device.startswith("link:") and "->" in device:
+            memory = device.split("->", 1)[1]
+            if memory not in self.memories:
+                raise PlatformError(f"platform {self.name!r} has no memory {memory!r} (memories: "
+                                    f"{', '.join(self.memories)}), named by the transfer link {device!r}")
+            return memory
+        if device not in self.devices:
+            raise PlatformError(f"platform {self.name!r} has no device {device!r} (devices: {', '.join(self.devices)})")
+        return self.devices[device].memory
 
     def host_device(self) -> str:
         for name, d in self.devices.items():

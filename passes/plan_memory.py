@@ -167,10 +167,11 @@ def lifetimes(graph: Graph, order: RuntimeOrder | None = None) -> dict[str, tupl
 
 def in_place_pairs(graph: Graph, order: RuntimeOrder | None = None) -> dict[str, str]:
     """output name -> input name it may overwrite: an elementwise node whose write is ordered after every
-    other access of the input. Never two arena values of one partition (its program may read the input
-    after writing the output)."""
+    other access of the input and of the values already sharing its bytes. Never two values that both
+    cross one partition's boundary (its program may read the input after writing the output)."""
     order = order or runtime_order(graph)
-    pairs = {}
+    pairs: dict[str, str] = {}
+    group: dict[str, list[Value]] = {}  # value name -> the values sharing its bytes (a chain of in-place writes)
     outputs = {v.name for v in graph.outputs}
     for node in graph.nodes:
         if node.op == "hetflow.group" or len(node.outputs) != 1:
@@ -184,9 +185,11 @@ def in_place_pairs(graph: Graph, order: RuntimeOrder | None = None) -> dict[str,
                     or v.name in outputs or v.type != out.type or v.name in pairs.values()
                     or (v.name in order.escaping and out.name in order.escaping)):
                 continue
-            others = [u for u in v.users() if u is not node] + [v.producer]
-            if all(order.free_from(u, v) <= here for u in others):
+            members = group.get(v.name, [v])
+            accesses = [(u, m) for m in members for u in [m.producer] + m.users() if not (u is node and m is v)]
+            if all(order.free_from(u, m) <= here for u, m in accesses):
                 pairs[out.name] = v.name
+                group[out.name] = members + [out]
                 break
     return pairs
 

@@ -44,6 +44,7 @@ ALIGNMENT = 64
 WAIT_FACTOR = 100.0      # a wait gives up at this many times the producer's predicted finish...
 WAIT_CEILING = 3600.0    # ...capped here, whatever the prediction...
 WAIT_FLOOR = 120.0       # ...and never before this many seconds (HETFLOW_WAIT_TIMEOUT overrides)
+STOP_GRACE = 1.0         # after a failure, how long the other workers get to stop before the run reports it
 
 
 class RuntimeFailure(HetflowError):
@@ -265,8 +266,11 @@ class Executor:
             return self._run(feeds)
 
     def _run(self, feeds) -> dict[str, np.ndarray]:
-        for straggler in self._stragglers:  # workers of a run interrupted by Ctrl-C finish their partition first
-            straggler.join()
+        for straggler in self._stragglers:  # workers of a stopped run finish their partition first
+            straggler.join(self.wait_timeout)
+            if straggler.is_alive():
+                raise RuntimeFailure(f"worker {straggler.name} of an earlier, failed run is still inside a "
+                                     f"partition after {self.wait_timeout:g} s more; this model cannot run again")
         self._stragglers = []
         arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
                               dict(zip([v.name for v in self.graph.inputs], feeds)))
@@ -377,9 +381,15 @@ class Executor:
         for t in threads:
             t.start()
         try:
+            failed_at = None
             for t in threads:
                 while t.is_alive():
-                    t.join(0.1)
+                    t.join(0.05)
+                    if errors and failed_at is None:
+                        failed_at = time.perf_counter()
+                    if failed_at is not None and time.perf_counter() - failed_at > STOP_GRACE:
+                        break  # a worker stuck in a partition: report the failure now, join it next run
+            self._stragglers = [t for t in threads if t.is_alive()]
         except KeyboardInterrupt:
             cancelled.set()
             self.flags.fail_all()  # every waiting worker wakes and stops; a running one stops after its partition
