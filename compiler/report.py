@@ -141,11 +141,36 @@ def provenance(platform) -> str:
     return text + "."
 
 
+def _space_limit(space) -> str:
+    """"budget", "wall" or "" for one memory space's plan (its ``limit``, else read from its note)."""
+    limit = getattr(space, "limit", None)
+    if limit is not None:
+        return limit
+    from hetflow.passes import memplan
+    note = space.note or ""
+    if memplan.NOTE_WALL in note or memplan.NOTE_WALL_OPTIMAL in note:
+        return "wall"
+    return "budget" if getattr(space, "limit_hit", False) or memplan.NOTE_BUDGET in note else ""
+
+
 def memory_table(report) -> str:
     rows = [[p.memory, str(p.buffers), human_bytes(p.size), human_bytes(p.lower_bound), f"{100 * p.gap:.2f}%",
              human_bytes(p.greedy), human_bytes(p.no_reuse), p.method + (f" ({p.note})" if p.note else "")]
             for p in report.spaces.values()]
-    return table(rows, ["memory", "buffers", "arena", "lower bound", "gap", "greedy", "no reuse", "method"])
+    text = table(rows, ["memory", "buffers", "arena", "lower bound", "gap", "greedy", "no reuse", "method"])
+    for p in report.spaces.values():
+        limit = _space_limit(p)
+        if limit:
+            text += f"\n{p.memory}: {_LIMIT_LINE[limit]}"
+    return text
+
+
+_LIMIT_LINE = {
+    "budget": "cut short by the search's deterministic budget: the best plan found, not proved optimal "
+              "(the same plan every run; a larger --time-limit searches longer)",
+    "wall": "cut short by the wall-clock time limit: the best plan found, not proved optimal, and it may differ "
+            "between runs (the machine was slower than the deterministic budget assumes)",
+}
 
 
 def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
@@ -155,7 +180,12 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
         header = f"placement ({placement.policy}"
         if placement.solver:
             header += f"; {placement.solver}"
+        if getattr(placement, "solve_seconds", 0.0):
+            header += f"; {placement.solve_seconds:.2f} s"
         header += ")"
+        limit = getattr(placement, "limit", "")
+        if limit:
+            header += "\nplacement " + _LIMIT_LINE[limit].replace("search's", "solver's")
         parts.append(header + "\n" + placement_table(placement.costs))
         if placement.splits:
             for s in placement.splits:

@@ -18,13 +18,19 @@ Methods:
 
 Every plan is checked, never worse than greedy, and reports the lower bound
 (the most bytes live at once) beside its peak.
+
+Determinism: the time limit is turned into a deterministic budget
+(``memplan_search.Budget``: search nodes and CP-SAT's deterministic time, one
+CP-SAT worker with a fixed seed), so the same buffers give the same plan on any
+machine at any load. The wall clock (``memplan_search.WALL_FACTOR`` x the limit
++ 1 s) is only a safety net. A plan cut short by either says so: ``limit_hit`` and the note
+(``NOTE_BUDGET`` or ``NOTE_WALL``, the latter when the plan may differ between runs).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +54,11 @@ __all__ = [
 ]
 
 METHODS = ("exact", "cpsat", "greedy")
+NOTE_BUDGET = "best found within the search budget (not proved optimal)"
+NOTE_WALL = ("best found before the wall-clock time limit (not proved optimal; the search was cut short "
+             "by the clock, so the plan may differ between runs)")
+NOTE_WALL_OPTIMAL = ("proved optimal, but the wall-clock time limit stopped a search step that CP-SAT then "
+                     "answered: the offsets may differ between runs")
 
 
 class MemplanInputError(ValueError):
@@ -82,6 +93,8 @@ class MemoryPlan:
     solve_seconds: float
     note: str = ""
     greedy_peak: int | None = field(default=None)
+    limit_hit: bool = False  # a limit cut the search short: the plan is the best found, not proved optimal
+    limit: str = ""  # which: "budget" (the deterministic budget: the same every run) or "wall" (the clock)
 
     @property
     def gap(self) -> float:
@@ -193,8 +206,18 @@ def check_plan(buffers: list[Buffer], plan_or_offsets, capacity: int | None = No
 
 # ---------------------------------------------------------------- solvers
 
-def _cpsat(buffers, capacity, alignment, time_limit, hint, upper):
-    """Plain CP-SAT: NoOverlap2D over time x address. Returns (offsets | None, proved)."""
+def _limit_note(limit: str, optimal: bool = False) -> str:
+    if limit == "wall" and optimal:
+        return NOTE_WALL_OPTIMAL
+    return {"": "", "budget": NOTE_BUDGET, "wall": NOTE_WALL}[limit]
+
+
+def _cpsat(buffers, capacity, alignment, budget, hint, upper):
+    """Plain CP-SAT: NoOverlap2D over time x address. Returns (offsets | None, proved, limit).
+
+    One worker, a fixed seed and a deterministic-time limit (the same answer on every run);
+    ``limit`` is "" (answered), "budget" (deterministic time spent) or "wall" (the clock).
+    """
     from ortools.sat.python import cp_model
 
     m = cp_model.CpModel()
@@ -213,22 +236,27 @@ def _cpsat(buffers, capacity, alignment, time_limit, hint, upper):
     if capacity is None:
         m.Minimize(peak)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit
-    solver.parameters.num_workers = max(1, min(8, os.cpu_count() or 1))
+    solver.parameters.max_time_in_seconds = max(budget.left(), 0.01)
+    solver.parameters.max_deterministic_time = max(budget.dtime, 1e-3)
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = 0
     status = solver.Solve(m)
+    limit = ""
+    if status not in (cp_model.OPTIMAL, cp_model.INFEASIBLE):
+        limit = "budget" if solver.deterministic_time >= 0.999 * max(budget.dtime, 1e-3) else "wall"
     if status == cp_model.INFEASIBLE:
-        return None, True
+        return None, True, ""
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return None, False
+        return None, False, limit
     offsets = {bid: solver.Value(k) * alignment for bid, k in starts.items()}
-    return offsets, status == cp_model.OPTIMAL
+    return offsets, status == cp_model.OPTIMAL, limit
 
 
-def _exact_fit(buffers, capacity, alignment, time_limit):
+def _exact_fit(buffers, capacity, alignment, budget, stats=None):
     """Offsets that fit capacity; None if proved impossible; raises SearchTimeout."""
     live = [b for b in buffers if b.size > 0]
     found = memplan_search.fit([b.lower for b in live], [b.upper for b in live],
-                               [b.size for b in live], capacity, alignment, time_limit)
+                               [b.size for b in live], capacity, alignment, budget=budget, stats=stats)
     if found is None:
         return None
     offsets = {b.id: 0 for b in buffers}
@@ -236,28 +264,46 @@ def _exact_fit(buffers, capacity, alignment, time_limit):
     return offsets
 
 
-def _exact_min(buffers, lb, greedy, greedy_peak, alignment, time_limit, start):
-    """Bisect the peak between the lower bound and the greedy peak. Returns (offsets, proved, note)."""
+def _exact_min(buffers, lb, greedy, greedy_peak, alignment, budget):
+    """Bisect the peak between the lower bound and the greedy peak. Returns (offsets, proved, limit).
+
+    Each target gets half the nodes left (the last possible one all of them). A target is charged
+    the nodes its search took when that count is exact (the search found the plan, or refuted the
+    target before CP-SAT started beside it), else its whole share: so which targets run, and with
+    what budget, never depends on timing. ``limit``: "", "budget" or "wall".
+    """
     best, best_peak = greedy, greedy_peak
     lo = lb  # proved: no plan peaks below lo
     first = True
+    nodes_left = budget.nodes
+    limit = ""
     while lo < best_peak:
-        left = time_limit - (time.perf_counter() - start)
-        if left <= 0:
+        if budget.left() <= 0:
+            limit = "wall"
+            break
+        if nodes_left <= 0:
+            limit = "budget"
             break
         target = lo if first else (lo + best_peak - 1) // 2
         first = False
+        share = nodes_left // 2 if target < best_peak - 1 and nodes_left > 1 else nodes_left
+        stats = {}
         try:
-            found = _exact_fit(buffers, target, alignment, left / 2 if target < best_peak - 1 else left)
-        except memplan_search.SearchTimeout:
+            found = _exact_fit(buffers, target, alignment, budget.share(share), stats)
+        except memplan_search.SearchTimeout as e:
+            limit = "wall" if e.wall else "budget"
             break
+        exact = stats.get("by") == "search" and (found is not None or not stats.get("side"))
+        nodes_left -= min(stats.get("nodes", 0), share) if exact else share
+        if stats.get("limit") == "wall":  # answered by CP-SAT after the clock stopped the search
+            limit = "wall"
         if found is None:
             lo = target + 1
         else:
             best, best_peak = found, _peak(buffers, found)
     if lo >= best_peak:
-        return best, True, ""
-    return best, False, "time limit reached, best plan found used"
+        return best, True, limit if limit == "wall" else ""
+    return best, False, limit or "budget"
 
 
 def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: float = 60.0,
@@ -266,9 +312,10 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
 
     Without a capacity, minimise the peak. With one, find a plan that fits it,
     or raise InfeasibleError: "infeasible at capacity N (lower bound M)" when
-    that is proved, "no plan found within capacity N in T s (...)" otherwise.
-    The plan is never worse than greedy's; ``note`` says when the time limit
-    cut the search short.
+    that is proved, "no plan found within capacity N (...)" otherwise.
+    The plan is never worse than greedy's. ``time_limit_s`` sizes a deterministic
+    budget (``memplan_search.Budget.for_seconds``): the same buffers give the same
+    plan on every run; ``limit_hit`` and ``note`` say when a limit cut the search short.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -277,14 +324,16 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
     buffers = list(buffers)
     _validate(buffers)
     start = time.perf_counter()
+    budget = memplan_search.Budget.for_seconds(time_limit_s, start)
     lb = lower_bound(buffers)
     greedy = greedy_by_size(buffers, alignment)
     greedy_peak = _peak(buffers, greedy)
 
-    def plan(offsets, method_used, optimal, note=""):
+    def plan(offsets, method_used, optimal, note="", limit=""):
         check_plan(buffers, offsets, capacity, alignment)
+        note = "; ".join(t for t in (note, _limit_note(limit, optimal)) if t)
         return MemoryPlan(offsets, _peak(buffers, offsets), lb, method_used, optimal,
-                          time.perf_counter() - start, note, greedy_peak)
+                          time.perf_counter() - start, note, greedy_peak, bool(limit), limit)
 
     if capacity is not None and lb > capacity:
         raise InfeasibleError(f"infeasible at capacity {capacity} (lower bound {lb})")
@@ -292,12 +341,14 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
         big = max(buffers, key=lambda b: b.size)
         raise InfeasibleError(f"infeasible at capacity {capacity} (buffer {big.id!r} alone needs {big.size})")
 
-    def not_found(best_peak, proved=False):
+    def not_found(best_peak, proved=False, wall=False):
         secs = time.perf_counter() - start
         if proved:
             return InfeasibleError(f"infeasible at capacity {capacity} (lower bound {lb}; "
                                    f"proved by exhaustive search in {secs:.1f} s)")
-        return InfeasibleError(f"no plan found within capacity {capacity} in {secs:.1f} s "
+        why = (f"before the wall-clock time limit ({secs:.1f} s)" if wall else
+               f"within the search budget for a {time_limit_s:g} s time limit")
+        return InfeasibleError(f"no plan found within capacity {capacity} {why} "
                                f"(best peak {best_peak}, lower bound {lb})")
 
     if capacity is not None and greedy_peak <= capacity and method == "greedy":
@@ -310,27 +361,26 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
         return plan(greedy, method, greedy_peak == lb, "greedy plan fits" if greedy_peak > lb else "")
 
     if method == "cpsat":
-        offsets, proved = _cpsat(buffers, capacity, alignment, time_limit_s, greedy, greedy_peak)
+        offsets, proved, limit = _cpsat(buffers, capacity, alignment, budget, greedy, greedy_peak)
         if offsets is None:
             if capacity is not None:
-                raise not_found(greedy_peak, proved)
-            return plan(greedy, "cpsat", False, "time limit reached, greedy plan used")
+                raise not_found(greedy_peak, proved, limit == "wall")
+            return plan(greedy, "cpsat", False, "greedy plan used", limit or "budget")
         if _peak(buffers, offsets) > greedy_peak:
             offsets = greedy
         optimal = proved if capacity is None else _peak(buffers, offsets) == lb
-        note = "" if proved or capacity is not None else "time limit reached, best plan found used"
-        return plan(offsets, "cpsat", optimal, note)
+        return plan(offsets, "cpsat", optimal, "", "" if proved or capacity is not None else limit or "budget")
 
     if capacity is not None:
         try:
-            offsets = _exact_fit(buffers, capacity, alignment, time_limit_s)
-        except memplan_search.SearchTimeout:
-            raise not_found(greedy_peak) from None
+            offsets = _exact_fit(buffers, capacity, alignment, budget)
+        except memplan_search.SearchTimeout as e:
+            raise not_found(greedy_peak, wall=e.wall) from None
         if offsets is None:
             raise not_found(greedy_peak, proved=True)
         return plan(offsets, "exact", _peak(buffers, offsets) == lb)
-    offsets, proved, note = _exact_min(buffers, lb, greedy, greedy_peak, alignment, time_limit_s, start)
-    return plan(offsets, "exact", proved, note)
+    offsets, proved, limit = _exact_min(buffers, lb, greedy, greedy_peak, alignment, budget)
+    return plan(offsets, "exact", proved, "", limit)
 
 
 # ---------------------------------------------------------------- CSV
@@ -429,7 +479,8 @@ def _parser(prog="hetflow memplan"):
                    help="bytes available; without it the peak is minimised")
     p.add_argument("--method", choices=METHODS, default="exact", help="solver (default: exact)")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
-                   help="seconds before the best plan found is used (default: 60)")
+                   help="a deterministic search budget of about S seconds (the same plan on every run); "
+                        "the wall clock stops the search at 3S+1 s as a safety net (default: 60)")
     p.add_argument("--alignment", type=int, default=1, metavar="A",
                    help="every offset a multiple of A bytes (default: 1)")
     p.add_argument("-o", "--output", metavar="OUT.csv", help="write the plan here")

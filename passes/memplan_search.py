@@ -32,7 +32,17 @@ compiled where it can (``_KERNEL_C``, a C version of ``_Search`` built with the
 system's C compiler on first use and cached: it visits the same nodes, some 20
 to 100 times faster) and in Python otherwise. ``fit`` runs it and, on a second
 core, CP-SAT with one NoOverlap per section (which refutes some dead ends that
-the search only finds by enumeration); the first answer wins.
+the search only finds by enumeration).
+
+Determinism: the answer depends only on the problem and the budget, never on
+the machine's speed or on which thread finishes first. The search is bounded by
+a node budget and CP-SAT by its deterministic time with one worker and a fixed
+seed. The search runs alone for its first ``SOLO_NODES`` nodes (so the nodes an
+easy instance takes are exact), then CP-SAT starts beside it; a plan the search
+finds within its budget is the answer; CP-SAT stops the search only when it
+proves that no plan fits (a fact, whoever proves it); CP-SAT's own plan is used
+only when the search spends its budget. The wall clock is a safety net only:
+when it stops a search, ``SearchTimeout.wall`` (and ``stats["limit"]``) say so.
 """
 from __future__ import annotations
 
@@ -49,8 +59,50 @@ FOUND, NOT_FOUND = 0, 1
 HEURISTICS = ("TWA", "AT", "TA")
 
 
+SOLO_NODES = 20_000  # nodes the search runs alone before CP-SAT starts beside it
+# A time limit of S seconds becomes a deterministic budget: S x NODES_PER_SECOND search nodes
+# (the compiled search takes 1-5 s for 100,000 nodes of a few hundred buffers on this 2-core
+# machine; the Python one 20-100x longer) and S x DTIME_PER_SECOND of CP-SAT's deterministic
+# time (which advances 0.03-0.25 per wall second here, depending on the model). The wall
+# clock stops everything at WALL_FACTOR x S + WALL_SLACK s, a safety net that the plan reports.
+NODES_PER_SECOND = 20_000
+DTIME_PER_SECOND = 0.1
+WALL_FACTOR, WALL_SLACK = 3.0, 1.0
+
+
+class Budget:
+    """What a search may spend: ``nodes`` of the exact search, ``dtime`` of CP-SAT's deterministic
+    time (both deterministic), and a wall-clock ``deadline`` (``time.perf_counter()``) as a safety net."""
+
+    def __init__(self, nodes: int, dtime: float, deadline: float):
+        self.nodes, self.dtime, self.deadline = max(int(nodes), 1), max(float(dtime), 0.0), deadline
+
+    @classmethod
+    def for_seconds(cls, seconds: float, start: float | None = None) -> "Budget":
+        """The deterministic budget sized to about ``seconds`` of work on a 2-core machine, with the wall
+        clock stopping it at ``WALL_FACTOR * seconds + WALL_SLACK`` s."""
+        start = time.perf_counter() if start is None else start
+        seconds = max(float(seconds), 0.0)
+        return cls(seconds * NODES_PER_SECOND, seconds * DTIME_PER_SECOND, start + WALL_FACTOR * seconds + WALL_SLACK)
+
+    def share(self, nodes: int) -> "Budget":
+        """``nodes`` of this budget, with CP-SAT's deterministic time in proportion and the same deadline."""
+        nodes = max(int(nodes), 1)
+        return Budget(nodes, self.dtime * nodes / self.nodes, self.deadline)
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
 class SearchTimeout(Exception):
-    """The time limit ran out before the search finished."""
+    """The budget ran out before the search (and CP-SAT) answered.
+
+    ``wall`` is True when the wall clock stopped it (the outcome can then differ between runs),
+    False when the deterministic budget did (the same outcome every run)."""
+
+    def __init__(self, wall: bool = False):
+        super().__init__("the wall-clock time limit ran out" if wall else "the search budget ran out")
+        self.wall = wall
 
 
 class _NodeLimit(Exception):
@@ -217,7 +269,7 @@ class _Search:
             raise _NodeLimit()
         if (self.nodes & 63) == 0:
             if time.perf_counter() > self.deadline:
-                raise SearchTimeout()
+                raise SearchTimeout(wall=True)
             if self.stop.is_set():
                 raise _Stopped()
         unpl = ~self.placed[b0:b1]
@@ -789,13 +841,35 @@ class _Native:
         return status, int(nodes[0])
 
 
-def _round_robin(inst, deadline, stop, heuristics, stats, native=None):
-    """MiniMalloc's restarts: each order in turn, the node limit doubling."""
+class _BudgetSpent(Exception):
+    pass
+
+
+def _round_robin(inst, deadline, stop, heuristics, stats, native=None, node_budget=None, solo=None, on_solo=None):
+    """MiniMalloc's restarts: each order in turn, the node limit doubling.
+
+    At most ``node_budget`` nodes in all (``_BudgetSpent`` past it); ``on_solo()`` is called once,
+    between two runs, when ``solo`` nodes have been spent. Both points depend on node counts only.
+    """
     ranks = [inst.rank(h) for h in heuristics]
     kernel = _native_kernel() if native is not False and inst.n <= _NATIVE_MAX_BUFFERS else None
     if native and kernel is None:
         raise RuntimeError("the compiled memplan search is not available here")
     stats["engine"] = "native" if kernel is not None else "python"
+    stats.setdefault("nodes", 0)
+    budget = math.inf if node_budget is None else node_budget
+
+    def next_limit(limit):
+        """The node limit of the next run, or _BudgetSpent; calls on_solo once solo nodes are spent."""
+        nonlocal on_solo
+        if on_solo is not None and solo is not None and stats["nodes"] >= solo:
+            on_solo()
+            on_solo = None
+        left = budget - stats["nodes"]
+        if left <= 0:
+            raise _BudgetSpent()
+        return int(min(limit, left))
+
     if kernel is not None:
         runner = _Native(kernel, inst, stop)
         tables = [runner.table() for _ in ranks]
@@ -803,13 +877,13 @@ def _round_robin(inst, deadline, stop, heuristics, stats, native=None):
         while True:
             limit *= 2
             for heuristic, rank, table in zip(heuristics, ranks, tables):
-                status, nodes = runner.run(rank, table, limit, deadline - time.perf_counter(),
+                status, nodes = runner.run(rank, table, next_limit(limit), deadline - time.perf_counter(),
                                            heuristic, dynamic=True)
-                stats["nodes"] = stats.get("nodes", 0) + nodes
+                stats["nodes"] += nodes
                 if status == _C_LIMIT:
                     continue
                 if status == _C_TIMEOUT:
-                    raise SearchTimeout()
+                    raise SearchTimeout(wall=True)
                 if status == _C_STOPPED:
                     raise _Stopped()
                 return None if status == _C_NOT_FOUND else runner.solution.copy()
@@ -818,13 +892,13 @@ def _round_robin(inst, deadline, stop, heuristics, stats, native=None):
     while True:
         limit *= 2
         for heuristic, rank, table in zip(heuristics, ranks, tables):
-            s = _Search(inst, rank, deadline, limit, table, stop, heuristic)
+            s = _Search(inst, rank, deadline, next_limit(limit), table, stop, heuristic)
             try:
                 status = s.solve_parts(0, inst.S)
             except _NodeLimit:
                 continue
             finally:
-                stats["nodes"] = stats.get("nodes", 0) + s.nodes
+                stats["nodes"] += s.nodes
             if status == NOT_FOUND:
                 return None
             return s.solution
@@ -859,67 +933,102 @@ class _SectionModel:
         self.solver = cp_model.CpSolver()
         self.result = None  # offsets (scaled), False (infeasible), or None
 
-    def run(self, time_limit, workers=1):
-        self.solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
-        self.solver.parameters.num_workers = workers
+    def run(self, time_limit, dtime=None):
+        """One worker, a fixed seed and a deterministic-time limit: the same answer every run unless the
+        wall clock (``time_limit``, a safety net) stops it first (then ``wall_hit``)."""
+        params = self.solver.parameters
+        params.max_time_in_seconds = max(time_limit, 0.01)
+        if dtime is not None:
+            params.max_deterministic_time = max(dtime, 1e-3)
+        params.num_workers = 1
+        params.random_seed = 0
         status = self.solver.Solve(self.model)
         if status in (self.cp_model.OPTIMAL, self.cp_model.FEASIBLE):
             self.result = [self.solver.Value(v) * self.align for v in self.slots]
         elif status == self.cp_model.INFEASIBLE:
             self.result = False
+        elif dtime is None or self.solver.deterministic_time < 0.999 * dtime:
+            self.wall_hit = True
+
+    wall_hit = False
 
     def stop(self):
         self.solver.StopSearch()
 
 
 def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
-        workers=2, heuristics=HEURISTICS, stats=None, native=None):
+        workers=2, heuristics=HEURISTICS, stats=None, native=None, budget: Budget | None = None):
     """Offsets (multiples of alignment) that fit capacity, or None when none exist.
 
-    Raises SearchTimeout when neither the search nor CP-SAT answers in time.
-    ``workers`` > 1 runs CP-SAT in a second thread beside the search.
-    ``native``: None runs the compiled search where it is available, else the
-    Python one; False always runs Python; True requires the compiled one.
+    ``budget`` bounds the work deterministically (search nodes, CP-SAT's deterministic time);
+    without one it is ``Budget.for_seconds(time_limit)``. Raises SearchTimeout when neither the
+    search nor CP-SAT answers within it (``wall``: whether the wall clock stopped it).
+    ``workers`` > 1 runs CP-SAT in a second thread beside the search, once the search has spent
+    ``SOLO_NODES`` nodes alone. ``native``: None runs the compiled search where it is available,
+    else the Python one; False always runs Python; True requires the compiled one.
+
+    ``stats`` gets ``nodes``, ``engine``, ``by`` (who answered: "search" or "cp-sat"), ``side``
+    (whether CP-SAT ran: the node count is exact only when it did not, or when the search found
+    the plan) and ``limit`` ("", "budget" or "wall").
     """
     stats = {} if stats is None else stats
+    stats.update(limit="", side=False)
     n = len(sizes)
     if n == 0:
         stats.update(nodes=0, by="no search: no buffers")
         return []
-    deadline = time.perf_counter() + time_limit
+    budget = Budget.for_seconds(time_limit) if budget is None else budget
+    deadline = budget.deadline
     inst = _Instance(lowers, uppers, sizes, capacity, alignment)
     if int(inst.sizes.max()) > inst.capacity:
         stats.update(nodes=0, by="no search: a buffer exceeds the capacity")
         return None
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * n + 1000))
     stop = _Stop()
-    side = None
-    if workers > 1:
+    side, thread = None, None
+
+    def start_side():
+        nonlocal side, thread
         side = _SectionModel(inst)
+        stats["side"] = True
 
         def run_side():
-            side.run(deadline - time.perf_counter())
-            if side.result is not None:
+            side.run(deadline - time.perf_counter(), budget.dtime)
+            if side.result is False:  # proved: no plan fits (the search could only agree)
                 stop.set()
 
         thread = threading.Thread(target=run_side, daemon=True)
         thread.start()
+
+    def from_side(wall):
+        """After the search stopped without an answer: CP-SAT's, once it has finished."""
+        if side is None:
+            stats["limit"] = "wall" if wall else "budget"
+            raise SearchTimeout(wall)
+        thread.join()
+        if side.result is None:
+            wall = wall or side.wall_hit
+            stats["limit"] = "wall" if wall else "budget"
+            raise SearchTimeout(wall)
+        stats["by"] = "cp-sat"
+        if wall and side.result is not False:  # with more time the search might have found its own plan
+            stats["limit"] = "wall"
+        return None if side.result is False else inst.offsets(side.result)
+
     try:
-        found = _round_robin(inst, deadline, stop, heuristics, stats, native)
+        found = _round_robin(inst, deadline, stop, heuristics, stats, native, budget.nodes,
+                             SOLO_NODES if workers > 1 else None, start_side if workers > 1 else None)
         stats["by"] = "search"
         return None if found is None else inst.offsets(found)
     except _Stopped:
         stats["by"] = "cp-sat"
         thread.join()
-        return None if side.result is False else inst.offsets(side.result)
+        return None
+    except _BudgetSpent:
+        return from_side(False)
     except SearchTimeout:
-        if side is not None:
-            thread.join()
-            if side.result is not None:
-                stats["by"] = "cp-sat"
-                return None if side.result is False else inst.offsets(side.result)
-        raise
+        return from_side(True)
     finally:
-        if side is not None and thread.is_alive():
+        if thread is not None and thread.is_alive():
             side.stop()
             thread.join()

@@ -10,6 +10,11 @@ Policies:
   device running its nodes in graph order; exact with OR-Tools CP-SAT under a time
   limit, hinted with the roofline plan, and never worse than roofline or any
   single-device plan (the best of them is kept, and the report says which won).
+  CP-SAT runs with one worker, a fixed seed and a deterministic-time limit
+  (``DTIME_PER_SECOND`` x the time limit), so the same graph and platform give the
+  same plan on every run and machine; the wall clock (``WALL_FACTOR`` x the limit
+  + ``WALL_SLACK`` s) is only a safety net. A plan cut short by either says so in ``solver``
+  and ``limit_hit`` ("wall" when it may differ between runs).
 * ``split``: ``optimal``, then every MatMul/Gemm that gains from it is split across
   its two fastest devices, by weight columns (decode: few rows) or by activation
   rows (prefill), with HeteroInfer's rule: min(max(T_a(r), T_b(1-r)) + sync + copy,
@@ -34,6 +39,12 @@ from .schedule import TRANSFER_OP, static_makespan
 
 POLICIES = ("roofline", "optimal", "split")
 SPLIT_STEPS = 8
+# CP-SAT's deterministic time per second of time limit: its deterministic time advanced 0.16-0.25
+# per wall second on placement models on this 2-core machine, so a limit of S seconds is reached
+# in about S/2 s here (S at twice the load); the wall clock stops it at WALL_FACTOR x S + WALL_SLACK s.
+DTIME_PER_SECOND = 0.1
+WALL_FACTOR, WALL_SLACK = 3.0, 1.0
+SEED = 0
 
 
 class PlacementError(HetflowError):
@@ -47,8 +58,11 @@ class PlacementReport:
     costs: list[NodeCost] = field(default_factory=list)
     static_makespan: dict[str, float] = field(default_factory=dict)  # plan -> seconds (no contention)
     chosen: str = ""
-    solver: str = ""
+    solver: str = ""  # what CP-SAT did and which plan was kept: deterministic (no times), written to the manifest
     splits: list[dict] = field(default_factory=list)
+    limit_hit: bool = False  # a limit cut CP-SAT short: the plan is the best found, not proved optimal
+    limit: str = ""  # which: "budget" (the deterministic limit: the same every run) or "wall" (the clock)
+    solve_seconds: float = 0.0  # wall time of the search: for the report only, never the artifact
 
 
 def _fmt(seconds: float) -> str:
@@ -122,8 +136,21 @@ def placement_problem(graph: Graph, costs: list[NodeCost], platform: Platform) -
     return PlacementProblem(list(range(len(costs))), {i: dict(c.times) for i, c in enumerate(costs)}, preds, platform)
 
 
-def solve_optimal(problem: PlacementProblem, hint: dict[int, str], time_limit: float) -> tuple[dict[int, str], str]:
-    """CP-SAT: choose a device per node, minimise the makespan (fixed per-device order, exact comm costs)."""
+NOTE_BUDGET = "best found within the deterministic limit, not proved optimal"
+NOTE_WALL = ("best found before the wall-clock time limit, not proved optimal: cut short by the clock, "
+             "the plan may differ between runs")
+
+
+def solve_optimal(problem: PlacementProblem, hint: dict[int, str], time_limit: float,
+                  ) -> tuple[dict[int, str] | None, str, str]:
+    """CP-SAT: choose a device per node, minimise the makespan (fixed per-device order, exact comm costs).
+
+    Returns (assignment, or None when it found none; what happened; limit): limit is "" (proved
+    optimal), "budget" (the deterministic limit, ``DTIME_PER_SECOND`` x ``time_limit``, cut it short:
+    the same result every run) or "wall" (the wall-clock safety net did: the result may differ
+    between runs). One worker
+    and a fixed seed: CP-SAT with several workers returns whichever of equally good plans a thread
+    found first, so its plans differ between runs even when proved optimal."""
     from ortools.sat.python import cp_model
     scale = 1e9  # nanoseconds
     n = len(problem.order)
@@ -161,14 +188,24 @@ def solve_optimal(problem: PlacementProblem, hint: dict[int, str], time_limit: f
         for dd in problem.times[i]:
             model.AddHint(on[i, dd], dd == d)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit
-    solver.parameters.num_workers = 2
+    dtime = max(time_limit * DTIME_PER_SECOND, 1e-4)
+    solver.parameters.max_deterministic_time = dtime
+    solver.parameters.max_time_in_seconds = WALL_FACTOR * time_limit + WALL_SLACK
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = SEED
     status = solver.Solve(model)
+    limit = ""
+    if status != cp_model.OPTIMAL:
+        limit = "budget" if solver.deterministic_time >= 0.999 * dtime else "wall"
+    budget = f"deterministic time {dtime:g} for a {time_limit:g} s time limit"
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return dict(hint), f"CP-SAT found no plan in {time_limit:.0f} s; kept the roofline plan"
+        why = "before the wall-clock time limit (may differ between runs)" if limit == "wall" else f"within its {budget}"
+        return None, f"CP-SAT found no plan {why}", limit
     assignment = {i: next(d for d in problem.times[i] if solver.Value(on[i, d])) for i in problem.order}
-    kind = "optimal" if status == cp_model.OPTIMAL else f"best found in the {time_limit:.0f} s limit"
-    return assignment, f"CP-SAT {kind} ({n} nodes, {solver.WallTime():.2f} s)"
+    if status == cp_model.OPTIMAL:
+        return assignment, f"CP-SAT optimal ({n} nodes)", limit
+    note = NOTE_WALL if limit == "wall" else f"{NOTE_BUDGET} ({budget})"
+    return assignment, f"CP-SAT {note} ({n} nodes)", limit
 
 
 # --- splitting one contraction across two devices --------------------------------------------------
@@ -335,12 +372,15 @@ def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time
             if all(d in c.times for c in costs):
                 candidates[f"all on {d}"] = {i: d for i in range(len(costs))}
         started = time.perf_counter()
-        solved, report.solver = solve_optimal(problem, roofline, time_limit)
-        candidates["optimal"] = solved
+        solved, report.solver, report.limit = solve_optimal(problem, roofline, time_limit)
+        report.limit_hit = bool(report.limit)
+        if solved is not None:
+            candidates["optimal"] = solved
         report.static_makespan = {k: problem.makespan(v) for k, v in candidates.items()}
         report.chosen = min(report.static_makespan, key=lambda k: (report.static_makespan[k], k != "optimal"))
         assignment = candidates[report.chosen]
-        report.solver += f"; kept {report.chosen!r} ({time.perf_counter() - started:.2f} s)"
+        report.solver += f"; kept {report.chosen!r}"
+        report.solve_seconds = time.perf_counter() - started
     else:
         report.chosen = "roofline"
     check_memory_fits(graph, platform, {id(c.node): assignment[i] for i, c in enumerate(costs)})

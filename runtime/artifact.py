@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,21 +43,41 @@ def signature(graph: Graph) -> dict[str, Any]:
     }
 
 
+def created_stamp() -> str | None:
+    """The manifest's ``created`` time: only from ``SOURCE_DATE_EPOCH`` (reproducible builds), else none.
+
+    The same model, options and platform give byte-identical artifacts, so the wall
+    clock never goes into one; a build that wants a date sets ``SOURCE_DATE_EPOCH``
+    (seconds since 1970, UTC), as reproducible-build tools do.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return None
+    try:
+        seconds = int(epoch)
+    except ValueError:
+        raise ArtifactError(f"SOURCE_DATE_EPOCH={epoch!r} is not an integer number of seconds") from None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
                    extra: dict[str, Any] | None = None, also_written: list[Path] | None = None) -> Path:
+    """Write the graph, its weights and the manifest; the same inputs give the same bytes (no clock, no paths)."""
     from hetflow import __version__
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = save(graph, directory)
+    created = created_stamp()
     manifest = {
         "schema": SCHEMA,
         "hetflow": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"created": created} if created is not None else {}),
         "platform": platform,
         "graph": graph.name,
         **signature(graph),
         **(extra or {}),
-        "files": {str(p.relative_to(directory)): sha256_file(p) for p in written + list(also_written or [])},
+        "files": {p.relative_to(directory).as_posix(): sha256_file(p)
+                  for p in sorted(written + list(also_written or []), key=lambda p: p.relative_to(directory).as_posix())},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
