@@ -411,7 +411,7 @@ class Executor:
         try:
             seen, _ = self.flags.wait(slot, self.run_id, start + min(producer.predicted_end, WAIT_CEILING), deadline)
         except SyncTimeout:
-            raise _Timeout(f"{reader} waited {deadline - start:.0f} s for %{name} from partition {producer.index} "
+            raise _Timeout(f"{reader} waited {deadline - start:.3g} s for %{name} from partition {producer.index} "
                            f"({producer.file}, device {producer.device}) and gave up: that partition never "
                            "finished (HETFLOW_WAIT_TIMEOUT sets the bound)") from None
         except SyncFailure:
