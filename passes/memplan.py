@@ -270,35 +270,43 @@ def _exact_min(buffers, lb, greedy, greedy_peak, alignment, budget):
     Each target gets half the nodes left (the last possible one all of them). A target is charged
     the nodes its search took when that count is exact (the search found the plan, or refuted the
     target before CP-SAT started beside it), else its whole share: so which targets run, and with
-    what budget, never depends on timing. ``limit``: "", "budget" or "wall".
+    what budget, never depends on timing. A target left undecided by its share is stepped over
+    (the bisection goes on above it, unproved). ``limit``: "", "budget" or "wall".
     """
     best, best_peak = greedy, greedy_peak
     lo = lb  # proved: no plan peaks below lo
+    probe = lb  # the lowest target still worth trying (undecided targets raise it, unproved)
     first = True
     nodes_left = budget.nodes
     limit = ""
-    while lo < best_peak:
+    while probe < best_peak:
         if budget.left() <= 0:
             limit = "wall"
             break
         if nodes_left <= 0:
             limit = "budget"
             break
-        target = lo if first else (lo + best_peak - 1) // 2
+        target = probe if first else (probe + best_peak - 1) // 2
         first = False
         share = nodes_left // 2 if target < best_peak - 1 and nodes_left > 1 else nodes_left
         stats = {}
         try:
             found = _exact_fit(buffers, target, alignment, budget.share(share), stats)
         except memplan_search.SearchTimeout as e:
-            limit = "wall" if e.wall else "budget"
-            break
+            if e.wall:
+                limit = "wall"
+                break
+            limit = "budget"
+            nodes_left -= share
+            probe = target + 1
+            continue
         exact = stats.get("by") == "search" and (found is not None or not stats.get("side"))
         nodes_left -= min(stats.get("nodes", 0), share) if exact else share
         if stats.get("limit") == "wall":  # answered by CP-SAT after the clock stopped the search
             limit = "wall"
         if found is None:
             lo = target + 1
+            probe = max(probe, lo)
         else:
             best, best_peak = found, _peak(buffers, found)
     if lo >= best_peak:

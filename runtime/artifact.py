@@ -76,8 +76,7 @@ def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
         "graph": graph.name,
         **signature(graph),
         **(extra or {}),
-        "files": {p.relative_to(directory).as_posix(): sha256_file(p)
-                  for p in sorted(written + list(also_written or []), key=lambda p: p.relative_to(directory).as_posix())},
+        "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in written + list(also_written or [])},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
