@@ -13,8 +13,8 @@ Policies:
   CP-SAT runs with one worker, a fixed seed and a deterministic-time limit
   (``DTIME_PER_SECOND`` x the time limit), so the same graph and platform give the
   same plan on every run and machine; the wall clock (``WALL_FACTOR`` x the limit
-  + ``WALL_SLACK`` s) is only a safety net. A plan cut short by either says so in ``solver``
-  and ``limit_hit`` ("wall" when it may differ between runs).
+  + ``WALL_SLACK`` s) is only a safety net. A plan cut short by either says so in the
+  report's ``solver`` text, ``limit_hit`` and ``limit`` ("wall" when it may differ between runs).
 * ``split``: ``optimal``, then every MatMul/Gemm that gains from it is split across
   its two fastest devices, by weight columns (decode: few rows) or by activation
   rows (prefill), with HeteroInfer's rule: min(max(T_a(r), T_b(1-r)) + sync + copy,
@@ -148,9 +148,9 @@ def solve_optimal(problem: PlacementProblem, hint: dict[int, str], time_limit: f
     Returns (assignment, or None when it found none; what happened; limit): limit is "" (proved
     optimal), "budget" (the deterministic limit, ``DTIME_PER_SECOND`` x ``time_limit``, cut it short:
     the same result every run) or "wall" (the wall-clock safety net did: the result may differ
-    between runs). One worker
-    and a fixed seed: CP-SAT with several workers returns whichever of equally good plans a thread
-    found first, so its plans differ between runs even when proved optimal."""
+    between runs). One worker and a fixed seed: CP-SAT with several workers returns whichever of
+    equally good plans a thread found first, so its plans differ between runs even when proved
+    optimal."""
     from ortools.sat.python import cp_model
     scale = 1e9  # nanoseconds
     n = len(problem.order)

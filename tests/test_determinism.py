@@ -42,21 +42,43 @@ def build(name):
         return mlp.MLP(256, 1024, 256).eval(), (torch.randn(256, 256),)
     return mlp.build()
 
-out, repeats, configs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out, repeats, onnx_path, configs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 for config in configs:
     name, model, platform, placement = config.split(":")
     module, inputs = build(model)
     for k in range(repeats):
         compiled = hetflow.compile(module, inputs, platform=platform, placement=placement, time_limit=10)
         compiled.save(f"{out}/{name}/{k}")
+import contextlib, io
+from hetflow.cli import main
+for k in range(repeats):  # the command line, from an ONNX file
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["compile", onnx_path, "--platform", "mobile-soc", "--placement", "split",
+                     "-o", f"{out}/cli-onnx-mobile-split/{k}"]) == 0
 """
 
 
-def _compile_in_fresh_process(out: Path, seed: int, repeats: int, cache: Path) -> None:
+def _onnx_mlp(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((256, 1024)).astype(np.float32)
+    w2 = rng.standard_normal((1024, 256)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["a"], name="act"),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 256])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _compile_in_fresh_process(out: Path, seed: int, repeats: int, cache: Path, onnx_path: Path) -> None:
     env = dict(os.environ, PYTHONHASHSEED=str(seed), HETFLOW_CACHE_DIR=str(cache))
     env.pop("SOURCE_DATE_EPOCH", None)
     args = [":".join(c) for c in CONFIGS]
-    run = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(repeats), *args], env=env,
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(repeats), str(onnx_path), *args], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -82,12 +104,16 @@ def artifacts(tmp_path_factory):
     """Two fresh processes, hash seeds 1 and 2 (the first compiles each config twice), one calibration cache."""
     root = tmp_path_factory.mktemp("determinism")
     cache = root / "cache"  # the first process measures the host once; the second reads what it wrote
-    _compile_in_fresh_process(root / "seed1", 1, 2, cache)
-    _compile_in_fresh_process(root / "seed2", 2, 1, cache)
+    onnx_path = _onnx_mlp(root / "mlp.onnx")
+    _compile_in_fresh_process(root / "seed1", 1, 2, cache, onnx_path)
+    _compile_in_fresh_process(root / "seed2", 2, 1, cache, onnx_path)
     return root
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CONFIGS])
+NAMES = [c[0] for c in CONFIGS] + ["cli-onnx-mobile-split"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_two_processes_with_different_hash_seeds_write_identical_artifacts(artifacts, name):
     a, b = artifacts / "seed1" / name / "0", artifacts / "seed2" / name / "0"
     assert _differences(a, b) == []
@@ -100,14 +126,14 @@ def test_two_processes_with_different_hash_seeds_write_identical_artifacts(artif
         assert digest == "sha256:" + _files(a)[rel]
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CONFIGS])
+@pytest.mark.parametrize("name", NAMES)
 def test_compiling_twice_in_one_process_writes_identical_artifacts(artifacts, name):
     assert _differences(artifacts / "seed1" / name / "0", artifacts / "seed1" / name / "1") == []
 
 
 def test_multi_device_configs_really_use_several_devices(artifacts):
     # the determinism above is only worth something if CP-SAT had choices to make
-    for name in ("gpt2-mobile-optimal", "mlp-mobile-split"):
+    for name in ("gpt2-mobile-optimal", "mlp-mobile-split", "cli-onnx-mobile-split"):
         manifest = json.loads((artifacts / "seed1" / name / "0" / "manifest.json").read_text())
         devices = {p["device"] for p in manifest["partitions"]}
         assert len(devices) >= 2, (name, devices)
