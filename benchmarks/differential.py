@@ -125,7 +125,7 @@ class CaseTimeout(BaseException):
     that the compiler's own ``except Exception`` wrappers let it through)."""
 
 
-CASE_TIMEOUT = 120.0
+CASE_TIMEOUT = 60.0
 
 
 @contextlib.contextmanager
