@@ -120,7 +120,8 @@ class CompiledModel:
             extra["placement"] = {"policy": self.placement.policy, "chosen": self.placement.chosen,
                                   "solver": self.placement.solver,
                                   "static_makespan_us": {k: v * 1e6 for k, v in self.placement.static_makespan.items()},
-                                  "splits": self.placement.splits}
+                                  "splits": self.placement.splits,
+                                  "limit_hit": self.placement.limit_hit, "limit": self.placement.limit}
         written = write_partitions(self.partitions, Path(directory))
         return write_artifact(self.graph, directory, self.platform.name, extra, written)
 

@@ -193,8 +193,8 @@ def cmd_inspect(args) -> int:
     from hetflow.runtime import load
     model = load(args.artifact)
     m = model.manifest
-    print(f"artifact {args.artifact}: schema {m['schema']}, hetflow {m.get('hetflow')}, platform {m.get('platform')}, "
-          f"created {m.get('created')}")
+    print(f"artifact {args.artifact}: schema {m['schema']}, hetflow {m.get('hetflow')}, platform {m.get('platform')}"
+          + (f", created {m['created']}" if m.get("created") else ""))
     print(graph_summary(model.graph))
     _print_placement(model, args)
     if args.ir:

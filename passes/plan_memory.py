@@ -52,6 +52,8 @@ class SpacePlan:
     seconds: float = 0.0
     buffers: int = 0
     blocks: str = ""
+    limit_hit: bool = False   # a limit cut the search short: the best plan found, not proved optimal
+    limit: str = ""           # "budget" (deterministic: the same every run) or "wall" (the clock: may differ)
 
     @property
     def gap(self) -> float:
@@ -65,7 +67,8 @@ class MemoryPlanReport:
 
     def as_manifest(self) -> dict:
         return {m: {"size": p.size, "offsets": p.offsets, "lower_bound": p.lower_bound, "greedy": p.greedy,
-                    "no_reuse": p.no_reuse, "method": p.method, "note": p.note}
+                    "no_reuse": p.no_reuse, "method": p.method, "note": p.note,
+                    "limit_hit": p.limit_hit, "limit": p.limit}
                 for m, p in self.spaces.items()}
 
 
@@ -250,7 +253,8 @@ def plan_graph(graph: Graph, platform=None, time_limit: float = 10.0, alignment:
         greedy = plan.greedy_peak if plan.greedy_peak is not None else plan.peak
         report.spaces[memory] = SpacePlan(memory, plan.peak, memplan.lower_bound(buffers), greedy,
                                           sum(b.size for b in buffers), offsets, plan.method, plan.note,
-                                          plan.solve_seconds, len(buffers), getattr(plan, "blocks", ""))
+                                          plan.solve_seconds, len(buffers), getattr(plan, "blocks", ""),
+                                          plan.limit_hit, plan.limit)
     return report
 
 
@@ -295,9 +299,12 @@ def _solve_two_level(graph: Graph, buffers, time_limit: float, alignment: int):
     peak = max(offsets[b.id] + b.size for b in buffers)
     if peak >= flat.peak:
         return flat
+    limits = {p.limit for p in (flat, inner, top) if p.limit_hit}
+    limit = "wall" if "wall" in limits else "budget" if limits else ""
     return memplan.MemoryPlan(offsets, peak, flat.lower_bound, "two-level", False,
                               flat.solve_seconds + inner.solve_seconds + top.solve_seconds,
-                              f"MEMO two levels: a block of {length} nodes x {repeats}", flat.greedy_peak)
+                              f"MEMO two levels: a block of {length} nodes x {repeats}", flat.greedy_peak,
+                              bool(limit), limit)
 
 
 def _dies_inside(graph: Graph, name: str, inside: set[str]) -> bool:
