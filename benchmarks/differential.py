@@ -974,6 +974,8 @@ def main(argv=None) -> int:
         for m in MODELS:
             print(f"{m.name:18} {m.family:8} {m.kind:5} rtol {m.rtol:g}")
         return 0
+    # a SIGTERM to the driver stops its workers too (run_driver's finally)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     started = time.perf_counter()
     n_configs = len(args.platforms) * len(args.placements) * len(args.pipelines)
     print(f"differential: {len(args.models)} models x {len(args.platforms)} platforms x {len(args.placements)} "
