@@ -7,7 +7,7 @@
 Also ``torch.compile(m, backend="hetflow")``, the ``hetflow`` CLI, and
 ``hetflow.runtime.load(artifact_dir)`` (no torch needed).
 """
-__version__ = "0.1.0"
+from hetflow.support.version import VERSION as __version__
 
 from .api import CompiledModel, backend, compile  # noqa: E402
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hetflow.support.cache import cache_dir  # noqa: F401  (calibrate.cache_dir is public)
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HETFLOW_CACHE_DIR", Path.home() / ".cache" / "hetflow"))
+
 
 
 def _key() -> str:

@@ -776,7 +776,7 @@ _NATIVE_MAX_BUFFERS = 20000  # recursion depth grows with the buffers: stay far 
 @functools.lru_cache(maxsize=1)
 def _native_kernel():
     """The compiled search, or None when no C compiler (or no writable cache) is available."""
-    from hetflow.runtime.native import compiled_function
+    from hetflow.support.native import compiled_function
     function = compiled_function("memplan", _KERNEL_C, "hetflow_memplan_search")  # releases the interpreter lock
     if function is None:
         return None

@@ -19,6 +19,7 @@ from typing import Any
 
 from hetflow.ir import Graph, load, save
 from hetflow.ir.errors import HetflowError
+from hetflow.support.version import VERSION
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -63,14 +64,13 @@ def created_stamp() -> str | None:
 def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
                    extra: dict[str, Any] | None = None, also_written: list[Path] | None = None) -> Path:
     """Write the graph, its weights and the manifest; the same inputs give the same bytes (no clock, no paths)."""
-    from hetflow import __version__
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = save(graph, directory)
     created = created_stamp()
     manifest = {
         "schema": SCHEMA,
-        "hetflow": __version__,
+        "hetflow": VERSION,
         **({"created": created} if created is not None else {}),
         "platform": platform,
         "graph": graph.name,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .native import compiled_function
+from hetflow.support.native import compiled_function
 
 SLEEP_MARGIN = 100e-6   # wake this much before the predicted finish: sleep overshoots by ~50-100 us
 MIN_SLEEP = 200e-6      # below this, polling alone is cheaper than a sleep

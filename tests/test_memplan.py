@@ -382,7 +382,7 @@ def test_search_alone_fits_the_instance_that_needs_a_fresh_order_per_part(native
 
 
 def test_without_a_c_compiler_the_python_search_runs(monkeypatch):
-    from hetflow.runtime import native
+    from hetflow.support import native
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     memplan_search._native_kernel.cache_clear()
     try:

@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import time
 
+from .cache import cache_dir
+
 
 def compiled_function(name: str, source: str, symbol: str, timeout: float = 120.0):
     """``symbol`` from ``source`` built as a shared library (cached by the source's hash), or None.
 
     ctypes calls into it release Python's interpreter lock.
     """
-    from hetflow.calibrate import cache_dir
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
