@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from hetflow.passes import memplan_search
-from hetflow.passes.memplan import InfeasibleError, check_plan, lower_bound, read_csv, solve
+from hetflow.memplan_cli import read_csv
+from hetflow.passes.memplan import InfeasibleError, check_plan, lower_bound, solve
 
 CAPACITY = 1_048_576
 DEFAULT_DIR = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/minimalloc"

@@ -289,10 +289,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_memplan(args, rest: list[str]) -> int:
-    try:
-        from hetflow.passes.memplan import cli
-    except ImportError:
-        raise UsageError("the memory planner is not available in this build") from None
+    from hetflow.memplan_cli import cli
     return cli(rest)
 
 

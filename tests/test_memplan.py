@@ -1,4 +1,4 @@
-"""Tests of the standalone static memory allocator (hetflow.passes.memplan)."""
+"""Tests of the standalone static memory allocator (hetflow.passes.memplan) and its CSV driver (hetflow.memplan_cli)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hetflow import memplan_cli
+from hetflow.memplan_cli import read_csv, write_csv
 from hetflow.passes import memplan
 from hetflow.passes.memplan import (
     Buffer,
@@ -18,9 +20,7 @@ from hetflow.passes.memplan import (
     check_plan,
     greedy_by_size,
     lower_bound,
-    read_csv,
     solve,
-    write_csv,
 )
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/minimalloc"
@@ -37,7 +37,17 @@ TRICKY = [B("a", 1, 5, 3), B("b", 4, 5, 3), B("c", 4, 5, 3), B("d", 3, 4, 4)]
 def test_public_api_is_declared():
     assert sorted(memplan.__all__) == sorted([
         "Buffer", "MemoryPlan", "MemplanInputError", "InfeasibleError", "PlanError",
-        "lower_bound", "greedy_by_size", "solve", "check_plan", "read_csv", "write_csv", "cli"])
+        "lower_bound", "greedy_by_size", "solve", "check_plan"])
+    assert sorted(memplan_cli.__all__) == ["cli", "read_csv", "write_csv"]
+
+
+def test_the_solver_module_has_no_file_or_command_line_code():
+    import ast
+    tree = ast.parse(Path(memplan.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names} | {node.module for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"argparse", "csv", "sys"}
 
 
 def test_lower_bound_is_most_live_bytes():
@@ -192,7 +202,7 @@ def test_solve_rejects_bad_buffers():
 def test_cli_success_and_output(tmp_path, capsys):
     path = _write(tmp_path, "id,lower,upper,size\na,0,10,4\nb,5,20,8\nc,12,30,4\n")
     out = tmp_path / "plan.csv"
-    assert memplan.cli([str(path), "--capacity", "12", "-o", str(out)]) == 0
+    assert memplan_cli.cli([str(path), "--capacity", "12", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fits within capacity 12" in text and "peak:        12" in text and "lower bound: 12" in text
     assert out.exists()
@@ -207,19 +217,19 @@ def _offsets(path):
 
 def test_cli_infeasible_and_bad_input_exit_1_without_traceback(tmp_path, capsys):
     path = _write(tmp_path, "id,lower,upper,size\na,0,10,4\nb,5,20,8\n")
-    assert memplan.cli([str(path), "--capacity", "11"]) == 1
+    assert memplan_cli.cli([str(path), "--capacity", "11"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "error: infeasible at capacity 11 (lower bound 12)"
     bad = _write(tmp_path, "id,lower,upper,size\na,0,10,-4\n", "bad.csv")
-    assert memplan.cli([str(bad), "--capacity", "11"]) == 1
+    assert memplan_cli.cli([str(bad), "--capacity", "11"]) == 1
     err = capsys.readouterr().err
     assert "bad.csv:2" in err and "Traceback" not in err
-    assert memplan.cli([str(tmp_path / "missing.csv")]) == 1
+    assert memplan_cli.cli([str(tmp_path / "missing.csv")]) == 1
 
 
 def test_cli_help_explains_the_format(capsys):
     with pytest.raises(SystemExit) as e:
-        memplan.cli(["--help"])
+        memplan_cli.cli(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "id,lower,upper,size" in text and "[lower, upper)" in text and "offset" in text
@@ -227,7 +237,7 @@ def test_cli_help_explains_the_format(capsys):
 
 def test_module_runs_as_a_script(tmp_path):
     path = _write(tmp_path, "id,lower,upper,size\na,0,10,4\n")
-    run = subprocess.run([sys.executable, "-m", "hetflow.passes.memplan", str(path), "--method", "greedy"],
+    run = subprocess.run([sys.executable, "-m", "hetflow.memplan_cli", str(path), "--method", "greedy"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "peak:        4" in run.stdout
