@@ -1,4 +1,4 @@
-"""hetflow.backends: partition a placed graph by device and emit what each device runs.
+"""hetflow.backends: partition a placed graph by device and emit what each device runs (emitters only).
 
 A partition is a maximal run of consecutive top-level nodes (in schedule order)
 placed on one device. Each partition becomes a standalone graph, lowered by its
@@ -16,65 +16,78 @@ device's backend:
 * ``tvm-llvm``: with ``cpu_backend="tvm"``, a CPU partition's same ONNX lowering compiled by
   TVM for LLVM into a native library (``cpu/partN.so``, see ``tvm_cpu``).
 * ``transfer``: a copy between two memories that are not one unified space.
+
+Each backend is one registry row (``EMITTERS``): the device kinds it serves and
+the function that emits a partition's program into the ``Partition``. The runtime
+runs them through its own registry of runners, keyed by the same names
+(``hetflow.runtime.runners``). Nothing else branches on backend names.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from hetflow.ir import Graph, Node
 from hetflow.ir.graph import extract_subgraph
-from hetflow.ir.serialize import graph_from_json, graph_to_json
-from hetflow.passes.partition import device_runs
+from hetflow.ir.program import Partition, device_runs
+from hetflow.ir.serialize import graph_to_json
 
 TRANSFER_OP = "hetflow.transfer"
+CPU_BACKENDS = ("onnxruntime", "tvm")
 
 
-@dataclass
-class Partition:
-    index: int
-    device: str
-    backend: str                      # "cpu", "cuda", "tvm-llvm", "simulated", "transfer"
-    graph: Graph                      # standalone: its inputs, weights and outputs
-    nodes: list[str] = field(default_factory=list)  # the top-level nodes it holds (first output names)
-    predicted_start: float = 0.0
-    predicted_end: float = 0.0
-    file: str = ""
-    onnx_bytes: bytes | None = None
-    library: bytes | None = None      # tvm-llvm: the compiled .so
-    source: str | None = None         # cuda: the emitted PyTorch program
-    target: dict | None = None        # tvm-llvm: the LLVM target it was compiled for
-
-    @property
-    def input_names(self) -> list[str]:
-        return [v.name for v in self.graph.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [v.name for v in self.graph.outputs]
-
-    def manifest_entry(self) -> dict:
-        return {"index": self.index, "device": self.device, "backend": self.backend, "file": self.file,
-                "inputs": self.input_names, "outputs": self.output_names,
-                "weights": list(self.graph.weights), "nodes": self.nodes,
-                "predicted_start_us": self.predicted_start * 1e6, "predicted_end_us": self.predicted_end * 1e6,
-                **({"target": self.target} if self.target else {})}
+@dataclass(frozen=True)
+class Emitter:
+    name: str                                 # the backend name the manifest records and the runtime looks up
+    folder_suffix: str                        # the file each partition becomes: <device>/partN<suffix>
+    emit: Callable[[Partition], None]         # fills the partition's program (onnx_bytes, source, library...)
 
 
-def backend_for(device: str, platform) -> str:
+def _emit_cpu(part: Partition) -> None:
+    from .cpu import lower_partition
+    model, _ = lower_partition(part.graph, view_outputs=True)
+    part.onnx_bytes = model.SerializeToString()
+
+
+def _emit_cuda(part: Partition) -> None:
+    from .gpu import emit_program
+    part.source = emit_program(part.graph, f"{part.index} ({part.file})")
+
+
+def _emit_tvm(part: Partition) -> None:
+    from .tvm_cpu import compile_partition
+    part.library, _, part.target = compile_partition(part.graph, f"{part.index} ({part.file})")
+
+
+def _emit_nothing(part: Partition) -> None:
+    """Simulated devices and transfers: the partition's IR is the program (written as JSON)."""
+
+
+EMITTERS = {e.name: e for e in [
+    Emitter("cpu", ".onnx", _emit_cpu),
+    Emitter("cuda", ".py", _emit_cuda),
+    Emitter("tvm-llvm", ".so", _emit_tvm),
+    Emitter("simulated", ".json", _emit_nothing),
+    Emitter("transfer", ".json", _emit_nothing),
+]}
+
+
+def backend_for(device: str, platform, cpu_backend: str = "onnxruntime") -> str:
+    """The backend that emits for ``device``: its registry row, chosen by the device's kind."""
     if device.startswith("link:"):
         return "transfer"
     spec = platform.devices.get(device) if platform is not None else None
     if spec is None or spec.kind == "cpu":
-        return "cpu"
+        return "tvm-llvm" if cpu_backend == "tvm" else "cpu"
     if spec.kind == "gpu" and spec.measured:  # a real GPU of this machine (host+cuda)
         return "cuda"
     return "simulated"
 
 
 def split_partitions(graph: Graph) -> list[tuple[str, list[Node]]]:
-    """The partitions as (device, nodes) runs (``hetflow.passes.partition.device_runs``)."""
+    """The partitions as (device, nodes) runs (``hetflow.ir.program.device_runs``)."""
     return device_runs(graph)
 
 
@@ -83,36 +96,18 @@ def partition_graph(graph: Graph, nodes: list[Node], name: str) -> Graph:
     return extract_subgraph(graph, nodes, name)[0]
 
 
-CPU_BACKENDS = ("onnxruntime", "tvm")
-
-
 def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntime") -> list[Partition]:
     """``cpu_backend="tvm"`` compiles the CPU partitions with TVM (``tvm-llvm``) instead of ONNX Runtime."""
-    from .cpu import lower_partition
     partitions = []
     for index, (device, nodes) in enumerate(split_partitions(graph)):
-        backend = backend_for(device, platform)
-        if backend == "cpu" and cpu_backend == "tvm":
-            backend = "tvm-llvm"
+        emitter = EMITTERS[backend_for(device, platform, cpu_backend)]
         sub = partition_graph(graph, nodes, f"part{index}")
-        part = Partition(index, device, backend, sub, [n.outputs[0].name for n in nodes],
+        part = Partition(index, device, emitter.name, sub, [n.outputs[0].name for n in nodes],
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
                          max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
         folder = device.replace(":", "_").replace(">", "").replace("-", "_")
-        if backend == "cuda":
-            from .gpu import emit_program
-            part.file = f"{folder}/part{index}.py"
-            part.source = emit_program(sub, f"{index} ({part.file})")
-        elif backend == "cpu":
-            model, _ = lower_partition(sub, view_outputs=True)
-            part.onnx_bytes = model.SerializeToString()
-            part.file = f"{folder}/part{index}.onnx"
-        elif backend == "tvm-llvm":
-            from .tvm_cpu import compile_partition
-            part.file = f"{folder}/part{index}.so"
-            part.library, _, part.target = compile_partition(sub, f"{index} ({part.file})")
-        else:
-            part.file = f"{folder}/part{index}.json"
+        part.file = f"{folder}/part{index}{emitter.folder_suffix}"
+        emitter.emit(part)
         partitions.append(part)
     return partitions
 
@@ -130,27 +125,3 @@ def write_partitions(partitions: list[Partition], directory: Path) -> list[Path]
             path.write_text(json.dumps(graph_to_json(part.graph), indent=1))
         written.append(path)
     return written
-
-
-def read_partitions(entries: list[dict], directory: Path, graph: Graph) -> list[Partition]:
-    """Partitions of a loaded artifact (the standalone graphs are rebuilt from the main graph)."""
-    by_name = {n.outputs[0].name: n for n in graph.nodes}
-    partitions = []
-    for entry in entries:
-        nodes = [by_name[name] for name in entry["nodes"]]
-        sub = partition_graph(graph, nodes, f"part{entry['index']}")
-        part = Partition(entry["index"], entry["device"], entry["backend"], sub, entry["nodes"],
-                         entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"],
-                         target=entry.get("target"))
-        path = directory / entry["file"]
-        if entry["backend"] == "cpu":
-            part.onnx_bytes = path.read_bytes()
-        elif entry["backend"] == "cuda":
-            part.source = path.read_text()
-        elif entry["backend"] == "tvm-llvm":
-            part.library = path.read_bytes()
-        elif entry["backend"] == "simulated":
-            weights = {w.name: w.data for w in graph.weights.values()}
-            part.graph = graph_from_json(json.loads(path.read_text()), weights)
-        partitions.append(part)
-    return partitions

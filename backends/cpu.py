@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 from hetflow.ir import Graph, Node, Value
 from hetflow.ir.errors import HetflowError
 from hetflow.ir.onnx_convert import node_to_onnx, value_info
+from hetflow.ir.program import INLINE_BYTES, VIEW_OUTPUTS, inline_weight  # noqa: F401
 
 ONNX_IR_VERSION = 10  # what ONNX Runtime 1.17+ reads
 
@@ -88,7 +89,6 @@ def lower_partition(graph: Graph, view_outputs: bool = False) -> tuple[onnx.Mode
     return model, [n for n, v in weights.items() if not _inline(v)]
 
 
-VIEW_OUTPUTS = "hetflow.view_outputs"
 RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
 
 
@@ -119,7 +119,6 @@ def _outputs_as_views(protos: list, graph: Graph, infos: dict) -> dict:
     return viewed
 
 
-INLINE_BYTES = 4096
 SQRT_HALF = float(np.float32(np.sqrt(0.5)))
 
 
@@ -151,9 +150,7 @@ def _erf_argument_as_division(protos: list, graph: Graph) -> list[TensorProto]:
     return [onnx.numpy_helper.from_array(np.array(np.sqrt(2), np.float32), name)] if found else []
 
 
-def _inline(value: Value) -> bool:
-    """Small constants (shapes, axes, scalars) stay in the model: ONNX Runtime's shape inference reads them."""
-    return value.data.nbytes <= INLINE_BYTES or value.data.dtype.kind in "OUS"
+_inline = inline_weight  # small constants stay in the model (hetflow.ir.program)
 
 
 def _external_initializer(name: str, value: Value) -> TensorProto:
@@ -174,65 +171,3 @@ def emit(partition_graph: Graph, path: Path) -> list[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.SerializeToString())
     return weights
-
-
-class CpuPartition:
-    """A loaded CPU partition: an ONNX Runtime session with its weights, run through IOBinding."""
-
-    def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
-                 output_names: list[str], threads: int | None = None, name: str = "partition",
-                 providers: list[str] | None = None, spin: bool = True):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or _cores()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if not spin:  # several sessions share the cores: idle threads sleep instead of spinning
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._keep = [np.ascontiguousarray(weights[n]) for n in weights]  # ORT reads these buffers directly
-        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._keep]
-        if values:
-            options.add_external_initializers(list(weights), values)
-        try:
-            self.session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:
-            raise BackendError(f"ONNX Runtime cannot load {name}: {str(exc).strip().splitlines()[0]}") from None
-        self.input_names = input_names
-        self.output_names = output_names
-        self.binding = self.session.io_binding()
-        types = [t.type for t in list(self.session.get_inputs()) + list(self.session.get_outputs())]
-        self.bindable = all("string" not in t for t in types)  # IOBinding takes numeric tensors only
-        viewed = json.loads(self.session.get_modelmeta().custom_metadata_map.get(VIEW_OUTPUTS, "{}"))
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
-        self.view_shapes = {n: tuple(shapes[n]) for n in viewed}   # outputs bound as views in these shapes
-        self.ir_shapes = {n: tuple(s) for n, s in viewed.items()}
-
-    def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """For shapes known only at run time: ONNX Runtime allocates the outputs."""
-        results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
-        return {n: r.reshape(self.ir_shapes[n]) if n in self.ir_shapes else r
-                for n, r in zip(self.output_names, results)}
-
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """Read ``inputs`` and write the results into the preallocated ``outputs`` arrays (no copies)."""
-        if not self.bindable:
-            results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
-            for name, result in zip(self.output_names, results):
-                outputs[name][...] = result.reshape(outputs[name].shape)
-            return
-        binding = self.binding
-        for name in self.input_names:
-            array = inputs[name]
-            binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
-        for name in self.output_names:
-            array = outputs[name]
-            shape = self.view_shapes.get(name, array.shape)  # a view of the same contiguous buffer
-            binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
-        self.session.run_with_iobinding(binding)
-
-
-def _cores() -> int:
-    import os
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

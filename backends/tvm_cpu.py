@@ -32,53 +32,10 @@ from onnx import helper
 
 from hetflow.ir import Graph
 
+from hetflow.platform.targets import BACKEND, INSTALL, TargetError, check_target, host_target, import_tvm  # noqa: F401
+
 from .cpu import BackendError, _inline, lower_partition
 
-BACKEND = "tvm-llvm"
-INSTALL = "pip install apache-tvm==0.27.*"
-ALIGNMENT = 64
-
-
-def import_tvm(what: str):
-    """``tvm``, or a one-line BackendError: ``what`` (which needs TVM), and what to install."""
-    try:
-        import tvm
-        from tvm import relax  # noqa: F401  (the VM and the ONNX frontend live here)
-    except ImportError as exc:
-        raise BackendError(f"{what}, but this Python cannot import tvm ({exc}): {INSTALL}") from None
-    return tvm
-
-
-def host_target() -> dict:
-    """LLVM for this machine's CPU (``mcpu`` from LLVM's host detection when LLVM knows it)."""
-    tvm = import_tvm("the TVM CPU backend needs TVM")
-    from tvm.target import codegen
-    target = {"kind": "llvm"}
-    try:
-        cpu = codegen.llvm_get_system_cpu()
-        if cpu and cpu != "generic" and codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
-            target["mcpu"] = cpu
-    except Exception:  # noqa: BLE001 - an LLVM without host detection: plain llvm is still correct
-        pass
-    tvm.target.Target(target)  # fails here, not mid-compile, if this TVM rejects it
-    return target
-
-
-def check_target(target: dict | None, name: str) -> None:
-    """Refuse, in one line, a library built for a CPU with features this one lacks (it would crash, not fail)."""
-    if not target or "mcpu" not in target:
-        return
-    tvm = import_tvm(f"{name} was compiled by TVM (backend {BACKEND}) and needs it to run")
-    from tvm.target import codegen
-    here = host_target()
-    if here.get("mcpu") == target["mcpu"]:
-        return
-    missing = codegen.llvm_get_cpu_features(tvm.target.Target(target)) - \
-        codegen.llvm_get_cpu_features(tvm.target.Target(here))
-    if missing:
-        raise BackendError(f"{name} was compiled by TVM for CPU {target['mcpu']}, whose features this CPU "
-                           f"({here.get('mcpu', 'generic')}) lacks ({', '.join(sorted(missing)[:6])}): "
-                           "compile it again on this machine")
 
 
 def tvm_model(graph: Graph) -> tuple[onnx.ModelProto, list[str]]:
@@ -149,53 +106,3 @@ def compile_partition(graph: Graph, name: str, target: dict | None = None) -> tu
         raise BackendError(f"TVM cannot compile partition {name} (ops {', '.join(ops)}) for {target}: "
                            f"{_first_line(exc)}") from None
     return library, weights, target
-
-
-def _aligned(array: np.ndarray) -> np.ndarray:
-    """The array itself when C-contiguous and 64-byte aligned (what TVM's DLPack import wants), else a copy that is."""
-    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
-        return array
-    raw = np.empty(array.nbytes + ALIGNMENT, np.uint8)
-    start = (-raw.ctypes.data) % ALIGNMENT
-    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
-    out[...] = array
-    return out
-
-
-class TvmPartition:
-    """A loaded TVM partition: the library in a Relax VM, its weights bound once, run on the runtime's arrays."""
-
-    def __init__(self, library: bytes, weights: dict[str, np.ndarray], input_names: list[str],
-                 output_names: list[str], name: str = "partition", target: dict | None = None):
-        tvm = import_tvm(f"{name} was compiled by TVM (backend {BACKEND}) and needs it to run")
-        from tvm import relax
-        check_target(target, name)
-        self.tvm = tvm
-        fd, path = tempfile.mkstemp(prefix="hetflow-tvm-", suffix=".so")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(library)
-            module = tvm.runtime.load_module(path)
-        except Exception as exc:  # noqa: BLE001
-            raise BackendError(f"TVM cannot load {name}: {_first_line(exc)}") from None
-        finally:
-            os.unlink(path)  # the loader keeps its mapping
-        self.vm = relax.VirtualMachine(module, tvm.cpu())
-        self.main = self.vm["main"]
-        self._keep = [_aligned(np.asarray(w)) for w in weights.values()]
-        self.weights = [tvm.runtime.from_dlpack(a) for a in self._keep]
-        self.input_names = input_names
-        self.output_names = output_names
-
-    def _call(self, inputs: dict[str, np.ndarray]) -> list:
-        arrays = [_aligned(np.asarray(inputs[n])) for n in self.input_names]
-        result = self.main(*[self.tvm.runtime.from_dlpack(a) for a in arrays], *self.weights)
-        return [result] if hasattr(result, "numpy") else list(result)
-
-    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """Read ``inputs`` (no copy) and write the results into the preallocated ``outputs`` arrays."""
-        for name, result in zip(self.output_names, self._call(inputs)):
-            np.copyto(outputs[name], np.from_dlpack(result))
-
-    def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: result.numpy() for name, result in zip(self.output_names, self._call(inputs))}

@@ -70,7 +70,7 @@ def torch_on_gpu(module, inputs, compiled: bool):
 
 def hetflow_on_gpu(module, inputs, kernels: str):
     import hetflow
-    from hetflow.backends.gpu import GpuPartition
+    from hetflow.runtime.runners.cuda import GpuPartition
     start = time.perf_counter()
     compiled = hetflow.compile(module.cpu(), inputs, platform="host+cuda", gpu_kernels=kernels)
     compile_s = time.perf_counter() - start

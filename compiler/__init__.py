@@ -6,9 +6,44 @@
 
 Also ``torch.compile(m, backend="hetflow")``, the ``hetflow`` CLI, and
 ``hetflow.runtime.load(artifact_dir)`` (no torch needed).
+
+This package is the driver, on top of the layers ``hetflow.ir``, ``hetflow.platform``,
+``hetflow.passes``, ``hetflow.backends`` and ``hetflow.runtime`` (docs/ARCHITECTURE.md).
+Importing a layer (``import hetflow.ir``) runs this file first, so it imports no
+driver module: ``compile`` and friends load on first use, and the measurements and
+backend capabilities the platform layer needs are registered as functions that
+import the driver only when called.
 """
 from hetflow.support.version import VERSION as __version__
 
-from .api import CompiledModel, backend, compile  # noqa: E402
-
 __all__ = ["CompiledModel", "__version__", "backend", "compile"]
+
+
+def __getattr__(name: str):
+    if name in ("CompiledModel", "backend", "compile"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'hetflow' has no attribute {name!r}")
+
+
+def _register_with_the_platform_layer() -> None:
+    from hetflow import platform
+
+    def fill_host(data: dict) -> dict:
+        from hetflow.calibrate import fill_host as fill
+        return fill(data)
+
+    def fill_cuda(data: dict) -> dict:
+        from hetflow.calibrate import fill_cuda as fill
+        return fill(data)
+
+    def gpu_emit_check(node, opset: int):
+        from hetflow.backends.gpu import emit_failure
+        return emit_failure(node, opset)
+
+    platform.register_measurement("host", fill_host)
+    platform.register_measurement("cuda", fill_cuda)
+    platform.register_emit_check("cuda", gpu_emit_check)
+
+
+_register_with_the_platform_layer()

@@ -232,3 +232,55 @@ def calibrate_host(progress=print, repeats: int = 10, rounds: int = 5) -> dict:
     path.write_text(json.dumps(result, indent=1))
     load_platform.cache_clear()
     return result
+
+
+# --- filling in the presets measured on this machine (registered with hetflow.platform by the driver) ---------
+
+def fill_host(data: dict) -> dict:
+    """``calibrate = "host"``: the CPU's measured (or fitted) figures."""
+    return _apply_calibration(data, host_calibration())
+
+
+def fill_cuda(data: dict) -> dict:
+    """``cuda = true``: the CUDA GPU, measured, listing exactly what the GPU backend emits."""
+    from hetflow.backends.gpu import GPU_DTYPES, GPU_OPS
+    return _add_cuda(data, cuda_calibration(), GPU_OPS, GPU_DTYPES)
+
+
+def _add_cuda(data: dict, gpu: dict | None, gpu_ops=(), gpu_dtypes=()) -> dict:
+    """host+cuda: add the CUDA GPU (its HBM, and a PCIe link to DRAM) when one is present."""
+    if gpu is None:
+        data = dict(data)
+        data["description"] = data.get("description", "") + " No CUDA GPU is present: the platform is the host alone."
+        return data
+    data = json.loads(json.dumps(data))
+    data["memory"]["hbm"] = {"capacity": gpu["memory_bytes"], "bandwidth": gpu["memory_bandwidth"], "unified": True,
+                             "source": f"measured: {gpu['name']}"}
+    data["device"]["gpu"] = {"kind": "gpu", "memory": "hbm", "launch": "10 us", "measured": True,
+                             "peak": {"f32": gpu["f32_flops"], "f16": gpu["f16_flops"]},
+                             "ops": list(gpu_ops), "dtypes": list(gpu_dtypes),
+                             "source": f"measured on {gpu['name']} ({gpu['when']})"}
+    data.setdefault("link", {})["pcie"] = {"from": "dram", "to": "hbm", "bandwidth": gpu["pcie_bandwidth"],
+                                          "latency": "10 us"}
+    return data
+
+
+def _apply_calibration(data: dict, calibration: dict) -> dict:
+    data = json.loads(json.dumps(data))
+    for device in data["device"].values():
+        if device.get("kind") == "cpu":
+            device["peak"] = {"f32": calibration["gemm_flops"], "f64": calibration["gemm_flops"] / 2}
+            device["bandwidth"] = calibration["memory_bandwidth"]
+            device["measured"] = True
+            for key in ("launch", "op_launch"):
+                if key in calibration:
+                    device[key] = calibration[key]
+            if "call_overhead" in calibration:
+                data["call_overhead"] = calibration["call_overhead"]
+            how = "fitted to measured model runs" if "fitted_on" in calibration else "measured GEMM and copy"
+            device["source"] = (f"measured on this machine ({how}): {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s, "
+                                f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s ({calibration['when']})")
+    for memory in data["memory"].values():
+        memory["bandwidth"] = calibration["memory_bandwidth"]
+        memory["shared_bandwidth"] = [calibration["memory_bandwidth"]]
+    return data

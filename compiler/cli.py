@@ -170,7 +170,7 @@ def _write_trace(model, path) -> None:
 
 def _print_profile(model, feeds) -> None:
     from hetflow.report import table
-    from hetflow.runtime.profile import profile
+    from hetflow.profile import profile
     rows = profile(model.graph, model.platform, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
     body = [[r.name[:30], r.kind[:14], r.device, f"{r.predicted * 1e6:.1f}", f"{r.measured * 1e6:.1f}",
              f"{r.measured / r.predicted:.2f}" if r.predicted and r.backend in ("cpu", "cuda") else "-",

@@ -99,7 +99,8 @@ def prepare_hetflow_gpu_program(model, device: str | None = None):
     The backend reads some operands at emission (Slice bounds, reduction axes, pads: ``CONSTANT_OPERANDS``);
     the test models feed them as inputs, so those inputs are bound to the case's values first, as the
     weights a real model has there."""
-    from hetflow.backends.gpu import CONSTANT_OPERANDS, GpuPartition, cuda_available, emit_program
+    from hetflow.backends.gpu import CONSTANT_OPERANDS, emit_program
+    from hetflow.runtime.runners.cuda import GpuPartition, cuda_available
     from hetflow.frontends.onnx import import_onnx
     device = device or ("cuda" if cuda_available() else "cpu")
     names = [v.name for v in import_onnx(model).inputs]

@@ -3,14 +3,7 @@ from __future__ import annotations
 
 from hetflow.ir import Graph, node_bytes, node_flops
 from hetflow.ir.errors import HetflowError
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"
+from hetflow.platform import human_bytes  # noqa: F401  (report.human_bytes is public)
 
 
 def human_count(n: float) -> str:

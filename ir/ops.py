@@ -359,7 +359,7 @@ def _group_flops(node: Node) -> int:
 
 
 def _group_kernel(node: Node, opset: int) -> Kernel:
-    from hetflow.runtime.interpreter import Interpreter  # the group runs its body with the interpreter
+    from hetflow.ir.interpreter import Interpreter  # the group runs its body with the interpreter
     body = _group_body(node)
     interpreter = Interpreter(body)
     names = [v.name for v in body.inputs]

@@ -22,7 +22,7 @@ import numpy as np
 
 from hetflow.ir import Graph, Node, get_op, node_bytes, node_flops
 from hetflow.ir.errors import HetflowError
-from hetflow.platform import Device, Platform
+from hetflow.platform import EMIT_CHECKS, Device, Platform, PlatformError
 
 CONTRACTIONS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger")
 
@@ -155,8 +155,11 @@ def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None
         if missing:  # a device listing ops by name runs a group when it runs every op inside
             return f"{device.name} does not run {kind} ({', '.join(missing)})"
     if device.kind == "gpu" and device.measured:  # a real GPU: what its backend can emit, exactly
-        from hetflow.backends.gpu import emit_failure
-        why = emit_failure(node, opset)
+        check = EMIT_CHECKS.get("cuda")
+        if check is None:
+            raise PlatformError(f"{device.name} is a real CUDA GPU, but no emit check is registered for backend "
+                                "'cuda' (the driver registers it: import hetflow)")
+        why = check(node, opset)
         if why:
             return f"{device.name}: {why}"
     return None

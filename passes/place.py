@@ -100,7 +100,7 @@ def check_memory_fits(graph: Graph, platform: Platform, assignment: dict[int, st
         capacity = platform.memories[memory].capacity
         if total > capacity:
             largest = max(weights.values(), key=lambda w: w.type.nbytes() or 0)
-            from hetflow.report import human_bytes
+            from hetflow.platform import human_bytes
             raise PlacementError(f"the model's weights need {human_bytes(total)} in memory {memory!r} of platform "
                                  f"{platform.name!r}, which holds {human_bytes(capacity)} (largest tensor: "
                                  f"%{largest.name}: {largest.type}, {human_bytes(largest.type.nbytes())})")

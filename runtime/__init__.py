@@ -17,9 +17,9 @@ class LoadedModel:
 
     def __init__(self, graph, manifest: dict, path: Path, fallback: str | None = None,
                  gpu_kernels: str = "triton"):
-        from hetflow.backends import read_partitions
         from hetflow.platform import platform_from_dict
         from .executor import Executor
+        from .runners import read_partitions
         self.graph = graph
         self.manifest = manifest
         self.path = path

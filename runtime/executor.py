@@ -36,8 +36,10 @@ import numpy as np
 from hetflow.ir import Graph
 from hetflow.ir.errors import HetflowError
 
-from .interpreter import Interpreter, check_inputs
+from hetflow.ir.interpreter import check_inputs
+
 from .plancheck import check_memory_plan
+from .runners import load_runner
 from .sync import Flags, SyncFailure, SyncTimeout
 
 ALIGNMENT = 64
@@ -47,8 +49,7 @@ WAIT_FLOOR = 120.0       # ...and never before this many seconds (HETFLOW_WAIT_T
 STOP_GRACE = 1.0         # after a failure, how long the other workers get to stop before the run reports it
 
 
-class RuntimeFailure(HetflowError):
-    pass
+from .errors import RuntimeFailure  # noqa: E402  (hetflow.runtime.executor.RuntimeFailure is public)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def _host(value):
     """A NumPy view of ``value`` (a torch tensor of the GPU arena is copied to host memory)."""
     if value is None or isinstance(value, np.ndarray) or np.isscalar(value):
         return value
-    from hetflow.backends.gpu import to_numpy
+    from .runners.cuda import to_numpy
     return to_numpy(value)
 
 
@@ -100,7 +101,7 @@ def _copy_into(destination, value) -> None:
     if isinstance(destination, np.ndarray) and (isinstance(value, np.ndarray) or np.isscalar(value)):
         destination[...] = value
         return
-    from hetflow.backends.gpu import copy_into
+    from .runners.cuda import copy_into
     copy_into(destination, value)
 
 
@@ -119,20 +120,13 @@ class Executor:
                               ALIGNMENT)
         self.types = {v.name: v.type for v in graph.values()}
         self.weights = {w.name: w.data for w in graph.weights.values()}
-        self.runners = []
+        self.threads = threads
+        self.fallback = fallback
+        self.gpu_kernels = gpu_kernels
+        self.copy_into = _copy_into
         self.fallbacks: list[str] = []
         self.device_memories: set[str] = set()  # memories whose arena lives on the GPU
-        for part in partitions:
-            if part.backend == "cpu":
-                self.runners.append(self._onnx_runner(part, threads))
-            elif part.backend == "cuda":
-                self.runners.append(self._gpu_runner(part, fallback, gpu_kernels))
-            elif part.backend == "tvm-llvm":
-                self.runners.append(self._tvm_runner(part))
-            elif part.backend == "simulated":
-                self.runners.append(Interpreter(part.graph))
-            else:
-                self.runners.append(None)
+        self.runners = [load_runner(part, self) for part in partitions]  # one registry, by backend name
         produced = [n for p in partitions for n in p.output_names if _arena_type(self.types[n])]
         self.producer = {n: i for i, p in enumerate(partitions) for n in p.output_names}
         self._arenas(memory_plan, produced)
@@ -147,63 +141,6 @@ class Executor:
         self._stragglers: list[threading.Thread] = []  # workers of a run stopped by Ctrl-C, still finishing
         self.last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
-
-    def _gpu_runner(self, part, fallback, kernels):
-        """A GPU partition's PyTorch program on the CUDA GPU; on the CPU only when the run asks (--fallback cpu)."""
-        from hetflow.backends.gpu import GpuPartition, cuda_available, torch_installed
-        where = f"partition {part.index} ({part.file})"
-        if cuda_available():
-            device = "cuda"
-            memory = self.memory_of(part.device)
-            if all(p.backend == "cuda" or self.memory_of(p.device) != memory for p in self.partitions
-                   if not p.device.startswith("link:")):
-                self.device_memories.add(memory)  # the GPU's own memory: its arena lives there
-        elif fallback == "cpu":
-            if not torch_installed():
-                self.fallbacks.append(f"{where} was compiled for device {part.device!r} (CUDA); torch is not "
-                                      "installed, so it runs on the reference interpreter (--fallback cpu)")
-                return Interpreter(part.graph)
-            self.fallbacks.append(f"{where} was compiled for device {part.device!r} (CUDA); its PyTorch program "
-                                  "runs on the CPU (--fallback cpu)")
-            device, kernels = "cpu", "torch"
-        else:
-            raise RuntimeFailure(f"{where} runs on device {part.device!r} (CUDA), but this machine has no CUDA "
-                                 "GPU that PyTorch can use; run with --fallback cpu to run it on the CPU instead")
-        weights = {n: w.data for n, w in part.graph.weights.items()}
-        return GpuPartition(part.source, weights, part.input_names, part.output_names, name=where,
-                            kernels=kernels, device=device)
-
-    def _onnx_runner(self, part, threads):
-        """ONNX Runtime for a CPU partition; the interpreter, stated, where ONNX Runtime has no kernel."""
-        from hetflow.backends.cpu import BackendError, CpuPartition, _inline
-        providers = None
-        exotic = [v.name for v in list(part.graph.inputs) + list(part.graph.outputs)
-                  if v.type is not None and v.type.dtype.value not in ORT_BINDABLE]
-        if exotic:
-            self.fallbacks.append(f"partition {part.index} ({part.file}): ONNX Runtime cannot exchange "
-                                  f"{self.types[exotic[0]].dtype.value} tensors ({exotic[0]}); it runs on the "
-                                  "reference interpreter")
-            return Interpreter(part.graph)
-        weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
-        alone = sum(p.backend == "cpu" for p in self.partitions) == 1
-        try:
-            return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, threads,
-                                name=part.file, providers=providers, spin=alone)
-        except BackendError as exc:
-            if "NOT_IMPLEMENTED" not in str(exc):
-                raise
-            self.fallbacks.append(f"partition {part.index} ({part.file}): ONNX Runtime has no kernel for it "
-                                  f"({str(exc).split('NOT_IMPLEMENTED : ')[-1][:120]}); it runs on the reference "
-                                  "interpreter")
-            return Interpreter(part.graph)
-
-    def _tvm_runner(self, part):
-        """A partition TVM compiled: its library in a Relax VM (imports tvm; the ONNX Runtime path never does)."""
-        from hetflow.backends.cpu import _inline
-        from hetflow.backends.tvm_cpu import TvmPartition
-        weights = {n: w.data for n, w in part.graph.weights.items() if not _inline(w)}
-        return TvmPartition(part.library, weights, part.input_names, part.output_names,
-                            name=f"partition {part.index} ({part.file})", target=part.target)
 
     # --- memory ---------------------------------------------------------------------------------
     def memory_of(self, device: str) -> str:
@@ -232,7 +169,7 @@ class Executor:
             else:
                 offsets, total = naive_layout(sizes)  # no plan (a pipeline without plan_memory): no reuse
             if memory in self.device_memories:  # the GPU's memory: one CUDA buffer
-                from hetflow.backends.gpu import arena_view, device_arena
+                from .runners.cuda import arena_view, device_arena
                 arena = self.arenas[memory] = device_arena(total + ALIGNMENT)
                 for name, size in sizes.items():
                     t = self.types[name]
@@ -251,7 +188,7 @@ class Executor:
         however many partitions read them). Only where every reader is on the GPU."""
         if not self.device_memories:
             return {}
-        from hetflow.backends.gpu import to_torch
+        from .runners.cuda import to_torch
         staged = {}
         for v in self.graph.inputs:
             readers = [p for p in self.partitions if v.name in p.input_names]
@@ -315,25 +252,14 @@ class Executor:
         runner = self.runners[index]
         began = time.perf_counter()
         try:
-            if isinstance(runner, Interpreter):  # simulated devices, and stated CPU fallbacks
-                inputs = {n: _host(self.buffers.get(n, env.get(n))) for n in part.input_names}
-                results = runner.run(inputs)
-                for name, result in zip(part.output_names, results):
-                    self._store(name, result, env)
-            elif part.backend in ("cpu", "cuda", "tvm-llvm"):
-                inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
-                if all(n in self.buffers for n in part.output_names):
-                    runner.run(inputs, {n: self.buffers[n] for n in part.output_names})
-                else:
-                    env.update(runner.run_dynamic(inputs))
-            elif part.backend == "simulated":
-                inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
-                results = runner.run(inputs)
-                for name, result in zip(part.output_names, results):
-                    self._store(name, result, env)
-            else:  # a transfer: copy between the memories
-                for src, dst in zip(part.input_names, part.output_names):
-                    self._store(dst, self.buffers.get(src, env.get(src)), env)
+            inputs = {n: self.buffers.get(n, env.get(n)) for n in part.input_names}
+            if runner.host_inputs:
+                inputs = {n: _host(v) for n, v in inputs.items()}
+            if all(n in self.buffers for n in part.output_names):
+                runner.run(inputs, {n: self.buffers[n] for n in part.output_names})
+            else:
+                for name, value in runner.run_dynamic(inputs).items():
+                    self._store(name, value, env)
         except HetflowError:
             raise
         except Exception as exc:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hetflow.calibrate import CALLS, LAUNCHES, OP_LAUNCHES, fit, predict
-from hetflow.platform import _apply_calibration, platform_from_dict
+from hetflow.calibrate import _apply_calibration
+from hetflow.platform import platform_from_dict
 
 
 def _samples(peak, bandwidth, launch, op_launch, call, seed=0):
@@ -43,7 +44,7 @@ def test_fit_recovers_the_parameters_that_timed_the_samples(launch, op_launch, c
 
 
 def test_calibration_reaches_the_cost_model():
-    data = tomllib.loads(files("hetflow").joinpath("platforms/host.toml").read_text())
+    data = tomllib.loads(files("hetflow.platform").joinpath("presets/host.toml").read_text())
     calibration = {"gemm_flops": 1e11, "memory_bandwidth": 2e10, "launch": 4e-6, "op_launch": 2e-6,
                    "call_overhead": 1e-4, "when": "now", "fitted_on": []}
     platform = platform_from_dict(_apply_calibration(data, calibration), "host")

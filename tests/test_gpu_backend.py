@@ -19,8 +19,8 @@ import torch
 
 import hetflow
 from hetflow.backends.cpu import BackendError
-from hetflow.backends.gpu import (CONSTANT_OPERANDS, TORCH_OPS, GpuPartition, cuda_available, emit_failure,
-                                  emit_program)
+from hetflow.backends.gpu import CONSTANT_OPERANDS, TORCH_OPS, emit_failure, emit_program
+from hetflow.runtime.runners.cuda import GpuPartition, cuda_available
 from hetflow.examples import models
 from hetflow.ir import parse_graph
 from hetflow.runtime import load

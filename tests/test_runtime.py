@@ -79,7 +79,7 @@ measured = true
 
 
 def test_cuda_artifact_on_a_machine_without_cuda(tmp_path):
-    from hetflow.backends.gpu import cuda_available
+    from hetflow.runtime.runners.cuda import cuda_available
     if cuda_available():
         pytest.skip("this machine has a CUDA GPU: the refusal cannot be shown here")
     platform_file = tmp_path / "cuda.toml"

@@ -180,13 +180,13 @@ def test_tvm_partitions_beside_a_simulated_device(tvm):
 
 
 def test_library_for_a_cpu_with_more_features_is_refused(tvm):
-    from hetflow.backends.tvm_cpu import check_target, host_target
+    from hetflow.platform.targets import TargetError, check_target, host_target
     from tvm.target import codegen
     check_target(host_target(), "partition 0 (cpu/part0.so)")  # this machine's own target passes
     newer = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
     if not {f for f in codegen.llvm_get_cpu_features(newer) if f.startswith("avx512")} - \
             codegen.llvm_get_cpu_features(tvm.target.Target(host_target())):
         pytest.skip("this CPU has AVX-512: no CPU LLVM knows is missing features here")
-    with pytest.raises(BackendError, match=r"partition 0 \(cpu/part0\.so\) was compiled by TVM for CPU "
+    with pytest.raises(TargetError, match=r"partition 0 \(cpu/part0\.so\) was compiled by TVM for CPU "
                                            r"sapphirerapids.*lacks.*avx512"):
         check_target({"kind": "llvm", "mcpu": "sapphirerapids"}, "partition 0 (cpu/part0.so)")

@@ -26,15 +26,31 @@ class ProfileRow:
     measured: float    # seconds (median, measured; simulated devices: wall time of the functional simulation)
 
 
-def _cuda() -> bool:
-    from hetflow.backends.gpu import cuda_available
-    return cuda_available()
+class _Context:
+    """What a runner's loader reads of its executor, for one partition run on its own."""
+
+    def __init__(self, platform, part):
+        from hetflow.runtime.executor import _copy_into
+        self.platform = platform
+        self.partitions = [part]
+        self.types = {v.name: v.type for v in part.graph.values()}
+        self.fallbacks: list[str] = []
+        self.threads = None
+        self.fallback = "cpu"          # a GPU program on a machine without one runs on the CPU, and says so
+        self.gpu_kernels = "torch"     # no Triton compile wait inside a profile
+        self.device_memories: set[str] = set()
+        self.copy_into = _copy_into
+
+    def memory_of(self, device: str) -> str:
+        return self.platform.memory_space(device)
 
 
 def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int = 5) -> list[ProfileRow]:
-    from hetflow.backends import Partition, backend_for, partition_graph
-    from hetflow.backends.cpu import CpuPartition, _inline, lower_partition
-    from .interpreter import Interpreter
+    """Each top-level node alone, emitted by its device's backend and run by that backend's runner (both
+    registries), against its predicted time."""
+    from hetflow.backends import EMITTERS, backend_for, partition_graph
+    from hetflow.ir.program import Partition
+    from hetflow.runtime.runners import load_runner
     values = dict(feeds)
     values.update({w.name: w.data for w in graph.weights.values()})
     rows = []
@@ -42,31 +58,15 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
         device = node.meta.get("device", "cpu")
         backend = backend_for(device, platform)
         sub = partition_graph(graph, [node], f"profile{index}")
-        if backend == "cpu":
-            model, _ = lower_partition(sub)
-            weights = {n: w.data for n, w in sub.weights.items() if not _inline(w)}
-            runner = CpuPartition(model.SerializeToString(), weights, [v.name for v in sub.inputs],
-                                  [v.name for v in sub.outputs], name=f"profile of {node.outputs[0].name}")
+        part = Partition(index, device, backend, sub, [node.outputs[0].name], file=f"profile of {node.outputs[0].name}")
+        EMITTERS[backend].emit(part)
+        context = _Context(platform, part)
+        runner = load_runner(part, context)
+        if context.fallbacks:
+            backend += " (on the CPU)"
 
-            def run(runner=runner, sub=sub):
-                return runner.run_dynamic({v.name: values[v.name] for v in sub.inputs})
-        elif backend == "cuda" and _cuda():  # the GPU program, with PyTorch's kernels (copies in and out included)
-            from hetflow.backends.gpu import GpuPartition, emit_program
-            runner = GpuPartition(emit_program(sub, f"profile of {node.outputs[0].name}"),
-                                  {n: w.data for n, w in sub.weights.items()}, [v.name for v in sub.inputs],
-                                  [v.name for v in sub.outputs], name=f"profile of {node.outputs[0].name}",
-                                  kernels="torch")
-
-            def run(runner=runner, sub=sub):
-                return runner.run_dynamic({v.name: values[v.name] for v in sub.inputs})
-        else:
-            if backend == "cuda":
-                backend = "interpreter"  # no GPU here: the group runs on the reference interpreter
-            interpreter = Interpreter(sub)
-
-            def run(interpreter=interpreter, sub=sub):
-                outs = interpreter.run({v.name: values[v.name] for v in sub.inputs})
-                return dict(zip([v.name for v in sub.outputs], outs))
+        def run(runner=runner, sub=sub):
+            return runner.run_dynamic({v.name: values[v.name] for v in sub.inputs})
         results = run()
         times = []
         for _ in range(repeats):

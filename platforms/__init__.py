@@ -1,6 +1,6 @@
 """Platforms: devices, memory spaces, links and flash, loaded from TOML data files.
 
-A preset lives in ``hetflow/platforms/NAME.toml``; every number cites its source.
+A preset lives in ``hetflow/platform/presets/NAME.toml``; every number cites its source.
 Quantities are strings with units ("68 GB/s", "16 GiB", "10 TFLOP/s", "20 us") or
 plain numbers in base units (bytes, bytes/s, FLOP/s, seconds). ``load_platform``
 validates everything and names the offending field on error.
@@ -13,11 +13,11 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hetflow.ir.errors import HetflowError
 
-PRESET_DIR = Path(__file__).parent / "platforms"
+PRESET_DIR = Path(__file__).parent / "presets"
 DEVICE_KINDS = ("cpu", "gpu", "npu", "pim")
 
 
@@ -286,6 +286,31 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
+# Presets measured on this machine (``calibrate = "host"``, ``cuda = true``) are filled in by the driver,
+# which measures (hetflow.calibrate): kind -> function(raw preset data) -> data with the measured figures.
+MEASUREMENTS: dict[str, Callable[[dict], dict]] = {}
+
+# What a backend can emit, by backend name: (node, opset) -> why not, or None. Filled by the driver from the
+# backends, so that placement asks a real device's backend as data, never by importing it.
+EMIT_CHECKS: dict[str, Callable[[Any, int], str | None]] = {}
+
+
+def register_measurement(kind: str, fill: Callable[[dict], dict]) -> None:
+    MEASUREMENTS[kind] = fill
+
+
+def register_emit_check(backend: str, check: Callable[[Any, int], str | None]) -> None:
+    EMIT_CHECKS[backend] = check
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 @functools.lru_cache(maxsize=None)
 def load_platform(name_or_path: str) -> Platform:
     """A preset by name (``host``, ``mobile-soc``...) or a path to a TOML file."""
@@ -304,50 +329,9 @@ def load_platform(name_or_path: str) -> Platform:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise PlatformError(f"{origin}: not valid TOML: {exc}") from None
-    if data.get("calibrate") == "host":
-        from hetflow.calibrate import host_calibration
-        data = _apply_calibration(data, host_calibration())
-    if data.get("cuda"):
-        from hetflow.calibrate import cuda_calibration
-        data = _add_cuda(data, cuda_calibration())
+    for kind in ("host",) * (data.get("calibrate") == "host") + ("cuda",) * bool(data.get("cuda")):
+        if kind not in MEASUREMENTS:
+            raise PlatformError(f"{origin} is filled in by measuring this machine ({kind}), and no measurement is "
+                                "registered: import hetflow (the driver registers them)")
+        data = MEASUREMENTS[kind](data)
     return platform_from_dict(data, origin)
-
-
-def _add_cuda(data: dict, gpu: dict | None) -> dict:
-    """host+cuda: add the CUDA GPU (its HBM, and a PCIe link to DRAM) when one is present."""
-    if gpu is None:
-        data = dict(data)
-        data["description"] = data.get("description", "") + " No CUDA GPU is present: the platform is the host alone."
-        return data
-    data = json.loads(json.dumps(data))
-    data["memory"]["hbm"] = {"capacity": gpu["memory_bytes"], "bandwidth": gpu["memory_bandwidth"], "unified": True,
-                             "source": f"measured: {gpu['name']}"}
-    from hetflow.backends.gpu import GPU_DTYPES, GPU_OPS  # exactly what the GPU backend emits
-    data["device"]["gpu"] = {"kind": "gpu", "memory": "hbm", "launch": "10 us", "measured": True,
-                             "peak": {"f32": gpu["f32_flops"], "f16": gpu["f16_flops"]},
-                             "ops": list(GPU_OPS), "dtypes": list(GPU_DTYPES),
-                             "source": f"measured on {gpu['name']} ({gpu['when']})"}
-    data.setdefault("link", {})["pcie"] = {"from": "dram", "to": "hbm", "bandwidth": gpu["pcie_bandwidth"],
-                                          "latency": "10 us"}
-    return data
-
-
-def _apply_calibration(data: dict, calibration: dict) -> dict:
-    data = json.loads(json.dumps(data))
-    for device in data["device"].values():
-        if device.get("kind") == "cpu":
-            device["peak"] = {"f32": calibration["gemm_flops"], "f64": calibration["gemm_flops"] / 2}
-            device["bandwidth"] = calibration["memory_bandwidth"]
-            device["measured"] = True
-            for key in ("launch", "op_launch"):
-                if key in calibration:
-                    device[key] = calibration[key]
-            if "call_overhead" in calibration:
-                data["call_overhead"] = calibration["call_overhead"]
-            how = "fitted to measured model runs" if "fitted_on" in calibration else "measured GEMM and copy"
-            device["source"] = (f"measured on this machine ({how}): {calibration['gemm_flops'] / 1e9:.1f} GFLOP/s, "
-                                f"{calibration['memory_bandwidth'] / 1e9:.1f} GB/s ({calibration['when']})")
-    for memory in data["memory"].values():
-        memory["bandwidth"] = calibration["memory_bandwidth"]
-        memory["shared_bandwidth"] = [calibration["memory_bandwidth"]]
-    return data

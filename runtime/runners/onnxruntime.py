@@ -1,0 +1,106 @@
+"""Runner ``cpu``: a CPU partition's ONNX model in ONNX Runtime, run through IOBinding on the runtime's buffers.
+
+A partition ONNX Runtime has no kernel for, or whose tensors it cannot exchange,
+runs on the reference interpreter instead, and the executor says so.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from hetflow.ir.interpreter import Interpreter
+from hetflow.ir.program import VIEW_OUTPUTS, inline_weight
+
+from . import RunnerError, register_runner
+from .interpreter import InterpreterRunner
+
+ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool"}
+
+
+class CpuPartition:
+    """A loaded CPU partition: an ONNX Runtime session with its weights, run through IOBinding."""
+
+    host_inputs = False
+
+    def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
+                 output_names: list[str], threads: int | None = None, name: str = "partition",
+                 providers: list[str] | None = None, spin: bool = True):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or _cores()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if not spin:  # several sessions share the cores: idle threads sleep instead of spinning
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._keep = [np.ascontiguousarray(weights[n]) for n in weights]  # ORT reads these buffers directly
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._keep]
+        if values:
+            options.add_external_initializers(list(weights), values)
+        try:
+            self.session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:
+            raise RunnerError(f"ONNX Runtime cannot load {name}: {str(exc).strip().splitlines()[0]}") from None
+        self.input_names = input_names
+        self.output_names = output_names
+        self.binding = self.session.io_binding()
+        types = [t.type for t in list(self.session.get_inputs()) + list(self.session.get_outputs())]
+        self.bindable = all("string" not in t for t in types)  # IOBinding takes numeric tensors only
+        viewed = json.loads(self.session.get_modelmeta().custom_metadata_map.get(VIEW_OUTPUTS, "{}"))
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        self.view_shapes = {n: tuple(shapes[n]) for n in viewed}   # outputs bound as views in these shapes
+        self.ir_shapes = {n: tuple(s) for n, s in viewed.items()}
+
+    def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """For shapes known only at run time: ONNX Runtime allocates the outputs."""
+        results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+        return {n: r.reshape(self.ir_shapes[n]) if n in self.ir_shapes else r
+                for n, r in zip(self.output_names, results)}
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Read ``inputs`` and write the results into the preallocated ``outputs`` arrays (no copies)."""
+        if not self.bindable:
+            results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+            for name, result in zip(self.output_names, results):
+                outputs[name][...] = result.reshape(outputs[name].shape)
+            return
+        binding = self.binding
+        for name in self.input_names:
+            array = inputs[name]
+            binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
+        for name in self.output_names:
+            array = outputs[name]
+            shape = self.view_shapes.get(name, array.shape)  # a view of the same contiguous buffer
+            binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
+        self.session.run_with_iobinding(binding)
+
+
+@register_runner("cpu")
+def load_cpu(part, executor):
+    """ONNX Runtime for a CPU partition; the interpreter, stated, where ONNX Runtime has no kernel."""
+    exotic = [v.name for v in list(part.graph.inputs) + list(part.graph.outputs)
+              if v.type is not None and v.type.dtype.value not in ORT_BINDABLE]
+    if exotic:
+        executor.fallbacks.append(f"partition {part.index} ({part.file}): ONNX Runtime cannot exchange "
+                                  f"{executor.types[exotic[0]].dtype.value} tensors ({exotic[0]}); it runs on the "
+                                  "reference interpreter")
+        return InterpreterRunner(Interpreter(part.graph), part.output_names, executor.copy_into)
+    weights = {n: w.data for n, w in part.graph.weights.items() if not inline_weight(w)}
+    alone = sum(p.backend == "cpu" for p in executor.partitions) == 1
+    try:
+        return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, executor.threads,
+                            name=part.file, spin=alone)
+    except RunnerError as exc:
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise
+        executor.fallbacks.append(f"partition {part.index} ({part.file}): ONNX Runtime has no kernel for it "
+                                  f"({str(exc).split('NOT_IMPLEMENTED : ')[-1][:120]}); it runs on the reference "
+                                  "interpreter")
+        return InterpreterRunner(Interpreter(part.graph), part.output_names, executor.copy_into)
+
+
+def _cores() -> int:
+    import os
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
