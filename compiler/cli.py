@@ -173,11 +173,11 @@ def _print_profile(model, feeds) -> None:
     from hetflow.profile import profile
     rows = profile(model.graph, model.platform, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
     body = [[r.name[:30], r.kind[:14], r.device, f"{r.predicted * 1e6:.1f}", f"{r.measured * 1e6:.1f}",
-             f"{r.measured / r.predicted:.2f}" if r.predicted and r.backend in ("cpu", "cuda") else "-",
+             f"{r.measured / r.predicted:.2f}" if r.predicted and r.real else "-",
              {"cpu": "measured", "cuda": "measured (copies in and out included)"}.get(
                  r.backend, "simulated (NumPy wall time)")] for r in rows]
     print(table(body, ["group", "kind", "device", "predicted us", "measured us", "ratio", "how"]))
-    real = [r for r in rows if r.backend in ("cpu", "cuda")]
+    real = [r for r in rows if r.real]
     total_p = sum(r.predicted for r in real)
     total_m = sum(r.measured for r in real)
     print(f"groups on real devices: predicted {total_p * 1e3:.2f} ms (modelled), measured {total_m * 1e3:.2f} ms "

@@ -24,6 +24,7 @@ class ProfileRow:
     kind: str
     predicted: float   # seconds (modelled)
     measured: float    # seconds (median, measured; simulated devices: wall time of the functional simulation)
+    real: bool = False  # ran on the device itself (its time is a measurement of that device)
 
 
 class _Context:
@@ -50,7 +51,7 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
     registries), against its predicted time."""
     from hetflow.backends import EMITTERS, backend_for, partition_graph
     from hetflow.ir.program import Partition
-    from hetflow.runtime.runners import load_runner
+    from hetflow.runtime.runners import MEASURED, load_runner
     values = dict(feeds)
     values.update({w.name: w.data for w in graph.weights.values()})
     rows = []
@@ -62,6 +63,7 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
         EMITTERS[backend].emit(part)
         context = _Context(platform, part)
         runner = load_runner(part, context)
+        real = backend in MEASURED and not context.fallbacks
         if context.fallbacks:
             backend += " (on the CPU)"
 
@@ -79,5 +81,5 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
                 values[out.name] = results.get(out.name)
         predicted = (node.meta.get("end_us", 0.0) - node.meta.get("start_us", 0.0)) / 1e6
         kind = node.attrs.get("kind", node.op) if node.op == "hetflow.group" else node.op
-        rows.append(ProfileRow(node.outputs[0].name, device, backend, kind, predicted, float(np.median(times))))
+        rows.append(ProfileRow(node.outputs[0].name, device, backend, kind, predicted, float(np.median(times)), real))
     return rows

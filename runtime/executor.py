@@ -191,8 +191,8 @@ class Executor:
         from .runners.cuda import to_torch
         staged = {}
         for v in self.graph.inputs:
-            readers = [p for p in self.partitions if v.name in p.input_names]
-            if readers and all(p.backend == "cuda" for p in readers) and _arena_type(v.type):
+            readers = [i for i, p in enumerate(self.partitions) if v.name in p.input_names]
+            if readers and all(getattr(self.runners[i], "on_gpu", False) for i in readers) and _arena_type(v.type):
                 staged[v.name] = to_torch(np.zeros(v.type.shape, v.type.dtype.numpy), "cuda")
         return staged
 

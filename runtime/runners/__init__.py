@@ -21,6 +21,7 @@ from hetflow.runtime.errors import RunnerError
 RUNNERS: dict[str, Callable] = {}
 MODULES = {"cpu": "onnxruntime", "cuda": "cuda", "tvm-llvm": "tvm", "simulated": "interpreter",
            "transfer": "transfer"}
+MEASURED = {"cpu", "cuda", "tvm-llvm"}  # backends that run on this machine's real device: their times are measured
 
 
 def register_runner(backend: str):

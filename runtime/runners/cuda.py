@@ -146,6 +146,7 @@ class GpuPartition:
         self.function = self.program if kernels == "torch" else None  # triton: compiled at the first call
         self.kernels = kernels
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.on_gpu = self.device.type == "cuda"  # its inputs are best staged in device memory
         self.graph = None
         self.staged: dict[str, object] = {}   # device copies of inputs that arrive in host memory
         self.bound: dict[str, object] = {}    # the arena tensors the graph was captured with
