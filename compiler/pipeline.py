@@ -4,11 +4,19 @@
     fuse          group ops: attention, gated-MLP experts, contraction + epilogue, reductions, elementwise chains
     place         a device per group from its Op/B against each device's roofline (policy: roofline,
                   optimal, split), transfers where values cross memories that are not unified
+                  (sets meta device)
     schedule      a queue per device; the event-driven simulation gives the predicted timeline
-    plan_memory   an offset for every activation in its memory space's arena, from the timeline's
-                  lifetimes (exact search, never worse than greedy; repeated blocks solved once)
+                  (needs device; sets meta start_us, end_us)
+    plan_memory   an offset for every activation in its memory space's arena, from lifetimes in node
+                  order under what the runtime orders (exact search, never worse than greedy; repeated
+                  blocks solved once) (needs device; sets meta memory, offsets)
 
-A pipeline can also be given as a string: ``--passes canonicalize,fuse``.
+A pipeline can also be given as a string: ``--passes canonicalize,fuse``. Each pass's
+contract (``hetflow.passes.base.META_KEYS``, ``register_pass``) is checked before it
+runs: a pass whose prerequisite did not run fails naming the pass to run first.
+Between passes the graph's structure and the meta keys promised so far are verified
+(``verify_each="structure"``); the tests verify in full (``verify_each=True``: with
+type inference).
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ PIPELINE = [
 ]
 
 
-def run_pipeline(graph: Graph, passes: list[str] | str | None = None, verify_each: bool = False,
+def run_pipeline(graph: Graph, passes: list[str] | str | None = None, verify_each: bool | str = "structure",
                  options: CompileOptions | None = None) -> tuple[Graph, PassRunner]:
     names = PIPELINE if passes is None else parse_pipeline(passes) if isinstance(passes, str) else list(passes)
     runner = PassRunner(names, options or CompileOptions(), verify_each=verify_each)

@@ -398,7 +398,7 @@ def eliminate_dead_code(graph: Graph) -> bool:
     return modified
 
 
-@register_pass("canonicalize")
+@register_pass("canonicalize", needs=(), provides=())
 def canonicalize(graph: Graph, options=None) -> PassResult:
     modified = False
     for _ in range(10):

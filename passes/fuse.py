@@ -274,7 +274,7 @@ def build_group(graph: Graph, kind: str, members: list[Node], name: str) -> Node
     return group
 
 
-@register_pass("fuse")
+@register_pass("fuse", needs=(), provides=())
 def fuse(graph: Graph, options=None) -> PassResult:
     fusion = _Fusion(graph)
     fusion.run()

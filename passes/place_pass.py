@@ -8,7 +8,8 @@ from .place import place_graph
 from .schedule import simulate
 
 
-@register_pass("place")
+@register_pass("place", needs=(), provides=("device", "reason", "split"),
+               provides_results=("placement",))
 def place(graph: Graph, options: CompileOptions | None = None) -> PassResult:
     options = options or CompileOptions()
     platform = options.resolved_platform()
@@ -18,7 +19,8 @@ def place(graph: Graph, options: CompileOptions | None = None) -> PassResult:
     return PassResult(graph, [(n.op, n.meta.get("device")) for n in graph.nodes] != before)
 
 
-@register_pass("schedule")
+@register_pass("schedule", needs=("device",), provides=("start_us", "end_us"),
+               provides_results=("schedule",))
 def schedule(graph: Graph, options: CompileOptions | None = None) -> PassResult:
     options = options or CompileOptions()
     platform = options.resolved_platform()
