@@ -34,6 +34,8 @@ from hetflow.ir.graph import extract_subgraph
 from hetflow.ir.program import Partition, device_runs
 from hetflow.ir.serialize import graph_to_json
 
+from .cpu import BackendError
+
 TRANSFER_OP = "hetflow.transfer"
 CPU_BACKENDS = ("onnxruntime", "tvm")
 
@@ -78,6 +80,9 @@ def backend_for(device: str, platform, cpu_backend: str = "onnxruntime") -> str:
     """The backend that emits for ``device``: its registry row, chosen by the device's kind."""
     if device.startswith("link:"):
         return "transfer"
+    if platform is not None and device not in platform.devices:
+        raise BackendError(f"no backend for device {device!r}: platform {platform.name!r} has no such device "
+                           f"(devices: {', '.join(platform.devices)})")
     spec = platform.devices.get(device) if platform is not None else None
     if spec is None or spec.kind == "cpu":
         return "tvm-llvm" if cpu_backend == "tvm" else "cpu"

@@ -160,6 +160,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     graph, torch_capture = capture(model, example_inputs)
     verify(graph)
     graph, runner = run_pipeline(graph, passes, options=options)
+    _host_runs_unplaced(graph, platform)
     check_plan(graph, platform, options.results.get("memory_plan"))
     compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options, cpu_backend,
                              gpu_kernels)
@@ -169,6 +170,21 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
     return compiled
+
+
+def _host_runs_unplaced(graph: Graph, platform) -> None:
+    """A pipeline without ``place`` (``passes="canonicalize,fuse"``): the host CPU runs every node, said in
+    each node's reason. A graph placed only in part is an error."""
+    unplaced = [n for n in graph.nodes if "device" not in n.meta]
+    if not unplaced:
+        return
+    if len(unplaced) < len(graph.nodes):
+        raise CompileError(f"{unplaced[0].describe()} has no device while other nodes have one: every node "
+                           "is placed by the place pass, or none is")
+    host = platform.host_device()
+    for node in graph.nodes:
+        node.meta["device"] = host
+        node.meta["reason"] = "no place pass in the pipeline: the host CPU runs every node"
 
 
 def check_plan(graph: Graph, platform, memory_plan) -> None:

@@ -56,7 +56,7 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
     values.update({w.name: w.data for w in graph.weights.values()})
     rows = []
     for index, node in enumerate(graph.nodes):
-        device = node.meta.get("device", "cpu")
+        device = node.meta["device"]  # a placed graph (the driver places an unplaced one on the host)
         backend = backend_for(device, platform)
         sub = partition_graph(graph, [node], f"profile{index}")
         part = Partition(index, device, backend, sub, [node.outputs[0].name], file=f"profile of {node.outputs[0].name}")

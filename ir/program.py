@@ -29,11 +29,17 @@ def inline_weight(value: Value) -> bool:
     return value.data.nbytes <= INLINE_BYTES or value.data.dtype.kind in "OUS"
 
 
-def device_runs(graph: Graph) -> list[tuple[str, list[Node]]]:
-    """``[(device, nodes)]``: the partitions of a placed graph, in execution-index order."""
+def device_runs(graph: Graph, default: str | None = None) -> list[tuple[str, list[Node]]]:
+    """``[(device, nodes)]``: the partitions of a placed graph, in execution-index order.
+
+    Every node needs ``meta['device']`` (set by the place pass); ``default`` names the one device of a graph
+    that was never placed, when the caller means exactly that."""
     runs: list[tuple[str, list[Node]]] = []
     for node in graph.nodes:
-        device = node.meta.get("device", "cpu")
+        device = node.meta.get("device", default)
+        if device is None:
+            from .graph import IRError
+            raise IRError(f"{node.describe()} has no device (meta 'device', set by pass 'place'): run place first")
         if runs and runs[-1][0] == device and node.op != TRANSFER_OP and runs[-1][1][-1].op != TRANSFER_OP:
             runs[-1][1].append(node)
         else:

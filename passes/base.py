@@ -143,9 +143,6 @@ _UNDECLARED = object()
 
 # Contracts declared here for passes whose module cannot say it yet: plan_memory.py's decorator is to
 # take these arguments (then this entry goes). Nothing else may be added here.
-_DECLARED_ELSEWHERE = {
-    "plan_memory": Contract(needs=("device",), provides=("memory", "offsets"), provides_results=("memory_plan",)),
-}
 
 
 def register_pass(name: str, *, needs=_UNDECLARED, provides=_UNDECLARED, needs_results: tuple[str, ...] = (),
@@ -153,9 +150,7 @@ def register_pass(name: str, *, needs=_UNDECLARED, provides=_UNDECLARED, needs_r
     """Register a pass under ``name`` with its contract: the ``node.meta`` keys it ``needs`` on every top-level
     node and those it ``provides`` (both required, ``()`` for none; keys from ``META_KEYS``), and the
     ``CompileOptions.results`` keys it needs and provides (``RESULT_KEYS``)."""
-    if needs is _UNDECLARED and provides is _UNDECLARED and name in _DECLARED_ELSEWHERE:
-        contract = _DECLARED_ELSEWHERE[name]
-    elif needs is _UNDECLARED or provides is _UNDECLARED:
+    if needs is _UNDECLARED or provides is _UNDECLARED:
         raise TypeError(f"register_pass({name!r}): declare the contract: needs=(...), provides=(...) "
                         f"(the node.meta keys, from META_KEYS; () for none)")
     else:

@@ -110,9 +110,10 @@ class RuntimeOrder:
         return max(end, self.tail[run]) + 1
 
 
-def runtime_order(graph: Graph) -> RuntimeOrder:
+def runtime_order(graph: Graph, default_device: str | None = None) -> RuntimeOrder:
+    """``default_device``: the one device of a graph planned without a platform (every other graph is placed)."""
     from .partition import device_runs
-    runs = device_runs(graph)
+    runs = device_runs(graph, default_device)
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     run_of = {id(n): k for k, (_, nodes) in enumerate(runs) for n in nodes}
     last = [position[id(nodes[-1])] for _, nodes in runs]
@@ -217,7 +218,7 @@ def repeated_block(graph: Graph, min_repeats: int = 2) -> tuple[int, int, int] |
 
 def plan_graph(graph: Graph, platform=None, time_limit: float = 10.0, alignment: int = ALIGNMENT) -> MemoryPlanReport:
     from . import memplan
-    order = runtime_order(graph)
+    order = runtime_order(graph, None if platform is not None else "cpu")
     spans = lifetimes(graph, order)
     pairs = in_place_pairs(graph, order)
     owner = {}
@@ -319,7 +320,7 @@ def _rebased(buffers):
     return [memplan.Buffer(b.id, b.lower, b.upper, b.size) for b in buffers]
 
 
-@register_pass("plan_memory")
+@register_pass("plan_memory", needs=("device",), provides=("memory", "offsets"), provides_results=("memory_plan",))
 def plan_memory(graph: Graph, options: CompileOptions | None = None) -> PassResult:
     options = options or CompileOptions()
     platform = options.resolved_platform()

@@ -8,7 +8,7 @@ import hetflow
 from hetflow.examples.decode_graphs import build_gpt2_decode_step
 from hetflow.ir import DType, Graph, TensorType, infer_types
 from hetflow.passes import CompileOptions, memplan
-from hetflow.passes.plan_memory import in_place_pairs, lifetimes, plan_graph, repeated_block
+from hetflow.passes.plan_memory import in_place_pairs, lifetimes, plan_graph, repeated_block, runtime_order
 from hetflow.pipeline import run_pipeline
 
 
@@ -31,7 +31,7 @@ def chain_graph():
 
 
 def check(graph, report):
-    spans = lifetimes(graph)
+    spans = lifetimes(graph, runtime_order(graph, None if any("device" in n.meta for n in graph.nodes) else "cpu"))
     for memory, space in report.spaces.items():
         buffers = [memplan.Buffer(n, spans[n][0], spans[n][1], graph.value(n).type.nbytes())
                    for n in space.offsets]
@@ -53,7 +53,7 @@ def check(graph, report):
 
 def test_in_place_pairs_and_valid_plan():
     g = chain_graph()
-    pairs = in_place_pairs(g)
+    pairs = in_place_pairs(g, runtime_order(g, default_device="cpu"))
     names = [n.outputs[0].name for n in g.nodes]
     assert pairs == {names[1]: names[0], names[3]: names[2], names[4]: names[3]}  # Add over its Sigmoid input
     report = plan_graph(g)
