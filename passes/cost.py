@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetflow.ir import Graph, Node, get_op, node_bytes, node_flops
+from hetflow.ir import Graph, Node, Value, get_op, node_bytes, node_flops
 from hetflow.ir.errors import HetflowError
 from hetflow.platform import EMIT_CHECKS, Device, Platform, PlatformError
 
@@ -88,9 +88,11 @@ def _pad(x: int, tile: int) -> int:
     return -(-x // tile) * tile
 
 
-def contraction_time(inner: Node, device: Device, peak: float) -> tuple[float, float] | None:
+def contraction_time(inner: Node, device: Device, peak: float, outer: dict[int, Value] | None = None
+                     ) -> tuple[float, float] | None:
     """(compute seconds, slowdown) of one MatMul/Gemm on an NPU: dims padded to the tile; the weight not
-    stationary (reduction dim longer than output dim) makes the whole kernel ``stationary_penalty`` slower."""
+    stationary (reduction dim longer than output dim) makes the whole kernel ``stationary_penalty`` slower.
+    ``outer`` maps a fused group's body inputs to the group's own inputs (a weight is a plain input inside)."""
     if inner.op not in ("MatMul", "Gemm"):
         return None
     dims = _dims(inner)
@@ -98,7 +100,10 @@ def contraction_time(inner: Node, device: Device, peak: float) -> tuple[float, f
         return None
     batch, m, k, n = dims
     slowdown = 1.0
-    if device.stationary_penalty > 1 and inner.inputs[1] is not None and inner.inputs[1].data is not None and k > n:
+    operand = inner.inputs[1]
+    if operand is not None and outer is not None and id(operand) in outer:
+        operand = outer[id(operand)]
+    if device.stationary_penalty > 1 and operand is not None and operand.data is not None and k > n:
         slowdown = device.stationary_penalty
     if device.tile > 1:
         m, k, n = _pad(m, device.tile), _pad(k, device.tile), _pad(n, device.tile)
@@ -109,8 +114,10 @@ def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None)
     """(compute seconds, bandwidth in bytes/s) of ``node`` on ``device``; time = max(compute, bytes/bw) + launch."""
     peak = device.peak_for(dtype)
     compute, slowdown = 0.0, 1.0
+    outer = ({id(b): v for b, v in zip(node.attrs["body"].inputs, node.inputs)} if node.op == "hetflow.group"
+             else None)
     for inner in inner_nodes(node):
-        special = contraction_time(inner, device, peak) if device.kind == "npu" else None
+        special = contraction_time(inner, device, peak, outer) if device.kind == "npu" else None
         if special is None:
             compute += _safe_flops(inner) / peak
         else:

@@ -176,9 +176,6 @@ def test_stationary_penalty_also_slows_a_memory_bound_kernel():
     assert cost_node(wide, platform).times["npu"] == approx(moved / 1e6)
 
 
-@pytest.mark.xfail(strict=True, reason="cost.contraction_time finds the weight by inner.inputs[1].data, but "
-                   "fuse.build_group makes weights body inputs (no data): a fused contraction never pays the "
-                   "NPU's stationary penalty")
 def test_fused_contraction_keeps_the_stationary_penalty():
     platform = tiny_platform(npu=NPU)
     g, mm = matmul_graph(32, 64, 32)         # w[64, 32]: K > N
