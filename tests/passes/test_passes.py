@@ -11,7 +11,7 @@ from hetflow.passes import PassError, PassResult, PassRunner, get_pass, parse_pi
 from hetflow.passes.rewrite import Rule, RewriteLimitError, rewrite
 from hetflow.runtime.interpreter import Interpreter
 
-from .golden_files import cases, load_before, resources_for, split, write_expected
+from ..golden_files import cases, load_before, resources_for, split, write_expected
 
 UPDATE = os.environ.get("HETFLOW_UPDATE_GOLDEN") == "1"
 

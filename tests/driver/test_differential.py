@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "differential.py"
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "differential.py"
 
 
 def _load():

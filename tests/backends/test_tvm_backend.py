@@ -17,7 +17,7 @@ from hetflow.backends.cpu import BackendError
 from hetflow.runtime import ArtifactError, load
 from hetflow.runtime.interpreter import Interpreter
 
-from .onnx_models import mlp_model as _mlp_model
+from ..onnx_models import mlp_model as _mlp_model
 
 TOLERANCE = 1e-4
 

@@ -15,7 +15,7 @@ from hetflow.runtime.executor import RuntimeFailure
 from hetflow.runtime.interpreter import Interpreter
 from hetflow.runtime.sync import Flags
 
-from .onnx_models import mlp_model
+from ..onnx_models import mlp_model
 
 
 def test_run_without_torch(tmp_path):

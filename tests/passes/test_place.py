@@ -170,7 +170,7 @@ def test_split_rewrites_a_matmul_into_two_parts_that_compute_the_same():
 
 
 def test_heteroinfer_decisions_within_one_step():
-    from .benchmarks_path import heteroinfer_shares
+    from ..benchmarks_path import heteroinfer_shares
     for paper, ours in heteroinfer_shares():
         assert abs(paper - ours) <= 0.25 + 1e-9
 

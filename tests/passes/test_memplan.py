@@ -23,7 +23,7 @@ from hetflow.passes.memplan import (
     solve,
 )
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared/benchmarks/minimalloc"
+BENCH = Path(__file__).resolve().parents[2].parent / "shared/benchmarks/minimalloc"
 
 
 def B(i, lo, up, size):

@@ -26,7 +26,7 @@ from hetflow.ir import parse_graph
 from hetflow.runtime import load
 from hetflow.runtime.interpreter import Interpreter
 
-from .test_runtime import CUDA_PLATFORM
+from ..runtime.test_runtime import CUDA_PLATFORM
 
 MODELS = {
     "mlp": lambda: importlib.import_module("hetflow.examples.mlp").build(),
@@ -159,7 +159,7 @@ def test_every_constant_operand_row_reads_its_operand_at_emission():
 def test_a_tampered_program_is_refused(tmp_path):
     platform_file = tmp_path / "cuda.toml"
     platform_file.write_text(CUDA_PLATFORM)
-    from .onnx_models import mlp_model
+    from ..onnx_models import mlp_model
     compiled = hetflow.compile(mlp_model(width=256), platform=str(platform_file))
     compiled.save(tmp_path / "out")
     program = next((tmp_path / "out" / "gpu").glob("part*.py"))
@@ -196,7 +196,7 @@ def test_host_cuda_runs_on_the_gpu_and_equals_the_interpreter(name, kernels, tmp
 
 @NEEDS_CUDA
 def test_hetflow_run_on_the_gpu_from_the_command_line(tmp_path):
-    from .onnx_models import mlp_model
+    from ..onnx_models import mlp_model
     model = tmp_path / "mlp.onnx"
     import onnx
     onnx.save(mlp_model(width=1024, layers=4), model)

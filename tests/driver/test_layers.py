@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import hetflow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LINT = ROOT / ".ci" / "lint_imports.py"
 
 
