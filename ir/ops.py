@@ -142,7 +142,7 @@ def _gathered_bytes(node: Node, index: int, size: int) -> int:
     if body is None or index >= len(body.inputs):
         return size
     inner = body.inputs[index]
-    if inner in body.outputs or not inner.uses:
+    if inner.is_output or not inner.uses:
         return size
     total = 0
     for user, slot in inner.uses:

@@ -122,7 +122,7 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
             outputs.append(Value(o["name"], _type_from_json(o["type"])))
             env[o["name"]] = outputs[-1]
         attrs = {k: _attr_from_json(a) for k, a in n["attrs"].items()}
-        graph.nodes.append(Node(n["op"], inputs, outputs, attrs, n.get("loc", ""), n.get("meta", {})))
+        graph.insert(Node(n["op"], inputs, outputs, attrs, n.get("loc", ""), n.get("meta", {})), claim=False)
     try:
         graph.outputs = [env[name] for name in d["outputs"]]
     except KeyError as exc:

@@ -308,7 +308,7 @@ class _Parser:
             graph._claim(name)
             values.append(Value(name, t))
             env[name] = values[-1]
-        graph.nodes.append(Node(op, inputs, values, attrs, loc, meta))
+        graph.insert(Node(op, inputs, values, attrs, loc, meta), claim=False)
 
     def _dict(self, parse_value) -> dict:
         result = {}

@@ -1,7 +1,8 @@
 """verify(graph): the structural and type invariants every pass must keep.
 
 Checks that values are defined before use, that ``Value.uses`` and
-``Value.producer`` agree with the nodes, that names are unique, that every op has
+``Value.producer`` agree with the nodes (no use by a node outside the graph), that
+each value's graph output accounting agrees with ``graph.outputs``, that names are unique, that every op has
 a row and its attributes fit the ONNX schema, and (``infer=True``) that the
 declared output types agree with the op's type inference. Recurses into
 subgraphs. A failure raises ``VerifyError`` naming the node and showing the IR
@@ -58,13 +59,24 @@ def _verify(graph: Graph, infer: bool, path: str) -> None:
         _check_op(graph, node, path, infer)
         for sub in node.subgraphs:
             _verify(sub, infer, f"{path}/{node.op}:{sub.name}")
+    members = {id(n) for n in graph.nodes}
     for v in graph.values():
         for user, index in v.uses:
             if index >= len(user.inputs) or user.inputs[index] is not v:
                 _fail(graph, user, f"{path}: %{v.name}.uses names {user.describe()} input {index}, which is not it")
+            if id(user) not in members:
+                _fail(graph, None, f"{path}: %{v.name}.uses names {user.describe()}, which is not a node of the "
+                                   "graph (removed, or built and never inserted)")
+    slots: dict[int, int] = {}
     for v in graph.outputs:
         if id(v) not in defined:
             _fail(graph, None, f"{path}: graph output %{v.name} is not defined")
+        slots[id(v)] = slots.get(id(v), 0) + 1
+    for v in graph.values():
+        counted = sum(1 for g in v._output_of if g is graph)
+        if counted != slots.get(id(v), 0):
+            _fail(graph, None, f"{path}: %{v.name} counts {counted} graph output use(s), graph.outputs holds it "
+                               f"{slots.get(id(v), 0)} time(s)")
 
 
 def _check_op(graph: Graph, node: Node, path: str, infer: bool) -> None:

@@ -25,7 +25,7 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
 def _forward(graph: Graph, node: Node, replacement: Value, index: int = 0) -> bool:
     """Replace node output ``index`` by ``replacement`` unless it is a graph output."""
     out = node.outputs[index]
-    if out in graph.outputs or not out.uses:
+    if out.is_output or not out.uses:
         return False
     out.replace_all_uses_with(replacement)
     return True
@@ -44,7 +44,7 @@ def fold_constants(graph: Graph, node: Node) -> bool:
         return False
     if any(v is not None and v.data is None for v in node.inputs):
         return False
-    if any(o in graph.outputs for o in node.outputs):
+    if any(o.is_output for o in node.outputs):  # a graph output stays computed, under its name
         return False
     if any(o.type is not None and (o.type.numel() or FOLD_LIMIT + 1) > FOLD_LIMIT for o in node.outputs):
         return False
@@ -182,7 +182,7 @@ def sink_scalar_multiply(graph: Graph, node: Node) -> bool:
     1/sqrt(d) split over Q and K behind their reshapes and transposes)."""
     x = node.inputs[0]
     mul = x.producer if x is not None else None
-    if mul is None or mul.op != "Mul" or len(x.uses) != 1 or node.outputs[0] in graph.outputs:
+    if mul is None or mul.op != "Mul" or len(x.uses) != 1 or node.outputs[0].is_output:
         return False
     if not node.outputs[0].uses:  # already moved (dead until DCE)
         return False
@@ -215,7 +215,7 @@ def hoist_scalar_multiply(graph: Graph, node: Node) -> bool:
     x, scale = operands
     out = node.outputs[0]
     layout = x.producer if x is not None else None
-    if layout is None or layout.op not in LAYOUT_OPS or len(x.uses) != 1 or out in graph.outputs or not out.uses:
+    if layout is None or layout.op not in LAYOUT_OPS or len(x.uses) != 1 or out.is_output or not out.uses:
         return False
     if any(user.op == "MatMul" for user, _ in out.uses):
         return False
@@ -376,7 +376,7 @@ def eliminate_common_subexpressions(graph: Graph) -> bool:
         if first is None:
             seen[key] = node
             continue
-        if any(o in graph.outputs for o in node.outputs):
+        if any(o.is_output for o in node.outputs):  # a graph output keeps its name
             continue
         for mine, theirs in zip(node.outputs, first.outputs):
             mine.replace_all_uses_with(theirs)
@@ -387,12 +387,12 @@ def eliminate_common_subexpressions(graph: Graph) -> bool:
 def eliminate_dead_code(graph: Graph) -> bool:
     modified = False
     for node in reversed(list(graph.nodes)):
-        if any(o.uses or o in graph.outputs for o in node.outputs):
+        if any(o.is_used for o in node.outputs):
             continue
         graph.remove(node)
         modified = True
     for name, weight in list(graph.weights.items()):
-        if not weight.uses and weight not in graph.outputs:
+        if not weight.is_used:
             graph.remove_weight(name)
             modified = True
     return modified

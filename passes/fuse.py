@@ -94,8 +94,7 @@ class _Fusion:
                     p = v.producer if v is not None else None
                     if p is None or id(p) in members or not self.free(p) or not _fits(p, kinds):
                         continue
-                    if all(id(u) in members for o in p.outputs for u in o.users()) and \
-                            not any(o in self.graph.outputs for o in p.outputs):
+                    if all(o.used_only_by(members.values()) for o in p.outputs):
                         members[id(p)] = p
                         changed = True
         return list(members.values())
@@ -260,18 +259,10 @@ def build_group(graph: Graph, kind: str, members: list[Node], name: str) -> Node
     body, external, escaping = extract_subgraph(graph, members, name, weights_as_inputs=True)
     for node in body.nodes:
         node.meta.clear()  # placement and scheduling annotate the group, not its members
-    position = graph.nodes.index(members[-1])
-    for node in members:
-        node.detach_inputs()
-        for out in node.outputs:
-            out.producer = None
-            if out not in escaping:
-                graph.forget_name(out.name)
-    group = Node(GROUP_OP, external, escaping, {"kind": kind, "body": body}, members[0].loc)
-    graph.nodes.insert(position + 1, group)
-    for node in members:
-        graph.nodes.remove(node)
-    return group
+    outputs = [Value(v.name, v.type) for v in escaping]
+    group = Node(GROUP_OP, external, outputs, {"kind": kind, "body": body}, members[0].loc)
+    # where the last member stood; fuse sorts the graph once after all its groups
+    return graph.replace(members, group, dict(zip(escaping, outputs)), reorder=False)
 
 
 @register_pass("fuse", needs=(), provides=())

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hetflow.ir import Graph, Node, TensorType
+from hetflow.ir import Graph, Node, TensorType, Value
 from hetflow.ir.errors import HetflowError
 from hetflow.platform import Platform
 
@@ -294,11 +294,10 @@ def apply_split(graph: Graph, node: Node, decision: dict) -> None:
                                   meta={"device": device, "split": f"{hi - lo}/{m} rows"})
             parts.append(part.outputs[0])
         axis = -2
-    concat = graph.add_node("Concat", parts, [out.type], {"axis": axis}, node.loc, output_names=[f"{name}_joined"],
-                            before=node, meta={"device": a, "reason": "joins the split parts (in place in unified memory)"})
-    out.replace_all_uses_with(concat.outputs[0], graph)
-    graph.remove(node)
-    graph.rename(concat.outputs[0], name)  # the joined value takes the original name back
+    joined = Value(name, out.type)  # takes the original name back
+    concat = Node("Concat", parts, [joined], {"axis": axis}, node.loc,
+                  meta={"device": a, "reason": "joins the split parts (in place in unified memory)"})
+    graph.replace([node], concat, {out: joined})
 
 
 # --- transfers ---------------------------------------------------------------------------------------

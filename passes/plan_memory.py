@@ -139,11 +139,10 @@ def runtime_order(graph: Graph, default_device: str | None = None) -> RuntimeOrd
     for k in range(len(runs)):
         unordered = [last[j] for j in range(k + 1, len(runs)) if not (reach[k] >> j) & 1]
         tail.append(max(unordered, default=-1))
-    outputs = {v.name for v in graph.outputs}
     escaping = set()
     for node in graph.nodes:
         for out in node.outputs:
-            if out.name in outputs or any(run_of.get(id(u)) != run_of[id(node)] for u in out.users()):
+            if out.is_output or any(run_of.get(id(u)) != run_of[id(node)] for u in out.users()):
                 escaping.add(out.name)
     return RuntimeOrder(position, run_of, last, reach, tail, escaping)
 
@@ -158,14 +157,13 @@ def lifetimes(graph: Graph, order: RuntimeOrder | None = None) -> dict[str, tupl
     live to the end."""
     order = order or runtime_order(graph)
     final = len(graph.nodes) + 1
-    outputs = {v.name for v in graph.outputs}
     spans = {}
     for node in graph.nodes:
         for out in node.outputs:
             end = order.free_from(node, out)
             for user in out.users():
                 end = max(end, order.free_from(user, out))
-            spans[out.name] = (order.position[id(node)], final if out.name in outputs else end)
+            spans[out.name] = (order.position[id(node)], final if out.is_output else end)
     return spans
 
 
@@ -176,7 +174,6 @@ def in_place_pairs(graph: Graph, order: RuntimeOrder | None = None) -> dict[str,
     order = order or runtime_order(graph)
     pairs: dict[str, str] = {}
     group: dict[str, list[Value]] = {}  # value name -> the values sharing its bytes (a chain of in-place writes)
-    outputs = {v.name for v in graph.outputs}
     for node in graph.nodes:
         if node.op == "hetflow.group" or len(node.outputs) != 1:
             continue
@@ -186,7 +183,7 @@ def in_place_pairs(graph: Graph, order: RuntimeOrder | None = None) -> dict[str,
         here = order.position[id(node)]
         for v in node.inputs:
             if (v is None or v.producer is None or v.data is not None
-                    or v.name in outputs or v.type != out.type or v.name in pairs.values()
+                    or v.is_output or v.type != out.type or v.name in pairs.values()
                     or (v.name in order.escaping and out.name in order.escaping)):
                 continue
             members = group.get(v.name, [v])
@@ -310,7 +307,7 @@ def _solve_two_level(graph: Graph, buffers, time_limit: float, alignment: int):
 
 def _dies_inside(graph: Graph, name: str, inside: set[str]) -> bool:
     value = next((o for n in graph.nodes for o in n.outputs if o.name == name), None)
-    if value is None or value in graph.outputs:
+    if value is None or value.is_output:
         return False
     return all(any(o.name in inside for o in user.outputs) for user in value.users())
 

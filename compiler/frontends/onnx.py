@@ -137,7 +137,7 @@ def _import_graph(g: onnx.GraphProto, opset: int, name: str) -> Graph:
             outputs.append(Value(out_name, types.get(out_name)))
         node = Node(op, inputs, outputs, attrs, loc)
         get_op(op, node)  # fails with "unsupported op X (node Y)" for an op hetflow cannot run
-        graph.nodes.append(node)
+        graph.insert(node, claim=False)
         _fill_missing_types(node, opset)
         for out in outputs:
             env[out.name] = out

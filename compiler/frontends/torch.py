@@ -180,7 +180,7 @@ class _Importer:
             if result is None:
                 raise FrontendError("the model returns None among its tensor outputs; hetflow needs tensors")
             value = self.value(result) if isinstance(result, FxNode) else self.scalar(result, _scalar_dtype(result))
-            if value.producer is None or value in self.graph.outputs:
+            if value.producer is None or value.is_output:
                 value = self.emit("Identity", [value], out=value.type)
             self.graph.outputs.append(value)
 
@@ -293,12 +293,11 @@ class _Importer:
 
 def _remove_dead(graph: Graph) -> None:
     """Drop nodes and constants nothing reads (unused tuple outputs, folded helpers, unused buffers)."""
-    outputs = {id(v) for v in graph.outputs}
     for node in reversed(list(graph.nodes)):
-        if not any(o.uses or id(o) in outputs for o in node.outputs):
+        if not any(o.is_used for o in node.outputs):
             graph.remove(node)
     for name, weight in list(graph.weights.items()):
-        if not weight.uses and id(weight) not in outputs:
+        if not weight.is_used:
             graph.remove_weight(name)
 
 
