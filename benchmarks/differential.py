@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -895,6 +896,8 @@ def failures_report(rows: list[dict], limit: int = 40) -> str:
             key = f"mismatch [{div.get('where', '?')}/{div.get('kind', '')}] {div.get('message', r['message'])}"
         else:
             key = f"{r['status']}: {r['message']}"
+        key = re.sub(r"\.py:(\d+|None) \(", ".py (", key)  # a timeout's line within a function: one group
+        key = re.sub(r"relative error [0-9.e+-]+", "relative error ...", key)
         groups.setdefault(key, []).append(r)
     lines = []
     for key, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:limit]:
@@ -940,6 +943,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="where to write the results (default benchmarks/results/differential_<time>.json)")
     parser.add_argument("--save-failing", help="directory for the ONNX models of failing random graphs")
     parser.add_argument("--list", action="store_true", help="list the zoo and exit")
+    parser.add_argument("--summarise", metavar="JSON", help="print the table and failures of a results file and exit")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -969,6 +973,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
+    if args.summarise:
+        data = json.loads(Path(args.summarise).read_text())
+        rows = data["cases"]
+        print(summarise(rows, data["args"]["platforms"], data["args"]["placements"]))
+        report = failures_report(rows)
+        if report:
+            print("\nfailures (grouped):")
+            print(report)
+        print(summary_line(rows))
+        return 0 if totals(rows)[1] + totals(rows)[2] == 0 else 1
     if args.list:
         from hetflow.examples.zoo import MODELS
         for m in MODELS:

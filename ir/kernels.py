@@ -146,19 +146,32 @@ def conv(node, opset):
     return run
 
 
-def _pool_windows(node, x, pad_value):
+def _pool_windows(node, x, pad_value, tail_value=None):
+    """The pooling windows of ``x`` [N, C, oh, ow, kh, kw]: ``pads`` filled with ``pad_value``; with ceil_mode,
+    the windows that run past the padded input (the declared output's last row/column) read ``tail_value``
+    there (default ``pad_value``)."""
     kh, kw = node.attrs["kernel_shape"]
     sh, sw = node.attrs.get("strides", [1, 1])
     pt, pl, pb, pr = node.attrs.get("pads", [0, 0, 0, 0])
     if pt or pl or pb or pr:
         x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=pad_value)
+    if node.attrs.get("ceil_mode", 0):
+        oh, ow = node.outputs[0].type.shape[-2:]
+        extra_h = max(0, (oh - 1) * sh + kh - x.shape[2])
+        extra_w = max(0, (ow - 1) * sw + kw - x.shape[3])
+        if extra_h or extra_w:
+            tail = pad_value if tail_value is None else tail_value
+            x = np.pad(x, ((0, 0), (0, 0), (0, extra_h), (0, extra_w)), constant_values=tail)
+        return sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
     return sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
 
 
 def _plain_2d_pool(node) -> bool:
     attrs = node.attrs
+    out = node.outputs[0].type if node.outputs else None
+    ceil_ok = not attrs.get("ceil_mode", 0) or (out is not None and out.is_static and len(out.shape) == 4)
     return (len(attrs.get("kernel_shape", [])) == 2 and attrs.get("auto_pad", "NOTSET") == "NOTSET"
-            and not attrs.get("ceil_mode", 0) and all(d == 1 for d in attrs.get("dilations", [1, 1]))
+            and ceil_ok and all(d == 1 for d in attrs.get("dilations", [1, 1]))
             and len(node.outputs) == 1)
 
 
@@ -185,9 +198,9 @@ def average_pool(node, opset):
         if x.dtype.kind != "f":
             return None
         sums = _pool_windows(node, x, 0.0).sum(axis=(4, 5))
-        if include_pad:
-            kh, kw = node.attrs["kernel_shape"]
-            return [(sums / (kh * kw)).astype(x.dtype)]
-        counts = _pool_windows(node, np.ones((1, 1) + x.shape[2:], dtype=x.dtype), 0.0).sum(axis=(4, 5))
+        # the divisor: the window's elements inside the input, and inside the pads too with count_include_pad;
+        # never the part of a ceil_mode window past the padded input (ONNX Runtime's and torch's rule)
+        ones = np.ones((1, 1) + x.shape[2:], dtype=x.dtype)
+        counts = _pool_windows(node, ones, 1.0 if include_pad else 0.0, 0.0).sum(axis=(4, 5))
         return [(sums / counts).astype(x.dtype)]
     return _with_fallback(node, opset, run)

@@ -885,11 +885,21 @@ def _avg_pool(imp: _Importer, node: FxNode) -> Value:
     kernel = [int(k) for k in node.args[1]]
     n = len(kernel)
     stride = imp.arg(2, "stride", []) or kernel
-    attrs = {"kernel_shape": kernel, "strides": _n_list(stride, n), "pads": _n_list(imp.arg(3, "padding", 0), n) * 2,
-             "count_include_pad": int(bool(imp.arg(5, "count_include_pad", True)))}
+    pads = _n_list(imp.arg(3, "padding", 0), n)
+    x = imp.value(node.args[0])
+    # torch divides by the window's part inside the (padded) input, even where ceil_mode or a kernel larger
+    # than the input runs a window past its end (HF EfficientNet pools 1x1 maps with a 320-wide kernel).
+    # ONNX's count_include_pad=1 divides by the whole kernel there, so: no padding, count_include_pad=0;
+    # padding counted, the zeros padded explicitly and then count_include_pad=0 over the padded input.
+    if any(pads) and imp.arg(5, "count_include_pad", True):
+        rank = len(x.type.shape)
+        begins = [0] * (rank - n) + pads
+        x = imp.emit("Pad", [x, imp.ints(begins + begins), imp.scalar(0, x.type.dtype)], {"mode": "constant"})
+        pads = [0] * n
+    attrs = {"kernel_shape": kernel, "strides": _n_list(stride, n), "pads": pads * 2, "count_include_pad": 0}
     if imp.arg(4, "ceil_mode", False):
         attrs["ceil_mode"] = 1
-    return imp.emit("AveragePool", [imp.value(node.args[0])], attrs, out=imp.out())
+    return imp.emit("AveragePool", [x], attrs, out=imp.out())
 
 
 @converts(aten._adaptive_avg_pool2d.default)

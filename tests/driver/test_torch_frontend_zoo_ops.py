@@ -117,3 +117,53 @@ class GeneralStride(nn.Module):
 def test_general_as_strided_is_refused():
     with pytest.raises(UnsupportedOpError, match="as_strided"):
         capture_module(GeneralStride().eval(), (torch.randn(4, 4),))
+
+
+class AvgPools(nn.Module):
+    """Windows past the input's end (ceil_mode, a kernel wider than the input: HF EfficientNet's pooler) divide
+    by their part inside the input, and padding counted or not."""
+
+    def forward(self, x):
+        return (F.avg_pool2d(x, 5, ceil_mode=True), F.avg_pool2d(x[:, :, :1, :1], 320, ceil_mode=True),
+                F.avg_pool2d(x, 3, 2, 1, ceil_mode=True), F.avg_pool2d(x, 3, 2, 1, ceil_mode=True,
+                                                                        count_include_pad=False),
+                F.avg_pool2d(x, 2, 2, 1), F.avg_pool2d(x, 3, 2, 0, ceil_mode=True), F.max_pool2d(x, 4, 3, ceil_mode=True))
+
+
+def test_avg_pool_windows_past_the_input_on_the_interpreter_and_onnxruntime():
+    import hetflow
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 6, 6)
+    check(AvgPools(), (x,))                                   # the interpreter
+    compiled = hetflow.compile(AvgPools().eval(), (x,), platform="host", time_limit=1)
+    with torch.no_grad():
+        for got, want in zip(compiled(x), AvgPools()(x)):     # ONNX Runtime
+            assert float((got - want).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [5, 5], "strides": [5, 5], "ceil_mode": 1},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1, "count_include_pad": 1},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1},
+    {"kernel_shape": [2, 3], "strides": [3, 2], "pads": [0, 1, 1, 0], "ceil_mode": 1, "count_include_pad": 1},
+], ids=["kernel-past-end", "pads-counted", "pads-not-counted", "asymmetric"])
+@pytest.mark.parametrize("op", ["AveragePool", "MaxPool"])
+def test_ceil_mode_pool_kernel_matches_onnxruntime(op, attrs):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from hetflow.frontends.onnx import import_onnx
+    if op == "MaxPool":
+        attrs = {k: v for k, v in attrs.items() if k != "count_include_pad"}
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 7, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    model = onnx.shape_inference.infer_shapes(model)
+    x = np.random.default_rng(0).standard_normal((1, 2, 7, 6)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = Interpreter(import_onnx(model)).run({"x": x})[0]
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1e-6
