@@ -223,7 +223,7 @@ def release(model) -> None:
 def trace_values(graph, feeds: dict) -> dict[str, np.ndarray]:
     """Every top-level value of ``graph`` as the reference interpreter computes it (groups run their bodies)."""
     from hetflow.ir import make_kernel
-    from hetflow.runtime.interpreter import _as_declared, check_inputs
+    from hetflow.ir.interpreter import _as_declared, check_inputs
     env = dict(check_inputs(graph, feeds))
     for w in graph.weights.values():
         env[w.name] = w.data
