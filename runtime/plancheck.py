@@ -79,11 +79,10 @@ class _Order:
                     raise PlanError(f"memory plan check: partition {index} ({self.devices[index]}) feeds "
                                     f"partition {j}, which comes before it")
                 self.after[index] |= {j} | self.after[j]
-        self.outputs = {v.name for v in graph.outputs}
 
     def crosses(self, value: Value, part: int) -> bool:
         """Whether ``value`` crosses partition ``part``'s boundary (so the arena holds it while it runs)."""
-        if value.name in self.outputs:
+        if value.is_output:
             return True
         produced_in = self.part.get(id(value.producer)) if value.producer is not None else None
         if produced_in != part:
@@ -115,7 +114,7 @@ class _Order:
 
     def ordered(self, first: Value, second: Value) -> str | None:
         """None when every access of ``first`` is ordered before the write of ``second``."""
-        if first.name in self.outputs:
+        if first.is_output:
             return f"%{first.name} is a graph output (read by the caller after the run)"
         writer = second.producer
         for node in [first.producer] + [u for u, _ in first.uses]:
