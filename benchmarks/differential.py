@@ -410,6 +410,8 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
             case.status, case.message = "error", message
         return cases
     rtol = entry.rtol
+    # the imported graph against eager, once: a difference here is the frontend's or an interpreter kernel's
+    capture_error = worst_error(imported, eager) if eager is not None else 0.0
     setup = time.perf_counter() - start
     for case in cases:
         began = time.perf_counter()
@@ -432,10 +434,17 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
                 if bad:
                     case.status = "mismatch"
                     which = ", ".join(f"{k} {v:.3g}" for k, v in bad.items())
-                    try:
-                        case.divergence = locate_divergence(compiled, feeds, rtol, imported)
-                    except (Exception, CaseTimeout) as exc:  # noqa: BLE001
-                        case.divergence = {"message": f"locating the divergence failed: {_failure(exc)}"}
+                    if set(bad) == {"eager"} and not capture_error <= rtol:
+                        case.divergence = {"where": "frontend", "error": capture_error,
+                                           "message": "the compiled model equals the interpreter on the imported "
+                                                      "graph, which already differs from eager (relative error "
+                                                      f"{capture_error:.3g}): the torch frontend or an "
+                                                      "interpreter kernel"}
+                    else:
+                        try:
+                            case.divergence = locate_divergence(compiled, feeds, rtol, imported)
+                        except (Exception, CaseTimeout) as exc:  # noqa: BLE001
+                            case.divergence = {"message": f"locating the divergence failed: {_failure(exc)}"}
                     case.message = f"relative error vs {which} (tolerance {rtol:g}); {case.divergence.get('message', '')}"
         except (Exception, CaseTimeout) as exc:  # noqa: BLE001
             case.status, case.message = "error", _failure(exc)
