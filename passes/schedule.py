@@ -161,7 +161,7 @@ def simulate(graph: Graph, platform: Platform, costs: dict[int, NodeCost] | None
             task = tasks[index]
             if task.work_start < 0 and task.start + task.launch <= now + 1e-15:
                 task.work_start = now
-            elif task.work_start >= 0 and task.remaining <= 1e-9:
+            elif task.work_start >= 0 and (task.remaining <= 1e-9 or _finished_at(now, task, rates.get(index))):
                 task.end = now
                 del running[device]
                 done += 1
@@ -174,6 +174,16 @@ def simulate(graph: Graph, platform: Platform, costs: dict[int, NodeCost] | None
         task.node.meta["start_us"] = round(task.start * 1e6, 3)
         task.node.meta["end_us"] = round(task.end * 1e6, 3)
     return schedule
+
+
+def _finished_at(now: float, task: "_Task", rate: float | None) -> bool:
+    """Whether what is left of ``task`` takes less time than the clock can still resolve at ``now`` (a
+    femtosecond kernel late in the timeline: ``now + left == now`` would stall the simulation forever)."""
+    if rate is None or rate == 0:
+        return False
+    if rate == float("inf"):
+        return True
+    return now + task.remaining / rate <= now
 
 
 def _rates(tasks: list[_Task], running: dict[str, int], platform: Platform, now: float) -> dict[int, float]:

@@ -192,3 +192,24 @@ def test_a_node_without_a_device_is_refused():
     del g.nodes[0].meta["device"]
     with pytest.raises(ValueError, match="has no device: run place before schedule"):
         simulate(g, two_memories())
+
+
+def test_a_femtosecond_kernel_late_in_the_timeline_finishes():
+    """What is left of a task can take less time than the clock resolves at ``now`` (now + left == now): the
+    simulation must finish it, not spin (a Sqrt on duplex's PIM at t = 0.53 ms hung every duplex compile of
+    llama without fuse)."""
+    import threading
+
+    from hetflow.examples.zoo import ZOO
+    import hetflow
+    module, inputs = ZOO["llama"].build()
+    done = []
+
+    def compile_it():
+        done.append(hetflow.compile(module, inputs, platform="duplex", placement="roofline",
+                                    passes="canonicalize,place,schedule,plan_memory", time_limit=1))
+    worker = threading.Thread(target=compile_it, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert done, "the schedule simulation did not finish"
+    assert done[0].schedule.makespan > 0
