@@ -43,7 +43,12 @@ def _register_with_the_platform_layer() -> None:
 
     platform.register_measurement("host", fill_host)
     platform.register_measurement("cuda", fill_cuda)
+    def gpu_program(graph, name: str) -> str:
+        from hetflow.backends.gpu import emit_program
+        return emit_program(graph, name)
+
     platform.register_emit_check("cuda", gpu_emit_check)
+    platform.register_program_emitter("cuda", gpu_program)
 
 
 _register_with_the_platform_layer()

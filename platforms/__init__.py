@@ -295,6 +295,15 @@ MEASUREMENTS: dict[str, Callable[[dict], dict]] = {}
 EMIT_CHECKS: dict[str, Callable[[Any, int], str | None]] = {}
 
 
+# What a backend emits for a partition, by backend name: (partition graph, name) -> program text. Filled by the
+# driver from the backends, so that the runtime regenerates a program at load instead of running an artifact's.
+PROGRAM_EMITTERS: dict[str, Callable[[Any, str], str]] = {}
+
+
+def register_program_emitter(backend: str, emit: Callable[[Any, str], str]) -> None:
+    PROGRAM_EMITTERS[backend] = emit
+
+
 def register_measurement(kind: str, fill: Callable[[dict], dict]) -> None:
     MEASUREMENTS[kind] = fill
 

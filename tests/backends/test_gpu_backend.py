@@ -171,6 +171,30 @@ def test_a_tampered_program_is_refused(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_stored_program_never_runs_even_with_its_hash_updated(tmp_path):
+    """The manifest is not signed: whoever edits a program can edit its hash. The runtime regenerates the
+    program from graph.json and refuses a stored one that differs, so the payload never runs."""
+    import hashlib
+    import json
+    platform_file = tmp_path / "cuda.toml"
+    platform_file.write_text(CUDA_PLATFORM)
+    from ..onnx_models import mlp_model
+    hetflow.compile(mlp_model(width=256), platform=str(platform_file)).save(tmp_path / "out")
+    program = next((tmp_path / "out" / "gpu").glob("part*.py"))
+    marker = tmp_path / "payload-ran"
+    program.write_text(f"open({str(marker)!r}, 'w').close()\n" + program.read_text())
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    key = str(program.relative_to(tmp_path / "out"))
+    manifest["files"][key] = "sha256:" + hashlib.sha256(program.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "hetflow", "run", str(tmp_path / "out"), "--random",
+                             "--fallback", "cpu"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "differs from the one hetflow generates" in result.stderr, result.stderr
+    assert not marker.exists(), "code from the artifact ran"
+
+
 # --- on a real GPU ---------------------------------------------------------------------------------
 
 @NEEDS_CUDA
