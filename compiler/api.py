@@ -80,8 +80,9 @@ class CompiledModel:
         if self._executor is None:
             from hetflow.runtime.executor import Executor
             plan = self.memory_plan.as_manifest() if self.memory_plan is not None else None
+            # the plan checker ran at the end of this compile (check_plan); an artifact load checks it again
             self._executor = Executor(self.graph, self._build_partitions(), self.platform, plan,
-                                      gpu_kernels=self.gpu_kernels)
+                                      gpu_kernels=self.gpu_kernels, plan_checked=True)
         return self._executor
 
     def _build_partitions(self):

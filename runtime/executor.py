@@ -108,13 +108,13 @@ def _copy_into(destination, value) -> None:
 class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
                  threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton",
-                 wait_timeout: float | None = None):
+                 wait_timeout: float | None = None, plan_checked: bool = False):
         self.graph = graph
         self.partitions = partitions
         self.platform = platform
         self.wait_timeout = float(wait_timeout if wait_timeout is not None else
                                   os.environ.get("HETFLOW_WAIT_TIMEOUT", WAIT_FLOOR))
-        if memory_plan:
+        if memory_plan and not plan_checked:  # (checked already when it comes from this process's compile)
             # never run a plan that could race: the checker proves every overlap ordered, at every load
             check_memory_plan(graph, [(p.device, p.nodes) for p in partitions], memory_plan, self.memory_of,
                               ALIGNMENT)
