@@ -25,6 +25,7 @@ runs them through its own registry of runners, keyed by the same names
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -77,18 +78,15 @@ EMITTERS = {e.name: e for e in [
 
 
 def backend_for(device: str, platform, cpu_backend: str = "onnxruntime") -> str:
-    """The backend that emits for ``device``: its registry row, chosen by the device's kind."""
-    if device.startswith("link:"):
-        return "transfer"
-    if platform is not None and device not in platform.devices:
+    """The backend that emits for ``device``: the platform's default for it (``Platform.backends``), TVM for
+    a CPU when ``cpu_backend="tvm"``."""
+    if platform is None:
+        return "transfer" if device.startswith("link:") else ("tvm-llvm" if cpu_backend == "tvm" else "cpu")
+    if not device.startswith("link:") and device not in platform.devices:
         raise BackendError(f"no backend for device {device!r}: platform {platform.name!r} has no such device "
                            f"(devices: {', '.join(platform.devices)})")
-    spec = platform.devices.get(device) if platform is not None else None
-    if spec is None or spec.kind == "cpu":
-        return "tvm-llvm" if cpu_backend == "tvm" else "cpu"
-    if spec.kind == "gpu" and spec.measured:  # a real GPU of this machine (host+cuda)
-        return "cuda"
-    return "simulated"
+    allowed = platform.backends(device)
+    return "tvm-llvm" if allowed[0] == "cpu" and cpu_backend == "tvm" else allowed[0]
 
 
 def split_partitions(graph: Graph) -> list[tuple[str, list[Node]]]:
@@ -101,6 +99,11 @@ def partition_graph(graph: Graph, nodes: list[Node], name: str) -> Graph:
     return extract_subgraph(graph, nodes, name)[0]
 
 
+def file_safe(name: str) -> str:
+    """``name`` as one path component: every character but letters, digits and _ becomes _."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)[:64] or "_"
+
+
 def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntime") -> list[Partition]:
     """``cpu_backend="tvm"`` compiles the CPU partitions with TVM (``tvm-llvm``) instead of ONNX Runtime."""
     partitions = []
@@ -110,7 +113,7 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
         part = Partition(index, device, emitter.name, sub, [n.outputs[0].name for n in nodes],
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
                          max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
-        folder = device.replace(":", "_").replace(">", "").replace("-", "_")
+        folder = file_safe(device.replace(">", ""))  # a device name never makes a path: no '/', no '..'
         part.file = f"{folder}/part{index}{emitter.folder_suffix}"
         emitter.emit(part)
         partitions.append(part)

@@ -19,6 +19,39 @@ class SerializationError(HetflowError):
     pass
 
 
+# graph.json's shape (JSON Schema; checked before any field is read). Attribute values and meta are free JSON.
+NAME = {"type": "string", "minLength": 1, "maxLength": 4096}
+TYPE_TEXT = {"type": ["string", "null"], "maxLength": 4096}
+TENSOR = {"type": "object", "required": ["tensor"], "properties": {"tensor": {
+    "type": "object", "required": ["dtype", "shape"],
+    "properties": {"dtype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                   "hex": {"type": "string"}, "values": {"type": "array", "items": {"type": "string"}}}}}}
+GRAPH_SCHEMA = {
+    "type": "object",
+    "required": ["format", "version", "name", "opset", "inputs", "weights", "nodes", "outputs"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "version": {"const": VERSION},
+        "name": {"type": "string", "maxLength": 4096},
+        "opset": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "type"],
+                                              "properties": {"name": NAME, "type": TYPE_TEXT}}},
+        "weights": {"type": "array", "items": {"type": "object", "required": ["name", "type"],
+                                               "properties": {"name": NAME, "type": TYPE_TEXT,
+                                                              "tensor": TENSOR["properties"]["tensor"]}}},
+        "nodes": {"type": "array", "items": {
+            "type": "object", "required": ["op", "inputs", "outputs", "attrs"],
+            "properties": {"op": {"type": "string", "minLength": 1, "maxLength": 256},
+                           "inputs": {"type": "array", "items": {"anyOf": [NAME, {"type": "null"}]}},
+                           "outputs": {"type": "array", "minItems": 1, "items": {
+                               "type": "object", "required": ["name", "type"],
+                               "properties": {"name": NAME, "type": TYPE_TEXT}}},
+                           "attrs": {"type": "object"}, "meta": {"type": "object"}, "loc": {"type": "string"}}}},
+        "outputs": {"type": "array", "items": NAME},
+    },
+}
+
+
 def _type_to_json(t: TensorType | None) -> Any:
     return None if t is None else str(t)
 
@@ -37,11 +70,15 @@ def _tensor_to_json(a: np.ndarray) -> dict:
     return {"tensor": {"dtype": t.dtype.value, "shape": list(a.shape), "hex": np.ascontiguousarray(a).tobytes().hex()}}
 
 
-def _tensor_from_json(d: dict) -> np.ndarray:
-    dtype = DType(d["dtype"])
-    if dtype is DType.str:
-        return np.array(d["values"], dtype=object).reshape(d["shape"])
-    return np.frombuffer(bytes.fromhex(d["hex"]), dtype=dtype.numpy).reshape(d["shape"]).copy()
+def _tensor_from_json(d: dict, what: str = "a tensor") -> np.ndarray:
+    try:
+        dtype = DType(d["dtype"])
+        if dtype is DType.str:
+            return np.array(d["values"], dtype=object).reshape(d["shape"])
+        return np.frombuffer(bytes.fromhex(d["hex"]), dtype=dtype.numpy).reshape(d["shape"]).copy()
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+        raise SerializationError(f"{what} in the graph file is malformed: {detail}") from None
 
 
 def _attr_to_json(v: Any) -> Any:
@@ -54,13 +91,13 @@ def _attr_to_json(v: Any) -> Any:
     return v
 
 
-def _attr_from_json(v: Any) -> Any:
+def _attr_from_json(v: Any, what: str) -> Any:
     if isinstance(v, dict) and "tensor" in v:
-        return _tensor_from_json(v["tensor"])
+        return _tensor_from_json(v["tensor"], what)
     if isinstance(v, dict) and "graph" in v:
         return graph_from_json(v["graph"], {})
     if isinstance(v, list):
-        return [_attr_from_json(x) for x in v]
+        return [_attr_from_json(x, what) for x in v]
     return v
 
 
@@ -89,17 +126,22 @@ def graph_to_json(graph: Graph, inline_weights: bool = False) -> dict:
 
 
 def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
-    if d.get("format") != FORMAT:
-        raise SerializationError(f"not a hetflow graph (format {d.get('format')!r})")
+    """The graph a ``graph_to_json`` dict describes (``weights``: the arrays its weights file holds). Data from
+    a file: its shape is checked against ``GRAPH_SCHEMA`` first, and each error names the field or value."""
+    from hetflow.support.schema import check
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise SerializationError(f"not a hetflow graph (format {d.get('format') if isinstance(d, dict) else d!r:.60})")
     if d.get("version") != VERSION:
-        raise SerializationError(f"graph format version {d.get('version')} is not supported (this hetflow reads {VERSION})")
+        raise SerializationError(f"graph format version {d.get('version')!r:.20} is not supported "
+                                 f"(this hetflow reads {VERSION})")
+    check(d, GRAPH_SCHEMA, "graph file", SerializationError)
     graph = Graph(d["name"], d["opset"])
     env: dict[str, Value] = {}
     for v in d["inputs"]:
         env[v["name"]] = graph.add_input(v["name"], _type_from_json(v["type"]))
     for w in d["weights"]:
         if "tensor" in w:
-            data = _tensor_from_json(w["tensor"])
+            data = _tensor_from_json(w["tensor"], f"weight {w['name']!r}")
         elif w["name"] in weights:
             data = weights[w["name"]]
             declared = _type_from_json(w["type"])
@@ -121,7 +163,7 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
             graph._claim(o["name"])
             outputs.append(Value(o["name"], _type_from_json(o["type"])))
             env[o["name"]] = outputs[-1]
-        attrs = {k: _attr_from_json(a) for k, a in n["attrs"].items()}
+        attrs = {k: _attr_from_json(a, f"attribute {k!r} of node {n['op']}") for k, a in n["attrs"].items()}
         graph.insert(Node(n["op"], inputs, outputs, attrs, n.get("loc", ""), n.get("meta", {})), claim=False)
     try:
         graph.outputs = [env[name] for name in d["outputs"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ def quantity(value: Any, kind: str, where: str, positive: bool = True) -> float:
         if unit and unit not in _KINDS_OF_UNIT[kind]:
             raise PlatformError(f"{where}: unit {unit!r} is not a {kind} unit (e.g. {_example(kind)})")
         number *= _UNITS.get(unit, 1)
+    if not math.isfinite(number):
+        raise PlatformError(f"{where}: must be finite, got {value!r}")
     if positive and number <= 0:
         raise PlatformError(f"{where}: must be positive, got {value!r}")
     if number < 0:
@@ -184,6 +187,21 @@ class Platform:
             raise PlatformError(f"platform {self.name!r} has no device {device!r} (devices: {', '.join(self.devices)})")
         return self.devices[device].memory
 
+    def backends(self, device: str) -> tuple[str, ...]:
+        """The backends that may run a partition on ``device``, the default first: ``transfer`` for a link,
+        ONNX Runtime (``cpu``) or TVM (``tvm-llvm``) for a CPU, ``cuda`` for this machine's measured GPU,
+        ``simulated`` for every device this machine lacks. The emitters choose by it and the runtime checks an
+        artifact's partitions against it."""
+        if device.startswith("link:"):
+            self.memory_space(device)
+            return ("transfer",)
+        kind = self.device(device)
+        if kind.kind == "cpu":
+            return ("cpu", "tvm-llvm")
+        if kind.kind == "gpu" and kind.measured:
+            return ("cuda",)
+        return ("simulated",)
+
     def host_device(self) -> str:
         for name, d in self.devices.items():
             if d.kind == "cpu":
@@ -257,7 +275,15 @@ def _flash(t: dict, where: str) -> Flash:
                  int(t.get("channels", 1)), tuple(points), t.get("source", ""))
 
 
+def check_platform_data(data: Any, origin: str) -> None:
+    """The data's shape against the platform schema (``schema.PLATFORM``): one line naming the first bad field."""
+    from hetflow.support.schema import check
+    from .schema import PLATFORM
+    check(data, PLATFORM, origin, PlatformError)
+
+
 def platform_from_dict(data: dict, origin: str = "platform") -> Platform:
+    check_platform_data(data, origin)
     name = _require(data, "name", origin)
     where = f"{origin} ({name})"
     memories_raw = _require(data, "memory", where)
@@ -335,9 +361,14 @@ def load_platform(name_or_path: str) -> Platform:
                                 "(or give a path to a .toml file)")
         origin = f"preset {name_or_path}"
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise PlatformError(f"{origin}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PlatformError(f"{origin}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise PlatformError(f"{origin}: cannot read it: {exc.strerror or exc}") from None
+    check_platform_data(data, origin)
     for kind in ("host",) * (data.get("calibrate") == "host") + ("cuda",) * bool(data.get("cuda")):
         if kind not in MEASUREMENTS:
             raise PlatformError(f"{origin} is filled in by measuring this machine ({kind}), and no measurement is "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from hetflow.ir.errors import HetflowError
 from hetflow.runtime.errors import RunnerError
 
 RUNNERS: dict[str, Callable] = {}
@@ -49,36 +50,93 @@ def load_runner(part, executor):
 # what each backend's partition file holds, and where it goes on the Partition
 FILES = {"cpu": ("onnx_bytes", "bytes"), "cuda": ("source", "text"), "tvm-llvm": ("library", "bytes"),
          "simulated": ("graph", "graph"), "transfer": (None, None)}
+NATIVE = {"tvm-llvm"}   # backends whose program is native code: loaded only when the caller trusts the artifact
 
 
-def read_partitions(entries: list[dict], directory, graph):
-    """Partitions of a loaded artifact (the standalone graphs are rebuilt from the main graph; each program
-    read from its file as its backend's row says)."""
+def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platform=None,
+                    trust_native_code: bool | str = False, digest: str = ""):
+    """Partitions of a loaded artifact, checked against the graph rather than trusted.
+
+    The partitions must be exactly the graph's device runs (``device_runs``: each node in one partition, on the
+    device its meta names, in order), each backend one the platform allows on its device, each partition's
+    inputs and outputs those the graph gives it. The standalone graphs are rebuilt from the main graph; each
+    program comes from ``files`` (bytes already hash-checked). A native library (``NATIVE``) loads only with
+    ``trust_native_code``: True, or the manifest digest the caller pinned."""
     import json
-    from pathlib import Path
 
     from hetflow.ir.graph import extract_subgraph
-    from hetflow.ir.program import Partition
+    from hetflow.ir.program import Partition, device_runs
     from hetflow.ir.serialize import graph_from_json
-    by_name = {n.outputs[0].name: n for n in graph.nodes}
+    try:
+        runs = device_runs(graph)
+    except HetflowError as exc:
+        raise RunnerError(f"the artifact's graph is not placed: {exc}") from None
+    if len(runs) != len(entries):
+        raise RunnerError(f"the manifest lists {len(entries)} partitions, but the graph's placement makes "
+                          f"{len(runs)}")
     partitions = []
-    for entry in entries:
-        if entry["backend"] not in FILES:
-            raise RunnerError(f"partition {entry['index']} ({entry['file']}) names backend {entry['backend']!r}, "
-                              f"which this runtime does not have (backends: {', '.join(backends())})")
-        nodes = [by_name[name] for name in entry["nodes"]]
+    for position, (entry, (device, nodes)) in enumerate(zip(entries, runs)):
+        where = f"partition {entry['index']} ({entry['file']})"
+        names = [n.outputs[0].name for n in nodes]
+        if entry["index"] != position or entry["device"] != device or entry["nodes"] != names:
+            raise RunnerError(f"{where}: the manifest says index {entry['index']}, device {entry['device']!r}, "
+                              f"{len(entry['nodes'])} nodes from %{entry['nodes'][0]}; the graph's placement makes "
+                              f"partition {position} on {device!r} with {len(names)} nodes from %{names[0]}")
+        backend = entry["backend"]
+        if backend not in FILES:
+            raise RunnerError(f"{where} names backend {backend!r}, which this runtime does not have "
+                              f"(backends: {', '.join(backends())})")
+        if platform is not None:
+            try:
+                allowed = platform.backends(device)
+            except HetflowError as exc:
+                raise RunnerError(f"{where}: {exc}") from None
+            if backend not in allowed:
+                raise RunnerError(f"{where}: backend {backend!r} cannot run on device {device!r} "
+                                  f"(allowed: {', '.join(allowed)})")
         sub = extract_subgraph(graph, nodes, f"part{entry['index']}")[0]
-        part = Partition(entry["index"], entry["device"], entry["backend"], sub, entry["nodes"],
+        part = Partition(entry["index"], device, backend, sub, entry["nodes"],
                          entry["predicted_start_us"] / 1e6, entry["predicted_end_us"] / 1e6, entry["file"],
                          target=entry.get("target"))
-        field, kind = FILES[entry["backend"]]
-        path = Path(directory) / entry["file"]
+        if entry["inputs"] != part.input_names or entry["outputs"] != part.output_names:
+            raise RunnerError(f"{where}: the manifest's inputs/outputs differ from those the graph gives it "
+                              f"(inputs {part.input_names[:4]}, outputs {part.output_names[:4]})")
+        field, kind = FILES[backend]
+        if backend in NATIVE and not _trusted(trust_native_code, digest, where):
+            raise RunnerError(f"{where} is a native library (backend {backend}); loading it runs its code. Load "
+                              "it only if you trust who made this artifact: --trust-native-code "
+                              "(trust_native_code=True), ideally with --verify-key")
         if kind == "bytes":
-            setattr(part, field, path.read_bytes())
+            setattr(part, field, files[entry["file"]])
         elif kind == "text":
-            setattr(part, field, path.read_text())
+            setattr(part, field, _text(files[entry["file"]], where))
         elif kind == "graph":
             weights = {w.name: w.data for w in graph.weights.values()}
-            part.graph = graph_from_json(json.loads(path.read_text()), weights)
+            try:
+                part.graph = graph_from_json(json.loads(_text(files[entry["file"]], where)), weights)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise RunnerError(f"{where} is not valid JSON: {str(exc)[:120]}") from None
+            except HetflowError as exc:
+                raise RunnerError(f"{where}: {exc}") from None
+            if [v.name for v in part.graph.inputs] != [v.name for v in sub.inputs] or \
+                    [v.name for v in part.graph.outputs] != [v.name for v in sub.outputs]:
+                raise RunnerError(f"{where}: its graph's inputs/outputs differ from those the main graph gives it")
         partitions.append(part)
     return partitions
+
+
+def _trusted(trust: bool | str, digest: str, where: str) -> bool:
+    if isinstance(trust, str) and trust not in ("", "1", "true", "yes"):
+        pinned = trust if trust.startswith("sha256:") else "sha256:" + trust
+        if pinned != digest:
+            raise RunnerError(f"{where}: native code is trusted only for manifest {pinned[:19]}..., and this "
+                              f"manifest is {digest[:19]}...")
+        return True
+    return bool(trust)
+
+
+def _text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunnerError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None

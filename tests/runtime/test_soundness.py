@@ -17,6 +17,7 @@ import hetflow
 from hetflow.api import CompiledModel
 from hetflow.frontends.onnx import import_onnx
 from hetflow.ir import DType, Graph, TensorType, infer_types
+from hetflow.runtime.artifact import ArtifactError
 from hetflow.passes import CompileOptions
 from hetflow.passes.partition import device_runs
 from hetflow.pipeline import run_pipeline
@@ -295,6 +296,12 @@ def test_a_huge_predicted_time_neither_hangs_nor_sleeps(tmp_path):
     for entry in manifest["partitions"]:
         entry["predicted_start_us"] = 1e12
         entry["predicted_end_us"] = 1e12
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"predicted_start_us: 1000000000000.0 is out of range"):
+        load(path)  # beyond a day: refused by the manifest's schema
+    for entry in manifest["partitions"]:
+        entry["predicted_start_us"] = 8e10  # under the cap, and still no wait sleeps that long
+        entry["predicted_end_us"] = 8e10
     (path / "manifest.json").write_text(json.dumps(manifest))
     loaded = load(path)
     x = np.random.default_rng(5).standard_normal((16, 64)).astype(np.float32)
