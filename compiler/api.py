@@ -107,10 +107,21 @@ class CompiledModel:
             return outputs[0] if len(outputs) == 1 else tuple(outputs)
         return pytree.tree_unflatten(outputs, self._torch.out_spec)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, sign_key: str | Path | None = None) -> Path:
+        """Write the artifact into ``directory``: built in a fresh directory beside it, then renamed into place
+        (an existing artifact there is replaced; anything else there is an error). ``sign_key``: an Ed25519
+        private key (PEM) to sign the manifest with (``manifest.sig``)."""
+        from hetflow.runtime.artifact import fresh_directory, sign_artifact
+        self._build_partitions()
+        with fresh_directory(directory) as fresh:
+            self._write(fresh)
+            if sign_key is not None:
+                sign_artifact(fresh, sign_key)
+        return Path(directory)
+
+    def _write(self, directory: Path) -> Path:
         from hetflow.backends import write_partitions
         from hetflow.runtime.artifact import write_artifact
-        self._build_partitions()
         extra = {"platform_data": self.platform.raw,
                  "partitions": [p.manifest_entry() for p in self.partitions]}
         if self.memory_plan is not None:

@@ -22,6 +22,8 @@ examples:
   hetflow compile hetflow.examples.models:build_gpt2_decode -o dec/ && hetflow run dec/ --generate 16
   hetflow compile model.onnx --platform mobile-soc --placement split -o out/
   hetflow inspect out/ --plot plots/                     placement, timeline; roofline + Gantt PNGs, trace
+  hetflow keygen me && hetflow compile model.onnx -o out/ --sign me.key
+  hetflow run out/ --random --verify-key me.pub           refuse the artifact unless its signature verifies
   hetflow platforms [show NAME]                          the platform presets
   hetflow memplan problem.csv --capacity 1048576         solve a static memory allocation problem
 
@@ -68,28 +70,91 @@ def cmd_compile(args) -> int:
     model, example_inputs = _load_model_spec(args.model)
     start = time.perf_counter()
     devices = [d for d in args.devices.split(",") if d] if args.devices else None
+    _check_output_directory(args.output, "-o")
+    if args.sign and not Path(args.sign).is_file():
+        raise UsageError(f"--sign {args.sign}: no such key file (make a pair with 'hetflow keygen NAME')")
     compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
                                placement=args.placement, devices=devices, time_limit=args.time_limit,
                                cpu_backend=args.cpu_backend)
-    out = compiled.save(args.output)
+    out = compiled.save(args.output, sign_key=args.sign)
     print(compiled.report())
-    print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s")
+    print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
     return 0
 
 
-def _parse_inputs(pairs: list[str]) -> dict[str, np.ndarray]:
+def _check_output_directory(path: str, option: str) -> None:
+    """An output directory option names a directory or nothing yet: an existing file is an error."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{option} {path}: exists and is not a directory")
+
+
+def cmd_keygen(args) -> int:
+    from hetflow.runtime.artifact import generate_keypair
+    private, public = Path(f"{args.name}.key"), Path(f"{args.name}.pub")
+    for path in (private, public):
+        if path.exists():
+            raise UsageError(f"{path} exists: not overwriting a key")
+    generate_keypair(private, public)
+    print(f"wrote {private} (the private key: keep it; 'hetflow compile --sign {private}') and {public} "
+          f"(give it to users: 'hetflow run OUT --verify-key {public}')")
+    return 0
+
+
+def _parse_inputs(pairs: list[str], graph) -> dict[str, np.ndarray]:
+    declared = {v.name: v.type for v in graph.inputs}
     feeds = {}
     for pair in pairs:
         if "=" not in pair:
             raise UsageError(f"--input {pair!r}: expected NAME=FILE.npy")
         name, path = pair.split("=", 1)
-        if not Path(path).exists():
-            raise UsageError(f"--input {name}: {path}: no such file")
-        try:
-            feeds[name] = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise UsageError(f"--input {name}: {path} is not a .npy array file: {exc}") from None
+        if name not in declared:
+            raise UsageError(f"--input {name}: the model has no input {name!r} (inputs: {', '.join(declared)})")
+        feeds[name] = read_npy(path, name, declared[name])
     return feeds
+
+
+def read_npy(path: str | Path, name: str, declared=None) -> np.ndarray:
+    """A ``.npy`` file's array, its header checked (against ``declared``, the input's type) before any
+    allocation: a header that declares terabytes, a truncated file or a pickled object is one line, not a
+    crash. A big-endian array is converted to this machine's byte order."""
+    where = f"--input {name}: {path}"
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{where}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{where}: not a regular file")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, EOFError, SyntaxError, TypeError, OverflowError) as exc:
+            raise UsageError(f"{where} is not a .npy array file ({str(exc).splitlines()[0][:120] or 'empty'})") \
+                from None
+        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+            raise UsageError(f"{where} holds {dtype} values (objects or records); inputs are plain numeric arrays")
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dtype.itemsize
+        remaining = path.stat().st_size - f.tell()
+        if nbytes != remaining:
+            raise UsageError(f"{where}: its header declares {dtype}{list(shape)} ({nbytes} bytes), but the file "
+                             f"holds {remaining} bytes of data")
+        if declared is not None and declared.is_static:
+            expected = declared.dtype.numpy
+            if dtype.newbyteorder("=") != np.dtype(expected) or tuple(shape) != tuple(declared.shape):
+                raise UsageError(f"--input {name}: {path} holds {dtype.newbyteorder('=')}{list(shape)}, the model "
+                                 f"takes {declared}")
+        data = np.fromfile(f, dtype=dtype, count=count)
+    array = data.reshape(shape, order="F" if fortran else "C")
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
 
 
 def _random_inputs(graph) -> dict[str, np.ndarray]:
@@ -107,13 +172,18 @@ def _random_inputs(graph) -> dict[str, np.ndarray]:
 
 def cmd_run(args) -> int:
     from hetflow.runtime import load
-    model = load(args.artifact, fallback=args.fallback, gpu_kernels=args.gpu_kernels)
+    if args.output_dir:
+        _check_output_directory(args.output_dir, "--output-dir")
+    model = load(args.artifact, fallback=args.fallback, gpu_kernels=args.gpu_kernels, verify_key=args.verify_key,
+                 trust_native_code=args.trust_native_code)
+    if args.verify_key:
+        print(f"signature: manifest.sig verified with {args.verify_key}", file=sys.stderr)
     for note in model.fallbacks:
         print(f"fallback: {note}", file=sys.stderr)
     if args.generate:
         return _generate(model, args)
     feeds = _random_inputs(model.graph) if args.random else {}
-    feeds.update(_parse_inputs(args.input or []))
+    feeds.update(_parse_inputs(args.input or [], model.graph))
     start = time.perf_counter()
     outputs = model.run(feeds)
     elapsed = time.perf_counter() - start
@@ -191,10 +261,12 @@ def _file_safe(name: str) -> str:
 def cmd_inspect(args) -> int:
     from hetflow.report import graph_summary
     from hetflow.runtime import load
-    model = load(args.artifact)
+    model = load(args.artifact, verify_key=args.verify_key, prepare=False)  # read and checked, nothing loaded
     m = model.manifest
     print(f"artifact {args.artifact}: schema {m['schema']}, hetflow {m.get('hetflow')}, platform {m.get('platform')}"
           + (f", created {m['created']}" if m.get("created") else ""))
+    print(f"manifest {model.digest}" + (f" (signature verified with {args.verify_key})" if model.signed else
+                                        " (signature not checked: --verify-key PUB checks it)"))
     print(graph_summary(model.graph))
     _print_placement(model, args)
     if args.ir:
@@ -300,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "flash) and runs the result.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="on an error, print the Python traceback too "
+                        "(anywhere on the command line; or HETFLOW_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("compile", help="compile a model ahead of time into an artifact directory",
@@ -320,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-backend", choices=["onnxruntime", "tvm"], default="onnxruntime",
                    help="what runs the CPU partitions: ONNX Runtime (default) or a native library TVM compiles "
                         "now for this CPU (untuned LLVM; needs apache-tvm)")
+    p.add_argument("--sign", metavar="KEY", help="sign the artifact's manifest with this Ed25519 private key (PEM; "
+                   "'hetflow keygen NAME' makes one): users check it with 'hetflow run OUT --verify-key PUB'")
     p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
                    "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
     p.set_defaults(func=cmd_compile)
@@ -331,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input, repeatable")
     p.add_argument("--random", action="store_true", help="random values for the inputs not given")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy")
+    _add_trust_options(p)
     p.add_argument("--fallback", choices=["cpu"], help="run partitions built for a device this machine lacks "
                    "(a CUDA GPU) on the CPU instead, and say so")
     p.add_argument("--gpu-kernels", choices=["triton", "torch"], default="triton",
@@ -353,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print what an artifact holds.")
     p.add_argument("artifact", metavar="OUT")
     p.add_argument("--ir", action="store_true", help="also print the textual IR")
+    p.add_argument("--verify-key", metavar="PUB", help="check manifest.sig with this Ed25519 public key (PEM)")
     p.add_argument("--plot", metavar="DIR", help="write roofline.png, timeline.png (Gantt) and trace.json "
                    "(Chrome/Perfetto: open it in ui.perfetto.dev) into DIR")
     p.set_defaults(func=cmd_inspect)
@@ -372,8 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts",
+                       description="Write NAME.key (private: 'hetflow compile --sign NAME.key') and NAME.pub "
+                                   "(public: 'hetflow run OUT --verify-key NAME.pub').")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_keygen)
+
     sub.add_parser("memplan", help="solve a static memory allocation problem (MiniMalloc CSV)", add_help=False)
     return parser
+
+
+def _add_trust_options(p) -> None:
+    p.add_argument("--verify-key", metavar="PUB", help="refuse the artifact unless its manifest.sig verifies with "
+                   "this Ed25519 public key (PEM); the manifest hashes every other file")
+    p.add_argument("--trust-native-code", nargs="?", const=True, default=False, metavar="SHA256",
+                   help="load native libraries (TVM partitions, .so), which run their author's code; off by "
+                        "default. With SHA256 (the manifest digest 'hetflow inspect' prints) only for that manifest")
 
 
 def _version() -> str:
@@ -381,8 +473,15 @@ def _version() -> str:
     return f"hetflow {__version__}"
 
 
+# errors a bad input or a full disk gives that are not hetflow's own: one line too, the traceback with --debug
+ONE_LINE_ERRORS = (OSError, EOFError, MemoryError, OverflowError, UnicodeDecodeError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HETFLOW_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         if argv and argv[0] == "memplan":
@@ -393,11 +492,39 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return args.func(args)
     except HetflowError as exc:
-        print(f"hetflow: error: {exc}", file=sys.stderr)
+        _report(exc, debug, str(exc))
+        return 1
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except ONE_LINE_ERRORS as exc:
+        _report(exc, debug, _describe(exc))
         return 1
     except KeyboardInterrupt:
         print("hetflow: interrupted", file=sys.stderr)
         return 130
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f" ({exc})" if str(exc) else "")
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _report(exc: BaseException, debug: bool, message: str) -> None:
+    """hetflow's own errors as they are written (one line, some with the IR around a node); any other error as
+    its first line, with a pointer to --debug."""
+    if debug:
+        import traceback
+        traceback.print_exception(exc, file=sys.stderr)
+    elif not isinstance(exc, HetflowError):
+        message = " ".join((message.splitlines() or [""])[0].split())[:400] + "  (--debug shows the traceback)"
+    print(f"hetflow: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,14 @@ Loading trusts nothing in the directory (see the README's trust model):
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -170,7 +173,47 @@ def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
         "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in written + list(also_written or [])},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in written:  # (safetensors creates its file private; an artifact is for others to read)
+        os.chmod(path, 0o666 & ~umask)
     return directory
+
+
+@contextlib.contextmanager
+def fresh_directory(target: str | Path):
+    """Yield a new empty directory beside ``target``; on success it replaces ``target`` by rename.
+
+    What was at ``target`` is kept until the new artifact is complete, and replaced only when it is a previous
+    artifact (or an empty directory): a file, or a directory holding something else, is an error, and nothing
+    is lost. Links already inside ``target`` are never followed, since nothing is written into it."""
+    target = Path(target)
+    if os.path.islink(target):
+        raise ArtifactError(f"{target} is a symbolic link: give the real output directory")
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not a directory: give a directory for the artifact")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise ArtifactError(f"{target} exists, is not empty and is not a hetflow artifact: not overwriting it "
+                            "(give a new or empty directory)")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(fresh, 0o777 & ~umask)
+        yield fresh
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+            os.rmdir(old)
+            os.rename(target, old)
+        os.rename(fresh, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
 
 
 # --- signing (Ed25519, the ``cryptography`` package) --------------------------------------------------------

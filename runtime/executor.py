@@ -108,8 +108,11 @@ def _copy_into(destination, value) -> None:
 class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
                  threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton",
-                 wait_timeout: float | None = None, plan_checked: bool = False):
+                 wait_timeout: float | None = None, plan_checked: bool = False,
+                 trust_native_code: bool | str = False, artifact_digest: str | None = None):
         self.graph = graph
+        self.trust_native_code = trust_native_code  # native libraries of an artifact load only when trusted...
+        self.artifact_digest = artifact_digest      # ...(None: the partitions were compiled by this process)
         self.partitions = partitions
         self.platform = platform
         self.wait_timeout = float(wait_timeout if wait_timeout is not None else

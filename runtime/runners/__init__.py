@@ -42,6 +42,7 @@ def load_runner(part, executor):
     if part.backend not in MODULES:
         raise RunnerError(f"partition {part.index} ({part.file}) names backend {part.backend!r}, which this "
                           f"runtime does not have (backends: {', '.join(backends())})")
+    check_native_trust(part, executor.trust_native_code, executor.artifact_digest)
     if part.backend not in RUNNERS:
         importlib.import_module(f"{__name__}.{MODULES[part.backend]}")
     return RUNNERS[part.backend](part, executor)
@@ -53,15 +54,13 @@ FILES = {"cpu": ("onnx_bytes", "bytes"), "cuda": ("source", "text"), "tvm-llvm":
 NATIVE = {"tvm-llvm"}   # backends whose program is native code: loaded only when the caller trusts the artifact
 
 
-def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platform=None,
-                    trust_native_code: bool | str = False, digest: str = ""):
+def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platform=None):
     """Partitions of a loaded artifact, checked against the graph rather than trusted.
 
     The partitions must be exactly the graph's device runs (``device_runs``: each node in one partition, on the
     device its meta names, in order), each backend one the platform allows on its device, each partition's
     inputs and outputs those the graph gives it. The standalone graphs are rebuilt from the main graph; each
-    program comes from ``files`` (bytes already hash-checked). A native library (``NATIVE``) loads only with
-    ``trust_native_code``: True, or the manifest digest the caller pinned."""
+    program comes from ``files`` (bytes already hash-checked); nothing is loaded or run here."""
     import json
 
     from hetflow.ir.graph import extract_subgraph
@@ -102,10 +101,6 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
             raise RunnerError(f"{where}: the manifest's inputs/outputs differ from those the graph gives it "
                               f"(inputs {part.input_names[:4]}, outputs {part.output_names[:4]})")
         field, kind = FILES[backend]
-        if backend in NATIVE and not _trusted(trust_native_code, digest, where):
-            raise RunnerError(f"{where} is a native library (backend {backend}); loading it runs its code. Load "
-                              "it only if you trust who made this artifact: --trust-native-code "
-                              "(trust_native_code=True), ideally with --verify-key")
         if kind == "bytes":
             setattr(part, field, files[entry["file"]])
         elif kind == "text":
@@ -125,14 +120,22 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
     return partitions
 
 
-def _trusted(trust: bool | str, digest: str, where: str) -> bool:
-    if isinstance(trust, str) and trust not in ("", "1", "true", "yes"):
+def check_native_trust(part, trust: bool | str, digest: str | None) -> None:
+    """A native library (``NATIVE``) runs its author's code when loaded: only with ``trust`` (True, or the
+    sha256 of the manifest the caller pinned; ``digest`` None: this process compiled it)."""
+    if part.backend not in NATIVE or digest is None:
+        return
+    where = f"partition {part.index} ({part.file})"
+    if isinstance(trust, str) and trust.lower() not in ("", "1", "true", "yes"):
         pinned = trust if trust.startswith("sha256:") else "sha256:" + trust
         if pinned != digest:
             raise RunnerError(f"{where}: native code is trusted only for manifest {pinned[:19]}..., and this "
                               f"manifest is {digest[:19]}...")
-        return True
-    return bool(trust)
+        return
+    if not trust:
+        raise RunnerError(f"{where} is a native library (backend {part.backend}); loading it runs its code. Load it "
+                          "only if you trust who made this artifact: --trust-native-code (trust_native_code=True), "
+                          "ideally with --verify-key")
 
 
 def _text(data: bytes, where: str) -> str:
