@@ -18,6 +18,13 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hetflow.ir.errors import HetflowError
+
+
+class PlotError(HetflowError):
+    pass
+
+
 if TYPE_CHECKING:
     from hetflow.passes.cost import NodeCost
     from hetflow.passes.schedule import Schedule
@@ -359,7 +366,10 @@ def write_plots(directory, costs: list["NodeCost"], platform: "Platform", schedu
     """roofline.png, timeline.png and trace.json in ``directory`` (created); returns their paths."""
     platform = _load(platform)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PlotError(f"cannot create the plot directory {directory}: {exc.strerror or exc}") from None
     devices = list(platform.devices)
     return [roofline_plot(costs, platform, directory / "roofline.png"),
             gantt_plot(schedule, directory / "timeline.png", title=platform.name, devices=devices),

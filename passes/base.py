@@ -341,8 +341,12 @@ class PassRunner:
         if not self.dump_dir:
             return
         path = Path(self.dump_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / f"{index:02d}-{name}.ir").write_text(str(graph) + "\n")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / f"{index:02d}-{name}.ir").write_text(str(graph) + "\n")
+        except OSError as exc:
+            raise PassError(f"cannot write the IR after pass {name!r} into HETFLOW_DUMP_IR={self.dump_dir}: "
+                            f"{exc.strerror or exc}") from None
 
     def timing_table(self) -> str:
         lines = [f"{'pass':16s} {'ms':>9s}  modified  nodes"]

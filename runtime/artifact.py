@@ -325,11 +325,12 @@ def read_contained(directory: Path, name: str, where: str, limit: int | None = N
             raise ArtifactError(_open_failure(directory, name, parts, exc, where)) from None
     finally:
         os.close(fd)
+    info = os.fstat(file_fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(file_fd)
+        raise ArtifactError(f"{where}: {directory / name} is not a regular file "
+                            f"({_file_kind(info.st_mode)}); an artifact holds regular files only")
     with os.fdopen(file_fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ArtifactError(f"{where}: {directory / name} is not a regular file "
-                                f"({_file_kind(info.st_mode)}); an artifact holds regular files only")
         if limit is not None and info.st_size > limit:
             raise ArtifactError(f"{where}: {directory / name} is {info.st_size} bytes, more than the {limit} "
                                 "this file may have")
@@ -440,7 +441,7 @@ def graph_from_files(files: dict[str, bytes], where: str) -> Graph:
     except RecursionError:
         raise ArtifactError(f"{where}/{GRAPH_FILE}: nested too deeply") from None
     except HetflowError as exc:
-        raise ArtifactError(f"{where}/{GRAPH_FILE}: {exc}") from None
+        raise ArtifactError(f"{where}/{GRAPH_FILE}: {str(exc).splitlines()[0]}") from None
     return graph
 
 
