@@ -108,7 +108,7 @@ def _parse_inputs(pairs: list[str], graph) -> dict[str, np.ndarray]:
             raise UsageError(f"--input {pair!r}: expected NAME=FILE.npy")
         name, path = pair.split("=", 1)
         if name not in declared:
-            raise UsageError(f"--input {name}: the model has no input {name!r} (inputs: {', '.join(declared)})")
+            raise UsageError(f"unknown input {name!r}; the model's inputs are {list(declared)}")
         feeds[name] = read_npy(path, name, declared[name])
     return feeds
 
@@ -132,9 +132,9 @@ def read_npy(path: str | Path, name: str, declared=None) -> np.ndarray:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
-        except (ValueError, EOFError, SyntaxError, TypeError, OverflowError) as exc:
-            raise UsageError(f"{where} is not a .npy array file ({str(exc).splitlines()[0][:120] or 'empty'})") \
-                from None
+        except Exception as exc:  # noqa: BLE001  (numpy's header parser raises whatever its tokenizer does)
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120] or "empty"
+            raise UsageError(f"{where} is not a .npy array file ({detail})") from None
         if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
             raise UsageError(f"{where} holds {dtype} values (objects or records); inputs are plain numeric arrays")
         count = 1
@@ -145,11 +145,17 @@ def read_npy(path: str | Path, name: str, declared=None) -> np.ndarray:
         if nbytes != remaining:
             raise UsageError(f"{where}: its header declares {dtype}{list(shape)} ({nbytes} bytes), but the file "
                              f"holds {remaining} bytes of data")
-        if declared is not None and declared.is_static:
-            expected = declared.dtype.numpy
-            if dtype.newbyteorder("=") != np.dtype(expected) or tuple(shape) != tuple(declared.shape):
-                raise UsageError(f"--input {name}: {path} holds {dtype.newbyteorder('=')}{list(shape)}, the model "
-                                 f"takes {declared}")
+        if declared is not None and declared.is_static:  # the runtime's own words, before anything is allocated
+            from hetflow.ir.types import DType, TensorType
+            try:
+                got = TensorType(DType.from_numpy(dtype.newbyteorder("=")), tuple(int(d) for d in shape))
+            except (HetflowError, ValueError):
+                raise UsageError(f"{where} holds {dtype} values, which hetflow has no type for") from None
+            if got.dtype != declared.dtype:
+                raise UsageError(f"input {name!r}: expected dtype {declared.dtype.value} ({declared}), got "
+                                 f"{got.dtype.value} {got} ({path})")
+            if got.shape != tuple(declared.shape):
+                raise UsageError(f"input {name!r}: expected shape {declared}, got {got} ({path})")
         data = np.fromfile(f, dtype=dtype, count=count)
     array = data.reshape(shape, order="F" if fortran else "C")
     if not dtype.isnative:
