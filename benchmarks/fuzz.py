@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz hetflow's readers of other people's files with atheris (libFuzzer for Python), one target at a time.
 
     python benchmarks/fuzz.py manifest --minutes 10        # one target, 10 minutes
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fuzz_corpus"
 CRASHES = ROOT / "benchmarks" / "results" / "fuzz-crashes"
 TIMEOUT_S = 10
+TARGET_VARIABLE = "HETFLOW_FUZZ_TARGET"   # set: this process is the one libFuzzer drives, for that target
 
 
 # --- the targets: bytes in, a HetflowError or nothing out ---------------------------------------------------
@@ -189,8 +191,65 @@ def _fuzz_in_process(target: str, argv: list[str]) -> None:
         except HetflowError:
             pass
 
-    atheris.Setup([sys.argv[0]] + argv, one_input)
+    mutator = json_mutator(atheris) if target == "manifest" else None
+    atheris.Setup([sys.argv[0]] + argv, one_input, **({"custom_mutator": mutator} if mutator else {}))
     atheris.Fuzz()
+
+
+# values a hostile author puts into JSON fields: wrong types, out of range, paths, huge and odd numbers
+HOSTILE_VALUES = [None, True, 0, -1, 1, 2 ** 31, 2 ** 63, -(2 ** 63), 1e308, 0.5, "", "x", "../../etc/passwd",
+                  "/dev/zero", "a\r\nb", "sha256:" + "0" * 64, "transfer", "tvm-llvm", "cuda", "simulated",
+                  "link:dram->hbm", [], [1], {}, {"a": 1}, "f32[-1,4]", "f32[4294967296,4294967296]"]
+
+
+def json_mutator(atheris):
+    """A structure-aware mutation for the artifact target: when the input's file is JSON, replace one value
+    (anywhere in the tree) by a hostile one, delete a key, or duplicate a list item; otherwise mutate bytes."""
+    import random
+
+    def paths(node, prefix=()):
+        yield prefix
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from paths(value, prefix + (key,))
+        elif isinstance(node, list):
+            for i, value in enumerate(node[:8]):
+                yield from paths(value, prefix + (i,))
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        if len(data) < 2 or rng.random() < 0.3:
+            return atheris.Mutate(data, max_size)
+        try:
+            tree = json.loads(data[1:])
+        except (ValueError, RecursionError):
+            return atheris.Mutate(data, max_size)
+        candidates = list(paths(tree))[1:]
+        if not candidates:
+            return atheris.Mutate(data, max_size)
+        for _ in range(rng.randint(1, 3)):
+            path = rng.choice(candidates)
+            parent = tree
+            for key in path[:-1]:
+                parent = parent[key]
+            key = path[-1]
+            action = rng.random()
+            try:
+                if action < 0.7:
+                    parent[key] = rng.choice(HOSTILE_VALUES)
+                elif action < 0.85 and isinstance(parent, dict):
+                    del parent[key]
+                elif isinstance(parent, list):
+                    parent.insert(key, parent[key])
+                else:
+                    parent[key] = [parent[key]]
+            except (KeyError, IndexError, TypeError):
+                pass
+            candidates = list(paths(tree))[1:] or candidates
+        out = data[:1] + json.dumps(tree).encode()
+        return out[:max_size]
+
+    return mutate
 
 
 def fuzz(target: str, minutes: float) -> dict:
@@ -206,17 +265,18 @@ def fuzz(target: str, minutes: float) -> dict:
         shutil.copy(path, scratch / path.name)
     started = time.monotonic()
     log = CRASHES.parent / f"fuzz-{target}.log"
+    env = {**os.environ, TARGET_VARIABLE: target}
     with open(log, "w") as out:
-        result = subprocess.run([sys.executable, __file__, target, "--in-process", str(scratch),
-                                 f"-max_total_time={int(minutes * 60)}", f"-timeout={TIMEOUT_S}",
-                                 "-rss_limit_mb=6144", f"-artifact_prefix={crashes}/", "-print_final_stats=1"],
-                                stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run([__file__, str(scratch), f"-max_total_time={int(minutes * 60)}",
+                                 f"-timeout={TIMEOUT_S}", "-rss_limit_mb=6144", "-max_len=262144", f"-artifact_prefix={crashes}/",
+                                 "-print_final_stats=1"], stdout=out, stderr=subprocess.STDOUT, env=env)
     seconds = time.monotonic() - started
     text = log.read_text(errors="replace")
     runs = next((line.split()[-1] for line in text.splitlines() if "stat::number_of_executed_units" in line), "?")
     merged = Path(tempfile.mkdtemp(prefix=f"hetflow-fuzz-{target}-merged-"))
-    subprocess.run([sys.executable, __file__, target, "--in-process", "-merge=1", f"-timeout={TIMEOUT_S}",
-                    str(merged), str(kept), str(scratch)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "a") as out:
+        subprocess.run([__file__, "-merge=1", f"-timeout={TIMEOUT_S}", str(merged), str(kept), str(scratch)],
+                       stdout=out, stderr=subprocess.STDOUT, env=env)
     if any(merged.iterdir()):
         shutil.rmtree(kept)
         shutil.copytree(merged, kept)
@@ -227,8 +287,8 @@ def fuzz(target: str, minutes: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[1] == "--in-process":
-        _fuzz_in_process(argv[0], argv[2:])
+    if os.environ.get(TARGET_VARIABLE):  # the fuzzing process (libFuzzer re-runs this file for -merge=1 too)
+        _fuzz_in_process(os.environ[TARGET_VARIABLE], argv)
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=[*TARGETS, "all"])

@@ -98,6 +98,10 @@ def _check_op(graph: Graph, node: Node, path: str, infer: bool) -> None:
         _fail(graph, node, f"{path}: type inference failed: {exc}")
     except UnsupportedOpError:
         return
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+        # an inference rule meeting attributes of the wrong kind (a graph read from a file someone else wrote)
+        _fail(graph, node, f"{path}: {node.describe()} has malformed attributes or inputs "
+                           f"({type(exc).__name__}: {str(exc)[:120]})")
     for out, want in zip(node.outputs, inferred):
         if not _compatible(out.type, want):
             _fail(graph, node, f"{path}: {node.describe()} declares %{out.name}: {out.type}"
