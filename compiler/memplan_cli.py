@@ -10,58 +10,120 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import re
 import sys
 from pathlib import Path
 
-from hetflow.passes.memplan import METHODS, Buffer, InfeasibleError, MemplanInputError, solve
+from hetflow.passes.memplan import METHODS, VALUE_LIMIT, Buffer, InfeasibleError, MemplanInputError, solve
 
-__all__ = ["read_csv", "write_csv", "cli"]
+__all__ = ["read_csv", "read_problem_csv", "write_csv", "cli"]
 
 
 # ---------------------------------------------------------------- CSV
 
+COLUMNS = ("id", "lower", "upper", "size")
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: no '1_000', no other scripts' digits
+_SHOWN = 40  # characters of a bad value or id quoted in a message
+
+
 def read_csv(path) -> list[Buffer]:
-    """Read MiniMalloc's format: a header ``id,lower,upper,size`` (extra columns ignored)."""
+    """Read MiniMalloc's format from a file (see ``read_problem_csv``)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise MemplanInputError(f"{path}: cannot read ({e.strerror})") from None
-    rows = csv.reader(text.splitlines())
-    header = next(rows, None)
-    if header is None:
-        raise MemplanInputError(f"{path}:1: empty file; expected a header id,lower,upper,size")
-    header = [h.strip() for h in header]
-    missing = [c for c in ("id", "lower", "upper", "size") if c not in header]
-    if missing:
-        raise MemplanInputError(f"{path}:1: missing column(s) {', '.join(missing)} "
-                                f"(header is {','.join(header)}; expected id,lower,upper,size)")
-    col = {c: header.index(c) for c in ("id", "lower", "upper", "size")}
-    buffers, seen = [], {}
-    for lineno, row in enumerate(rows, start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        where = f"{path}:{lineno}"
-        if len(row) < len(header):
-            raise MemplanInputError(f"{where}: {len(row)} fields, expected {len(header)}")
-        bid = row[col["id"]].strip()
-        vals = {}
-        for c in ("lower", "upper", "size"):
-            raw = row[col[c]].strip()
-            try:
-                vals[c] = int(raw)
-            except ValueError:
-                raise MemplanInputError(f"{where}: {c} {raw!r} is not an integer") from None
-        if bid in seen:
-            raise MemplanInputError(f"{where}: duplicate id {bid!r} (first on line {seen[bid]})")
-        seen[bid] = lineno
-        if vals["size"] < 0:
-            raise MemplanInputError(f"{where}: buffer {bid!r} has negative size {vals['size']}")
-        if vals["upper"] <= vals["lower"]:
-            raise MemplanInputError(f"{where}: buffer {bid!r} has upper {vals['upper']} <= "
-                                    f"lower {vals['lower']} (lifetimes are [lower, upper))")
-        buffers.append(Buffer(bid, vals["lower"], vals["upper"], vals["size"]))
+    return read_problem_csv(data, name=str(path))
+
+
+def read_problem_csv(data: bytes | str, name: str = "<csv>") -> list[Buffer]:
+    """The buffers of a CSV in MiniMalloc's format: a header ``id,lower,upper,size`` (extra columns
+    ignored), one buffer per row.
+
+    Any input either gives the buffers or raises MemplanInputError with one line that names
+    ``name``, the line and the buffer: nothing else is raised (a fuzz target).
+    """
+    rows = csv.reader(io.StringIO(_decode(data, name), newline=""))
+    try:
+        header = next((row for row in rows if not _blank(row)), None)
+        if header is None:
+            raise MemplanInputError(f"{name}:1: empty file; expected a header id,lower,upper,size")
+        col = _columns([h.strip() for h in header], name, rows.line_num)
+        buffers, seen = [], {}
+        for row in rows:
+            if _blank(row):
+                continue
+            buffer = _buffer(row, col, len(header), f"{name}:{rows.line_num}")
+            if buffer.id in seen:
+                raise MemplanInputError(f"{name}:{rows.line_num}: duplicate id {_shown(buffer.id)} "
+                                        f"(first on line {seen[buffer.id]})")
+            seen[buffer.id] = rows.line_num
+            buffers.append(buffer)
+    except csv.Error as e:
+        raise MemplanInputError(f"{name}:{rows.line_num}: not valid CSV ({e})") from None
     return buffers
+
+
+def _blank(row: list[str]) -> bool:
+    return all(not c.strip() for c in row)
+
+
+def _decode(data: bytes | str, name: str) -> str:
+    """The text of the file: UTF-8 (a leading byte-order mark is dropped)."""
+    if isinstance(data, str):
+        return data.removeprefix("\ufeff")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise MemplanInputError(f"{name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} "
+                                f"at offset {e.start})") from None
+
+
+def _columns(header: list[str], name: str, line: int) -> dict[str, int]:
+    """The position of each of id, lower, upper and size in the header (on ``line``)."""
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise MemplanInputError(f"{name}:{line}: missing column(s) {', '.join(missing)} "
+                                f"(header is {_shown(','.join(header))}; expected id,lower,upper,size)")
+    twice = [c for c in COLUMNS if header.count(c) > 1]
+    if twice:
+        raise MemplanInputError(f"{name}:{line}: column(s) {', '.join(twice)} appear more than once")
+    return {c: header.index(c) for c in COLUMNS}
+
+
+def _buffer(row: list[str], col: dict[str, int], width: int, where: str) -> Buffer:
+    """One row as a Buffer, or MemplanInputError naming ``where`` and the buffer."""
+    if len(row) < width:
+        raise MemplanInputError(f"{where}: {len(row)} fields, expected {width}")
+    bid = row[col["id"]].strip()
+    if not bid:
+        raise MemplanInputError(f"{where}: empty id")
+    values = {c: _integer(row[col[c]].strip(), c, bid, where) for c in ("lower", "upper", "size")}
+    if values["size"] < 0:
+        raise MemplanInputError(f"{where}: buffer {_shown(bid)} has negative size {values['size']}")
+    if values["upper"] <= values["lower"]:
+        raise MemplanInputError(f"{where}: buffer {_shown(bid)} has upper {values['upper']} <= "
+                                f"lower {values['lower']} (lifetimes are [lower, upper))")
+    return Buffer(bid, values["lower"], values["upper"], values["size"])
+
+
+def _integer(raw: str, column: str, bid: str, where: str) -> int:
+    """A field as an integer within [-2**62, 2**62]."""
+    if not _INTEGER.fullmatch(raw):
+        raise MemplanInputError(f"{where}: {column} {_shown(raw)} is not an integer")
+    digits = raw.lstrip("+-").lstrip("0")
+    if len(digits) > 19 or abs(int(raw)) > VALUE_LIMIT:  # the length first: int() of 5,000 digits raises
+        raise MemplanInputError(f"{where}: buffer {_shown(bid)} has {column} {_shown(raw, quote=False)}, "
+                                f"beyond the limit 2**62 ({VALUE_LIMIT})")
+    return int(raw)
+
+
+def _shown(text: str, quote: bool = True) -> str:
+    """``text`` for a one-line message: quoted with escapes, cut to ``_SHOWN`` characters."""
+    cut = text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+    return repr(cut) if quote else cut
 
 
 def write_csv(path, buffers: list[Buffer], offsets: dict[str, int]) -> None:
@@ -128,8 +190,24 @@ def cli(argv=None, prog="hetflow memplan") -> int:
         buffers = read_csv(args.problem)
         result = solve(buffers, args.capacity, args.time_limit, args.method, args.alignment)
     except (MemplanInputError, InfeasibleError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _failed(str(e))
+    _print_summary(args, buffers, result)
+    if args.output:
+        try:
+            write_csv(args.output, buffers, result.offsets)
+        except OSError as e:
+            return _failed(f"{args.output}: cannot write the plan ({e.strerror})")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _failed(message: str) -> int:
+    """Say ``message`` on one line as the hetflow command does; the exit status 1."""
+    print(f"hetflow: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _print_summary(args, buffers: list[Buffer], result) -> None:
     cap = f" within capacity {args.capacity}" if args.capacity is not None else ""
     print(f"fits{cap}: {len(buffers)} buffers")
     print(f"peak:        {result.peak}")
@@ -139,10 +217,6 @@ def cli(argv=None, prog="hetflow memplan") -> int:
     print(f"method:      {result.method}, {result.solve_seconds:.2f} s")
     if result.note:
         print(f"note:        {result.note}")
-    if args.output:
-        write_csv(args.output, buffers, result.offsets)
-        print(f"wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ Methods:
 Every plan is checked, never worse than greedy, and reports the lower bound
 (the most bytes live at once) beside its peak.
 
+Limits: sizes and times beyond 2**62 are refused (``MemplanInputError``). A problem
+past what the exact search takes on (``memplan_search.too_large``: too many
+time-overlapping pairs or section memberships for its tables, or numbers past
+2**60) keeps its greedy plan, and the note says why; memory stays linear in the
+buffers plus those bounded tables.
+
 MiniMalloc's CSV format and the ``hetflow memplan`` command are the driver's
 (``hetflow.memplan_cli``); this module is the solver alone.
 
@@ -32,8 +38,11 @@ machine at any load. The wall clock (``memplan_search.WALL_FACTOR`` x the limit
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
+
+from hetflow.ir.errors import HetflowError
 
 from . import memplan_search
 
@@ -57,11 +66,14 @@ NOTE_WALL_OPTIMAL = ("proved optimal, but the wall-clock time limit stopped a se
                      "answered: the offsets may differ between runs")
 
 
-class MemplanInputError(ValueError):
+VALUE_LIMIT = 1 << 62  # sizes and times past this are refused (the solvers are 64-bit)
+
+
+class MemplanInputError(HetflowError, ValueError):
     """A malformed allocation problem (bad CSV row, negative size, ...)."""
 
 
-class InfeasibleError(RuntimeError):
+class InfeasibleError(HetflowError, RuntimeError):
     """No plan fits the capacity (proved, or not found in time: see the message)."""
 
 
@@ -108,10 +120,20 @@ def _validate(buffers: list[Buffer]) -> None:
         if b.id in seen:
             raise MemplanInputError(f"duplicate buffer id {b.id!r}")
         seen.add(b.id)
+        for name in ("lower", "upper", "size"):
+            _check_integer(b, name)
         if b.size < 0:
             raise MemplanInputError(f"buffer {b.id!r}: negative size {b.size}")
         if b.upper <= b.lower:
             raise MemplanInputError(f"buffer {b.id!r}: upper {b.upper} <= lower {b.lower} (lifetime is empty)")
+
+
+def _check_integer(b: Buffer, name: str) -> None:
+    value = getattr(b, name)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise MemplanInputError(f"buffer {b.id!r}: {name} {value!r} is not an integer")
+    if abs(int(value)) > VALUE_LIMIT:
+        raise MemplanInputError(f"buffer {b.id!r}: {name} {value} is beyond the limit 2**62 ({VALUE_LIMIT})")
 
 
 def lower_bound(buffers: list[Buffer]) -> int:
@@ -310,6 +332,22 @@ def _exact_min(buffers, lb, greedy, greedy_peak, alignment, budget):
     return best, False, limit or "budget"
 
 
+def _too_large(buffers, capacity, alignment, method) -> str:
+    """Why ``method`` would not run on these buffers (its tables or numbers too big), or "".
+
+    The exact search bounds its tables (``memplan_search.too_large``); CP-SAT's model is linear in
+    the buffers (NoOverlap2D), so only its numbers are bounded.
+    """
+    live = [b for b in buffers if b.size > 0]
+    if method == "exact":
+        return memplan_search.too_large([b.lower for b in live], [b.upper for b in live],
+                                        [b.size for b in live], capacity, alignment)
+    top = capacity + max((b.size for b in live), default=0) + alignment
+    if top >= memplan_search.SEARCH_VALUE_LIMIT:
+        return f"capacity + largest size + alignment is {top}, past CP-SAT's limit 2**60"
+    return ""
+
+
 def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: float = 60.0,
           method: str = "exact", alignment: int = 1) -> MemoryPlan:
     """Plan offsets for buffers.
@@ -323,8 +361,10 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if alignment < 1:
-        raise ValueError(f"alignment must be >= 1, got {alignment}")
+    if not 1 <= alignment <= VALUE_LIMIT:
+        raise ValueError(f"alignment must be between 1 and 2**62, got {alignment}")
+    if not 0 <= time_limit_s < math.inf:
+        raise ValueError(f"the time limit must be a finite number of seconds >= 0, got {time_limit_s}")
     buffers = list(buffers)
     _validate(buffers)
     start = time.perf_counter()
@@ -345,12 +385,13 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
         big = max(buffers, key=lambda b: b.size)
         raise InfeasibleError(f"infeasible at capacity {capacity} (buffer {big.id!r} alone needs {big.size})")
 
-    def not_found(best_peak, proved=False, wall=False):
+    def not_found(best_peak, proved=False, wall=False, skipped=""):
         secs = time.perf_counter() - start
         if proved:
             return InfeasibleError(f"infeasible at capacity {capacity} (lower bound {lb}; "
                                    f"proved by exhaustive search in {secs:.1f} s)")
-        why = (f"before the wall-clock time limit ({secs:.1f} s)" if wall else
+        why = (f"by greedy (the {method} search was skipped: {skipped})" if skipped else
+               f"before the wall-clock time limit ({secs:.1f} s)" if wall else
                f"within the search budget for a {time_limit_s:g} s time limit")
         return InfeasibleError(f"no plan found within capacity {capacity} {why} "
                                f"(best peak {best_peak}, lower bound {lb})")
@@ -363,6 +404,11 @@ def solve(buffers: list[Buffer], capacity: int | None = None, time_limit_s: floa
         return plan(greedy, "greedy", greedy_peak == lb)
     if greedy_peak == lb or (capacity is not None and greedy_peak <= capacity):
         return plan(greedy, method, greedy_peak == lb, "greedy plan fits" if greedy_peak > lb else "")
+    skipped = _too_large(buffers, capacity if capacity is not None else greedy_peak, alignment, method)
+    if skipped:
+        if capacity is not None:
+            raise not_found(greedy_peak, skipped=skipped)
+        return plan(greedy, "greedy", False, f"greedy plan kept: the {method} search was skipped ({skipped})")
 
     if method == "cpsat":
         offsets, proved, limit = _cpsat(buffers, capacity, alignment, budget, greedy, greedy_peak)

@@ -26,6 +26,11 @@ depth-first search over canonical sequences is complete. It prunes with:
   instance I: millions of nodes, against 2,641 with it);
 - a table of failed states (the unplaced buffers and their ``minoff``).
 
+The instance keeps sparse tables (each buffer's time-overlapping neighbours, each
+section's buffers), built by a sweep over the endpoints; the dense n x n and
+sections x n tables exist only for the Python search, built on first use.
+``too_large`` bounds all of them before a search starts.
+
 Static orders (the tie-breaking rank; ties go by input order) are tried
 round-robin under a doubling node limit, as MiniMalloc does. The search runs
 compiled where it can (``memplan_search.c``, a C version of ``_Search`` built with the
@@ -96,6 +101,57 @@ class Budget:
         return self.deadline - time.perf_counter()
 
 
+# What the exact search takes on (``too_large`` says why it would not). Its tables grow with the
+# time-overlapping pairs and the buffers' sections (MAX_PAIRS each, some 16 MiB as int32), the Python
+# search's with buffers x (buffers + sections) (PYTHON_MAX_CELLS); its 64-bit arithmetic needs
+# capacity + a size + the alignment below SEARCH_VALUE_LIMIT (its "infinity" is 2**61).
+MAX_PAIRS = 4_000_000
+PYTHON_MAX_CELLS = 4_000_000
+SEARCH_VALUE_LIMIT = 1 << 60
+
+
+class TooLarge(ValueError):
+    """The problem is past what the exact search takes on (the message says which limit)."""
+
+
+def too_large(lowers, uppers, sizes, capacity: int, alignment: int = 1, native=None) -> str:
+    """Why ``fit`` would refuse this problem, or "" when it takes it on.
+
+    ``native`` as for ``fit`` (whether the Python search would run decides its own limit).
+    """
+    n = len(sizes)
+    if n == 0:
+        return ""
+    unit = max(math.gcd(*(int(z) for z in sizes), int(alignment) if alignment > 1 else 0), 1)
+    top = (int(capacity) + int(max(sizes)) + int(alignment)) // unit  # the search counts in units
+    if top >= SEARCH_VALUE_LIMIT:
+        return (f"capacity + largest size + alignment is {top} units of {unit} bytes, "
+                f"past the search's limit 2**60")
+    lowers, uppers = np.asarray(lowers, dtype=np.int64), np.asarray(uppers, dtype=np.int64)
+    pairs = _overlapping_pairs(lowers, uppers)
+    if 2 * pairs > MAX_PAIRS:
+        return f"{pairs} pairs of buffers live at the same time (the exact search takes {MAX_PAIRS // 2})"
+    points = np.unique(np.concatenate([lowers, uppers]))
+    memberships = int((np.searchsorted(points, uppers) - np.searchsorted(points, lowers)).sum())
+    if memberships > MAX_PAIRS:
+        return f"{memberships} buffer-section memberships (the exact search takes {MAX_PAIRS})"
+    python = native is False or n > _NATIVE_MAX_BUFFERS or (native is None and _native_kernel() is None)
+    cells = n * (n + len(points))
+    if python and cells > PYTHON_MAX_CELLS:
+        return (f"{n} buffers over {len(points) - 1} time sections are too many for the Python search "
+                f"(the compiled search is not available here)")
+    return ""
+
+
+def _overlapping_pairs(lowers, uppers) -> int:
+    """How many pairs of buffers are live at the same time (counted, not listed)."""
+    n = len(lowers)
+    starts, ends = np.sort(lowers), np.sort(uppers)
+    later = n - np.searchsorted(starts, uppers, side="left")  # start at or after b's end
+    earlier = np.searchsorted(ends, lowers, side="right")  # end at or before b's start
+    return int((n - 1 - later - earlier).sum()) // 2
+
+
 class SearchTimeout(Exception):
     """The budget ran out before the search (and CP-SAT) answered.
 
@@ -160,21 +216,52 @@ class _Instance:
         self.width = (uppers - lowers)[self.perm]
         self.n = n = len(sizes)
         self.S = S = max(len(points) - 1, 1)
-        member = np.zeros((S, n), dtype=bool)
-        for b in range(n):
-            member[self.slo[b]:self.shi[b], b] = True
-        self.member = member
-        self.member_inf = np.where(member, 0, self.big).astype(self.dtype)
-        self.adj = (self.slo[:, None] < self.shi[None, :]) & (self.slo[None, :] < self.shi[:, None])
-        np.fill_diagonal(self.adj, False)
-        self.adj_inf = np.where(self.adj, 0, self.big).astype(self.dtype)
-        self.section_total = member.astype(np.int64) @ self.sizes.astype(np.int64)
+        self.first_of = np.searchsorted(self.slo, np.arange(S + 1))  # first buffer with slo >= s
+        self.section_count, self.section_total = _section_sums(self.slo, self.shi, self.sizes, S)
+        self.nbr_start, self.nbr = _neighbours(self.slo, self.shi, self.first_of)
         self.twin_prev = np.full(n, -1, dtype=np.int64)
         last = {}
         for b, key in enumerate(zip(self.slo.tolist(), self.shi.tolist(), self.sizes.tolist())):
             self.twin_prev[b] = last.get(key, -1)
             last[key] = b
-        self.first_of = np.searchsorted(self.slo, np.arange(S + 1))  # first buffer with slo >= s
+
+    # Dense tables, built on first use: only the Python search reads them (``too_large`` bounds
+    # buffers x (buffers + sections) for it); the compiled search and CP-SAT use the sparse lists.
+
+    @functools.cached_property
+    def member(self) -> np.ndarray:
+        """member[s, b]: buffer b is live in section s."""
+        member = np.zeros((self.S, self.n), dtype=bool)
+        for b in range(self.n):
+            member[self.slo[b]:self.shi[b], b] = True
+        return member
+
+    @functools.cached_property
+    def member_inf(self) -> np.ndarray:
+        return np.where(self.member, 0, self.big).astype(self.dtype)
+
+    @functools.cached_property
+    def adj(self) -> np.ndarray:
+        """adj[a, b]: buffers a and b are live at the same time (a != b)."""
+        adj = np.zeros((self.n, self.n), dtype=bool)
+        for b in range(self.n):
+            adj[b, self.nbr[self.nbr_start[b]:self.nbr_start[b + 1]]] = True
+        return adj
+
+    @functools.cached_property
+    def adj_inf(self) -> np.ndarray:
+        return np.where(self.adj, 0, self.big).astype(self.dtype)
+
+    def section_members(self):
+        """(start, members): the buffers live in section s are members[start[s]:start[s + 1]], ascending."""
+        widths = (self.shi - self.slo).astype(np.int64)
+        owner = np.repeat(np.arange(self.n, dtype=np.int32), widths)
+        first = np.cumsum(widths) - widths
+        section = self.slo[owner] + (np.arange(len(owner)) - first[owner])
+        members = owner[np.argsort(section, kind="stable")]
+        start = np.zeros(self.S + 1, dtype=np.int64)
+        np.cumsum(self.section_count, out=start[1:])
+        return start, members
 
     def rank(self, heuristic: str) -> np.ndarray:
         """rank[b]: position of b in the static order (W width, A area, T section total, Z size)."""
@@ -191,6 +278,36 @@ class _Instance:
         out = np.empty(self.n, dtype=np.int64)
         out[self.perm] = np.asarray(solution, dtype=np.int64) * self.unit
         return out.tolist()
+
+
+def _section_sums(slo, shi, sizes, S):
+    """(buffers live, their total size) in each of the S sections, by a sweep over the endpoints."""
+    count = np.zeros(S + 1, dtype=np.int64)
+    total = np.zeros(S + 1, dtype=np.int64)
+    np.add.at(count, slo, 1)
+    np.add.at(count, shi, -1)
+    np.add.at(total, slo, sizes.astype(np.int64))
+    np.add.at(total, shi, -sizes.astype(np.int64))
+    return np.cumsum(count)[:S], np.cumsum(total)[:S]
+
+
+def _neighbours(slo, shi, first_of):
+    """(start, nbr): the buffers live at the same time as b are nbr[start[b]:start[b + 1]], ascending.
+
+    The buffers are sorted by (slo, shi), so those after b that overlap it are the run
+    b + 1 .. first_of[shi[b]] - 1; each pair is listed from both of its ends.
+    """
+    n = len(slo)
+    after = (first_of[shi] - np.arange(n) - 1).astype(np.int64)
+    src = np.repeat(np.arange(n, dtype=np.int32), after)
+    first = np.cumsum(after) - after
+    dst = (src + 1 + (np.arange(len(src)) - first[src])).astype(np.int32)
+    rows, cols = np.concatenate([src, dst]), np.concatenate([dst, src])
+    del src, dst
+    order = np.lexsort((cols, rows))
+    start = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=n), out=start[1:])
+    return start, np.ascontiguousarray(cols[order], dtype=np.int32)
 
 
 class _Search:
@@ -402,12 +519,10 @@ class _Native:
     def __init__(self, kernel, inst: _Instance, stop: _Stop):
         self.kernel, self.inst, self.stop = kernel, inst, stop
         i32 = np.int32
-        adj = inst.adj
-        self.nbr_start = np.zeros(inst.n + 1, dtype=i32)
-        np.cumsum(adj.sum(axis=1), out=self.nbr_start[1:])
-        self.nbr = np.ascontiguousarray(np.nonzero(adj)[1], dtype=i32)
+        self.nbr_start = np.ascontiguousarray(inst.nbr_start, dtype=i32)
+        self.nbr = np.ascontiguousarray(inst.nbr, dtype=i32)
         self.sec_start = np.zeros(inst.S + 1, dtype=i32)
-        np.cumsum(inst.member.sum(axis=1), out=self.sec_start[1:])
+        np.cumsum(inst.section_count, out=self.sec_start[1:])
         self.slo = np.ascontiguousarray(inst.slo, dtype=i32)
         self.shi = np.ascontiguousarray(inst.shi, dtype=i32)
         self.size = np.ascontiguousarray(inst.sizes, dtype=np.int64)
@@ -525,8 +640,9 @@ class _SectionModel:
             start = self.slots[i] * align if align > 1 else self.slots[i]
             intervals.append(m.NewFixedSizeIntervalVar(start, z, f"i{i}"))
         seen = set()
+        start, listed = inst.section_members()
         for s in range(inst.S):
-            members = tuple(np.flatnonzero(inst.member[s]).tolist())
+            members = tuple(listed[start[s]:start[s + 1]].tolist())
             if len(members) > 1 and members not in seen:
                 seen.add(members)
                 m.AddNoOverlap([intervals[i] for i in members])
@@ -567,7 +683,8 @@ def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
 
     ``budget`` bounds the work deterministically (search nodes, CP-SAT's deterministic time);
     without one it is ``Budget.for_seconds(time_limit)``. Raises SearchTimeout when neither the
-    search nor CP-SAT answers within it (``wall``: whether the wall clock stopped it).
+    search nor CP-SAT answers within it (``wall``: whether the wall clock stopped it), TooLarge
+    when the problem is past what the search takes on (``too_large``).
     ``workers`` > 1 runs CP-SAT in a second thread beside the search, once the search has spent
     ``SOLO_NODES`` nodes alone. ``native``: None runs the compiled search where it is available,
     else the Python one; False always runs Python; True requires the compiled one.
@@ -582,6 +699,9 @@ def fit(lowers, uppers, sizes, capacity, alignment=1, time_limit=60.0,
     if n == 0:
         stats.update(nodes=0, by="no search: no buffers")
         return []
+    reason = too_large(lowers, uppers, sizes, capacity, alignment, native)
+    if reason:
+        raise TooLarge(reason)
     budget = Budget.for_seconds(time_limit) if budget is None else budget
     deadline = budget.deadline
     inst = _Instance(lowers, uppers, sizes, capacity, alignment)

@@ -42,7 +42,7 @@ def _native_wait():
     source = Path(__file__).with_name("flagwait.c")
     if not source.exists():
         return None
-    function = compiled_function("flagwait", source.read_text(), "hetflow_wait_flag", timeout=60)
+    function = compiled_function("flagwait", source.read_text(), "hetflow_wait_flag")
     if function is None:
         return None  # no writable cache or no working compiler: poll in Python
     function.restype = ctypes.c_int

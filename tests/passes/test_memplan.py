@@ -38,7 +38,7 @@ def test_public_api_is_declared():
     assert sorted(memplan.__all__) == sorted([
         "Buffer", "MemoryPlan", "MemplanInputError", "InfeasibleError", "PlanError",
         "lower_bound", "greedy_by_size", "solve", "check_plan"])
-    assert sorted(memplan_cli.__all__) == ["cli", "read_csv", "write_csv"]
+    assert sorted(memplan_cli.__all__) == ["cli", "read_csv", "read_problem_csv", "write_csv"]
 
 
 def test_the_solver_module_has_no_file_or_command_line_code():
@@ -219,7 +219,7 @@ def test_cli_infeasible_and_bad_input_exit_1_without_traceback(tmp_path, capsys)
     path = _write(tmp_path, "id,lower,upper,size\na,0,10,4\nb,5,20,8\n")
     assert memplan_cli.cli([str(path), "--capacity", "11"]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == "error: infeasible at capacity 11 (lower bound 12)"
+    assert err.strip() == "hetflow: error: infeasible at capacity 11 (lower bound 12)"
     bad = _write(tmp_path, "id,lower,upper,size\na,0,10,-4\n", "bad.csv")
     assert memplan_cli.cli([str(bad), "--capacity", "11"]) == 1
     err = capsys.readouterr().err
