@@ -99,10 +99,12 @@ def platform_target(data: bytes) -> None:
 
 
 def memplan_target(data: bytes) -> None:
-    from hetflow.memplan_cli import read_csv
-    path = _scratch("problem.csv")
-    path.write_bytes(data)
-    read_csv(path)
+    """The CSV reader on any bytes; problems of up to 64 buffers are solved too (with a small budget)."""
+    from hetflow.memplan_cli import read_problem_csv
+    from hetflow.passes.memplan import solve
+    buffers = read_problem_csv(data, "fuzz.csv")
+    if 0 < len(buffers) <= 64:
+        solve(buffers, time_limit_s=0.5)
 
 
 def npy_target(data: bytes) -> None:
@@ -285,6 +287,23 @@ def fuzz(target: str, minutes: float) -> dict:
             "crashes": found, "corpus": len(list(kept.iterdir())), "log": str(log)}
 
 
+def record(result: dict) -> None:
+    """Keep each target's latest run in benchmarks/results/fuzz.json (what the README quotes)."""
+    path = CRASHES.parent / "fuzz.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[result["target"]] = {k: v for k, v in result.items() if k != "log"} | {
+        "date": time.strftime("%Y-%m-%d"), "atheris": _atheris_version()}
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def _atheris_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("atheris")
+    except PackageNotFoundError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.environ.get(TARGET_VARIABLE):  # the fuzzing process (libFuzzer re-runs this file for -merge=1 too)
@@ -311,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             print("fuzzing needs atheris: pip install atheris (or 'hetflow[fuzz]')", file=sys.stderr)
             return 2
         result = fuzz(target, args.minutes)
+        record(result)
         print(f"{target}: {result['seconds']} s, {result['executions']} inputs run, {len(result['crashes'])} crashes, "
               f"corpus kept: {result['corpus']} inputs (log {result['log']})")
         for name in result["crashes"]:

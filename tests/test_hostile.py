@@ -358,6 +358,19 @@ def test_a_stored_gpu_program_never_runs(tmp_path):
     assert not marker.exists(), "code from the artifact ran"
 
 
+def test_a_simulated_partition_program_that_differs_is_refused(tmp_path):
+    out = tmp_path / "out"
+    hetflow.compile(mlp_model(width=256, layers=2, batch=1), platform="duplex").save(out)
+    [program] = [p for p in out.rglob("part*.json")]
+    graph = json.loads(program.read_text())
+    graph["nodes"][0]["op"] = "Neg"   # a different computation, hash fixed up
+    program.write_text(json.dumps(graph))
+    rehash(out, program.relative_to(out).as_posix())
+    with pytest.raises(HetflowError) as exc:
+        load(out)
+    assert "differs from the partition graph.json gives" in one_line(exc)
+
+
 # --- compile writes only its output directory -----------------------------------------------------------------
 
 def test_compile_into_an_existing_file_is_one_line(model_file, tmp_path, capsys):

@@ -65,7 +65,6 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
 
     from hetflow.ir.graph import extract_subgraph
     from hetflow.ir.program import Partition, device_runs
-    from hetflow.ir.serialize import graph_from_json
     try:
         runs = device_runs(graph)
     except HetflowError as exc:
@@ -105,17 +104,15 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
             setattr(part, field, files[entry["file"]])
         elif kind == "text":
             setattr(part, field, _text(files[entry["file"]], where))
-        elif kind == "graph":
-            weights = {w.name: w.data for w in graph.weights.values()}
+        elif kind == "graph":  # the stored program must be the partition the main graph gives, exactly
+            from hetflow.ir.serialize import graph_to_json
             try:
-                part.graph = graph_from_json(json.loads(_text(files[entry["file"]], where)), weights)
+                stored = json.loads(_text(files[entry["file"]], where))
             except (json.JSONDecodeError, RecursionError) as exc:
                 raise RunnerError(f"{where} is not valid JSON: {str(exc)[:120]}") from None
-            except HetflowError as exc:
-                raise RunnerError(f"{where}: {exc}") from None
-            if [v.name for v in part.graph.inputs] != [v.name for v in sub.inputs] or \
-                    [v.name for v in part.graph.outputs] != [v.name for v in sub.outputs]:
-                raise RunnerError(f"{where}: its graph's inputs/outputs differ from those the main graph gives it")
+            if stored != json.loads(json.dumps(graph_to_json(sub))):
+                raise RunnerError(f"{where} differs from the partition graph.json gives (it is refused, not run)")
+            part.graph = sub
         partitions.append(part)
     return partitions
 
