@@ -650,13 +650,19 @@ def _emit_node(node: Node, mapping: dict, program: Program, variables: dict, con
         name = mapping[id(out)]
         variables[name] = f"v{len(variables)}"
         outs.append(variables[name])
-    comment = (node.loc or node.outputs[0].name)[:100].replace("\n", " ")
+    comment = _quoted(node.loc or node.outputs[0].name)  # a name from a model: quoted, never raw source
     if node.op not in MULTI_OUTPUT:
         program.lines.append(f"    {outs[0]} = {expr}  # {node.op} {comment}")
         return
     parts = f"t{len(program.lines)}"  # indexed, not unpacked: torch.fx traces the program for Triton
     program.lines.append(f"    {parts} = {expr}  # {node.op} {comment}")
     program.lines.extend(f"    {out} = {parts}[{i}]" for i, out in enumerate(outs))
+
+
+def _quoted(name: str, limit: int = 100) -> str:
+    """A name as a Python string literal, for a comment: whatever it holds (a carriage return, quotes,
+    code) stays inside the literal and the comment, on its line."""
+    return repr(name[:limit])
 
 
 def _source(program: Program, variables: dict) -> str:
@@ -666,14 +672,19 @@ def _source(program: Program, variables: dict) -> str:
                  for c in program.constants]
     results = ", ".join(variables[n] for n in program.outputs)
     return "\n".join([
-        f'"""hetflow GPU partition {program.name}: emitted by hetflow.backends.gpu from the IR.',
+        '"""A hetflow GPU partition (PARTITION): emitted by hetflow.backends.gpu from the IR.',
         "",
         'Runs with PyTorch on a CUDA GPU, as Triton kernels compiled by TorchInductor (kernels="triton") or',
         'with PyTorch\'s own kernels (kernels="torch"). Arguments: the inputs, the weights (from',
-        'weights.safetensors), then the constants below, in the orders listed."""',
+        'weights.safetensors), then the constants below, in the orders listed. Every name from the model',
+        'appears as a string literal (in the lists below and in the comments), never as code."""',
         "import torch",
         "import torch.nn.functional as F",
         "",
+        "# the names repr() writes for non-finite floats (attributes, constants)",
+        "nan, inf = float('nan'), float('inf')",
+        "",
+        f"PARTITION = {program.name!r}",
         f"INPUTS = {program.inputs!r}",
         f"WEIGHTS = {program.weights!r}",
         f"CONSTANTS = {constants!r}",

@@ -54,6 +54,12 @@ LABEL_BARS = 300      # name the bars of a Gantt chart with at most this many ev
 
 # --- units ----------------------------------------------------------------------------------------------
 
+def _label(name: str) -> str:
+    """A name from a model as plot text: control characters escaped (a newline would split the label);
+    the text is drawn with parse_math=False, so a '$' is a dollar sign, not mathtext to parse."""
+    return name if name.isprintable() else repr(name)[1:-1]
+
+
 def _si(value: float, unit: str) -> str:
     """1.5e12, 'FLOP/s' -> '1.5 TFLOP/s'."""
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -202,7 +208,8 @@ def roofline_plot(costs: list["NodeCost"], platform: "Platform", path) -> Path:
                     fontsize=8.5, fontweight="bold", zorder=6,
                     bbox={"boxstyle": "circle,pad=0.15", "facecolor": "white", "edgecolor": "0.5", "linewidth": 0.6},
                     arrowprops={"arrowstyle": "-", "color": "0.45", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 3})
-        name = c.name if len(c.name) <= 24 else c.name[:23] + "…"
+        name = _label(c.name)
+        name = name if len(name) <= 24 else name[:23] + "…"
         key.append(f"{rank}  {name}: {c.kind}, {_si(c.flops, 'FLOP')}, {_si(c.bytes, 'B')} on {d}")
     if skipped:
         key.append(f"({skipped} group(s) without FLOPs not shown)")
@@ -210,6 +217,7 @@ def roofline_plot(costs: list["NodeCost"], platform: "Platform", path) -> Path:
         heading = "largest groups" if largest else ""
         ax.text(0.985, 0.025, "\n".join([heading] + key if heading else key), transform=ax.transAxes,
                 ha="right", va="bottom", fontsize=9, linespacing=1.45, multialignment="left", zorder=6,
+                parse_math=False,
                 bbox={"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": "0.75", "alpha": 0.92})
 
     ax.grid(True, which="major", color="0.85", linewidth=0.8)
@@ -287,11 +295,12 @@ def gantt_plot(schedule: "Schedule", path, title: str = "", devices: list[str] |
             width = (e.end - e.start) * scale
             if width >= min_width:
                 chars = max(int(width / (makespan * scale) * 120), 3)
-                name = e.name if len(e.name) <= chars else e.name[:chars - 1] + "…"
+                name = _label(e.name)
+                name = name if len(name) <= chars else name[:chars - 1] + "…"
                 r, g, b = to_rgb(colors[e.kind])
                 ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
                 ax.text((e.start * scale) + width / 2, index[e.device], name, ha="center", va="center",
-                        fontsize=8, color=ink, clip_on=True)
+                        fontsize=8, color=ink, clip_on=True, parse_math=False)
 
     if makespan > 0:
         ax.axvline(makespan * scale, color="black", linestyle="--", linewidth=1.4)

@@ -159,12 +159,19 @@ class Node:
 
     def describe(self) -> str:
         """A short human description for error messages: op, output and source location."""
-        outs = ", ".join(f"%{o.name}" for o in self.outputs)
-        where = f" at {self.loc}" if self.loc else ""
-        return f"{self.op} node ({outs}){where}"
+        outs = ", ".join(f"%{_one_line(o.name)}" for o in self.outputs)
+        where = f" at {_one_line(self.loc)}" if self.loc else ""
+        return f"{_one_line(self.op)} node ({outs}){where}"
 
     def __repr__(self) -> str:
         return f"<Node {self.describe()}>"
+
+
+def _one_line(text: str) -> str:
+    """A name as it is when printable; with its control characters escaped (repr's escapes) when not, so a
+    name from a model never splits an error message over lines."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _unique(graphs: list) -> list:

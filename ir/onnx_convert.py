@@ -108,3 +108,51 @@ def node_to_onnx(op: str, input_names: list[str], output_names: list[str], attrs
     for key, value in attrs.items():
         proto.attribute.append(attr_to_onnx(key, value, types.get(key)))
     return proto
+
+
+def external_data_tensors(model: onnx.ModelProto, supplied: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """``[(what, location)]`` for every tensor of the model whose bytes live in a file outside it
+    (``data_location`` EXTERNAL): initializers, sparse initializers and tensor attributes, in subgraphs and
+    functions too. ``what`` names the tensor and where it sits; ``location`` is the file it names.
+    ``supplied``: main-graph initializers whose data the caller hands over itself (not reported)."""
+    found: list[tuple[str, str]] = []
+    for graph, where in _graphs(model):
+        for t in getattr(graph, "initializer", ()):  # (a function has none)
+            if not where and t.name in supplied:  # (the main graph: where is empty)
+                continue
+            _note_external(t, f"initializer {t.name!r}{where}", found)
+        for sparse in getattr(graph, "sparse_initializer", ()):
+            for t in (sparse.values, sparse.indices):
+                _note_external(t, f"sparse initializer {sparse.values.name!r}{where}", found)
+        for node in graph.node:
+            for attr in node.attribute:
+                what = f"attribute {attr.name!r} of node {node.name!r} ({node.op_type}){where}"
+                sparse = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+                tensors = ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+                tensors += [t for s in sparse for t in (s.values, s.indices)]
+                for t in tensors:
+                    _note_external(t, f"tensor {t.name!r} in {what}", found)
+    return found
+
+
+def _note_external(t: onnx.TensorProto, what: str, found: list) -> None:
+    if t.data_location != onnx.TensorProto.EXTERNAL and not t.external_data:
+        return
+    location = next((entry.value for entry in t.external_data if entry.key == "location"), "")
+    found.append((what, location))
+
+
+def _graphs(model: onnx.ModelProto):
+    """The model's graph, every subgraph in its node attributes and every function body, each with a
+    phrase saying where it is (empty for the main graph)."""
+    pending = [(model.graph, "")]
+    pending += [(f, f" in function {f.name!r}") for f in model.functions]
+    while pending:
+        graph, where = pending.pop()
+        yield graph, where
+        for node in graph.node:
+            for attr in node.attribute:
+                inner = f" in the {attr.name!r} subgraph of node {node.name!r}{where}"
+                if attr.HasField("g"):
+                    pending.append((attr.g, inner))
+                pending.extend((g, inner) for g in attr.graphs)

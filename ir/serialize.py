@@ -56,11 +56,15 @@ def _type_to_json(t: TensorType | None) -> Any:
     return None if t is None else str(t)
 
 
-def _type_from_json(text: str | None) -> TensorType | None:
+def _type_from_json(text: str | None, what: str = "a value") -> TensorType | None:
+    """A type from its text; a bad one (unparsable, a negative or absurd dim) is one line naming ``what``."""
     if text is None:
         return None
     from .text import _Parser
-    return _Parser(text, None).type()
+    try:
+        return _Parser(text, None).type()
+    except HetflowError as exc:
+        raise SerializationError(f"{what} has type {text!r}: {str(exc).splitlines()[0]}") from None
 
 
 def _tensor_to_json(a: np.ndarray) -> dict:
@@ -138,13 +142,13 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
     graph = Graph(d["name"], d["opset"])
     env: dict[str, Value] = {}
     for v in d["inputs"]:
-        env[v["name"]] = graph.add_input(v["name"], _type_from_json(v["type"]))
+        env[v["name"]] = graph.add_input(v["name"], _type_from_json(v["type"], f"input %{v['name']}"))
     for w in d["weights"]:
         if "tensor" in w:
             data = _tensor_from_json(w["tensor"], f"weight {w['name']!r}")
         elif w["name"] in weights:
             data = weights[w["name"]]
-            declared = _type_from_json(w["type"])
+            declared = _type_from_json(w["type"], f"weight %{w['name']}")
             if declared is not None and declared.is_static and data.shape != declared.shape:
                 if data.size != declared.numel():
                     raise SerializationError(f"weight {w['name']!r} has shape {list(data.shape)} in the weights "
@@ -152,7 +156,7 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
                 data = data.reshape(declared.shape)  # safetensors stores 0-d tensors as shape [1]
         else:
             raise SerializationError(f"weight {w['name']!r} is missing from the weights file")
-        env[w["name"]] = graph.add_weight(w["name"], data, _type_from_json(w["type"]))
+        env[w["name"]] = graph.add_weight(w["name"], data, _type_from_json(w["type"], f"weight %{w['name']}"))
     for n in d["nodes"]:
         try:
             inputs = [None if name is None else env[name] for name in n["inputs"]]
@@ -161,7 +165,8 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
         outputs = []
         for o in n["outputs"]:
             graph._claim(o["name"])
-            outputs.append(Value(o["name"], _type_from_json(o["type"])))
+            what = f"%{o['name']} (output of node {n.get('loc', '')!r}, {n['op']})"
+            outputs.append(Value(o["name"], _type_from_json(o["type"], what)))
             env[o["name"]] = outputs[-1]
         attrs = {k: _attr_from_json(a, f"attribute {k!r} of node {n['op']}") for k, a in n["attrs"].items()}
         graph.insert(Node(n["op"], inputs, outputs, attrs, n.get("loc", ""), n.get("meta", {})), claim=False)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import HetflowError
 from .graph import Graph, Node, Value
-from .types import DType, TensorType
+from .types import DType, ShapeError, TensorType
 
 INLINE_LIMIT = 16
 _VALUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -343,7 +343,10 @@ class _Parser:
             else:
                 raise ParseError(f"bad dimension {text!r}", self.text, pos)
             self.accept(",")
-        return TensorType(dtype, tuple(dims))
+        try:
+            return TensorType(dtype, tuple(dims))
+        except ShapeError as exc:
+            raise ParseError(str(exc), self.text, pos) from None
 
     def number(self) -> int | float:
         kind, text, pos = self.next()

@@ -8,6 +8,7 @@ rank), ``f32[]`` (a scalar).
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -15,7 +16,18 @@ import numpy as np
 import onnx
 from onnx import helper as onnx_helper
 
+from .errors import HetflowError
+
 Dim = Union[int, str, None]
+
+# The largest tensor hetflow accepts (2**40 elements: at most 2**44 bytes, far from a 64-bit overflow of a
+# byte count or an arena offset). Types are checked when they are made, whoever makes them.
+MAX_ELEMENTS = 2 ** 40
+
+
+class ShapeError(HetflowError, ValueError):
+    """A shape no tensor can have: a negative dim, or more than ``MAX_ELEMENTS`` elements. The message names
+    the dim and the shape; whoever knows the value (a frontend, a parser) adds its name."""
 
 
 class DType(enum.Enum):
@@ -114,6 +126,7 @@ class TensorType:
     def __post_init__(self):
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(self.shape))
+            _check_dims(self.shape)
 
     @property
     def rank(self) -> int | None:
@@ -124,13 +137,14 @@ class TensorType:
         return self.shape is not None and all(isinstance(d, int) for d in self.shape)
 
     def numel(self) -> int | None:
+        """The element count (a Python int: no 64-bit overflow; at most ``MAX_ELEMENTS`` by construction)."""
         if not self.is_static:
             return None
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def nbytes(self) -> int | None:
         n = self.numel()
-        return None if n is None else int(np.ceil(n * self.dtype.itemsize))
+        return None if n is None else _bytes_of(n, self.dtype)
 
     def __str__(self) -> str:
         if self.shape is None:
@@ -140,6 +154,32 @@ class TensorType:
     @staticmethod
     def of(array: np.ndarray) -> "TensorType":
         return TensorType(DType.from_numpy(array.dtype), tuple(int(d) for d in np.shape(array)))
+
+
+def _bytes_of(elements: int, dtype: DType) -> int:
+    """Bytes for ``elements`` of ``dtype``, in integers (4-bit types round up to whole bytes)."""
+    if dtype.itemsize == 0.5:
+        return (elements + 1) // 2
+    return elements * int(dtype.itemsize)
+
+
+def _check_dims(shape: tuple) -> None:
+    """Refuse a negative dim, and static dims whose product passes ``MAX_ELEMENTS`` (zero dims left out of
+    the product: ``[0, 2**50]`` is as absurd as ``[1, 2**50]``, and its strides overflow alike)."""
+    product = 1
+    for index, d in enumerate(shape):
+        if not isinstance(d, int):
+            continue
+        if d < 0:
+            raise ShapeError(f"dim {index} of shape {_shape_text(shape)} is negative ({d})")
+        product *= max(d, 1)
+        if product > MAX_ELEMENTS:
+            raise ShapeError(f"dim {index} ({d}) of shape {_shape_text(shape)} makes more than 2**40 elements, "
+                             "the most hetflow accepts")
+
+
+def _shape_text(shape: tuple) -> str:
+    return "[" + ",".join(_dim_text(d) if isinstance(d, (int, str, type(None))) else repr(d) for d in shape) + "]"
 
 
 def _dim_text(d: Dim) -> str:

@@ -25,8 +25,10 @@ at the end of a compile and at every artifact load. Steps:
    aligned (64 bytes by default).
 
 The report gives, per memory space, the arena's size beside the lower bound (the
-most bytes live at once), greedy best-fit and no reuse at all. Weights have their
-own region; the KV cache of decode models is a dynamic arena outside this plan.
+most bytes live at once), greedy best-fit and no reuse at all. A plan larger than
+its memory space's capacity (``Memory.capacity`` of the platform) is an error that
+says by how much. Weights have their own region (the place pass checks that they
+fit); the KV cache of decode models is a dynamic arena outside this plan.
 """
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ from dataclasses import dataclass, field
 
 from hetflow.ir import FusionKind, Graph, Node, Value, get_op
 
-from .base import CompileOptions, PassResult, register_pass
+from .base import CompileOptions, PassError, PassResult, register_pass
 
 ALIGNMENT = 64
+
+
+class PlanTooLargeError(PassError):
+    """The activations' plan for a memory space needs more bytes than the space holds."""
 
 
 @dataclass
@@ -253,7 +259,28 @@ def plan_graph(graph: Graph, platform=None, time_limit: float = 10.0, alignment:
                                           sum(b.size for b in buffers), offsets, plan.method, plan.note,
                                           plan.solve_seconds, len(buffers), getattr(plan, "blocks", ""),
                                           plan.limit_hit, plan.limit)
+    if platform is not None:
+        _check_capacity(report, platform, graph, sizes)
     return report
+
+
+def _check_capacity(report: MemoryPlanReport, platform, graph: Graph, sizes: dict[str, int]) -> None:
+    """Every space's plan fits its memory's capacity; else one line: the space, the plan's size, the
+    capacity, by how much it is over, and the largest buffer in it."""
+    from hetflow.platform import human_bytes
+    for memory, plan in report.spaces.items():
+        capacity = platform.memories[memory].capacity
+        if plan.size <= capacity:
+            continue
+        over = plan.size - capacity
+        largest = max(plan.offsets, key=lambda name: sizes.get(name, 0))
+        typed = next((f"%{o.name}: {o.type}" for n in graph.nodes for o in n.outputs if o.name == largest),
+                     f"%{largest}")
+        raise PlanTooLargeError(
+            f"pass 'plan_memory': the memory plan for memory {memory!r} of platform {platform.name!r} needs "
+            f"{human_bytes(plan.size)} ({plan.size} bytes) for {plan.buffers} buffers, its capacity is "
+            f"{human_bytes(capacity)}: over by {human_bytes(over)} ({int(over)} bytes); the largest buffer is "
+            f"{typed} ({human_bytes(sizes.get(largest, 0))})")
 
 
 def _solve_two_level(graph: Graph, buffers, time_limit: float, alignment: int):

@@ -4,6 +4,13 @@ Models below opset 13 are converted up to 13 with onnx's version converter;
 13 and later keep their opset (the IR records it and every op row follows that
 opset's semantics). Initializers and Constant nodes become weights; node names
 are kept as source locations; value types come from onnx's shape inference.
+
+Models are untrusted input: ``import_onnx`` returns a graph or raises a
+``HetflowError`` for any bytes at all (the fuzz tests hold it to that). onnx's
+checker runs before anything else reads the model; tensors whose data lie in
+another file are read only for a model loaded from its path (onnx resolves them
+next to it), never for bytes or a ModelProto; negative and absurd dims are
+refused with the value and the node (``hetflow.ir.types.ShapeError``).
 """
 from __future__ import annotations
 
@@ -11,18 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
-from hetflow.ir import Graph, TensorType, UnsupportedOpError, get_op, infer_types
+from hetflow.ir import DType, Graph, TensorType, UnsupportedOpError, get_op, infer_types
 from hetflow.ir.errors import HetflowError
 from hetflow.ir.graph import Node, Value
-from hetflow.ir.onnx_convert import attr_from_onnx, type_from_onnx
+from hetflow.ir.onnx_convert import attr_from_onnx, external_data_tensors, type_from_onnx
+from hetflow.ir.types import ShapeError
+
+from .onnx_shapes import infer_shapes
 
 MIN_OPSET = 13
 
 
 class FrontendError(HetflowError):
     pass
+
+
+class ImporterBug(FrontendError):
+    """An exception hetflow's importer did not expect, raised as a HetflowError (the cause kept): the model
+    is refused all the same, and the message says it is hetflow's bug, not the model's fault alone."""
 
 
 def load_model(source: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
@@ -46,8 +62,28 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def import_onnx(source: str | Path | bytes | onnx.ModelProto) -> Graph:
+    """The model as a hetflow graph; for any input a ``Graph`` or a ``HetflowError``, never another
+    exception (an unexpected one becomes ``ImporterBug``, its cause kept)."""
+    try:
+        return _import_model(source)
+    except HetflowError:
+        raise
+    except RecursionError:
+        raise FrontendError("the ONNX model nests too deeply to import") from None
+    except Exception as exc:  # noqa: BLE001  (the one boundary: a model must never crash the importer's caller)
+        raise ImporterBug(f"hetflow's ONNX importer failed on this model ({type(exc).__name__}: "
+                          f"{_first_line(exc)}); the model is refused; this is a bug in hetflow") from exc
+
+
+def _import_model(source: str | Path | bytes | onnx.ModelProto) -> Graph:
     model = load_model(source)
+    _check_text(model)
+    _refuse_external_data(model)
+    for t in model.graph.initializer:  # named here, before onnx's checker says it more tersely
+        _check_tensor_dims(t, f"initializer {t.name!r}")
     opset = _default_opset(model)
+    _check_ops_exist(model.graph, opset)
+    _check(model)  # before the version converter and shape inference read it
     if opset < MIN_OPSET:
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
@@ -55,17 +91,51 @@ def import_onnx(source: str | Path | bytes | onnx.ModelProto) -> Graph:
             raise FrontendError(f"model uses opset {opset}; converting it to opset {MIN_OPSET} failed: "
                                 f"{_first_line(exc)}") from None
         opset = MIN_OPSET
-    _check_ops_exist(model.graph, opset)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise FrontendError(f"invalid ONNX model: {_first_line(exc)}") from None
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:
-        raise FrontendError(f"ONNX shape inference rejected the model: {_first_line(exc)}") from None
+        _check_ops_exist(model.graph, opset)
+        _check(model)
+    model = infer_shapes(model, FrontendError)
     name = model.graph.name or "main"
     return _import_graph(model.graph, opset, name)
+
+
+def _check(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # ValidationError, and what the checker's C++ raises on stranger input
+        raise FrontendError(f"invalid ONNX model: {_first_line(exc)}") from None
+
+
+def _check_text(model: onnx.ModelProto) -> None:
+    """Every string field of the model is text: protobuf hands over a string field that is not UTF-8 as
+    bytes, which no name may be (onnx's C++ refuses it with a TypeError, file names cannot hold it)."""
+    pending: list = [(model, "model")]
+    while pending:
+        message, where = pending.pop()
+        for field, value in message.ListFields():
+            if field.type == field.TYPE_STRING:
+                texts = [value] if isinstance(value, (str, bytes)) else value  # one, or a repeated field
+                bad = next((t for t in texts if not isinstance(t, str)), None)
+                if bad is not None:
+                    raise FrontendError(f"{where}: field {field.name} is not UTF-8 text ({bytes(bad)[:40]!r})")
+            elif field.type == field.TYPE_MESSAGE:
+                inner = f"{where}.{field.name}"
+                messages = [value] if isinstance(value, Message) else value
+                pending.extend((m, _where(m, inner)) for m in messages)
+
+
+def _where(message, path: str) -> str:
+    name = getattr(message, "name", "")
+    return f"{path} {name!r}" if isinstance(name, str) and name else path
+
+
+def _refuse_external_data(model: onnx.ModelProto) -> None:
+    """Tensors still pointing at files (bytes or a ModelProto given, or a path whose external data onnx did
+    not load): reading them would resolve the location against the working directory."""
+    external = external_data_tensors(model)
+    if external:
+        what, location = external[0]
+        raise FrontendError(f"{what} keeps its data in an external file ({location!r}); hetflow reads external "
+                            "data only for a model loaded from its path, from beside it")
 
 
 def _check_ops_exist(g: onnx.GraphProto, opset: int) -> None:
@@ -88,13 +158,15 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 def _import_graph(g: onnx.GraphProto, opset: int, name: str) -> Graph:
     graph = Graph(_safe_name(name), opset)
+    producers = {out: (proto.name or f"{proto.op_type}_{index}", proto.op_type)
+                 for index, proto in enumerate(g.node) for out in proto.output}
     types: dict[str, TensorType | None] = {}
     for vi in list(g.value_info) + list(g.output) + list(g.input):
-        types[vi.name] = _type(vi)
+        types[vi.name] = _type(vi, producers.get(vi.name))
     env: dict[str, Value] = {}
     initializer_names = {t.name for t in g.initializer}
     for t in g.initializer:
-        env[t.name] = graph.add_weight(t.name, numpy_helper.to_array(t))
+        env[t.name] = graph.add_weight(t.name, _tensor_array(t, f"initializer {t.name!r}"))
     for vi in g.input:
         if vi.name in initializer_names:
             continue
@@ -109,17 +181,7 @@ def _import_graph(g: onnx.GraphProto, opset: int, name: str) -> Graph:
         if op == "Constant":
             _import_constant(graph, proto, env, loc)
             continue
-        attrs = {}
-        for attr in proto.attribute:
-            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise UnsupportedOpError(f"unsupported op {op} (node {loc!r}): control flow with subgraphs "
-                                         "is not supported yet")
-            if attr.ref_attr_name:
-                raise FrontendError(f"node {loc!r} ({op}): attribute references are only valid inside functions")
-            try:
-                attrs[attr.name] = attr_from_onnx(attr)
-            except ValueError as exc:
-                raise UnsupportedOpError(f"unsupported op {op} (node {loc!r}): {exc}") from None
+        attrs = _attributes(proto, op, loc)
         inputs = []
         for input_name in proto.input:
             if input_name == "":
@@ -148,11 +210,52 @@ def _import_graph(g: onnx.GraphProto, opset: int, name: str) -> Graph:
     return graph
 
 
+def _attributes(proto: onnx.NodeProto, op: str, loc: str) -> dict:
+    attrs = {}
+    for attr in proto.attribute:
+        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            raise UnsupportedOpError(f"unsupported op {op} (node {loc!r}): control flow with subgraphs "
+                                     "is not supported yet")
+        if attr.ref_attr_name:
+            raise FrontendError(f"node {loc!r} ({op}): attribute references are only valid inside functions")
+        if attr.type == onnx.AttributeProto.TENSOR:
+            attrs[attr.name] = _tensor_array(attr.t, f"attribute {attr.name!r} of node {loc!r} ({op})")
+            continue
+        try:
+            attrs[attr.name] = attr_from_onnx(attr)
+        except ValueError as exc:
+            raise UnsupportedOpError(f"unsupported op {op} (node {loc!r}): {exc}") from None
+    return attrs
+
+
+def _tensor_array(t: onnx.TensorProto, what: str) -> np.ndarray:
+    """A tensor proto's data; a malformed one (data that does not fill its dims, a negative or absurd dim)
+    is one line naming ``what``."""
+    _check_tensor_dims(t, what)
+    try:
+        array = numpy_helper.to_array(t)
+    except Exception as exc:  # numpy's ValueError for data that does not fill the dims, onnx's own errors
+        raise FrontendError(f"{what} is malformed: {_first_line(exc)}") from None
+    return array
+
+
+def _check_tensor_dims(t: onnx.TensorProto, what: str) -> None:
+    try:
+        TensorType(DType.from_onnx(t.data_type), tuple(int(d) for d in t.dims))
+    except ShapeError as exc:
+        raise FrontendError(f"{what}: {exc}") from None
+    except ValueError as exc:  # an element type hetflow does not know
+        raise UnsupportedOpError(f"{what}: {exc}") from None
+
+
 def _import_constant(graph: Graph, proto: onnx.NodeProto, env: dict[str, Value], loc: str) -> None:
+    if len(proto.attribute) != 1 or len(proto.output) != 1:
+        raise FrontendError(f"node {loc!r} (Constant) has {len(proto.attribute)} attributes and "
+                            f"{len(proto.output)} outputs; a Constant has one of each")
     attr = proto.attribute[0]
     kind = attr.name
     if kind == "value":
-        data = numpy_helper.to_array(attr.t)
+        data = _tensor_array(attr.t, f"the value of node {loc!r} (Constant)")
     elif kind == "value_float":
         data = np.array(attr.f, dtype=np.float32)
     elif kind == "value_floats":
@@ -162,12 +265,19 @@ def _import_constant(graph: Graph, proto: onnx.NodeProto, env: dict[str, Value],
     elif kind == "value_ints":
         data = np.array(list(attr.ints), dtype=np.int64)
     elif kind == "value_string":
-        data = np.array(attr.s.decode(), dtype=object)
+        data = np.array(_text(attr.s, loc), dtype=object)
     elif kind == "value_strings":
-        data = np.array([s.decode() for s in attr.strings], dtype=object)
+        data = np.array([_text(s, loc) for s in attr.strings], dtype=object)
     else:
         raise UnsupportedOpError(f"unsupported op Constant (node {loc!r}): attribute {kind} is not supported")
     env[proto.output[0]] = graph.add_weight(proto.output[0], data)
+
+
+def _text(raw: bytes, loc: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise FrontendError(f"node {loc!r} (Constant): its string value is not UTF-8") from None
 
 
 def _fill_missing_types(node: Node, opset: int) -> None:
@@ -182,13 +292,17 @@ def _fill_missing_types(node: Node, opset: int) -> None:
             out.type = t
 
 
-def _type(vi: onnx.ValueInfoProto) -> TensorType | None:
+def _type(vi: onnx.ValueInfoProto, producer: tuple[str, str] | None) -> TensorType | None:
+    """``producer``: (node, op) that makes the value, named when its type is refused."""
     kind = vi.type.WhichOneof("value")
     if kind not in (None, "tensor_type"):
         raise UnsupportedOpError(f"unsupported value type {kind.replace('_type', '')} for {vi.name!r}: "
                                  "hetflow's IR holds tensors only")
     try:
         return type_from_onnx(vi.type)
+    except ShapeError as exc:
+        made_by = f"output of node {producer[0]!r} ({producer[1]})" if producer else "a graph input"
+        raise FrontendError(f"value {vi.name!r} ({made_by}): {exc}") from None
     except ValueError as exc:
         raise UnsupportedOpError(f"unsupported type for value {vi.name!r}: {exc}") from None
 

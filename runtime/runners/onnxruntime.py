@@ -1,19 +1,21 @@
 """Runner ``cpu``: a CPU partition's ONNX model in ONNX Runtime, run through IOBinding on the runtime's buffers.
 
 A partition ONNX Runtime has no kernel for, or whose tensors it cannot exchange,
-runs on the reference interpreter instead, and the executor says so.
+runs on the reference interpreter instead, and the executor says so. The model is
+checked against the partition's IR before ONNX Runtime sees it
+(``partition_model``): no external data but hetflow's weights, the partition's
+inputs and outputs, views that fit their buffers.
 """
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
 from hetflow.ir.interpreter import Interpreter
-from hetflow.ir.program import VIEW_OUTPUTS, inline_weight
+from hetflow.ir.program import inline_weight
 
 from . import RunnerError, register_runner
 from .interpreter import InterpreterRunner
+from .partition_model import ViewOutput, check_partition_model
 
 ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool"}
 
@@ -25,7 +27,10 @@ class CpuPartition:
 
     def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
                  output_names: list[str], threads: int | None = None, name: str = "partition",
-                 providers: list[str] | None = None, spin: bool = True):
+                 providers: list[str] | None = None, spin: bool = True,
+                 views: dict[str, ViewOutput] | None = None):
+        """``model``: checked already (``check_partition_model``), which also gives ``views``: the outputs
+        bound as views of their buffers in another shape."""
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -48,10 +53,11 @@ class CpuPartition:
         self.binding = self.session.io_binding()
         types = [t.type for t in list(self.session.get_inputs()) + list(self.session.get_outputs())]
         self.bindable = all("string" not in t for t in types)  # IOBinding takes numeric tensors only
-        viewed = json.loads(self.session.get_modelmeta().custom_metadata_map.get(VIEW_OUTPUTS, "{}"))
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
-        self.view_shapes = {n: tuple(shapes[n]) for n in viewed}   # outputs bound as views in these shapes
-        self.ir_shapes = {n: tuple(s) for n, s in viewed.items()}
+        self.name = name
+        views = views or {}
+        self.view_shapes = {n: v.shape for n, v in views.items()}   # outputs bound as views in these shapes
+        self.view_nbytes = {n: v.nbytes for n, v in views.items()}
+        self.ir_shapes = {n: v.ir_shape for n, v in views.items()}
 
     def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """For shapes known only at run time: ONNX Runtime allocates the outputs."""
@@ -69,10 +75,17 @@ class CpuPartition:
         binding = self.binding
         for name in self.input_names:
             array = inputs[name]
+            if not array.flags.c_contiguous:  # ONNX Runtime reads shape x itemsize bytes from the pointer
+                array = inputs[name] = np.ascontiguousarray(array)
             binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
         for name in self.output_names:
             array = outputs[name]
             shape = self.view_shapes.get(name, array.shape)  # a view of the same contiguous buffer
+            if not array.flags.c_contiguous or array.nbytes != self.view_nbytes.get(name, array.nbytes):
+                raise RunnerError(f"{self.name}: output {name!r} would be written as {list(shape)} "
+                                  f"({self.view_nbytes.get(name, array.nbytes)} bytes) into a "
+                                  f"{'non-contiguous ' if not array.flags.c_contiguous else ''}buffer of "
+                                  f"{array.nbytes} bytes")
             binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
         self.session.run_with_iobinding(binding)
 
@@ -88,10 +101,11 @@ def load_cpu(part, executor):
                                   "reference interpreter")
         return InterpreterRunner(Interpreter(part.graph), part.output_names, executor.copy_into)
     weights = {n: w.data for n, w in part.graph.weights.items() if not inline_weight(w)}
+    views = check_partition_model(part.onnx_bytes, part, weights)  # before ONNX Runtime reads a byte of it
     alone = sum(p.backend == "cpu" for p in executor.partitions) == 1
     try:
         return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, executor.threads,
-                            name=part.file, spin=alone)
+                            name=part.file, spin=alone, views=views)
     except RunnerError as exc:
         if "NOT_IMPLEMENTED" not in str(exc):
             raise
