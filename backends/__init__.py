@@ -48,10 +48,16 @@ class Emitter:
     emit: Callable[[Partition], None]         # fills the partition's program (onnx_bytes, source, library...)
 
 
-def _emit_cpu(part: Partition) -> None:
+def cpu_program(graph: Graph, name: str = "") -> bytes:
+    """A CPU partition's program: its ONNX model's bytes (deterministic: the runtime regenerates them at load
+    from graph.json and refuses a stored model that differs)."""
     from .cpu import lower_partition
-    model, _ = lower_partition(part.graph, view_outputs=True)
-    part.onnx_bytes = model.SerializeToString()
+    model, _ = lower_partition(graph, view_outputs=True)
+    return model.SerializeToString()
+
+
+def _emit_cpu(part: Partition) -> None:
+    part.onnx_bytes = cpu_program(part.graph)
 
 
 def _emit_cuda(part: Partition) -> None:

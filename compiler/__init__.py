@@ -47,8 +47,13 @@ def _register_with_the_platform_layer() -> None:
         from hetflow.backends.gpu import emit_program
         return emit_program(graph, name)
 
+    def cpu_program(graph, name: str) -> bytes:
+        from hetflow.backends import cpu_program as emit
+        return emit(graph, name)
+
     platform.register_emit_check("cuda", gpu_emit_check)
     platform.register_program_emitter("cuda", gpu_program)
+    platform.register_program_emitter("cpu", cpu_program)
 
 
 _register_with_the_platform_layer()

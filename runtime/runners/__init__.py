@@ -100,10 +100,9 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
             raise RunnerError(f"{where}: the manifest's inputs/outputs differ from those the graph gives it "
                               f"(inputs {part.input_names[:4]}, outputs {part.output_names[:4]})")
         field, kind = FILES[backend]
-        if kind == "bytes":
-            setattr(part, field, files[entry["file"]])
-        elif kind == "text":
-            setattr(part, field, _text(files[entry["file"]], where))
+        if kind in ("bytes", "text"):
+            stored = files[entry["file"]] if kind == "bytes" else _text(files[entry["file"]], where)
+            setattr(part, field, _regenerated(backend, sub, stored, entry, where))
         elif kind == "graph":  # the stored program must be the partition the main graph gives, exactly
             from hetflow.ir.serialize import graph_to_json
             try:
@@ -115,6 +114,26 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
             part.graph = sub
         partitions.append(part)
     return partitions
+
+
+def _regenerated(backend: str, graph, stored, entry: dict, where: str):
+    """The partition's program as hetflow's own emitter generates it from graph.json (``PROGRAM_EMITTERS``,
+    registered by the driver): a stored program that differs is refused, so what runs never comes from the
+    artifact. A backend without a registered emitter (TVM's native libraries) keeps the stored bytes; those
+    load only when trusted (``check_native_trust``)."""
+    from hetflow.platform import PROGRAM_EMITTERS
+    emit = PROGRAM_EMITTERS.get(backend)
+    if emit is None:
+        return stored
+    try:
+        program = emit(graph, f"{entry['index']} ({entry['file']})")
+    except HetflowError as exc:
+        raise RunnerError(f"{where}: hetflow cannot generate its program from graph.json: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if program != stored:
+        raise RunnerError(f"{where}: the stored program differs from the one hetflow generates from graph.json; "
+                          "it is not run")
+    return program
 
 
 def check_native_trust(part, trust: bool | str, digest: str | None) -> None:
