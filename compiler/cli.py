@@ -181,7 +181,7 @@ def cmd_run(args) -> int:
     if args.output_dir:
         _check_output_directory(args.output_dir, "--output-dir")
     model = load(args.artifact, fallback=args.fallback, gpu_kernels=args.gpu_kernels, verify_key=args.verify_key,
-                 trust_native_code=args.trust_native_code)
+                 trust_native_code=args.trust_manifest or args.trust_native_code)
     if args.verify_key:
         print(f"signature: manifest.sig verified with {args.verify_key}", file=sys.stderr)
     for note in model.fallbacks:
@@ -469,9 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_trust_options(p) -> None:
     p.add_argument("--verify-key", metavar="PUB", help="refuse the artifact unless its manifest.sig verifies with "
                    "this Ed25519 public key (PEM); the manifest hashes every other file")
-    p.add_argument("--trust-native-code", nargs="?", const=True, default=False, metavar="SHA256",
-                   help="load native libraries (TVM partitions, .so), which run their author's code; off by "
-                        "default. With SHA256 (the manifest digest 'hetflow inspect' prints) only for that manifest")
+    p.add_argument("--trust-native-code", action="store_true",
+                   help="load native libraries (TVM partitions, .so), which run their author's code; off by default")
+    p.add_argument("--trust-manifest", metavar="SHA256", help="like --trust-native-code, for the artifact whose "
+                   "manifest has this digest only ('hetflow inspect' prints it)")
 
 
 def _version() -> str:

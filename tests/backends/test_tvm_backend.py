@@ -89,7 +89,7 @@ def test_artifact_runs_in_a_fresh_process(mlp_artifact, tmp_path):
     np.save(tmp_path / "x.npy", x)
     name = compiled.input_names[0]
     proc = subprocess.run([sys.executable, "-m", "hetflow", "run", str(out), "--input", f"{name}={tmp_path / 'x.npy'}",
-                           "--output-dir", str(tmp_path / "res")], capture_output=True, text=True)
+                           "--output-dir", str(tmp_path / "res"), "--trust-native-code"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "TVM LLVM, measured" in proc.stdout
     [result] = list((tmp_path / "res").glob("*.npy"))
@@ -116,13 +116,23 @@ def test_loading_without_tvm_is_one_clean_line(mlp_artifact):
         import sys
         sys.modules["tvm"] = None            # any 'import tvm' now fails
         from hetflow.cli import main
-        sys.exit(main(["run", r"{out}", "--random"]))
+        sys.exit(main(["run", r"{out}", "--random", "--trust-native-code"]))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "partition 0 (cpu/part0.so)" in lines[0] and "pip install apache-tvm" in lines[0]
+
+
+def test_a_tvm_artifact_runs_only_when_trusted(mlp_artifact, capsys):
+    from hetflow.cli import main
+    _, out, _ = mlp_artifact
+    assert main(["run", str(out), "--random"]) == 1
+    assert "--trust-native-code" in capsys.readouterr().err
+    digest = load(out, prepare=False).digest
+    assert main(["run", str(out), "--random", "--trust-manifest", digest]) == 0
+    assert main(["run", str(out), "--random", "--trust-manifest", "sha256:" + "0" * 64]) == 1
 
 
 def test_onnxruntime_artifact_runs_without_tvm_or_torch(tmp_path):
