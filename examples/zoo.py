@@ -390,6 +390,84 @@ def swin():
     return _wrap(_hf(SwinForImageClassification, config)), (_image(),)
 
 
+# --- more architectures (benchmarks/zoo.py's coverage table) ------------------------------------------
+
+@_seeded
+def segformer():
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    config = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                             patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+                             decoder_hidden_size=32, num_labels=5)
+    return _wrap(_lively(_hf(SegformerForSemanticSegmentation, config))), (_image(),)
+
+
+@_seeded
+def mobilevit():
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+    config = MobileViTConfig(image_size=IMAGE, hidden_sizes=[32, 40, 48], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                             num_attention_heads=2, num_labels=10)
+    return _wrap(_lively(_hf(MobileViTForImageClassification, config))), (_image(),)
+
+
+@_seeded
+def dinov2():
+    from transformers import Dinov2Config, Dinov2Model
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          image_size=IMAGE, patch_size=8)
+    return _wrap(_hf(Dinov2Model, config)), (_image(),)
+
+
+@_seeded
+def mpnet():
+    from transformers import MPNetConfig, MPNetModel
+    return _wrap(_hf(MPNetModel, MPNetConfig(**ENC))), (_ids(),)
+
+
+@_seeded
+def gpt_neo():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    config = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+                          attention_types=[[["global", "local"], 1]], window_size=8, intermediate_size=128)
+    return _causal(_hf(GPTNeoForCausalLM, config)), (_ids(),)
+
+
+@_seeded
+def gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+    config = GPTJConfig(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    return _causal(_hf(GPTJForCausalLM, config)), (_ids(),)
+
+
+@_seeded
+def stablelm():
+    from transformers import StableLmConfig, StableLmForCausalLM
+    return _causal(_hf(StableLmForCausalLM, StableLmConfig(**DEC))), (_ids(),)
+
+
+@_seeded
+def starcoder2():
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+    return _causal(_hf(Starcoder2ForCausalLM, Starcoder2Config(**DEC))), (_ids(),)
+
+
+@_seeded
+def mbart():
+    from transformers import MBartConfig, MBartForConditionalGeneration
+    config = MBartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                         max_position_embeddings=64)
+    return _seq2seq(_hf(MBartForConditionalGeneration, config)), (_ids(), _ids())
+
+
+@_seeded
+def hubert():
+    from transformers import HubertConfig, HubertModel
+    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=4)
+    return _wrap(_hf(HubertModel, config)), (_torch().randn(1, 1600),)
+
+
 # --- the project's own examples ------------------------------------------------------------------
 
 @_seeded
@@ -476,6 +554,9 @@ MODELS = [
     _entry(resnet, "cnn"), _entry(convnext, "cnn"), _entry(mobilenet_v2, "cnn"), _entry(mobilenet_v1, "cnn"),
     _entry(regnet, "cnn"), _entry(efficientnet, "cnn"),
     _entry(vit, "vit"), _entry(deit, "vit"), _entry(beit, "vit"), _entry(swin, "vit"),
+    _entry(segformer, "vit"), _entry(mobilevit, "vit"), _entry(dinov2, "vit"),
+    _entry(mpnet, "encoder"), _entry(gpt_neo, "decoder"), _entry(gptj, "decoder"), _entry(stablelm, "decoder"),
+    _entry(starcoder2, "decoder"), _entry(mbart, "encdec"), _entry(hubert, "audio"),
     _entry(ex_mlp, "example", tags=("small",)), _entry(ex_gpt2, "example"), _entry(ex_resnet18, "example"),
     _entry(ex_vit, "example"), _entry(ex_bert, "example"), _entry(ex_gpt2_decode, "example"),
     _entry(ir_mixtral_decode, "ir", kind="ir", rtol=1e-2), _entry(ir_gpt2_decode, "ir", kind="ir", rtol=1e-2),
