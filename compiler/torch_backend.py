@@ -145,6 +145,7 @@ class _CompiledForward:
 _INT_OF_SIZE = {1: (np.int8, torch.int8), 2: (np.int16, torch.int16)}
 _TORCH_OF_NUMPY_NAME = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
                         "float8_e5m2": torch.float8_e5m2}
+_NUMPY_NAME_OF_TORCH = {t: name for name, t in _TORCH_OF_NUMPY_NAME.items()}
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -152,10 +153,12 @@ def _to_numpy(x: Any) -> np.ndarray:
         x = x.detach()
         if x.device.type != "cpu":
             x = x.cpu()
-        if x.dtype == torch.bfloat16:
-            from hetflow.ir import DType
-            return x.view(torch.int16).numpy().view(DType.bf16.numpy)
-        return x.numpy()
+        numpy_name = _NUMPY_NAME_OF_TORCH.get(x.dtype)
+        if numpy_name is None:
+            return x.numpy()
+        import ml_dtypes  # what onnx (and so hetflow's DType.bf16.numpy) uses for bf16 and the float8s
+        np_int, torch_int = _INT_OF_SIZE[x.element_size()]
+        return x.contiguous().view(torch_int).numpy().view(getattr(ml_dtypes, numpy_name))
     if isinstance(x, bool):
         return np.array(x)
     if isinstance(x, int):

@@ -151,3 +151,12 @@ def test_bf16_crosses_the_boundary():
 def test_backend_checks_its_options():
     with pytest.raises(hetflow.api.CompileError, match="cpu_backend"):
         hetflow.backend(cpu_backend="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32, torch.int64])
+def test_boundary_round_trips_bits(dtype):
+    from hetflow.torch_backend import _to_numpy, _to_torch
+    x = (torch.randn(3, 5) * 4).to(dtype)
+    array = _to_numpy(x)
+    assert array.dtype.itemsize == x.element_size()  # a same-size view, never through float32
+    assert torch.equal(_to_torch(array, x.device).view(torch.uint8), x.view(torch.uint8))
