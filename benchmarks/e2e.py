@@ -161,10 +161,10 @@ def bench_model(name, spec, args, peers, workdir: Path) -> dict:
 PAIRED = ("eager", "ort", "hetflow")
 
 
-def paired(runs: dict, rounds: int, budget_s: float, block: int = 3) -> dict:
+def paired(runs: dict, rounds: int, budget_s: float, block: int = 3, keys=PAIRED, of: str = "hetflow") -> dict:
     """Rounds in which every peer runs a short block in turn (the order rotating): one untimed call,
     then ``block`` timed calls whose median is the peer's time in that round; the ratios are medians
-    of the per-round ratios hetflow / peer.
+    of the per-round ratios hetflow / peer (``of`` / peer for each of ``keys``).
 
     A shared or virtual machine changes speed from one minute to the next (measured here: the same
     ONNX Runtime session at 8 ms, then 12 ms); peers measured one after another see different
@@ -172,7 +172,7 @@ def paired(runs: dict, rounds: int, budget_s: float, block: int = 3) -> dict:
     threads and caches come back to the steady state the cells measure.
     """
     import statistics
-    keys = [k for k in PAIRED if k in runs]
+    keys = [k for k in keys if k in runs]
     per_round = {k: [] for k in keys}
     deadline = time.perf_counter() + 3 * budget_s
     for i in range(rounds):
@@ -186,9 +186,9 @@ def paired(runs: dict, rounds: int, budget_s: float, block: int = 3) -> dict:
             per_round[k].append(statistics.median(times))
         if time.perf_counter() > deadline and i >= 4:
             break
-    n = len(per_round["hetflow"])
-    ratios = {f"hetflow/{k}": statistics.median(h / p for h, p in zip(per_round["hetflow"], per_round[k]))
-              for k in keys if k != "hetflow"}
+    n = len(per_round[of])
+    ratios = {f"{of}/{k}": statistics.median(h / p for h, p in zip(per_round[of], per_round[k]))
+              for k in keys if k != of}
     return {"rounds": n, "ratios": ratios,
             "median_ms": {k: statistics.median(v) * 1e3 for k, v in per_round.items()}}
 

@@ -193,6 +193,25 @@ def prepare_tvm(onnx_path: Path, inputs):
 
 
 # ---------------------------------------------------------------- hetflow
+def prepare_hetflow_torch_compile(module, inputs, platform: str = "host"):
+    """torch.compile(module, backend=hetflow.backend(platform=...)); the first call (dynamo, aot_autograd and
+    the hetflow compile) is timed as compile time."""
+    import torch
+
+    import hetflow
+    torch._dynamo.reset()
+    module.eval()
+    backend = hetflow.backend(platform=platform)
+    compiled = torch.compile(module, backend=backend)
+
+    def run():
+        with torch.no_grad():
+            return compiled(*inputs)
+    t0 = time.perf_counter()
+    run()
+    return (lambda: _first(run())), {"compile_s": time.perf_counter() - t0, "graphs": len(backend.compiled)}
+
+
 def prepare_hetflow(module, inputs, platform: str = "host", cpu_backend: str = "onnxruntime"):
     """hetflow.compile(module, inputs, platform=..., cpu_backend=...): whatever hetflow does when called."""
     import hetflow

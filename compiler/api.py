@@ -159,17 +159,36 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
-    from hetflow.passes import CompileOptions
+    _check_backends(cpu_backend, gpu_kernels)
+    platform = _check_platform(platform)
+    start = time.perf_counter()
+    graph, torch_capture = capture(model, example_inputs)
+    return compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
+                         gpu_kernels, start)
+
+
+def _check_backends(cpu_backend: str, gpu_kernels: str) -> None:
     from hetflow.backends import CPU_BACKENDS
-    from hetflow.pipeline import run_pipeline
     if cpu_backend not in CPU_BACKENDS:
         raise CompileError(f"cpu_backend {cpu_backend!r} is not one of {', '.join(CPU_BACKENDS)}")
     if gpu_kernels not in ("triton", "torch"):
         raise CompileError(f"gpu_kernels {gpu_kernels!r} is not one of triton, torch")
+
+
+def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
+                  passes: Sequence[str] | str | None = None, placement: str = "roofline",
+                  devices: Sequence[str] | None = None, time_limit: float = 10.0,
+                  cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton",
+                  start: float | None = None) -> CompiledModel:
+    """A captured graph through the pipeline, placement, memory plan and plan check to a ``CompiledModel``:
+    the one path ``compile`` and the ``torch.compile`` backend share. ``start``: when capture began (for
+    ``compile_seconds``)."""
+    from hetflow.passes import CompileOptions
+    from hetflow.pipeline import run_pipeline
+    _check_backends(cpu_backend, gpu_kernels)
     platform = _check_platform(platform)
+    start = time.perf_counter() if start is None else start
     options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit)
-    start = time.perf_counter()
-    graph, torch_capture = capture(model, example_inputs)
     verify(graph)
     graph, runner = run_pipeline(graph, passes, options=options)
     _host_runs_unplaced(graph, platform)
@@ -211,11 +230,20 @@ def check_plan(graph: Graph, platform, memory_plan) -> None:
                       where="compile: the memory plan")
 
 
-def backend(platform: Any = "host"):
-    """A ``torch.compile`` backend compiling for ``platform``: ``torch.compile(m, backend=hetflow.backend())``."""
+def backend(platform: Any = "host", placement: str = "roofline", passes: Sequence[str] | str | None = None,
+            devices: Sequence[str] | None = None, time_limit: float = 10.0, cpu_backend: str = "onnxruntime",
+            gpu_kernels: str = "triton"):
+    """A ``torch.compile`` backend with these ``compile`` options bound:
+    ``torch.compile(m, backend=hetflow.backend(platform="mobile-soc"))``. Each FX graph dynamo hands it
+    (one per graph-break piece and guard set) goes through the same pipeline and runtime as ``compile``;
+    the returned backend's ``compiled`` lists the ``CompiledModel`` of each (``report()`` says what was built)."""
+    _check_backends(cpu_backend, gpu_kernels)
     _check_platform(platform)
     from hetflow.torch_backend import hetflow_backend
+    options = dict(platform=platform, placement=placement, passes=passes, devices=devices, time_limit=time_limit,
+                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels)
 
     def compile_fx(gm, example_inputs, **kwargs):
-        return hetflow_backend(gm, example_inputs, platform=platform, **kwargs)
+        return hetflow_backend(gm, example_inputs, **options, compiled_models=compile_fx.compiled, **kwargs)
+    compile_fx.compiled = []
     return compile_fx

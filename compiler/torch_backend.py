@@ -1,10 +1,14 @@
 """The ``torch.compile`` backend: ``torch.compile(model, backend="hetflow")``.
 
-Dynamo hands the backend an FX graph; ``aot_autograd`` with the core-ATen
-decompositions turns it into a core-ATen graph with the parameters lifted as
-inputs, which ``capture_fx`` imports. The compiled forward runs the hetflow
-reference interpreter on NumPy arrays and returns torch tensors. Inference only:
-asking for a backward raises ``BackwardNotSupported``.
+Dynamo hands the backend one FX graph per graph-break piece and guard set (it
+keeps the guards and caches what the backend returns, as for any backend);
+``aot_autograd`` with the core-ATen decompositions turns it into a core-ATen
+graph with the parameters lifted as inputs. The parameters and buffers are put
+back as weights (the values they hold at compile time, as inductor's freezing
+does), ``capture_fx`` imports the graph and ``hetflow.api.compile_graph`` takes
+it through the same pipeline, placement, memory plan and runtime as
+``hetflow.compile``. Inference only: asking for a backward raises
+``BackwardNotSupported``.
 
 The backend is found by name through the ``torch_dynamo_backends`` entry point
 in pyproject; importing this module also registers it with dynamo, for an
@@ -12,6 +16,7 @@ install whose entry points torch has not seen.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,10 +24,11 @@ import torch
 from torch._decomp import core_aten_decompositions
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from hetflow.frontends.torch import TorchCapture, capture_fx
+from hetflow.api import compile_graph
+from hetflow.frontends.torch import capture_fx
 from hetflow.ir.errors import HetflowError
-from hetflow.runtime.interpreter import Interpreter
 
 __all__ = ["BackwardNotSupported", "hetflow_backend"]
 
@@ -31,21 +37,72 @@ class BackwardNotSupported(HetflowError, RuntimeError):
     """A gradient was requested through a hetflow-compiled module (hetflow compiles inference only)."""
 
 
-def hetflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], platform: str = "host",
+def hetflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], platform: Any = "host",
+                    placement: str = "roofline", passes=None, devices=None, time_limit: float = 10.0,
+                    cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", compiled_models: list | None = None,
                     **kwargs) -> Callable:
-    """A torch.compile backend: core-ATen graph -> hetflow IR -> reference interpreter.
+    """A torch.compile backend: core-ATen graph -> hetflow IR -> the ``hetflow.compile`` pipeline and runtime.
 
-    ``platform`` is accepted for ``hetflow.backend(platform=...)``; for now every
-    platform runs the reference interpreter.
+    The options are ``hetflow.compile``'s; ``hetflow.backend(...)`` binds them. Each ``CompiledModel`` built
+    is appended to ``compiled_models`` when given (``hetflow.backend(...).compiled`` is such a list).
     """
-    backend = aot_autograd(fw_compiler=_compile_forward, bw_compiler=_refuse_backward,
-                           inference_compiler=_compile_forward, decompositions=core_aten_decompositions())
+    options = dict(platform=platform, placement=placement, passes=passes, devices=devices, time_limit=time_limit,
+                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels)
+    weights = {i: example_inputs[i].detach() for i in _weight_indices(gm)}
+    forward = functools.partial(_compile_forward, weights=weights, n_inputs=len(example_inputs), options=options,
+                                compiled_models=compiled_models)
+    backend = aot_autograd(fw_compiler=forward, bw_compiler=_refuse_backward, inference_compiler=forward,
+                           decompositions=core_aten_decompositions())
     return backend(gm, example_inputs, **kwargs)
 
 
-def _compile_forward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-    capture = capture_fx(gm, example_inputs)
-    return make_boxed_func(_InterpretedForward(capture, _symint_outputs(gm)))
+def _weight_indices(gm: torch.fx.GraphModule) -> list[int]:
+    """The dynamo graph's inputs that are a module's parameters or buffers (dynamo lifts them as inputs)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, node in enumerate(placeholders) if _is_param_or_buffer(getattr(node, "_dynamo_source", None))]
+
+
+def _is_param_or_buffer(source) -> bool:
+    from torch._dynamo.source import DictGetItemSource, ParamBufferSource, UnspecializedParamBufferSource
+    while source is not None:
+        if isinstance(source, (ParamBufferSource, UnspecializedParamBufferSource)):
+            return True
+        if isinstance(source, DictGetItemSource) and isinstance(source.base, UnspecializedParamBufferSource):
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+def _compile_forward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], weights: dict, n_inputs: int,
+                     options: dict, compiled_models: list | None) -> Callable:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != n_inputs:  # aot_autograd rewrote the inputs (aliasing, subclasses): keep them inputs
+        weights = {}
+    _freeze(gm, placeholders, weights)
+    with unset_fake_temporarily():  # aot_autograd calls this under its fake mode; the weights are real tensors
+        capture = capture_fx(gm)
+        compiled = compile_graph(capture.graph, torch_capture=capture, **options)
+        compiled.executor  # built now: a partition that cannot be built fails the compile, not the first call
+    if compiled_models is not None:
+        compiled_models.append(compiled)
+    kept = [i for i in range(len(placeholders)) if i not in weights]
+    return make_boxed_func(_CompiledForward(compiled, capture.input_names, kept, _symint_outputs(gm)))
+
+
+def _freeze(gm: torch.fx.GraphModule, placeholders: list, weights: dict) -> None:
+    """Turn the placeholders of parameters and buffers into ``get_attr`` constants ``capture_fx`` makes weights."""
+    if not weights:
+        return
+    with gm.graph.inserting_after(placeholders[-1]):
+        for index, tensor in weights.items():
+            node = placeholders[index]
+            name = f"_hetflow_weight_{node.name}"
+            gm.register_buffer(name, tensor)
+            constant = gm.graph.get_attr(name)
+            constant.meta = dict(node.meta)
+            node.replace_all_uses_with(constant)
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _refuse_backward(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -61,35 +118,63 @@ def _symint_outputs(gm: torch.fx.GraphModule) -> list[bool]:
     return [isinstance(r, torch.fx.Node) and isinstance(r.meta.get("val"), torch.SymInt) for r in results]
 
 
-class _InterpretedForward:
-    """Runs the captured graph: torch arguments in, torch tensors (and Python ints for sizes) out."""
+class _CompiledForward:
+    """Runs the compiled model: torch arguments in (weights dropped), torch tensors (and ints for sizes) out,
+    on the device of the first tensor argument."""
 
-    def __init__(self, capture: TorchCapture, symint_outputs: list[bool]):
-        self.capture = capture
-        self.interpreter = Interpreter(capture.graph)
-        self.symint_outputs = symint_outputs
+    def __init__(self, compiled, input_names: list[str], kept: list[int], symint_outputs: list[bool]):
+        self.compiled = compiled
+        self.executor = compiled.executor
+        self.names = input_names
+        self.outputs = [v.name for v in compiled.graph.outputs]
+        self.kept = kept
+        self.symint_outputs = symint_outputs + [False] * len(self.outputs)
 
     def __call__(self, *args):
-        feeds = {name: _to_numpy(a) for name, a in zip(self.capture.input_names, args)}
-        outputs = self.interpreter.run(feeds)
-        results = []
-        for array, is_size in zip(outputs, self.symint_outputs + [False] * len(outputs)):
-            results.append(int(array) if is_size else torch.from_numpy(np.array(array, copy=True)))
-        return results
+        args = [args[i] for i in self.kept]
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        results = self.executor.run({name: _to_numpy(a) for name, a in zip(self.names, args)})
+        out = []
+        for name, is_size in zip(self.outputs, self.symint_outputs):
+            array = results[name]
+            out.append(int(array) if is_size else _to_torch(array, device))
+        return out
+
+
+# NumPy dtypes torch.from_numpy does not take (ml_dtypes'), crossed as a same-size integer view
+_INT_OF_SIZE = {1: (np.int8, torch.int8), 2: (np.int16, torch.int16)}
+_TORCH_OF_NUMPY_NAME = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
+                        "float8_e5m2": torch.float8_e5m2}
+_NUMPY_NAME_OF_TORCH = {t: name for name, t in _TORCH_OF_NUMPY_NAME.items()}
 
 
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            from hetflow.ir import DType
-            return x.view(torch.int16).numpy().view(DType.bf16.numpy)
-        return x.numpy()
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        numpy_name = _NUMPY_NAME_OF_TORCH.get(x.dtype)
+        if numpy_name is None:
+            return x.numpy()
+        import ml_dtypes  # what onnx (and so hetflow's DType.bf16.numpy) uses for bf16 and the float8s
+        np_int, torch_int = _INT_OF_SIZE[x.element_size()]
+        return x.contiguous().view(torch_int).numpy().view(getattr(ml_dtypes, numpy_name))
     if isinstance(x, bool):
         return np.array(x)
     if isinstance(x, int):
         return np.array(x, dtype=np.int64)
     return np.array(x, dtype=np.float32)
+
+
+def _to_torch(array: np.ndarray, device) -> torch.Tensor:
+    array = np.asarray(array)
+    target = _TORCH_OF_NUMPY_NAME.get(array.dtype.name)
+    if target is None:
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    else:
+        np_int, torch_int = _INT_OF_SIZE[array.dtype.itemsize]
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np_int)).view(target)
+    return tensor if device is None or device.type == "cpu" else tensor.to(device)
 
 
 def _register() -> None:

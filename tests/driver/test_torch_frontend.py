@@ -1,4 +1,4 @@
-"""The torch frontend and the torch.compile backend against torch eager.
+"""The torch frontend against torch eager (the torch.compile backend: test_torch_backend.py).
 
 Every captured graph must verify, round-trip through the text form, and give
 the eager outputs (float32, max|a-b| <= 1e-4 * max(1, max|b|)) when the
@@ -278,31 +278,6 @@ def test_capture_fx_plain_aten_graph():
     assert capture.input_names == [v.name for v in capture.graph.inputs]
     outputs = Interpreter(capture.graph).run([a.numpy() for a in args])
     assert relative_error(outputs, plain_aten_ops(*args)) <= TOLERANCE
-
-
-# --- torch.compile --------------------------------------------------------------------------------------------
-
-def test_torch_compile_backend_mlp():
-    import hetflow.torch_backend  # noqa: F401  (the entry point finds it too)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    module = MLP().eval()
-    compiled = torch.compile(module, backend="hetflow")
-    for batch in (4, 4, 7):
-        x = torch.randn(batch, 32)
-        with torch.no_grad():
-            got, want = compiled(x), module(x)
-        assert float((got - want).abs().max()) <= TOLERANCE * max(1.0, float(want.abs().max()))
-
-
-def test_torch_compile_backward_is_refused():
-    from hetflow.torch_backend import BackwardNotSupported
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    compiled = torch.compile(MLP().eval(), backend="hetflow")
-    y = compiled(torch.randn(4, 32))
-    with pytest.raises(BackwardNotSupported, match="inference only"):
-        y.sum().backward()
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
