@@ -17,6 +17,9 @@ overload (the ``CONVERTERS`` table) into ops with ONNX semantics at opset 18.
   FX node's name when the trace has neither.
 - An ATen op without a converter raises ``UnsupportedOpError`` naming the op, the
   FX node and its location.
+- A library's custom op (``torch.library``, e.g. transformers' MoE ``grouped_mm``)
+  is keyed in ``CONVERTERS`` by its name, ``"namespace.op.overload"``: the op object
+  exists only once that library is imported.
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ class _Importer:
 
     def _convert(self, node: FxNode) -> None:
         self.node, self.loc = node, _location(node)
-        converter = CONVERTERS.get(node.target)
+        converter = CONVERTERS.get(node.target) or CONVERTERS.get(_target_name(node.target))
         if converter is None:
             raise UnsupportedOpError(f"unsupported op {_target_name(node.target)} (node {node.name} at {self.loc})")
         first = len(self.graph.nodes)
@@ -731,7 +734,7 @@ def _ones_like(imp: _Importer, node: FxNode) -> Value:
     return _filled(imp, imp.out(), 1, like=imp.value(node.args[0]))
 
 
-@converts(aten.empty.memory_format, aten.zeros.default)
+@converts(aten.empty.memory_format, aten.empty_permuted.default, aten.zeros.default)
 def _zeros(imp: _Importer, node: FxNode) -> Value:
     return _full_size(imp, node, 0)
 
@@ -1054,6 +1057,45 @@ def _sort(imp: _Importer, node: FxNode) -> list:
         k = imp.emit("Slice", [imp.emit("Shape", [x]), imp.ints([dim]), imp.ints([dim + 1])])
     return imp.emit_multi("TopK", [x, k], {"axis": dim, "largest": int(bool(descending)), "sorted": 1},
                           [imp.out(0), imp.out(1)])
+
+
+@converts(aten.histc.default)
+def _histc(imp: _Importer, node: FxNode) -> Value:
+    """``torch.histc`` with a given range: each element's bin floor((x - min) * bins / (max - min)), the top edge
+    in the last bin, elements outside dropped; counted by comparing with every bin index and summing."""
+    out = imp.out()
+    bins, low, high = int(imp.arg(1, "bins", 100)), float(imp.arg(2, "min", 0)), float(imp.arg(3, "max", 0))
+    if low >= high:
+        raise imp.unsupported("min >= max (the range taken from the data)")
+    x = imp.emit("Reshape", [imp.cast(imp.value(node.args[0]), out.dtype), imp.ints([-1])])
+    inside = imp.emit("And", [imp.emit("GreaterOrEqual", [x, imp.scalar(low, out.dtype)]),
+                              imp.emit("LessOrEqual", [x, imp.scalar(high, out.dtype)])])
+    scaled = imp.emit("Div", [imp.emit("Mul", [imp.emit("Sub", [x, imp.scalar(low, out.dtype)]),
+                                               imp.scalar(bins, out.dtype)]), imp.scalar(high - low, out.dtype)])
+    index = imp.emit("Min", [imp.cast(imp.emit("Floor", [scaled]), DType.i64), imp.scalar(bins - 1, DType.i64)])
+    hits = imp.emit("Equal", [imp.emit("Unsqueeze", [index, imp.ints([-1])]), imp.ints(list(range(bins)))])
+    hits = imp.emit("And", [hits, imp.emit("Unsqueeze", [inside, imp.ints([-1])])])
+    return imp.emit("ReduceSum", [imp.cast(hits, out.dtype), imp.ints([0])], {"keepdims": 0}, out=out)
+
+
+@converts("transformers.grouped_mm_fallback.default")
+def _grouped_mm(imp: _Importer, node: FxNode) -> Value:
+    """transformers' MoE ``grouped_mm`` (rows sorted by expert, ``offs`` the running row counts per expert) in
+    static shapes: each row's expert is the number of offsets at or below its index; that expert's weight is
+    gathered per row and a batched MatMul applies it. Rows past the last offset are zeros, as in its fallback."""
+    out = imp.out()
+    rows, weight, offs = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    count, experts = rows.type.shape[0], weight.type.shape[0]
+    if not isinstance(count, int) or not isinstance(experts, int):
+        raise imp.unsupported("a symbolic row or expert count")
+    position = imp.const(np.arange(count, dtype=np.int64).reshape(count, 1), "row_index")
+    passed = imp.emit("GreaterOrEqual", [position, imp.emit("Unsqueeze", [imp.cast(offs, DType.i64), imp.ints([0])])])
+    expert = imp.emit("ReduceSum", [imp.cast(passed, DType.i64), imp.ints([1])], {"keepdims": 0})
+    chosen = imp.emit("Gather", [weight, imp.emit("Min", [expert, imp.scalar(experts - 1, DType.i64)])], {"axis": 0})
+    product = imp.emit("MatMul", [imp.emit("Unsqueeze", [rows, imp.ints([1])]), chosen])
+    product = imp.emit("Squeeze", [product, imp.ints([1])])
+    valid = imp.emit("Unsqueeze", [imp.emit("Less", [expert, imp.scalar(experts, DType.i64)]), imp.ints([1])])
+    return imp.emit("Where", [valid, product, imp.scalar(0, out.dtype)], out=out)
 
 
 @converts(aten.linalg_vector_norm.default)

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from torch.utils import _pytree as pytree  # noqa: E402
 
 import hetflow  # noqa: E402
+import hetflow.frontends.torch  # noqa: E402
 from hetflow.ir import UnsupportedOpError  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -151,3 +152,43 @@ def test_masked_put_of_several_values_is_a_clear_error():
     with pytest.raises(UnsupportedOpError, match=r"aten\.index_put\.default.*data-dependent"):
         hetflow.compile(Fn(lambda x: torch.index_put(x, (mask,), torch.tensor([1.0, 2.0]))), (torch.randn(3),),
                         platform="host")
+
+
+@pytest.mark.parametrize("bins,low,high", [(4, -1.0, 1.0), (5, 0.0, 4.0), (3, -0.5, 0.25)])
+def test_histc(bins, low, high):
+    x = torch.cat([torch.randn(20), torch.tensor([low, high, high + 1, low - 1])])
+    check(Fn(lambda x: (torch.histc(x, bins=bins, min=low, max=high),
+                        torch.histc(x.reshape(4, 6).floor(), bins=bins, min=low, max=high))), (x,))
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+def test_swin_tiny_equals_eager():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=2)
+    check(transformers.SwinModel(config), (torch.randn(1, 3, 32, 32),))
+
+
+def _mixtral(experts_implementation):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=100, max_position_embeddings=64,
+                                        use_cache=False, experts_implementation=experts_implementation)
+    return transformers.MixtralModel(config)
+
+
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "batched_mm"])
+def test_mixtral_moe_equals_eager(experts_implementation):
+    """transformers' static-shape expert dispatch: grouped_mm (its default: tokens sorted by expert, a per-row
+    expert weight) and batched_mm (each token's top-k experts' weights gathered)."""
+    check(_mixtral(experts_implementation), (torch.randint(0, 100, (2, 8)),))
+
+
+def test_mixtral_eager_experts_loop_is_refused_by_export():
+    """The "eager" experts loop over ``nonzero()`` experts has data-dependent trip counts: torch.export refuses."""
+    with pytest.raises(hetflow.frontends.torch.FrontendError, match="torch.export failed.*data-dependent"):
+        hetflow.compile(_mixtral("eager"), (torch.randint(0, 100, (1, 8)),), platform="host")
