@@ -11,7 +11,9 @@ from torch.utils import _pytree as pytree  # noqa: E402
 
 import hetflow  # noqa: E402
 import hetflow.frontends.torch  # noqa: E402
-from hetflow.ir import UnsupportedOpError  # noqa: E402
+from hetflow.frontends.torch import capture_module  # noqa: E402
+from hetflow.ir import UnsupportedOpError, parse_graph, print_graph  # noqa: E402
+from hetflow.runtime.interpreter import Interpreter  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -28,9 +30,17 @@ class Fn(torch.nn.Module):
 def check(module, inputs, tolerance=TOLERANCE):
     module = module.eval()
     compiled = hetflow.compile(module, inputs, platform="host")
-    got = pytree.tree_leaves(compiled(*inputs))
     with torch.no_grad():
         want = pytree.tree_leaves(module(*inputs))
+    _compare(pytree.tree_leaves(compiled(*inputs)), want, tolerance)
+    captured = capture_module(module, inputs)  # the reference interpreter, the executable spec, agrees too
+    _compare(Interpreter(captured.graph).run([a.numpy() for a in inputs]), want, tolerance)
+    text = print_graph(captured.graph)  # and the graph's text parses back to the same graph
+    resources = {name: w.data for name, w in captured.graph.weights.items()}
+    assert print_graph(parse_graph(text, resources=resources)) == text
+
+
+def _compare(got, want, tolerance):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         g, w = np.asarray(g), w.numpy()
