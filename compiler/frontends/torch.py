@@ -17,6 +17,9 @@ overload (the ``CONVERTERS`` table) into ops with ONNX semantics at opset 18.
   FX node's name when the trace has neither.
 - An ATen op without a converter raises ``UnsupportedOpError`` naming the op, the
   FX node and its location.
+- A library's custom op (``torch.library``, e.g. transformers' MoE ``grouped_mm``)
+  is keyed in ``CONVERTERS`` by its name, ``"namespace.op.overload"``: the op object
+  exists only once that library is imported.
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ class _Importer:
 
     def _convert(self, node: FxNode) -> None:
         self.node, self.loc = node, _location(node)
-        converter = CONVERTERS.get(node.target)
+        converter = CONVERTERS.get(node.target) or CONVERTERS.get(_target_name(node.target))
         if converter is None:
             raise UnsupportedOpError(f"unsupported op {_target_name(node.target)} (node {node.name} at {self.loc})")
         first = len(self.graph.nodes)
@@ -731,7 +734,7 @@ def _ones_like(imp: _Importer, node: FxNode) -> Value:
     return _filled(imp, imp.out(), 1, like=imp.value(node.args[0]))
 
 
-@converts(aten.empty.memory_format, aten.zeros.default)
+@converts(aten.empty.memory_format, aten.empty_permuted.default, aten.zeros.default)
 def _zeros(imp: _Importer, node: FxNode) -> Value:
     return _full_size(imp, node, 0)
 
@@ -1034,6 +1037,67 @@ def _topk(imp: _Importer, node: FxNode) -> list:
                           "sorted": int(sorted_)}, [imp.out(0), imp.out(1)])
 
 
+@converts(aten.sort.default, aten.sort.stable)
+def _sort(imp: _Importer, node: FxNode) -> list:
+    """``torch.sort`` (and ``argsort``): TopK with k the dim's size, sorted. ONNX TopK puts the lower index first
+    among equal values, for largest and smallest alike: torch's stable sort, both directions."""
+    x = imp.value(node.args[0])
+    rank = len(x.type.shape)
+    if rank == 0:
+        raise imp.unsupported("sorting a 0-d tensor")
+    if node.target is aten.sort.stable:
+        dim, descending = imp.arg(2, "dim", -1), imp.arg(3, "descending", False)
+    else:
+        dim, descending = imp.arg(1, "dim", -1), imp.arg(2, "descending", False)
+    dim = _axis(int(dim), rank)
+    size = x.type.shape[dim]
+    if isinstance(size, int):
+        k = imp.ints([size])
+    else:
+        k = imp.emit("Slice", [imp.emit("Shape", [x]), imp.ints([dim]), imp.ints([dim + 1])])
+    return imp.emit_multi("TopK", [x, k], {"axis": dim, "largest": int(bool(descending)), "sorted": 1},
+                          [imp.out(0), imp.out(1)])
+
+
+@converts(aten.histc.default)
+def _histc(imp: _Importer, node: FxNode) -> Value:
+    """``torch.histc`` with a given range: each element's bin floor((x - min) * bins / (max - min)), the top edge
+    in the last bin, elements outside dropped; counted by comparing with every bin index and summing."""
+    out = imp.out()
+    bins, low, high = int(imp.arg(1, "bins", 100)), float(imp.arg(2, "min", 0)), float(imp.arg(3, "max", 0))
+    if low >= high:
+        raise imp.unsupported("min >= max (the range taken from the data)")
+    x = imp.emit("Reshape", [imp.cast(imp.value(node.args[0]), out.dtype), imp.ints([-1])])
+    inside = imp.emit("And", [imp.emit("GreaterOrEqual", [x, imp.scalar(low, out.dtype)]),
+                              imp.emit("LessOrEqual", [x, imp.scalar(high, out.dtype)])])
+    scaled = imp.emit("Div", [imp.emit("Mul", [imp.emit("Sub", [x, imp.scalar(low, out.dtype)]),
+                                               imp.scalar(bins, out.dtype)]), imp.scalar(high - low, out.dtype)])
+    index = imp.emit("Min", [imp.cast(imp.emit("Floor", [scaled]), DType.i64), imp.scalar(bins - 1, DType.i64)])
+    hits = imp.emit("Equal", [imp.emit("Unsqueeze", [index, imp.ints([-1])]), imp.ints(list(range(bins)))])
+    hits = imp.emit("And", [hits, imp.emit("Unsqueeze", [inside, imp.ints([-1])])])
+    return imp.emit("ReduceSum", [imp.cast(hits, out.dtype), imp.ints([0])], {"keepdims": 0}, out=out)
+
+
+@converts("transformers.grouped_mm_fallback.default")
+def _grouped_mm(imp: _Importer, node: FxNode) -> Value:
+    """transformers' MoE ``grouped_mm`` (rows sorted by expert, ``offs`` the running row counts per expert) in
+    static shapes: each row's expert is the number of offsets at or below its index; that expert's weight is
+    gathered per row and a batched MatMul applies it. Rows past the last offset are zeros, as in its fallback."""
+    out = imp.out()
+    rows, weight, offs = imp.value(node.args[0]), imp.value(node.args[1]), imp.value(node.args[2])
+    count, experts = rows.type.shape[0], weight.type.shape[0]
+    if not isinstance(count, int) or not isinstance(experts, int):
+        raise imp.unsupported("a symbolic row or expert count")
+    position = imp.const(np.arange(count, dtype=np.int64).reshape(count, 1), "row_index")
+    passed = imp.emit("GreaterOrEqual", [position, imp.emit("Unsqueeze", [imp.cast(offs, DType.i64), imp.ints([0])])])
+    expert = imp.emit("ReduceSum", [imp.cast(passed, DType.i64), imp.ints([1])], {"keepdims": 0})
+    chosen = imp.emit("Gather", [weight, imp.emit("Min", [expert, imp.scalar(experts - 1, DType.i64)])], {"axis": 0})
+    product = imp.emit("MatMul", [imp.emit("Unsqueeze", [rows, imp.ints([1])]), chosen])
+    product = imp.emit("Squeeze", [product, imp.ints([1])])
+    valid = imp.emit("Unsqueeze", [imp.emit("Less", [expert, imp.scalar(experts, DType.i64)]), imp.ints([1])])
+    return imp.emit("Where", [valid, product, imp.scalar(0, out.dtype)], out=out)
+
+
 @converts(aten.linalg_vector_norm.default)
 def _vector_norm(imp: _Importer, node: FxNode) -> Value:
     """``torch.linalg.vector_norm`` (weight norm's ``norm_except_dim``): ReduceL1/L2, max/min of |x|, or the
@@ -1216,6 +1280,137 @@ def _index(imp: _Importer, node: FxNode) -> Value:
     return imp.emit("Transpose", [gathered], {"perm": perm}, out=out)
 
 
+def _scatter_elements(imp: _Importer, x: Value, dim: int, index: Value, updates: Value, reduction: str,
+                      out: TensorType | None = None) -> Value:
+    return imp.emit("ScatterElements", [x, imp.cast(index, DType.i64), updates],
+                    {"axis": dim, "reduction": reduction}, out=out)
+
+
+def _index_shaped(imp: _Importer, index: Value, src: Any, dtype: DType) -> Value:
+    """``src`` (a tensor or a Python scalar) as ScatterElements' updates: index's shape, ``dtype``. torch reads
+    only the index-shaped corner of a larger ``src``."""
+    shape = index.type.shape
+    if not isinstance(src, FxNode):
+        return imp.emit("Expand", [imp.scalar(src, dtype), imp.shape_of(index.type, index)],
+                        out=TensorType(dtype, shape))
+    updates = imp.cast(imp.value(src), dtype)
+    if updates.type.shape == shape:
+        return updates
+    if not index.type.is_static or not updates.type.is_static:
+        raise imp.unsupported("a src larger than the index with symbolic shapes")
+    rank = len(shape)
+    return imp.emit("Slice", [updates, imp.ints([0] * rank), imp.ints(list(shape)), imp.ints(list(range(rank)))],
+                    out=TensorType(dtype, shape))
+
+
+_SCATTER_REDUCE = {"sum": "add", "add": "add", "prod": "mul", "multiply": "mul", "amax": "max", "amin": "min"}
+
+
+@converts(aten.scatter.src, aten.scatter.value, aten.scatter.reduce, aten.scatter.value_reduce,
+          aten.scatter_add.default)
+def _scatter(imp: _Importer, node: FxNode) -> Value:
+    """``scatter`` / ``scatter_add``: ScatterElements (reduction none, add or mul)."""
+    out = imp.out()
+    x = imp.cast(imp.value(node.args[0]), out.dtype)
+    dim = _axis(int(node.args[1]), len(out.shape))
+    index = imp.value(node.args[2])
+    reduce = imp.arg(4, "reduce")
+    reduction = "add" if node.target is aten.scatter_add.default else _SCATTER_REDUCE[reduce] if reduce else "none"
+    updates = _index_shaped(imp, index, node.args[3], out.dtype)
+    return _scatter_elements(imp, x, dim, index, updates, reduction, out)
+
+
+@converts(aten.scatter_reduce.two)
+def _scatter_reduce(imp: _Importer, node: FxNode) -> Value:
+    """``scatter_reduce``: ScatterElements with the reduction. ``include_self=False`` first overwrites the
+    targeted elements with the reduction's identity; ``mean`` divides a sum by a count scattered alike."""
+    out = imp.out()
+    x = imp.cast(imp.value(node.args[0]), out.dtype)
+    dim = _axis(int(node.args[1]), len(out.shape))
+    index = imp.value(node.args[2])
+    reduce, include_self = str(node.args[4]), bool(imp.arg(5, "include_self", True))
+    updates = _index_shaped(imp, index, node.args[3], out.dtype)
+    floating = out.dtype.numpy.kind == "f"
+    if reduce == "mean" and not floating:
+        raise imp.unsupported("mean over integers (torch floors the quotient)")
+    if reduce not in _SCATTER_REDUCE and reduce != "mean":
+        raise imp.unsupported(f"reduce={reduce!r}")
+    if not include_self:
+        info = np.finfo(out.dtype.numpy) if floating else np.iinfo(out.dtype.numpy)
+        identity = {"sum": 0, "mean": 0, "prod": 1, "amax": -np.inf if floating else info.min,
+                    "amin": np.inf if floating else info.max}[reduce]
+        x = _scatter_elements(imp, x, dim, index, _index_shaped(imp, index, identity, out.dtype), "none")
+    if reduce != "mean":
+        return _scatter_elements(imp, x, dim, index, updates, _SCATTER_REDUCE[reduce], out)
+    total = _scatter_elements(imp, x, dim, index, updates, "add")
+    ones = _filled(imp, out, 1, like=x)
+    if not include_self:
+        ones = _scatter_elements(imp, ones, dim, index, _index_shaped(imp, index, 0, out.dtype), "none")
+    count = _scatter_elements(imp, ones, dim, index, _index_shaped(imp, index, 1, out.dtype), "add")
+    return imp.emit("Div", [total, count], out=out)
+
+
+@converts(aten.index_put.default)
+def _index_put(imp: _Importer, node: FxNode) -> Value:
+    """``x[indices] = values`` (``+=`` with ``accumulate``): ScatterND (reduction add) over the indexed dims moved
+    to the front, values broadcast to ``x[indices]``'s shape; one boolean mask with a one-element value is a
+    Where."""
+    out = imp.out()
+    x = imp.cast(imp.value(node.args[0]), out.dtype)
+    indices, accumulate = list(node.args[1]), bool(imp.arg(3, "accumulate", False))
+    values = imp.cast(imp.value(node.args[2]), out.dtype)
+    rank = len(out.shape)
+    positions = [i for i, t in enumerate(indices) if t is not None]
+    if any(imp.value(indices[i]).type.dtype == DType.bool for i in positions):
+        return _index_put_mask(imp, x, indices, positions, values, accumulate, out)
+    if not out.is_static:
+        raise imp.unsupported("integer indices into a tensor of symbolic shape")
+    index_vals = [indices[i].meta.get("val") for i in positions]
+    broadcast = tuple(torch.broadcast_shapes(*[v.shape for v in index_vals]))
+    rest = [d for d in range(rank) if d not in positions]
+    adjacent = positions == list(range(positions[0], positions[0] + len(positions)))
+    lead = positions[0] if adjacent else 0
+    target = list(out.shape[:lead]) + list(broadcast) + [out.shape[d] for d in rest[lead:]]
+    values = imp.emit("Expand", [values, imp.ints(target)])
+    if lead > 0:  # torch keeps the broadcast dims where the indexed ones were: move them to the front
+        width = len(broadcast)
+        values = imp.emit("Transpose", [values], {"perm": list(range(lead, lead + width)) + list(range(lead))
+                                                  + list(range(lead + width, len(target)))})
+    perm = positions + rest
+    moved = perm != list(range(rank))
+    if moved:
+        x = imp.emit("Transpose", [x], {"perm": perm})
+    columns = []
+    for i in positions:  # negative indices wrap: (i + n) mod n
+        size = imp.scalar(out.shape[i], DType.i64)
+        index = imp.emit("Mod", [imp.emit("Add", [imp.cast(imp.value(indices[i]), DType.i64), size]), size])
+        index = imp.emit("Expand", [index, imp.ints(list(broadcast))])
+        columns.append(imp.emit("Unsqueeze", [index, imp.ints([-1])]))
+    stacked = columns[0] if len(columns) == 1 else imp.emit("Concat", columns, {"axis": -1})
+    reduction = "add" if accumulate else "none"
+    result = imp.emit("ScatterND", [x, stacked, values], {"reduction": reduction}, out=None if moved else out)
+    if not moved:
+        return result
+    return imp.emit("Transpose", [result], {"perm": [int(p) for p in np.argsort(perm)]}, out=out)
+
+
+def _index_put_mask(imp: _Importer, x: Value, indices: list, positions: list[int], values: Value,
+                    accumulate: bool, out: TensorType) -> Value:
+    """``x[mask] = v`` with a one-element ``v``: Where(mask, v, x) (``x + v`` with accumulate). A longer ``v``
+    fills the masked elements in order: a data-dependent count hetflow's static shapes cannot express."""
+    if len(positions) != 1 or values.type.numel() != 1:
+        raise imp.unsupported("a boolean mask with other indices or with more than one value (data-dependent)")
+    position = positions[0]
+    mask = imp.value(indices[position])
+    trailing = len(out.shape) - position - len(mask.type.shape)
+    if trailing:
+        mask = imp.emit("Unsqueeze", [mask, imp.ints(list(range(-trailing, 0)))])
+    value = imp.emit("Reshape", [values, imp.ints([])])
+    if accumulate:
+        value = imp.emit("Add", [x, value])
+    return imp.emit("Where", [mask, value, x], out=out)
+
+
 @converts(aten.copy.default)
 def _copy(imp: _Importer, node: FxNode) -> Value:
     """The functional ``copy``: ``src`` cast to ``self``'s dtype and broadcast to its shape."""
@@ -1264,23 +1459,60 @@ def _repeat(imp: _Importer, node: FxNode) -> Value:
 
 @converts(aten.as_strided.default)
 def _as_strided(imp: _Importer, node: FxNode) -> Value:
-    """Only the restride that is a reshape: a contiguous input, offset 0, the same number of elements and the
-    contiguous strides of the new size (dims of size 1 may carry any stride), as adaptive_avg_pool1d's
-    decomposition emits. Anything else reads memory in an order the IR's values do not have."""
+    """A view with static strides over a contiguous input: a Reshape where the strides are the contiguous ones of
+    the new size (dims of size 1 may carry any stride; adaptive_avg_pool1d's decomposition), else a Gather of
+    precomputed flat indices (offset + sum of index * stride) from the flattened input. A non-contiguous input
+    reads memory in an order the IR's values do not have."""
     out = imp.out()
     source = node.args[0].meta.get("val") if isinstance(node.args[0], FxNode) else None
+    if any(isinstance(v, FxNode) for v in list(node.args[1]) + list(node.args[2])):
+        raise imp.unsupported("a symbolic size or stride")
     size, stride = [int(d) for d in node.args[1]], [int(s) for s in node.args[2]]
     offset = int(imp.arg(3, "storage_offset", 0) or 0)
+    if source is None or not out.is_static or not _static_tensor(source) or not source.is_contiguous():
+        raise imp.unsupported(f"a restride of a non-contiguous or symbolic input (size {size}, stride {stride})")
     expected, running = [], 1
     for d in reversed(size):
         expected.append(running)
         running *= d
     expected.reverse()
-    if (source is None or not source.is_contiguous() or offset != 0 or not out.is_static
-            or source.numel() != running
-            or any(d != 1 and s != e for d, s, e in zip(size, stride, expected))):
-        raise imp.unsupported(f"a general restride (size {size}, stride {stride}, offset {offset})")
-    return imp.emit("Reshape", [imp.value(node.args[0]), imp.ints(size)], out=out)
+    x = imp.value(node.args[0])
+    if (offset == 0 and source.numel() == running
+            and all(d == 1 or s == e for d, s, e in zip(size, stride, expected))):
+        return imp.emit("Reshape", [x, imp.ints(size)], out=out)
+    flat = np.full(size, offset, dtype=np.int64)
+    for axis, (d, s) in enumerate(zip(size, stride)):
+        shape = [1] * len(size)
+        shape[axis] = d
+        flat = flat + (np.arange(d, dtype=np.int64) * s).reshape(shape)
+    if flat.size and (flat.min() < 0 or flat.max() >= source.numel()):
+        raise imp.unsupported(f"size {size}, stride {stride}, offset {offset} reach past the input's elements")
+    flattened = imp.emit("Reshape", [x, imp.ints([-1])])
+    return imp.emit("Gather", [flattened, imp.const(flat, "strided_index")], {"axis": 0}, out=out)
+
+
+def _static_tensor(val: Any) -> bool:
+    return isinstance(val, torch.Tensor) and all(isinstance(_dim(d), int) for d in val.shape)
+
+
+@converts(aten.unfold.default)
+def _unfold(imp: _Importer, node: FxNode) -> Value:
+    """``Tensor.unfold(dim, size, step)``: a Gather of the windows' indices (n, size) along ``dim``, the window
+    axis then moved last."""
+    out = imp.out()
+    x = imp.value(node.args[0])
+    rank = len(x.type.shape)
+    if rank == 0:
+        raise imp.unsupported("unfolding a 0-d tensor")
+    dim, size, step = _axis(int(node.args[1]), rank), int(node.args[2]), int(node.args[3])
+    length = x.type.shape[dim]
+    if not isinstance(length, int):
+        raise imp.unsupported(f"a symbolic length along dim {dim}")
+    count = (length - size) // step + 1
+    windows = np.arange(count, dtype=np.int64)[:, None] * step + np.arange(size, dtype=np.int64)[None, :]
+    gathered = imp.emit("Gather", [x, imp.const(windows, "unfold_index")], {"axis": dim})
+    perm = list(range(dim + 1)) + list(range(dim + 2, rank + 1)) + [dim + 1]
+    return imp.emit("Transpose", [gathered], {"perm": perm}, out=out)
 
 
 @converts(aten.constant_pad_nd.default)

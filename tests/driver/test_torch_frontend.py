@@ -282,15 +282,15 @@ def test_capture_fx_plain_aten_graph():
 
 # --- bad input -------------------------------------------------------------------------------------------------
 
-class Sorts(nn.Module):
+class KthValues(nn.Module):
     def forward(self, x):
-        return torch.sort(x, dim=-1).values + 1
+        return torch.kthvalue(x, 2, dim=-1).values + 1
 
 
 def test_unsupported_op_names_op_and_node():
     with pytest.raises(UnsupportedOpError) as info:
-        capture_module(Sorts(), (torch.randn(3, 4),))
+        capture_module(KthValues(), (torch.randn(3, 4),))
     message = str(info.value)
-    assert "unsupported op aten.sort" in message
-    assert "node sort" in message and "test_torch_frontend.py:" in message
+    assert "unsupported op aten.kthvalue" in message
+    assert "node kthvalue" in message and "test_torch_frontend.py:" in message
     assert isinstance(info.value, HetflowError)

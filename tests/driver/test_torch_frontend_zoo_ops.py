@@ -114,9 +114,18 @@ class GeneralStride(nn.Module):
         return torch.as_strided(x, (3, 3), (1, 2)) + 1  # overlapping windows: not a reshape
 
 
-def test_general_as_strided_is_refused():
-    with pytest.raises(UnsupportedOpError, match="as_strided"):
-        capture_module(GeneralStride().eval(), (torch.randn(4, 4),))
+def test_general_as_strided_is_a_gather():
+    check(GeneralStride(), (torch.randn(4, 4),))
+
+
+class StrideOfTransposed(nn.Module):
+    def forward(self, x):
+        return torch.as_strided(x.t(), (3, 3), (1, 2)) + 1  # reads a transposed input's memory order
+
+
+def test_as_strided_of_a_non_contiguous_input_is_refused():
+    with pytest.raises(UnsupportedOpError, match="as_strided.*non-contiguous"):
+        capture_module(StrideOfTransposed().eval(), (torch.randn(4, 4),))
 
 
 class AvgPools(nn.Module):
