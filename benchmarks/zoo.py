@@ -22,7 +22,9 @@ equal). Every number is measured in this run on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +40,11 @@ def first_line(exc: BaseException) -> str:
 
 
 def relative_error(got, expected) -> float:
-    import torch
+    """Max |got - expected| over the largest |expected|, the worst over every output (a tuple: each)."""
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return float("inf")
+        return max(relative_error(g, e) for g, e in zip(got, expected))
     got, expected = got.detach().float(), expected.detach().float()
     scale = max(float(expected.abs().max()), 1e-30)
     return float((got - expected).abs().max()) / scale
@@ -56,6 +62,24 @@ def interleaved(runs: dict, rounds: int, per_round: int = 3) -> dict:
                 run()
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence file descriptors 1 and 2 (torch's exporters print whole graphs from C++ when they fail)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def bench(name: str, entry, rounds: int, workdir: Path) -> dict:
@@ -91,7 +115,8 @@ def bench(name: str, entry, rounds: int, workdir: Path) -> dict:
     try:
         from peers import export_onnx, prepare_ort
         path = workdir / f"{name}.onnx"
-        export_onnx(module, inputs, path)
+        with quiet():
+            export_onnx(module, inputs, path)
         runs["ort"], _ = prepare_ort(path, inputs)
     except Exception as exc:  # noqa: BLE001  (torch cannot export every model)
         row["ort_why"] = first_line(exc)
