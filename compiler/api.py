@@ -101,8 +101,10 @@ class CompiledModel:
         names = self._torch.input_names
         if len(tensors) != len(names):
             raise CompileError(f"the compiled module takes {len(names)} tensor inputs, got {len(tensors)}")
-        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
-        outputs = [torch.from_numpy(o) for o in self.executor.run(feeds).values()]
+        from hetflow.frontends.torch import numpy_to_tensor, tensor_to_numpy
+        feeds = {n: tensor_to_numpy(t) for n, t in zip(names, tensors)}  # bf16 as a same-size view, not floats
+        device = tensors[0].device if tensors else None  # outputs come back where the inputs were
+        outputs = [numpy_to_tensor(o, device) for o in self.executor.run(feeds).values()]
         if self._torch.out_spec is None:
             return outputs[0] if len(outputs) == 1 else tuple(outputs)
         return pytree.tree_unflatten(outputs, self._torch.out_spec)

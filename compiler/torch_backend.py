@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch._decomp import core_aten_decompositions
 from torch._dynamo.backends.common import aot_autograd
@@ -28,6 +27,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from hetflow.api import compile_graph
 from hetflow.frontends.torch import capture_fx
+from hetflow.frontends.torch import numpy_to_tensor as _to_torch
+from hetflow.frontends.torch import tensor_to_numpy as _to_numpy
 from hetflow.ir.errors import HetflowError
 
 __all__ = ["BackwardNotSupported", "hetflow_backend"]
@@ -139,42 +140,6 @@ class _CompiledForward:
             array = results[name]
             out.append(int(array) if is_size else _to_torch(array, device))
         return out
-
-
-# NumPy dtypes torch.from_numpy does not take (ml_dtypes'), crossed as a same-size integer view
-_INT_OF_SIZE = {1: (np.int8, torch.int8), 2: (np.int16, torch.int16)}
-_TORCH_OF_NUMPY_NAME = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
-                        "float8_e5m2": torch.float8_e5m2}
-_NUMPY_NAME_OF_TORCH = {t: name for name, t in _TORCH_OF_NUMPY_NAME.items()}
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        numpy_name = _NUMPY_NAME_OF_TORCH.get(x.dtype)
-        if numpy_name is None:
-            return x.numpy()
-        import ml_dtypes  # what onnx (and so hetflow's DType.bf16.numpy) uses for bf16 and the float8s
-        np_int, torch_int = _INT_OF_SIZE[x.element_size()]
-        return x.contiguous().view(torch_int).numpy().view(getattr(ml_dtypes, numpy_name))
-    if isinstance(x, bool):
-        return np.array(x)
-    if isinstance(x, int):
-        return np.array(x, dtype=np.int64)
-    return np.array(x, dtype=np.float32)
-
-
-def _to_torch(array: np.ndarray, device) -> torch.Tensor:
-    array = np.asarray(array)
-    target = _TORCH_OF_NUMPY_NAME.get(array.dtype.name)
-    if target is None:
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-    else:
-        np_int, torch_int = _INT_OF_SIZE[array.dtype.itemsize]
-        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np_int)).view(target)
-    return tensor if device is None or device.type == "cpu" else tensor.to(device)
 
 
 def _register() -> None:

@@ -349,10 +349,47 @@ def _value_type(val: Any) -> TensorType | None:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(DType.bf16.numpy)
-    return t.numpy().copy()
+    """A weight's data: a copy the graph owns."""
+    return tensor_to_numpy(t).copy()
+
+
+# NumPy dtypes torch.from_numpy does not take (ml_dtypes'), crossed as a same-size integer view
+_INT_OF_SIZE = {1: (np.int8, torch.int8), 2: (np.int16, torch.int16)}
+_TORCH_OF_NUMPY_NAME = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn,
+                        "float8_e5m2": torch.float8_e5m2}
+_NUMPY_NAME_OF_TORCH = {t: name for name, t in _TORCH_OF_NUMPY_NAME.items()}
+
+
+def tensor_to_numpy(x: Any) -> np.ndarray:
+    """A tensor (any device) as a NumPy array without a float round trip: bf16 and float8 cross as a same-size
+    integer view into ml_dtypes' types (what hetflow's DType uses); Python scalars as 0-d arrays."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        numpy_name = _NUMPY_NAME_OF_TORCH.get(x.dtype)
+        if numpy_name is None:
+            return x.numpy()
+        import ml_dtypes  # what onnx (and so hetflow's DType.bf16.numpy) uses for bf16 and the float8s
+        np_int, torch_int = _INT_OF_SIZE[x.element_size()]
+        return x.contiguous().view(torch_int).numpy().view(getattr(ml_dtypes, numpy_name))
+    if isinstance(x, bool):
+        return np.array(x)
+    if isinstance(x, int):
+        return np.array(x, dtype=np.int64)
+    return np.array(x, dtype=np.float32)
+
+
+def numpy_to_tensor(array: np.ndarray, device=None) -> torch.Tensor:
+    """The inverse of ``tensor_to_numpy``, on ``device`` (None or the CPU: no copy where NumPy allows)."""
+    array = np.asarray(array)
+    target = _TORCH_OF_NUMPY_NAME.get(array.dtype.name)
+    if target is None:
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    else:
+        np_int, torch_int = _INT_OF_SIZE[array.dtype.itemsize]
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np_int)).view(target)
+    return tensor if device is None or device.type == "cpu" else tensor.to(device)
 
 
 def _target_name(target: Any) -> str:
