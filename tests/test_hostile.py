@@ -392,6 +392,17 @@ def test_a_simulated_partition_program_that_differs_is_refused(tmp_path):
     assert "differs from the partition graph.json gives" in one_line(exc)
 
 
+def test_without_a_registered_emitter_a_stored_program_is_refused(artifact):
+    from hetflow.platform import PROGRAM_EMITTERS
+    emit = PROGRAM_EMITTERS.pop("cpu")
+    try:
+        with pytest.raises(RunnerError) as exc:
+            load(artifact)
+    finally:
+        PROGRAM_EMITTERS["cpu"] = emit
+    assert "no program emitter is registered for backend 'cpu'" in one_line(exc)
+
+
 # --- compile writes only its output directory -----------------------------------------------------------------
 
 def test_compile_into_an_existing_file_is_one_line(model_file, tmp_path, capsys):
@@ -612,13 +623,14 @@ def _rewrite_partition(path, edit) -> str:
 
 @contextlib.contextmanager
 def _without_regeneration():
-    """As if the CPU program were not regenerated at load: what the partition-model check alone does."""
-    from hetflow.platform import PROGRAM_EMITTERS
-    emit = PROGRAM_EMITTERS.pop("cpu")
+    """As if the stored program were taken as it is: what the partition-model check alone does."""
+    from hetflow.runtime import runners
+    regenerated = runners._regenerated
+    runners._regenerated = lambda backend, graph, stored, entry, where: stored
     try:
         yield
     finally:
-        PROGRAM_EMITTERS["cpu"] = emit
+        runners._regenerated = regenerated
 
 
 def _refused(path) -> str:

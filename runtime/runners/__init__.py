@@ -119,12 +119,15 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
 def _regenerated(backend: str, graph, stored, entry: dict, where: str):
     """The partition's program as hetflow's own emitter generates it from graph.json (``PROGRAM_EMITTERS``,
     registered by the driver): a stored program that differs is refused, so what runs never comes from the
-    artifact. A backend without a registered emitter (TVM's native libraries) keeps the stored bytes; those
-    load only when trusted (``check_native_trust``)."""
+    artifact, and the runners use the program this returns. Only native libraries (``NATIVE``, TVM's), which
+    cannot be regenerated, keep the stored bytes; those load only when trusted (``check_native_trust``)."""
     from hetflow.platform import PROGRAM_EMITTERS
     emit = PROGRAM_EMITTERS.get(backend)
     if emit is None:
-        return stored
+        if backend in NATIVE:
+            return stored
+        raise RunnerError(f"{where}: no program emitter is registered for backend {backend!r} (the driver "
+                          "registers them: import hetflow); a stored program is never run as it is")
     try:
         program = emit(graph, f"{entry['index']} ({entry['file']})")
     except HetflowError as exc:

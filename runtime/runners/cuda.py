@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from hetflow.ir.interpreter import Interpreter
-from hetflow.platform import PROGRAM_EMITTERS
 
 from . import RunnerError, register_runner
 from .interpreter import InterpreterRunner
@@ -44,22 +43,12 @@ def load_cuda(part, executor):
         raise RunnerError(f"{where} runs on device {part.device!r} (CUDA), but this machine has no CUDA "
                           "GPU that PyTorch can use; run with --fallback cpu to run it on the CPU instead")
     weights = {n: w.data for n, w in part.graph.weights.items()}
-    return GpuPartition(regenerated_program(part), weights, part.input_names, part.output_names, name=where,
+    if part.source is None:
+        raise RunnerError(f"{where} has no program")
+    # part.source is hetflow's emitter output: emitted by this process's compile, or regenerated from graph.json
+    # at load by runners.read_partitions, which refuses a stored program that differs
+    return GpuPartition(part.source, weights, part.input_names, part.output_names, name=where,
                         kernels=kernels, device=device)
-
-
-def regenerated_program(part) -> str:
-    """The partition's PyTorch program, generated here from its IR by hetflow's own emitter: code read from an
-    artifact never runs. The stored ``gpu/partN.py`` is for people to read; one that differs is refused."""
-    emit = PROGRAM_EMITTERS.get("cuda")
-    if emit is None:
-        raise RunnerError(f"partition {part.index} ({part.file}): no GPU program emitter is registered "
-                          "(the driver registers it: import hetflow)")
-    source = emit(part.graph, f"{part.index} ({part.file})")
-    if part.source is not None and part.source != source:
-        raise RunnerError(f"partition {part.index} ({part.file}): the stored program differs from the one hetflow "
-                          "generates from graph.json; it is not run")
-    return source
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -143,7 +132,7 @@ class GpuPartition:
             raise RunnerError(f"{name}: unknown GPU kernels {kernels!r} (triton or torch)")
         namespace: dict = {}
         try:
-            # the source is hetflow's own emitter output (regenerated at load by ``regenerated_program``, or
+            # the source is hetflow's own emitter output (regenerated at load by ``read_partitions``, or
             # emitted in this process), never program text read from an artifact
             exec(compile(source, name, "exec"), namespace)  # noqa: S102
         except SyntaxError as exc:
