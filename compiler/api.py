@@ -26,22 +26,44 @@ def _check_platform(platform):
     return platform if isinstance(platform, Platform) else load_platform(platform)
 
 
-def capture(model: Any, example_inputs: Sequence[Any] | None = None):
-    """The model as IR: returns ``(graph, torch_capture_or_None)``."""
+def capture(model: Any, example_inputs: Sequence[Any] | None = None, dynamic_shapes: Any = None):
+    """The model as IR: returns ``(graph, torch_capture_or_None)``. ``dynamic_shapes``: torch.export's own
+    form for a torch module; for an ONNX model, each dim_param's name -> a ``torch.export.Dim`` or a
+    ``(min, max)`` pair."""
     if _is_torch_module(model):
         if example_inputs is None:
             raise CompileError("a torch module needs example_inputs (a tuple of tensors)")
         from hetflow.frontends.torch import capture_module
         if not isinstance(example_inputs, (tuple, list)):
             example_inputs = (example_inputs,)
-        captured = capture_module(model, tuple(example_inputs))
+        captured = capture_module(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
         return captured.graph, captured
     import onnx
     if isinstance(model, (onnx.ModelProto, bytes, str, Path)):
         from hetflow.frontends.onnx import import_onnx
-        return import_onnx(model), None
+        return import_onnx(model, dynamic_shapes=onnx_dim_ranges(dynamic_shapes)), None
     raise CompileError(f"cannot compile a {type(model).__name__}: give a torch.nn.Module, an onnx.ModelProto "
                        "or a path to a .onnx file")
+
+
+def onnx_dim_ranges(dynamic_shapes: Any) -> dict[str, tuple[int, int]] | None:
+    """``{dim_param: Dim or (min, max)}`` as ``{name: (min, max)}``; a Dim without a max is an error."""
+    if dynamic_shapes is None:
+        return None
+    if not isinstance(dynamic_shapes, dict):
+        raise CompileError("dynamic_shapes for an ONNX model is a dict: each dim_param's name -> "
+                           "torch.export.Dim(name, min=..., max=...) or (min, max)")
+    ranges = {}
+    for name, spec in dynamic_shapes.items():
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            low, high = spec
+        else:
+            low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+        if not isinstance(low, int) or not isinstance(high, int) or not 0 <= low <= high <= 2 ** 40:
+            raise CompileError(f"dynamic size {name!r}: give its range as (min, max) or Dim({name!r}, min=..., "
+                               f"max=...) with 0 <= min <= max (got {spec!r}); the memory plan is made for the max")
+        ranges[str(name)] = (low, high)
+    return ranges
 
 
 class CompiledModel:
@@ -148,7 +170,8 @@ class CompiledModel:
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
             passes: Sequence[str] | str | None = None, placement: str = "roofline",
             devices: Sequence[str] | None = None, time_limit: float = 10.0,
-            cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton") -> CompiledModel:
+            cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", dynamic_shapes: Any = None
+            ) -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
@@ -158,13 +181,18 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     here by apache-tvm for LLVM, untuned; a partition TVM cannot compile fails the compile).
     ``gpu_kernels`` is how partitions placed on a CUDA GPU (``host+cuda``) run: ``"triton"``
     (kernels TorchInductor generates) or ``"torch"`` (PyTorch's own), each one CUDA graph replay.
+    ``dynamic_shapes``: sizes that vary from call to call, in torch.export's form for a torch
+    module (``{"x": {0: Dim("batch", max=4), 1: Dim("seq", min=2, max=128)}}``, every Dim with a
+    max), or ``{"batch": (1, 4)}`` by dim_param name for an ONNX model. One compiled model then
+    runs every size in the ranges: placement and the memory plan are made for the declared maximum,
+    and a call outside the ranges is refused naming the input and dim.
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
     _check_backends(cpu_backend, gpu_kernels)
     platform = _check_platform(platform)
     start = time.perf_counter()
-    graph, torch_capture = capture(model, example_inputs)
+    graph, torch_capture = capture(model, example_inputs, dynamic_shapes)
     return compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
                          gpu_kernels, start)
 
@@ -192,6 +220,7 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
     start = time.perf_counter() if start is None else start
     options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit)
     verify(graph)
+    _check_dynamic(graph, platform, cpu_backend)
     graph, runner = run_pipeline(graph, passes, options=options)
     _host_runs_unplaced(graph, platform)
     check_plan(graph, platform, options.results.get("memory_plan"))
@@ -203,6 +232,22 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
     return compiled
+
+
+def _check_dynamic(graph: Graph, platform, cpu_backend: str) -> None:
+    """What a graph with dynamic sizes cannot use, said before any pass runs."""
+    if not graph.dims:
+        return
+    from hetflow.ir.symbolic import describe_ranges
+    if cpu_backend == "tvm":
+        raise CompileError(f"cpu_backend 'tvm' compiles each partition for fixed shapes, and this graph has "
+                           f"dynamic sizes ({describe_ranges(graph.dims)}): use cpu_backend='onnxruntime'")
+    gpu = [d.name for d in platform.devices.values() if d.kind == "gpu" and d.measured]
+    if gpu:
+        raise CompileError(f"platform {platform.name!r} runs partitions on a real GPU ({gpu[0]}), whose backend "
+                           f"replays CUDA graphs of fixed shapes; this graph has dynamic sizes "
+                           f"({describe_ranges(graph.dims)}): compile it for a platform without a CUDA GPU, or "
+                           "without dynamic_shapes")
 
 
 def _host_runs_unplaced(graph: Graph, platform) -> None:

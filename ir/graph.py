@@ -243,6 +243,9 @@ class Graph:
         self._outputs = _OutputList(self)
         self.weights: dict[str, Value] = {}
         self.nodes: list[Node] = []
+        # dynamic shapes: each declared size's (min, max); a str dim of a type is an expression over these
+        # names (``hetflow.ir.symbolic``); empty for a graph of static shapes
+        self.dims: dict[str, tuple[int, int]] = {}
         self._names: set[str] = set()
         self._counter = itertools.count()
 

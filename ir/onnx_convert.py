@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .symbolic import is_expression
 from .types import DType, TensorType
 
 _AT = onnx.AttributeProto
@@ -38,8 +39,8 @@ def type_from_onnx(tp: onnx.TypeProto) -> TensorType | None:
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
             dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
+        elif d.HasField("dim_param") and d.dim_param and is_expression(d.dim_param):
+            dims.append(d.dim_param)  # a size's name, or an expression over names ("2*batch")
         else:
             dims.append(None)
     return TensorType(dtype, tuple(dims))

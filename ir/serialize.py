@@ -48,6 +48,10 @@ GRAPH_SCHEMA = {
                                "properties": {"name": NAME, "type": TYPE_TEXT}}},
                            "attrs": {"type": "object"}, "meta": {"type": "object"}, "loc": {"type": "string"}}}},
         "outputs": {"type": "array", "items": NAME},
+        "dims": {"type": "object", "maxProperties": 64,
+                 "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$"},
+                 "additionalProperties": {"type": "array", "minItems": 2, "maxItems": 2,
+                                          "items": {"type": "integer", "minimum": 0, "maximum": 2 ** 40}}},
     },
 }
 
@@ -126,6 +130,7 @@ def graph_to_json(graph: Graph, inline_weights: bool = False) -> dict:
             "loc": n.loc,
         } for n in graph.nodes],
         "outputs": [v.name for v in graph.outputs],
+        **({"dims": {k: list(r) for k, r in graph.dims.items()}} if graph.dims else {}),
     }
 
 
@@ -140,6 +145,10 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
                                  f"(this hetflow reads {VERSION})")
     check(d, GRAPH_SCHEMA, "graph file", SerializationError)
     graph = Graph(d["name"], d["opset"])
+    for size, (low, high) in d.get("dims", {}).items():
+        if low > high:
+            raise SerializationError(f"graph file: dims.{size}: the range {low}..{high} is empty")
+        graph.dims[size] = (low, high)
     env: dict[str, Value] = {}
     for v in d["inputs"]:
         env[v["name"]] = graph.add_input(v["name"], _type_from_json(v["type"], f"input %{v['name']}"))

@@ -45,7 +45,7 @@ class ParseError(HetflowError):
 
 def print_graph(graph: Graph, indent: str = "") -> str:
     lines = [f"{indent}graph {_ident(graph.name)}({', '.join(_decl(v) for v in graph.inputs)})"
-             f" -> ({', '.join(_decl(v) for v in graph.outputs)}) opset {graph.opset} {{"]
+             f" -> ({', '.join(_decl(v) for v in graph.outputs)}) opset {graph.opset}{_dims_text(graph)} {{"]
     inner = indent + "  "
     for w in graph.weights.values():
         lines.append(f"{inner}weight {_decl(w)} = {_weight_body(w)}")
@@ -54,6 +54,12 @@ def print_graph(graph: Graph, indent: str = "") -> str:
     lines.append(f"{inner}return {', '.join(_ref(v) for v in graph.outputs)}")
     lines.append(f"{indent}}}")
     return "\n".join(lines)
+
+
+def _dims_text(graph: Graph) -> str:
+    if not graph.dims:
+        return ""
+    return " dims(" + ", ".join(f"{_ident(k)}={lo}..{hi}" for k, (lo, hi) in graph.dims.items()) + ")"
 
 
 def _ident(name: str) -> str:
@@ -152,6 +158,7 @@ def _dense(a: np.ndarray) -> str:
 
 _TOKEN_RE = re.compile(r"""
     (?P<ws>\s+)
+  | (?P<range>\d+\.\.\d+)
   | (?P<hex>0x[0-9a-fA-F]*)
   | (?P<num>-?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|inf\b|nan\b))
   | (?P<str>"(?:[^"\\]|\\.)*")
@@ -219,6 +226,14 @@ class _Parser:
             raise self.error(f"expected a %value, found {text!r}")
         return json.loads(text[1:]) if text[1] == '"' else text[1:]
 
+    def _dim_expression(self, expression, pos) -> str:
+        from .symbolic import SymbolicError, symbols
+        try:
+            symbols(expression)
+        except SymbolicError as exc:
+            raise ParseError(str(exc), self.text, pos) from None
+        return expression
+
     # grammar
     def graph(self) -> Graph:
         self.expect("graph")
@@ -238,6 +253,17 @@ class _Parser:
             self.accept(",")
         self.expect("opset")
         graph.opset = int(self.next()[1])
+        if self.accept("dims"):  # dims(batch=1..4, seq=2..128)
+            self.expect("(")
+            while not self.accept(")"):
+                size, low = self.name(), None
+                self.expect("=")
+                kind, text, pos = self.next()
+                low, _, high = text.partition("..")
+                if kind != "range" or not low.isdigit() or not high.isdigit():
+                    raise ParseError(f"bad range {text!r} for size {size!r} (write {size}=MIN..MAX)", self.text, pos)
+                graph.dims[size] = (int(low), int(high))
+                self.accept(",")
         self.expect("{")
         while self.peek()[1] == "weight":
             self.next()
@@ -340,6 +366,8 @@ class _Parser:
                 dims.append(int(text))
             elif kind == "ident":
                 dims.append(text)
+            elif kind == "str":  # an expression over sizes: "batch*seq"
+                dims.append(self._dim_expression(json.loads(text), pos))
             else:
                 raise ParseError(f"bad dimension {text!r}", self.text, pos)
             self.accept(",")

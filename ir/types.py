@@ -8,6 +8,8 @@ rank), ``f32[]`` (a scalar).
 from __future__ import annotations
 
 import enum
+import json
+import re
 import math
 from dataclasses import dataclass
 from typing import Union
@@ -19,6 +21,7 @@ from onnx import helper as onnx_helper
 from .errors import HetflowError
 
 Dim = Union[int, str, None]
+_SIZE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 
 # The largest tensor hetflow accepts (2**40 elements: at most 2**44 bytes, far from a 64-bit overflow of a
 # byte count or an arena offset). Types are checked when they are made, whoever makes them.
@@ -185,6 +188,8 @@ def _shape_text(shape: tuple) -> str:
 def _dim_text(d: Dim) -> str:
     if d is None:
         return "?"
+    if isinstance(d, str) and not _SIZE_NAME.match(d):
+        return json.dumps(d)  # an expression over sizes ("batch*seq") is quoted in text
     return str(d)
 
 

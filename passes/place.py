@@ -32,6 +32,7 @@ import numpy as np
 
 from hetflow.ir import Graph, Node, TensorType, Value
 from hetflow.ir.errors import HetflowError
+from hetflow.ir.symbolic import describe_ranges, sized_at_max
 from hetflow.platform import Platform
 
 from .cost import NodeCost, cost_node, device_time_parts
@@ -359,6 +360,16 @@ def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time
     if policy not in POLICIES:
         raise PlacementError(f"unknown placement policy {policy!r}; choose one of {', '.join(POLICIES)}")
     platform = restrict(platform, devices)
+    if policy == "split" and graph.dims:
+        raise PlacementError(f"placement 'split' fixes each part's rows at compile time, and this graph has "
+                             f"dynamic sizes ({describe_ranges(graph.dims)}): use roofline or optimal")
+    with sized_at_max(graph):  # a dynamic graph is placed for its declared maximum
+        report = _place_at_fixed_sizes(graph, platform, policy, time_limit)
+    insert_transfers(graph, platform)
+    return report
+
+
+def _place_at_fixed_sizes(graph: Graph, platform: Platform, policy: str, time_limit: float) -> PlacementReport:
     costs = [cost_node(node, platform, graph.opset) for node in graph.nodes]
     check_supported(costs, platform)
     report = PlacementReport(policy, platform.name, costs)
@@ -392,5 +403,4 @@ def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time
             if decision and 0 < decision["eighths_on_first"] < SPLIT_STEPS:
                 report.splits.append(decision)
                 apply_split(graph, cost.node, decision)
-    insert_transfers(graph, platform)
     return report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from hetflow.ir import Graph
+from hetflow.ir.symbolic import sized_at_max
 
 from .base import CompileOptions, PassResult, register_pass
 from .place import place_graph
@@ -28,5 +29,6 @@ def schedule(graph: Graph, options: CompileOptions | None = None) -> PassResult:
         from .place import restrict
         platform = restrict(platform, options.devices)
     before = [dict(n.meta) for n in graph.nodes]
-    options.results["schedule"] = simulate(graph, platform)
+    with sized_at_max(graph):  # a dynamic graph's timeline at its declared maximum
+        options.results["schedule"] = simulate(graph, platform)
     return PassResult(graph, [n.meta for n in graph.nodes] != before)

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 
 from hetflow.ir import FusionKind, Graph, Node, Value, get_op
 
+from hetflow.ir.symbolic import max_nbytes
+
 from .base import CompileOptions, PassError, PassResult, register_pass
 
 ALIGNMENT = 64
@@ -236,11 +238,12 @@ def plan_graph(graph: Graph, platform=None, time_limit: float = 10.0, alignment:
     for node in graph.nodes:
         memory = _memory_of(node, platform)
         for out in node.outputs:
-            if out.type is None or out.type.nbytes() is None:
+            nbytes = max_nbytes(out.type, graph.dims)  # a dynamic shape: its size at the declared maximum
+            if nbytes is None:
                 continue
             root = owner.get(out.name, out.name)
             members.setdefault(root, []).append(out.name)
-            sizes[root] = max(sizes.get(root, 0), _aligned(out.type.nbytes(), alignment))
+            sizes[root] = max(sizes.get(root, 0), _aligned(nbytes, alignment))
             space_of[root] = space_of.get(root, memory)
     merged_spans = {}
     for root, names in members.items():

@@ -37,6 +37,7 @@ from hetflow.ir import Graph
 from hetflow.ir.errors import HetflowError
 
 from hetflow.ir.interpreter import check_inputs
+from hetflow.ir.symbolic import bind, concrete_shape, max_nbytes
 
 from .plancheck import check_memory_plan
 from .runners import load_runner
@@ -75,9 +76,12 @@ class RunRecord:
 ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool"}
 
 
-def _arena_type(t) -> bool:
-    """Values the arena holds: static shapes of the plain numeric types."""
-    return t is not None and t.is_static and t.dtype.value in ORT_BINDABLE
+def _arena_type(t, dims: dict | None = None) -> bool:
+    """Values the arena holds: the plain numeric types, of static shapes or (a dynamic graph) of shapes
+    bounded by the declared sizes (a slot of the size at the maximum, viewed at each call's shape)."""
+    if t is None or t.dtype.value not in ORT_BINDABLE:
+        return False
+    return t.is_static or (bool(dims) and max_nbytes(t, dims) is not None)
 
 
 def naive_layout(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -130,7 +134,8 @@ class Executor:
         self.fallbacks: list[str] = []
         self.device_memories: set[str] = set()  # memories whose arena lives on the GPU
         self.runners = [load_runner(part, self) for part in partitions]  # one registry, by backend name
-        produced = [n for p in partitions for n in p.output_names if _arena_type(self.types[n])]
+        self.dims = dict(graph.dims)  # dynamic shapes: each size's declared (min, max)
+        produced = [n for p in partitions for n in p.output_names if _arena_type(self.types[n], self.dims)]
         self.producer = {n: i for i, p in enumerate(partitions) for n in p.output_names}
         self._arenas(memory_plan, produced)
         self.cross = sorted({n for i, p in enumerate(partitions) for n in p.input_names
@@ -153,10 +158,12 @@ class Executor:
     def _arenas(self, memory_plan: dict | None, produced: list[str]) -> None:
         self.buffers: dict[str, np.ndarray] = {}
         self.arenas: dict[str, np.ndarray] = {}
+        self.slots: dict[str, tuple] = {}  # a dynamic shape's value: (arena, first byte, dtype, symbolic shape)
+        self.views: dict[tuple, dict[str, np.ndarray]] = {}  # sizes -> those values' views at them
         by_memory: dict[str, dict[str, int]] = {}
         for name in produced:
             memory = self.memory_of(self.partitions[self.producer[name]].device)
-            by_memory.setdefault(memory, {})[name] = self.types[name].nbytes()
+            by_memory.setdefault(memory, {})[name] = max_nbytes(self.types[name], self.dims)
         for memory, sizes in by_memory.items():
             planned = (memory_plan or {}).get(memory)
             if planned:
@@ -172,6 +179,11 @@ class Executor:
             else:
                 offsets, total = naive_layout(sizes)  # no plan (a pipeline without plan_memory): no reuse
             if memory in self.device_memories:  # the GPU's memory: one CUDA buffer
+                dynamic = next((n for n in sizes if not self.types[n].is_static), None)
+                if dynamic is not None:
+                    raise RuntimeFailure(f"%{dynamic} ({self.types[dynamic]}) is written in the GPU's memory: "
+                                         "partitions on a CUDA GPU replay CUDA graphs of fixed shapes, and this "
+                                         "graph has dynamic sizes")
                 from .runners.cuda import arena_view, device_arena
                 arena = self.arenas[memory] = device_arena(total + ALIGNMENT)
                 for name, size in sizes.items():
@@ -184,7 +196,25 @@ class Executor:
             for name, size in sizes.items():
                 t = self.types[name]
                 start = base + offsets[name]
+                if not t.is_static:
+                    self.slots[name] = (arena, start, t.dtype.numpy, t.shape)
+                    continue
                 self.buffers[name] = arena[start:start + size].view(t.dtype.numpy).reshape(t.shape)
+
+    def _sized(self, sizes: dict[str, int]) -> None:
+        """The dynamic-shape values' arena slots viewed at this call's sizes (kept for the last few sizes)."""
+        key = tuple(sorted(sizes.items()))
+        views = self.views.get(key)
+        if views is None:
+            views = {}
+            for name, (arena, start, dtype, shape) in self.slots.items():
+                concrete = concrete_shape(shape, sizes)
+                count = int(np.prod(concrete, dtype=np.int64)) * np.dtype(dtype).itemsize
+                views[name] = arena[start:start + count].view(dtype).reshape(concrete)
+            if len(self.views) >= 32:
+                self.views.pop(next(iter(self.views)))
+            self.views[key] = views
+        self.buffers.update(views)
 
     def _staged_inputs(self) -> dict:
         """Device buffers for the graph inputs that partitions on the GPU read (copied in once per run,
@@ -195,7 +225,8 @@ class Executor:
         staged = {}
         for v in self.graph.inputs:
             readers = [i for i, p in enumerate(self.partitions) if v.name in p.input_names]
-            if readers and all(getattr(self.runners[i], "on_gpu", False) for i in readers) and _arena_type(v.type):
+            if readers and all(getattr(self.runners[i], "on_gpu", False) for i in readers) and v.type is not None \
+                    and v.type.is_static and _arena_type(v.type):
                 staged[v.name] = to_torch(np.zeros(v.type.shape, v.type.dtype.numpy), "cuda")
         return staged
 
@@ -214,6 +245,8 @@ class Executor:
         self._stragglers = []
         arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
                               dict(zip([v.name for v in self.graph.inputs], feeds)))
+        if self.dims:  # each size within its declared range, one error line naming the input and dim if not
+            self._sized(bind(self.graph.inputs, arrays, self.dims))
         env = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
         env.update(self.weights)
         for name, staged in self.staged_inputs.items():  # graph inputs the GPU reads: one copy in, per run
@@ -223,12 +256,15 @@ class Executor:
         fresh = {v.name for v in self.graph.outputs
                  if v.name in self.buffers and isinstance(self.buffers[v.name], np.ndarray)}
         for name in fresh:
-            last = self.buffers[name]
-            # the last run's result, if the caller has let go of it (our two references, ``last`` and
+            target = self.buffers[name]  # (a dynamic shape's: this call's view of its slot)
+            last = self.handed_out.get(name)
+            # the last run's result, if the caller has let go of it (our references, ``last`` and
             # getrefcount's argument are all that remain): written again, with no new pages to fault in
-            if self.handed_out.get(name) is last and sys.getrefcount(last) <= 4:
+            if last is not None and last.shape == target.shape and \
+                    sys.getrefcount(last) <= (4 if target is last else 3):
+                self.buffers[name] = last
                 continue
-            self.buffers[name] = np.empty_like(last)
+            self.buffers[name] = np.empty_like(target)
             self.handed_out[name] = self.buffers[name]
         self.run_id += 1
         self.flags.reset()  # a failure left by an earlier run is gone

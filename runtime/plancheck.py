@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 
 from hetflow.ir import FusionKind, Graph, Node, Value, get_op
 from hetflow.ir.errors import HetflowError
+from hetflow.ir.symbolic import max_nbytes
 
 IN_PLACE_KINDS = (FusionKind.elementwise, FusionKind.broadcast)
 
@@ -149,9 +150,9 @@ def check_memory_plan(graph: Graph, partitions: Sequence[tuple[str, Sequence[str
             if home != memory:
                 raise PlanError(f"{where}: %{name} is placed in memory {memory!r}, but its producer "
                                 f"(device {device}) writes memory {home!r}")
-            nbytes = value.type.nbytes() if value.type is not None else None
+            nbytes = max_nbytes(value.type, graph.dims)  # a dynamic shape: its bytes at the declared maximum
             if nbytes is None:
-                raise PlanError(f"{where}: %{name} in memory {memory!r} has no static size ({value.type})")
+                raise PlanError(f"{where}: %{name} in memory {memory!r} has no bounded size ({value.type})")
             if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
                 raise PlanError(f"{where}: %{name} in memory {memory!r} has offset {offset!r}, not a byte offset")
             if offset % alignment:

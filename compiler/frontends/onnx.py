@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from hetflow.ir import DType, Graph, TensorType, UnsupportedOpError, get_op, infer_types
 from hetflow.ir.errors import HetflowError
 from hetflow.ir.graph import Node, Value
+from hetflow.ir.symbolic import forget_undeclared
 from hetflow.ir.onnx_convert import attr_from_onnx, external_data_tensors, type_from_onnx
 from hetflow.ir.types import ShapeError
 
@@ -61,11 +62,15 @@ def load_model(source: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def import_onnx(source: str | Path | bytes | onnx.ModelProto) -> Graph:
+def import_onnx(source: str | Path | bytes | onnx.ModelProto,
+                dynamic_shapes: dict[str, tuple[int, int]] | None = None) -> Graph:
     """The model as a hetflow graph; for any input a ``Graph`` or a ``HetflowError``, never another
-    exception (an unexpected one becomes ``ImporterBug``, its cause kept)."""
+    exception (an unexpected one becomes ``ImporterBug``, its cause kept). ``dynamic_shapes``: the
+    inputs' dim_params that vary, each name -> ``(min, max)``; the graph then declares them
+    (``Graph.dims``) and every dim onnxruntime's symbolic shape inference writes as an expression over
+    them is kept as one."""
     try:
-        return _import_model(source)
+        return _import_model(source, dynamic_shapes)
     except HetflowError:
         raise
     except RecursionError:
@@ -75,7 +80,7 @@ def import_onnx(source: str | Path | bytes | onnx.ModelProto) -> Graph:
                           f"{_first_line(exc)}); the model is refused; this is a bug in hetflow") from exc
 
 
-def _import_model(source: str | Path | bytes | onnx.ModelProto) -> Graph:
+def _import_model(source: str | Path | bytes | onnx.ModelProto, dynamic_shapes=None) -> Graph:
     model = load_model(source)
     _check_text(model)
     _refuse_external_data(model)
@@ -93,9 +98,49 @@ def _import_model(source: str | Path | bytes | onnx.ModelProto) -> Graph:
         opset = MIN_OPSET
         _check_ops_exist(model.graph, opset)
         _check(model)
+    if dynamic_shapes:
+        _check_declared_sizes(model.graph, dynamic_shapes)
+        model = _symbolic_shapes(model)
     model = infer_shapes(model, FrontendError)
     name = model.graph.name or "main"
-    return _import_graph(model.graph, opset, name)
+    graph = _import_graph(model.graph, opset, name)
+    if dynamic_shapes:
+        graph.dims = dict(dynamic_shapes)
+        forget_undeclared(graph)
+    return graph
+
+
+def _check_declared_sizes(g: onnx.GraphProto, sizes: dict) -> None:
+    """Each declared size is a dim_param of some input; each input dim_param is declared."""
+    initializers = {t.name for t in g.initializer}
+    params: dict[str, str] = {}
+    for vi in g.input:
+        if vi.name in initializers or not vi.type.HasField("tensor_type"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_param") and d.dim_param:
+                params.setdefault(d.dim_param, f"input {vi.name!r} dim {axis}")
+    for name in sizes:
+        if name not in params:
+            raise FrontendError(f"dynamic size {name!r} is not a dim_param of any input (the inputs' dim_params: "
+                                f"{', '.join(params) or 'none'})")
+    for name, where in params.items():
+        if name not in sizes:
+            raise FrontendError(f"{where} is dim_param {name!r}, which dynamic_shapes does not declare: give its "
+                                f"range too ({name}=MIN..MAX)")
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic shape inference (sympy) writes each dim it can derive as an expression over
+    the inputs' dim_params (``2*batch``). Ops it does not know leave their dims to onnx's inference: those
+    values are then allocated at run time, outside the memory plan (the report counts them)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = SymbolicShapeInference.infer_shapes(model, int_max=2 ** 31 - 1, auto_merge=False,
+                                                       guess_output_rank=False, verbose=0)
+    except Exception:  # noqa: BLE001  (its own limits: onnx's inference below still runs)
+        return model
+    return inferred if inferred is not None else model
 
 
 def _check(model: onnx.ModelProto) -> None:

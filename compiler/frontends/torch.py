@@ -38,6 +38,7 @@ from torch._prims_common import ELEMENTWISE_TYPE_PROMOTION_KIND, elementwise_dty
 from hetflow.ir import DType, Graph, TensorType, UnsupportedOpError, infer_types
 from hetflow.ir.errors import HetflowError
 from hetflow.ir.graph import Value
+from hetflow.ir.symbolic import forget_undeclared
 
 __all__ = ["CONVERTERS", "FrontendError", "TorchCapture", "capture_fx", "capture_module"]
 
@@ -88,6 +89,11 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, dynamic_shape
             raise FrontendError(f"input {node.name!r} of kind {kind} is not supported")
     user_outputs = [s.kind.name == "USER_OUTPUT" for s in program.graph_signature.output_specs]
     importer.run(program.graph, user_outputs)
+    if dynamic_shapes is not None:
+        users = [n for spec, n in zip(specs, placeholders) if spec.kind.name == "USER_INPUT"]
+        renames, graph.dims = _declared_sizes(program, module, example_inputs, dynamic_shapes, users)
+        _rename_sizes(graph, renames)
+        forget_undeclared(graph)
     return TorchCapture(graph, input_names, program.call_spec.out_spec)
 
 
@@ -332,8 +338,88 @@ def _dim(d) -> int | str | None:
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
     if is_concrete_int(d):
         return int(d)
-    expr = d.node.expr
-    return str(expr) if getattr(expr, "is_Symbol", False) else None
+    return _expression_text(d.node.expr)
+
+
+def _expression_text(expr) -> str | None:
+    """A SymInt's sympy expression in the IR's dim syntax (``hetflow.ir.symbolic``: names, integers,
+    ``+ - * // %``, ``max``, ``min``); None for anything else (a dim then unknown, sized at run time)."""
+    import sympy
+    if isinstance(expr, sympy.Integer):
+        return str(int(expr))
+    if isinstance(expr, sympy.Symbol):
+        return expr.name
+    kind = type(expr).__name__
+    parts = [_expression_text(a) for a in expr.args]
+    if not parts or any(p is None for p in parts):
+        return None
+    if isinstance(expr, sympy.Add):
+        return "(" + " + ".join(parts) + ")"
+    if isinstance(expr, sympy.Mul):
+        return "*".join(parts)
+    if kind in ("Pow", "PowByNatural") and isinstance(expr.args[1], sympy.Integer) and 0 < int(expr.args[1]) <= 8:
+        return "*".join([parts[0]] * int(expr.args[1]))
+    if kind == "FloorDiv":
+        return f"({parts[0]} // {parts[1]})"
+    if kind in ("Mod", "PythonMod"):
+        return f"({parts[0]} % {parts[1]})"
+    if kind in ("Max", "Min"):
+        return f"{kind.lower()}({', '.join(parts)})"
+    return None
+
+
+def _rename_sizes(graph: Graph, names: dict[str, str]) -> None:
+    """torch's size symbols (``s77``) renamed to the user's Dim names (``batch``) in every type."""
+    if not names:
+        return
+    word = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+    def rename(d):
+        return word.sub(lambda m: names.get(m.group(), m.group()), d) if isinstance(d, str) else d
+    for value in graph.values():
+        if value.type is not None and value.type.shape is not None and any(isinstance(d, str) for d in value.type.shape):
+            value.type = TensorType(value.type.dtype, tuple(rename(d) for d in value.type.shape))
+
+
+def _declared_sizes(program, module, example_inputs: tuple, dynamic_shapes, placeholders) -> tuple[dict, dict]:
+    """``(renames, ranges)``: each user Dim's torch symbol -> the Dim's name, and each size's (min, max)
+    from the exported program's range constraints. A size without a finite max is an error: the memory
+    plan is made for the declared maximum."""
+    import inspect
+    specs = dynamic_shapes
+    if isinstance(specs, dict):
+        try:
+            bound = inspect.signature(module.forward).bind(*example_inputs)
+            specs = [specs.get(name) for name in bound.arguments]
+        except TypeError:
+            specs = list(specs.values())
+    renames: dict[str, str] = {}
+    for spec, node in zip(specs or [], placeholders):
+        val = node.meta.get("val")
+        if spec is None or not isinstance(val, torch.Tensor):
+            continue
+        axes = spec.items() if isinstance(spec, dict) else enumerate(spec)
+        for axis, dim in axes:
+            name = getattr(dim, "__name__", None)
+            if name is None or not isinstance(axis, int) or axis >= val.dim():
+                continue
+            size = val.shape[axis]
+            if isinstance(size, torch.SymInt) and getattr(size.node.expr, "is_Symbol", False):
+                renames[size.node.expr.name] = name
+    ranges: dict[str, tuple[int, int]] = {}
+    for symbol, bounds in program.range_constraints.items():
+        name = renames.get(getattr(symbol, "name", str(symbol)), getattr(symbol, "name", str(symbol)))
+        try:
+            low, high = int(bounds.lower), int(bounds.upper)
+        except (TypeError, ValueError, OverflowError):
+            raise FrontendError(f"dynamic size {name!r} has no finite max ({bounds.lower}..{bounds.upper}): the "
+                                f"memory plan is made for the declared maximum, so give one "
+                                f"(torch.export.Dim({name!r}, max=...))") from None
+        if high > 2 ** 40:
+            raise FrontendError(f"dynamic size {name!r} has no finite max ({low}..{high}): the memory plan is made "
+                                f"for the declared maximum, so give one (torch.export.Dim({name!r}, max=...))")
+        ranges[name] = (low, high)
+    return renames, ranges
 
 
 def _value_type(val: Any) -> TensorType | None:
