@@ -21,6 +21,8 @@ examples:
   hetflow run out/ --random --trace t.json --profile     a Perfetto trace; per-group measured vs predicted
   hetflow compile hetflow.examples.models:build_gpt2_decode -o dec/ && hetflow run dec/ --generate 16
   hetflow compile model.onnx --platform mobile-soc --placement split -o out/
+  hetflow compile hetflow.examples.models:build_gpt2_dynamic --dynamic batch=1..4,seq=2..128 -o dyn/
+  hetflow run dyn/ --random --sizes batch=2,seq=64    one artifact, any size in the declared ranges
   hetflow inspect out/ --plot plots/                     placement, timeline; roofline + Gantt PNGs, trace
   hetflow keygen me && hetflow compile model.onnx -o out/ --sign me.key
   hetflow run out/ --random --verify-key me.pub           refuse the artifact unless its signature verifies
@@ -65,9 +67,63 @@ def _load_model_spec(spec: str):
     return model, tuple(example_inputs)
 
 
+DEFAULT_AXES = {"batch": 0, "seq": 1}  # --dynamic's axis for these names when none is given
+
+
+def parse_dynamic(text: str) -> list[tuple[str, int | None, tuple[int, int] | None]]:
+    """``--dynamic batch,seq=2..128,frames@2=1..64`` as ``[(name, axis or None, (min, max) or None)]``."""
+    items = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        head, _, bounds = item.partition("=")
+        name, _, axis = head.partition("@")
+        if not name.isidentifier() or (axis and not axis.isdigit()):
+            raise UsageError(f"--dynamic {item!r}: write NAME[@AXIS][=MIN..MAX], e.g. batch=1..8 or frames@2")
+        span = None
+        if bounds:
+            low, sep, high = bounds.partition("..")
+            if not sep or not low.isdigit() or not high.isdigit() or int(low) > int(high):
+                raise UsageError(f"--dynamic {item!r}: the range is MIN..MAX with MIN <= MAX, e.g. {name}=1..8")
+            span = (int(low), int(high))
+        items.append((name, int(axis) if axis else None, span))
+    if not items:
+        raise UsageError("--dynamic: name at least one size, e.g. --dynamic batch,seq")
+    return items
+
+
+def dynamic_shapes_for(items, model, example_inputs):
+    """``--dynamic`` as ``hetflow.compile``'s ``dynamic_shapes``: Dims per input axis for a torch module
+    (the size's axis of every input that has it; without a range, 1 up to the example's size), or
+    ranges by dim_param name for an ONNX model (a range is then required: there is no example)."""
+    if example_inputs is None:
+        missing = next((name for name, _, span in items if span is None), None)
+        if missing is not None:
+            raise UsageError(f"--dynamic {missing}: an ONNX model has no example inputs to take a maximum from; "
+                             f"give the range ({missing}=MIN..MAX)")
+        return {name: span for name, _, span in items}
+    from torch.export import Dim
+    specs = [{} for _ in example_inputs]
+    for name, axis, span in items:
+        axis = DEFAULT_AXES.get(name) if axis is None else axis
+        if axis is None:
+            raise UsageError(f"--dynamic {name}: say which axis of the inputs it is ({name}@AXIS); only "
+                             f"{', '.join(f'{k} ({v})' for k, v in DEFAULT_AXES.items())} have a default")
+        holders = [i for i, x in enumerate(example_inputs) if getattr(x, "ndim", 0) > axis]
+        if not holders:
+            raise UsageError(f"--dynamic {name}: no example input has an axis {axis}")
+        largest = max(int(example_inputs[i].shape[axis]) for i in holders)
+        low, high = span if span is not None else (1, largest)
+        dim = Dim(name, min=low, max=high)
+        for i in holders:
+            specs[i][axis] = dim
+    return tuple(specs)
+
+
 def cmd_compile(args) -> int:
     import hetflow
     model, example_inputs = _load_model_spec(args.model)
+    dynamic = dynamic_shapes_for(parse_dynamic(args.dynamic), model, example_inputs) if args.dynamic else None
     start = time.perf_counter()
     devices = [d for d in args.devices.split(",") if d] if args.devices else None
     _check_output_directory(args.output, "-o")
@@ -75,7 +131,7 @@ def cmd_compile(args) -> int:
         raise UsageError(f"--sign {args.sign}: no such key file (make a pair with 'hetflow keygen NAME')")
     compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
                                placement=args.placement, devices=devices, time_limit=args.time_limit,
-                               cpu_backend=args.cpu_backend)
+                               cpu_backend=args.cpu_backend, dynamic_shapes=dynamic)
     out = compiled.save(args.output, sign_key=args.sign)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
@@ -160,19 +216,32 @@ def read_npy(path: str | Path, name: str, declared=None) -> np.ndarray:
     array = data.reshape(shape, order="F" if fortran else "C")
     if not dtype.isnative:
         array = array.astype(dtype.newbyteorder("="))
-    return np.ascontiguousarray(array)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (never 0-d made 1-d)
 
 
-def _random_inputs(graph) -> dict[str, np.ndarray]:
+def _random_inputs(graph, sizes_text: str | None = None) -> dict[str, np.ndarray]:
+    """Random inputs of the declared shapes; a dynamic size at its maximum, or as ``--sizes`` says."""
+    from hetflow.ir.symbolic import SymbolicError, concrete_shape
+    sizes = {name: high for name, (low, high) in graph.dims.items()}
+    for item in (t for t in (sizes_text or "").split(",") if t.strip()):
+        name, _, value = item.strip().partition("=")
+        if name not in graph.dims or not value.isdigit():
+            raise UsageError(f"--sizes {item!r}: write NAME=N for a declared size "
+                             f"({', '.join(graph.dims) or 'this artifact declares none'})")
+        sizes[name] = int(value)
     rng = np.random.default_rng(0)
     feeds = {}
     for v in graph.inputs:
-        if v.type is None or not v.type.is_static:
+        try:
+            shape = concrete_shape(v.type.shape, sizes) if v.type is not None else None
+        except SymbolicError:
+            shape = None
+        if shape is None:
             raise UsageError(f"--random: input {v.name!r} has a non-static type {v.type}; give --input")
         if v.type.dtype.is_float:
-            feeds[v.name] = rng.standard_normal(v.type.shape).astype(v.type.dtype.numpy)
+            feeds[v.name] = rng.standard_normal(shape).astype(v.type.dtype.numpy)
         else:
-            feeds[v.name] = rng.integers(0, 2, size=v.type.shape).astype(v.type.dtype.numpy)
+            feeds[v.name] = rng.integers(0, 2, size=shape).astype(v.type.dtype.numpy)
     return feeds
 
 
@@ -188,7 +257,9 @@ def cmd_run(args) -> int:
         print(f"fallback: {note}", file=sys.stderr)
     if args.generate:
         return _generate(model, args)
-    feeds = _random_inputs(model.graph) if args.random else {}
+    if args.sizes and not args.random:
+        raise UsageError("--sizes chooses the shapes of --random inputs: give --random too")
+    feeds = _random_inputs(model.graph, args.sizes) if args.random else {}
     feeds.update(_parse_inputs(args.input or [], model.graph))
     start = time.perf_counter()
     outputs = model.run(feeds)
@@ -247,7 +318,8 @@ def _write_trace(model, path) -> None:
 def _print_profile(model, feeds) -> None:
     from hetflow.report import table
     from hetflow.profile import profile
-    rows = profile(model.graph, model.platform, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+    rows = profile(model.graph, model.platform, {k: v if v.flags.c_contiguous else np.ascontiguousarray(v)
+                                                             for k, v in feeds.items()})
     body = [[r.name[:30], r.kind[:14], r.device, f"{r.predicted * 1e6:.1f}", f"{r.measured * 1e6:.1f}",
              f"{r.measured / r.predicted:.2f}" if r.predicted and r.real else "-",
              {"cpu": "measured", "cuda": "measured (copies in and out included)"}.get(
@@ -402,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "now for this CPU (untuned LLVM; needs apache-tvm)")
     p.add_argument("--sign", metavar="KEY", help="sign the artifact's manifest with this Ed25519 private key (PEM; "
                    "'hetflow keygen NAME' makes one): users check it with 'hetflow run OUT --verify-key PUB'")
+    p.add_argument("--dynamic", metavar="NAME[=MIN..MAX],...",
+                   help="sizes that vary between calls: one artifact runs every size in the ranges (placement "
+                        "and the memory plan are made for the maximum; a call outside is refused). For a torch "
+                        "model, 'batch' is axis 0 and 'seq' axis 1 of every input that has it (another name: "
+                        "NAME@AXIS), from 1 up to the example's size unless a range is given; for an ONNX "
+                        "model each NAME is an input dim_param and needs its range, e.g. batch=1..8,seq=1..512")
     p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
                    "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
     p.set_defaults(func=cmd_compile)
@@ -412,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="OUT", help="artifact directory written by 'hetflow compile'")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input, repeatable")
     p.add_argument("--random", action="store_true", help="random values for the inputs not given")
+    p.add_argument("--sizes", metavar="NAME=N,...", help="with --random, for an artifact compiled with --dynamic: "
+                   "the sizes to run at (default: each at its declared maximum), e.g. batch=2,seq=64")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy")
     _add_trust_options(p)
     p.add_argument("--fallback", choices=["cpu"], help="run partitions built for a device this machine lacks "

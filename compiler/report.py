@@ -168,7 +168,22 @@ _LIMIT_LINE = {
 
 def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
                    memory_plan=None) -> str:
-    parts = [graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)]
+    from hetflow.ir.symbolic import describe_ranges, max_nbytes, sized_at_max
+    summary = graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)
+    if graph.dims:  # a dynamic graph's counts at the declared maximum; its inputs and outputs as declared
+        with sized_at_max(graph):
+            at_max = graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)
+        declared = [line for line in summary.splitlines() if line.startswith(("  input ", "  output "))]
+        summary = "\n".join(declared.pop(0) if line.startswith(("  input ", "  output ")) and declared else line
+                            for line in at_max.splitlines())
+    parts = [summary]
+    if graph.dims:
+        unbounded = sum(1 for n in graph.nodes for o in n.outputs
+                        if o.type is not None and max_nbytes(o.type, graph.dims) is None)
+        parts.append(f"dynamic sizes: {describe_ranges(graph.dims)}; FLOPs, placement, timeline and memory plan are "
+                     "for the maximum, and each call is checked against the ranges"
+                     + (f"; {unbounded} values of a size known only at run time are allocated per call, "
+                        "outside the plan" if unbounded else ""))
     if placement is not None:
         header = f"placement ({placement.policy}"
         if placement.solver:

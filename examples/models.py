@@ -30,6 +30,50 @@ def build_gpt2(n_layer: int = 2, n_embd: int = 64, n_head: int = 2, seq: int = 1
     return _Logits(GPT2LMHeadModel(config).eval(), use_cache=False), (torch.randint(0, vocab, (1, seq)),)
 
 
+def build_gpt2_dynamic(n_layer: int = 2, n_embd: int = 64, n_head: int = 2, max_seq: int = 128, vocab: int = 100):
+    """GPT-2 for dynamic shapes (``hetflow compile ... --dynamic batch=1..4,seq=2..128``): eager attention
+    (transformers' SDPA path does not export with a dynamic batch) and an example of batch 2 (torch.export
+    fixes a size whose example is 1)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=max_seq,
+                        bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return _Logits(GPT2LMHeadModel(config).eval(), use_cache=False), (torch.randint(0, vocab, (2, 16)),)
+
+
+class TinyLM(torch.nn.Module):
+    """A GPT-2-style block written out in torch (token and position embeddings, causal self-attention, an MLP,
+    a head): no transformers code, so it exports to ONNX with dynamic axes too."""
+
+    def __init__(self, vocab: int = 50, hidden: int = 32, heads: int = 2, max_seq: int = 128):
+        super().__init__()
+        nn = torch.nn
+        self.tok, self.pos = nn.Embedding(vocab, hidden), nn.Embedding(max_seq, hidden)
+        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+        self.head = nn.Linear(hidden, vocab)
+        self.heads = heads
+
+    def forward(self, ids):
+        batch, seq = ids.shape
+        x = self.tok(ids) + self.pos(torch.arange(seq))
+        q, k, v = self.qkv(self.ln1(x)).split(x.shape[-1], dim=-1)
+        q, k, v = (t.reshape(batch, seq, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + self.proj(attention.transpose(1, 2).reshape(batch, seq, -1))
+        return self.head(x + self.mlp(self.ln2(x)))
+
+
+def build_tiny_lm(max_seq: int = 128):
+    """``TinyLM`` with an example of batch 2, sequence 16 (for dynamic shapes: torch.export fixes a size whose
+    example is 1)."""
+    torch.manual_seed(0)
+    return TinyLM(max_seq=max_seq).eval(), (torch.randint(0, 50, (2, 16)),)
+
+
 def build_resnet18(image: int = 224):
     """transformers' ResNet in the resnet-18 layout: basic blocks, depths 2-2-2-2."""
     from transformers import ResNetConfig, ResNetForImageClassification

@@ -67,6 +67,8 @@ def _verify(graph: Graph, infer: bool, path: str) -> None:
             if id(user) not in members:
                 _fail(graph, None, f"{path}: %{v.name}.uses names {user.describe()}, which is not a node of the "
                                    "graph (removed, or built and never inserted)")
+    if graph.dims:
+        _check_dims(graph, path)
     slots: dict[int, int] = {}
     for v in graph.outputs:
         if id(v) not in defined:
@@ -77,6 +79,21 @@ def _verify(graph: Graph, infer: bool, path: str) -> None:
         if counted != slots.get(id(v), 0):
             _fail(graph, None, f"{path}: %{v.name} counts {counted} graph output use(s), graph.outputs holds it "
                                f"{slots.get(id(v), 0)} time(s)")
+
+
+def _check_dims(graph: Graph, path: str) -> None:
+    """A graph with declared sizes: each range is min <= max, each symbolic dim an expression over them."""
+    from .symbolic import NAME_RE, SymbolicError, check_expression
+    for size, (low, high) in graph.dims.items():
+        if not NAME_RE.match(size) or not 0 <= low <= high:
+            _fail(graph, None, f"{path}: declared size {size!r} has range {low}..{high}")
+    for v in graph.values():
+        for d in (v.type.shape or ()) if v.type is not None else ():
+            if isinstance(d, str):
+                try:
+                    check_expression(d, graph.dims, f"%{v.name}: {v.type}")
+                except SymbolicError as exc:
+                    _fail(graph, v.producer, f"{path}: {exc}")
 
 
 def _check_op(graph: Graph, node: Node, path: str, infer: bool) -> None:

@@ -247,7 +247,8 @@ class Executor:
                               dict(zip([v.name for v in self.graph.inputs], feeds)))
         if self.dims:  # each size within its declared range, one error line naming the input and dim if not
             self._sized(bind(self.graph.inputs, arrays, self.dims))
-        env = {n: np.ascontiguousarray(a) for n, a in arrays.items()}
+        # (np.ascontiguousarray would make a 0-d input 1-d: a size dynamo passes as a scalar input)
+        env = {n: a if a.flags.c_contiguous else np.ascontiguousarray(a) for n, a in arrays.items()}
         env.update(self.weights)
         for name, staged in self.staged_inputs.items():  # graph inputs the GPU reads: one copy in, per run
             _copy_into(staged, env[name])

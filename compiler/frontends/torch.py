@@ -411,7 +411,7 @@ def _declared_sizes(program, module, example_inputs: tuple, dynamic_shapes, plac
         name = renames.get(getattr(symbol, "name", str(symbol)), getattr(symbol, "name", str(symbol)))
         try:
             low, high = int(bounds.lower), int(bounds.upper)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's infinity
             raise FrontendError(f"dynamic size {name!r} has no finite max ({bounds.lower}..{bounds.upper}): the "
                                 f"memory plan is made for the declared maximum, so give one "
                                 f"(torch.export.Dim({name!r}, max=...))") from None
