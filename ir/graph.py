@@ -543,6 +543,7 @@ class Graph:
 
 def _clone_graph(graph: Graph) -> tuple[Graph, dict[int, Value]]:
     copy = Graph(graph.name, graph.opset)
+    copy.dims = dict(graph.dims)
     mapping: dict[int, Value] = {}
     for v in graph.inputs:
         mapping[id(v)] = copy.add_input(v.name, v.type)
@@ -584,6 +585,8 @@ def graph_difference(a: Graph, b: Graph) -> str | None:
         return f"graph names differ: {a.name!r} vs {b.name!r}"
     if a.opset != b.opset:
         return f"opsets differ: {a.opset} vs {b.opset}"
+    if a.dims != b.dims:
+        return f"declared sizes differ: {a.dims} vs {b.dims}"
     if len(a.inputs) != len(b.inputs) or len(a.weights) != len(b.weights) or len(a.nodes) != len(b.nodes):
         return (f"sizes differ: inputs {len(a.inputs)}/{len(b.inputs)}, weights {len(a.weights)}/{len(b.weights)}, "
                 f"nodes {len(a.nodes)}/{len(b.nodes)}")
