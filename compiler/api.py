@@ -37,6 +37,10 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None, dynamic_sha
         if not isinstance(example_inputs, (tuple, list)):
             example_inputs = (example_inputs,)
         captured = capture_module(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        if captured.unbounded_sizes:
+            name = captured.unbounded_sizes[0]
+            raise CompileError(f"dynamic size {name!r} has no finite max: the memory plan is made for the declared "
+                               f"maximum, so give one (torch.export.Dim({name!r}, max=...))")
         return captured.graph, captured
     import onnx
     if isinstance(model, (onnx.ModelProto, bytes, str, Path)):

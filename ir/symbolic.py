@@ -276,12 +276,12 @@ def is_expression(text) -> bool:
     return True
 
 
-def forget_undeclared(graph) -> int:
+def forget_undeclared(graph, keep=()) -> int:
     """Dims over a size the graph does not declare (a data-dependent size, an ONNX exporter's ``unk__3``)
-    become unknown: the runtime allocates such values for each call, outside the memory plan. Returns
-    how many values changed."""
+    become unknown: the runtime allocates such values for each call, outside the memory plan. ``keep``:
+    size names to keep although undeclared. Returns how many values changed."""
     from .types import TensorType
-    declared = set(graph.dims)
+    declared = set(graph.dims) | set(keep)  # (keep: names of sizes known but without a range)
     changed = 0
     for value in _all_values(graph):
         t = value.type

@@ -262,7 +262,7 @@ class Executor:
             # the last run's result, if the caller has let go of it (our references, ``last`` and
             # getrefcount's argument are all that remain): written again, with no new pages to fault in
             if last is not None and last.shape == target.shape and \
-                    sys.getrefcount(last) <= (4 if target is last else 3):
+                    sys.getrefcount(last) <= (5 if target is last else 3):  # (+ target's and buffers' own)
                 self.buffers[name] = last
                 continue
             self.buffers[name] = np.empty_like(target)

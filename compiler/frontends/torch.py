@@ -56,6 +56,7 @@ class TorchCapture:
     graph: Graph
     input_names: list[str]  # the user inputs, flattened, in call order
     out_spec: Any = None    # torch.utils._pytree.TreeSpec rebuilding the module's outputs, or None
+    unbounded_sizes: list = None  # dynamic sizes exported without a finite max (names kept, not declared)
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -91,9 +92,10 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple, dynamic_shape
     importer.run(program.graph, user_outputs)
     if dynamic_shapes is not None:
         users = [n for spec, n in zip(specs, placeholders) if spec.kind.name == "USER_INPUT"]
-        renames, graph.dims = _declared_sizes(program, module, example_inputs, dynamic_shapes, users)
+        renames, graph.dims, unbounded = _declared_sizes(program, module, example_inputs, dynamic_shapes, users)
         _rename_sizes(graph, renames)
-        forget_undeclared(graph)
+        forget_undeclared(graph, keep=unbounded)
+        return TorchCapture(graph, input_names, program.call_spec.out_spec, unbounded)
     return TorchCapture(graph, input_names, program.call_spec.out_spec)
 
 
@@ -382,9 +384,9 @@ def _rename_sizes(graph: Graph, names: dict[str, str]) -> None:
 
 
 def _declared_sizes(program, module, example_inputs: tuple, dynamic_shapes, placeholders) -> tuple[dict, dict]:
-    """``(renames, ranges)``: each user Dim's torch symbol -> the Dim's name, and each size's (min, max)
-    from the exported program's range constraints. A size without a finite max is an error: the memory
-    plan is made for the declared maximum."""
+    """``(renames, ranges, unbounded)``: each user Dim's torch symbol -> the Dim's name, each size's (min,
+    max) from the exported program's range constraints, and the sizes without a finite max (kept as names,
+    not declared: ``hetflow.compile`` refuses them, the memory plan being made for the maximum)."""
     import inspect
     specs = dynamic_shapes
     if isinstance(specs, dict):
@@ -407,19 +409,18 @@ def _declared_sizes(program, module, example_inputs: tuple, dynamic_shapes, plac
             if isinstance(size, torch.SymInt) and getattr(size.node.expr, "is_Symbol", False):
                 renames[size.node.expr.name] = name
     ranges: dict[str, tuple[int, int]] = {}
+    unbounded: list[str] = []
     for symbol, bounds in program.range_constraints.items():
         name = renames.get(getattr(symbol, "name", str(symbol)), getattr(symbol, "name", str(symbol)))
         try:
             low, high = int(bounds.lower), int(bounds.upper)
-        except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's infinity
-            raise FrontendError(f"dynamic size {name!r} has no finite max ({bounds.lower}..{bounds.upper}): the "
-                                f"memory plan is made for the declared maximum, so give one "
-                                f"(torch.export.Dim({name!r}, max=...))") from None
-        if high > 2 ** 40:
-            raise FrontendError(f"dynamic size {name!r} has no finite max ({low}..{high}): the memory plan is made "
-                                f"for the declared maximum, so give one (torch.export.Dim({name!r}, max=...))")
-        ranges[name] = (low, high)
-    return renames, ranges
+        except (TypeError, ValueError, OverflowError, AttributeError):  # sympy's infinity: no max
+            low, high = 0, None
+        if high is None or high > 2 ** 40:
+            unbounded.append(name)
+        else:
+            ranges[name] = (low, high)
+    return renames, ranges, unbounded
 
 
 def _value_type(val: Any) -> TensorType | None:
