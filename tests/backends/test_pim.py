@@ -303,3 +303,20 @@ def test_an_op_the_pim_cannot_lower_names_node_and_op():
     with pytest.raises(BackendError) as exc:
         emit_pim_program(g, BANK_LEVEL)
     assert "Conv node" in one_line(exc) and "op Conv cannot be lowered" in one_line(exc)
+
+
+def test_a_platform_whose_pim_has_zero_channels_is_refused_at_load():
+    import copy
+    from hetflow.platform import PlatformError, load_platform, platform_from_dict
+    data = copy.deepcopy(load_platform("pim-gpt").raw)
+    data["device"]["pim"]["channels"] = 0
+    with pytest.raises(PlatformError) as exc:
+        platform_from_dict(data, "pim-gpt (edited)")
+    assert "channels" in one_line(exc)
+
+
+def test_without_the_device_the_program_cannot_be_regenerated():
+    from hetflow.platform import PROGRAM_EMITTERS
+    with pytest.raises(BackendError) as exc:
+        PROGRAM_EMITTERS["pim"](gemv_graph(1, 8, 8), "0 (pim/part0.pim.json)", None)
+    assert "needs the device" in one_line(exc)
