@@ -67,7 +67,7 @@ from hetflow.ir.errors import HetflowError
 
 from .cpu import BackendError
 
-__all__ = ["FORMAT", "emit_pim_program", "pim_kind"]
+__all__ = ["FORMAT", "emit_failure", "emit_pim_program", "pim_kind"]
 
 FORMAT = "hetflow.pim"
 BURST_BYTES = 32
@@ -107,6 +107,26 @@ def emit_pim_program(graph: Graph, device, where: str = "", banks_per_channel: i
     program.update(_channel_rates(device, kind))
     _lower_graph(graph, "", [], units, program["commands"], at)
     return json.dumps(program, sort_keys=True, indent=None, separators=(",", ":"))
+
+
+def emit_failure(node: Node, opset: int = 18) -> str | None:
+    """Why the PIM backend cannot emit ``node`` (a lone op or a fused group), or None: placement asks this
+    (as data registered by the driver) so that it never puts on a PIM device what the PIM cannot run."""
+    try:
+        _check_node(node)
+    except BackendError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
+
+
+def _check_node(node: Node) -> None:
+    if node.op == "hetflow.group":
+        for inner in node.attrs["body"].nodes:
+            _check_node(inner)
+    elif node.op in MATRIX_OPS:
+        _gemv(node, lambda v: None if v is None else v.name, 1, "")
+    else:
+        _check_asic(node, "")
 
 
 def _channel_rates(device, kind: str) -> dict:

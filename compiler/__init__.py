@@ -59,7 +59,12 @@ def _register_with_the_platform_layer() -> None:
         from hetflow.backends import pim_program as emit
         return emit(graph, name, device)
 
+    def pim_emit_check(node, opset: int):
+        from hetflow.backends.pim import emit_failure
+        return emit_failure(node, opset)
+
     platform.register_program_emitter("pim", pim_program)
+    platform.register_emit_check("pim", pim_emit_check)
 
 
 _register_with_the_platform_layer()

@@ -320,3 +320,17 @@ def test_without_the_device_the_program_cannot_be_regenerated():
     with pytest.raises(BackendError) as exc:
         PROGRAM_EMITTERS["pim"](gemv_graph(1, 8, 8), "0 (pim/part0.pim.json)", None)
     assert "needs the device" in one_line(exc)
+
+
+def test_placement_keeps_what_the_pim_cannot_lower_off_it():
+    from hetflow.backends.pim import emit_failure
+    from hetflow.passes.cost import cost_node
+    from hetflow.platform import load_platform
+    g = Graph("conv")
+    x = g.add_input("x", TensorType(DType.f16, (1, 1, 4, 4)))
+    w = g.add_weight("w", np.ones((1, 1, 3, 3), np.float16))
+    node = g.add_node("Conv", [x, w], [TensorType(DType.f16, (1, 1, 2, 2))])
+    assert "op Conv cannot be lowered" in emit_failure(node)
+    cost = cost_node(node, load_platform("duplex"))
+    assert "pim" in cost.unsupported and "Conv" in cost.unsupported["pim"]
+    assert emit_failure(gemv_graph(1, 8, 8).nodes[0]) is None
