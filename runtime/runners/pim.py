@@ -21,6 +21,9 @@ event-driven DRAM model, per channel, in cycles of tCK = 1 ns:
   in which no row is opened; a bank's MAC burst run that reaches a window stops
   there, its row closes, and it reopens the row after the window (a second
   miss). Broadcast, gather and TSV transfers are not stalled by refresh.
+* the matrix operand is taken as resident in the banks, as PIM-GPT keeps weights and the KV cache there:
+  writing an activation operand (the KV cache) is not timed; the logic-die's vector and results stay on the
+  logic die (no broadcast or gather time).
 * ``asic`` commands take ceil(elements out / asic_lanes) cycles (shape-only ops
   none); commands run one after another.
 
