@@ -51,7 +51,7 @@ from hetflow.runtime.errors import RunnerError
 
 from . import register_runner
 
-__all__ = ["DramTiming", "PimSimulator", "TIMINGS", "load_pim"]
+__all__ = ["DramTiming", "PimRunner", "PimSimulator", "TIMINGS", "load_pim", "parse_program", "partition_weights"]
 
 
 @dataclass(frozen=True)

@@ -334,3 +334,13 @@ def test_placement_keeps_what_the_pim_cannot_lower_off_it():
     cost = cost_node(node, load_platform("duplex"))
     assert "pim" in cost.unsupported and "Conv" in cost.unsupported["pim"]
     assert emit_failure(gemv_graph(1, 8, 8).nodes[0]) is None
+
+
+def test_public_api():
+    from hetflow.backends import pim
+    from hetflow.runtime.runners import pim as runner
+    assert sorted(pim.__all__) == ["FORMAT", "emit_failure", "emit_pim_program", "pim_kind"]
+    assert sorted(runner.__all__) == ["DramTiming", "PimRunner", "PimSimulator", "TIMINGS", "load_pim",
+                                      "parse_program", "partition_weights"]
+    for module in (pim, runner):
+        assert all(hasattr(module, name) for name in module.__all__)
