@@ -10,6 +10,8 @@ device's backend:
   TorchInductor or with PyTorch's kernels, captured in a CUDA graph. A machine
   without a GPU refuses the artifact unless the run asks for ``fallback="cpu"``,
   which then runs the same program on the CPU and reports it.
+* ``pim``: a PIM device's command stream (``pim/partN.pim.json``, see ``pim``), run by the runtime's
+  event-driven DRAM PIM simulator (``hetflow.runtime.runners.pim``).
 * ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
   partition's IR (``npu/partN.json``), executed functionally by the reference
   interpreter until the device's simulator lands; its time is the modelled one.
@@ -70,6 +72,16 @@ def _emit_tvm(part: Partition) -> None:
     part.library, _, part.target = compile_partition(part.graph, f"{part.index} ({part.file})")
 
 
+def pim_program(graph: Graph, name: str = "", device=None) -> str:
+    """A PIM partition's command stream (``pim``), a deterministic function of the graph and the device."""
+    from .pim import emit_pim_program
+    return emit_pim_program(graph, device, name)
+
+
+def _emit_pim(part: Partition) -> None:
+    part.source = pim_program(part.graph, f"{part.index} ({part.file})", part.device_spec)
+
+
 def _emit_nothing(part: Partition) -> None:
     """Simulated devices and transfers: the partition's IR is the program (written as JSON)."""
 
@@ -78,6 +90,7 @@ EMITTERS = {e.name: e for e in [
     Emitter("cpu", ".onnx", _emit_cpu),
     Emitter("cuda", ".py", _emit_cuda),
     Emitter("tvm-llvm", ".so", _emit_tvm),
+    Emitter("pim", ".pim.json", _emit_pim),
     Emitter("simulated", ".json", _emit_nothing),
     Emitter("transfer", ".json", _emit_nothing),
 ]}
@@ -121,6 +134,7 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
                          max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
         folder = file_safe(device.replace(">", ""))  # a device name never makes a path: no '/', no '..'
         part.file = f"{folder}/part{index}{emitter.folder_suffix}"
+        part.device_spec = platform.devices.get(device) if platform is not None else None
         emitter.emit(part)
         partitions.append(part)
     return partitions

@@ -43,17 +43,28 @@ def _register_with_the_platform_layer() -> None:
 
     platform.register_measurement("host", fill_host)
     platform.register_measurement("cuda", fill_cuda)
-    def gpu_program(graph, name: str) -> str:
+    def gpu_program(graph, name: str, device=None) -> str:
         from hetflow.backends.gpu import emit_program
         return emit_program(graph, name)
 
-    def cpu_program(graph, name: str) -> bytes:
+    def cpu_program(graph, name: str, device=None) -> bytes:
         from hetflow.backends import cpu_program as emit
         return emit(graph, name)
 
     platform.register_emit_check("cuda", gpu_emit_check)
     platform.register_program_emitter("cuda", gpu_program)
     platform.register_program_emitter("cpu", cpu_program)
+
+    def pim_program(graph, name: str, device=None) -> str:
+        from hetflow.backends import pim_program as emit
+        return emit(graph, name, device)
+
+    def pim_emit_check(node, opset: int):
+        from hetflow.backends.pim import emit_failure
+        return emit_failure(node, opset)
+
+    platform.register_program_emitter("pim", pim_program)
+    platform.register_emit_check("pim", pim_emit_check)
 
 
 _register_with_the_platform_layer()

@@ -301,7 +301,8 @@ def _generate(model, args) -> int:
 
 _BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "PyTorch/Triton on the CUDA GPU, measured",
                   "tvm-llvm": "TVM LLVM, measured",
-                  "simulated": "simulated: functional, time modelled", "transfer": "copy"}
+                  "simulated": "simulated: functional, time modelled", "transfer": "copy",
+                  "pim": "PIM command stream on the DRAM PIM simulator, time modelled"}
 
 
 def _write_trace(model, path) -> None:

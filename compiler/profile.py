@@ -60,6 +60,7 @@ def profile(graph: Graph, platform, feeds: dict[str, np.ndarray], repeats: int =
         backend = backend_for(device, platform)
         sub = partition_graph(graph, [node], f"profile{index}")
         part = Partition(index, device, backend, sub, [node.outputs[0].name], file=f"profile of {node.outputs[0].name}")
+        part.device_spec = platform.devices.get(device)   # emitters that size the program by the device (pim)
         EMITTERS[backend].emit(part)
         context = _Context(platform, part)
         runner = load_runner(part, context)

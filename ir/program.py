@@ -61,6 +61,7 @@ class Partition:
     library: bytes | None = None      # tvm-llvm: the compiled .so
     source: str | None = None         # cuda: the emitted PyTorch program
     target: dict | None = None        # tvm-llvm: the LLVM target it was compiled for
+    device_spec: object = None        # the platform's Device, for emitters that size the program by it (pim)
 
     @property
     def input_names(self) -> list[str]:

@@ -169,6 +169,10 @@ def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None
         why = check(node, opset)
         if why:
             return f"{device.name}: {why}"
+    if device.kind == "pim" and EMIT_CHECKS.get("pim") is not None:  # what the PIM command stream can hold
+        why = EMIT_CHECKS["pim"](node, opset)
+        if why:
+            return f"{device.name}: {why}"
     return None
 
 

@@ -190,7 +190,8 @@ class Platform:
     def backends(self, device: str) -> tuple[str, ...]:
         """The backends that may run a partition on ``device``, the default first: ``transfer`` for a link,
         ONNX Runtime (``cpu``) or TVM (``tvm-llvm``) for a CPU, ``cuda`` for this machine's measured GPU,
-        ``simulated`` for every device this machine lacks. The emitters choose by it and the runtime checks an
+        ``pim`` (its command stream on the DRAM PIM simulator) then ``simulated`` for a PIM device, ``simulated``
+        for every other device this machine lacks. The emitters choose by it and the runtime checks an
         artifact's partitions against it."""
         if device.startswith("link:"):
             self.memory_space(device)
@@ -200,6 +201,8 @@ class Platform:
             return ("cpu", "tvm-llvm")
         if kind.kind == "gpu" and kind.measured:
             return ("cuda",)
+        if kind.kind == "pim":
+            return ("pim", "simulated")
         return ("simulated",)
 
     def host_device(self) -> str:
@@ -321,12 +324,12 @@ MEASUREMENTS: dict[str, Callable[[dict], dict]] = {}
 EMIT_CHECKS: dict[str, Callable[[Any, int], str | None]] = {}
 
 
-# What a backend emits for a partition, by backend name: (partition graph, name) -> program text. Filled by the
+# What a backend emits for a partition, by backend name: (partition graph, name, Device or None) -> program text. Filled by the
 # driver from the backends, so that the runtime regenerates a program at load instead of running an artifact's.
-PROGRAM_EMITTERS: dict[str, Callable[[Any, str], str]] = {}
+PROGRAM_EMITTERS: dict[str, Callable[[Any, str, Any], str]] = {}
 
 
-def register_program_emitter(backend: str, emit: Callable[[Any, str], str]) -> None:
+def register_program_emitter(backend: str, emit: Callable[[Any, str, Any], str]) -> None:
     PROGRAM_EMITTERS[backend] = emit
 
 

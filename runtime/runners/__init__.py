@@ -21,7 +21,7 @@ from hetflow.runtime.errors import RunnerError
 
 RUNNERS: dict[str, Callable] = {}
 MODULES = {"cpu": "onnxruntime", "cuda": "cuda", "tvm-llvm": "tvm", "simulated": "interpreter",
-           "transfer": "transfer"}
+           "transfer": "transfer", "pim": "pim"}
 MEASURED = {"cpu", "cuda", "tvm-llvm"}  # backends that run on this machine's real device: their times are measured
 
 
@@ -50,7 +50,8 @@ def load_runner(part, executor):
 
 # what each backend's partition file holds, and where it goes on the Partition
 FILES = {"cpu": ("onnx_bytes", "bytes"), "cuda": ("source", "text"), "tvm-llvm": ("library", "bytes"),
-         "simulated": ("graph", "graph"), "transfer": (None, None)}
+         "simulated": ("graph", "graph"), "transfer": (None, None),
+         "pim": ("source", "text")}
 NATIVE = {"tvm-llvm"}   # backends whose program is native code: loaded only when the caller trusts the artifact
 
 
@@ -99,10 +100,11 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
         if entry["inputs"] != part.input_names or entry["outputs"] != part.output_names:
             raise RunnerError(f"{where}: the manifest's inputs/outputs differ from those the graph gives it "
                               f"(inputs {part.input_names[:4]}, outputs {part.output_names[:4]})")
+        part.device_spec = platform.devices.get(device) if platform is not None else None
         field, kind = FILES[backend]
         if kind in ("bytes", "text"):
             stored = files[entry["file"]] if kind == "bytes" else _text(files[entry["file"]], where)
-            setattr(part, field, _regenerated(backend, sub, stored, entry, where))
+            setattr(part, field, _regenerated(backend, sub, stored, entry, where, part.device_spec))
         elif kind == "graph":  # the stored program must be the partition the main graph gives, exactly
             from hetflow.ir.serialize import graph_to_json
             try:
@@ -116,7 +118,7 @@ def read_partitions(entries: list[dict], files: dict[str, bytes], graph, platfor
     return partitions
 
 
-def _regenerated(backend: str, graph, stored, entry: dict, where: str):
+def _regenerated(backend: str, graph, stored, entry: dict, where: str, device=None):
     """The partition's program as hetflow's own emitter generates it from graph.json (``PROGRAM_EMITTERS``,
     registered by the driver): a stored program that differs is refused, so what runs never comes from the
     artifact, and the runners use the program this returns. Only native libraries (``NATIVE``, TVM's), which
@@ -129,7 +131,7 @@ def _regenerated(backend: str, graph, stored, entry: dict, where: str):
         raise RunnerError(f"{where}: no program emitter is registered for backend {backend!r} (the driver "
                           "registers them: import hetflow); a stored program is never run as it is")
     try:
-        program = emit(graph, f"{entry['index']} ({entry['file']})")
+        program = emit(graph, f"{entry['index']} ({entry['file']})", device)  # device: the platform's Device
     except HetflowError as exc:
         raise RunnerError(f"{where}: hetflow cannot generate its program from graph.json: "
                           f"{str(exc).splitlines()[0]}") from None
