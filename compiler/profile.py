@@ -40,6 +40,8 @@ class _Context:
         self.fallback = "cpu"          # a GPU program on a machine without one runs on the CPU, and says so
         self.gpu_kernels = "torch"     # no Triton compile wait inside a profile
         self.device_memories: set[str] = set()
+        self.trust_native_code = False  # (the model's own load checked trust for its native libraries...)
+        self.artifact_digest = None     # ...so these one-node partitions, built here, are this process's
         self.copy_into = _copy_into
 
     def memory_of(self, device: str) -> str:

@@ -127,3 +127,14 @@ def test_console_script_gives_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hetflow", "compile", str(tmp_path / "bad.onnx"), "-o",
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "bad.onnx" in proc.stderr
+
+
+def test_run_profile_times_each_group_on_its_own(tmp_path, capsys):
+    """``--profile`` builds a runner per group: its context must answer what every loader asks (it once
+    lacked the native-code trust fields and failed for every backend)."""
+    mlp_onnx(tmp_path / "m.onnx")
+    code, _, _ = run_cli(["compile", tmp_path / "m.onnx", "-o", tmp_path / "out"], capsys)
+    assert code == 0
+    code, out, err = run_cli(["run", tmp_path / "out", "--random", "--profile"], capsys)
+    assert code == 0, err
+    assert "measured" in out and "groups on real devices" in out
