@@ -20,6 +20,7 @@ from hetflow.ir.errors import HetflowError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICE_KINDS = ("cpu", "gpu", "npu", "pim")
+NPU_SRAM_BYTES = 8 * 1024**2  # an NPU's on-chip SRAM: an UNCONFIRMED estimate (Hexagon-class TCM, a few MiB)
 
 
 class PlatformError(HetflowError):
@@ -190,7 +191,7 @@ class Platform:
     def backends(self, device: str) -> tuple[str, ...]:
         """The backends that may run a partition on ``device``, the default first: ``transfer`` for a link,
         ONNX Runtime (``cpu``) or TVM (``tvm-llvm``) for a CPU, ``cuda`` for this machine's measured GPU,
-        ``simulated`` for every device this machine lacks. The emitters choose by it and the runtime checks an
+        the NPU program and its simulator (``npu``) for an NPU, ``simulated`` for every device this machine lacks. The emitters choose by it and the runtime checks an
         artifact's partitions against it."""
         if device.startswith("link:"):
             self.memory_space(device)
@@ -200,6 +201,8 @@ class Platform:
             return ("cpu", "tvm-llvm")
         if kind.kind == "gpu" and kind.measured:
             return ("cuda",)
+        if kind.kind == "npu":
+            return ("npu", "simulated")
         return ("simulated",)
 
     def host_device(self) -> str:
@@ -326,8 +329,13 @@ EMIT_CHECKS: dict[str, Callable[[Any, int], str | None]] = {}
 PROGRAM_EMITTERS: dict[str, Callable[[Any, str], str]] = {}
 
 
-def register_program_emitter(backend: str, emit: Callable[[Any, str], str]) -> None:
+DEVICE_EMITTERS: set[str] = set()  # backends whose program emitter also takes the Device: emit(graph, where, device)
+
+
+def register_program_emitter(backend: str, emit: Callable[..., str], takes_device: bool = False) -> None:
     PROGRAM_EMITTERS[backend] = emit
+    if takes_device:
+        DEVICE_EMITTERS.add(backend)
 
 
 def register_measurement(kind: str, fill: Callable[[dict], dict]) -> None:

@@ -1,0 +1,372 @@
+"""Emitter ``npu``: a partition placed on an NPU as a program for a systolic-array NPU.
+
+The program is JSON text (sorted keys, deterministic: the runtime regenerates it
+from graph.json at load and refuses a stored one that differs), stored as
+``npu/partN.npu.json`` and run by the NPU simulator (``hetflow.runtime.runners.npu``).
+
+The machine it targets
+----------------------
+* DRAM (the device's memory, ``device.bandwidth`` bytes/s) holds the partition's
+  inputs, weights, outputs and every intermediate value (``tensors``).
+* On-chip SRAM of ``NPU_SRAM_BYTES`` (``hetflow.platform``; 8 MiB, an UNCONFIRMED
+  estimate of a Hexagon-class NPU's tightly coupled memory) holds ``buffers``:
+  named regions ``{offset, bytes, shape, dtype}``. The emitter lays them out with
+  a bump allocator per IR op; a program whose buffers pass the capacity is refused
+  (``BackendError`` naming the node and the op).
+* One DMA engine (loads and stores, in program order), a ``tile`` x ``tile``
+  systolic array (``gemm``) and a vector unit (``vector``), each in order; an
+  instruction starts when its engine is free and the SRAM/DRAM data it reads is
+  written (and the SRAM it overwrites is read): DMA overlaps compute.
+
+Instructions (``instructions``, each with ``node``: the IR value it computes)
+------------------------------------------------------------------------------
+* ``load``:  ``tensor`` (DRAM) -> ``buffer``; ``view`` (a shape the tensor is
+  reshaped to first, or null), ``region`` (``[start, stop]`` per dim, or null for
+  all), ``transpose`` (swap the last two dims on the way: Gemm's transA/transB).
+* ``store``: ``buffer`` -> ``tensor`` at ``region`` (null: all of it).
+* ``gemm``:  ``out = alpha * a @ b (+ beta * bias)`` on buffers (NumPy matmul
+  broadcasting over leading batch dims); ``stationary`` names the operand held in
+  the array (``"a"`` or ``"b"``). Dims are padded to the tile for timing (the data
+  itself is not padded: padding with zeros does not change the result).
+* ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
+  (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
+  (buffers, null for an absent optional input) into ``outputs``.
+
+Lowering
+--------
+* MatMul (both operands of rank >= 2) and Gemm go to the array. The output is cut
+  into blocks of ``mb`` rows (all batch dims, all of K) and panels of ``nb``
+  columns (multiples of the tile) so that one A block, two B panels and two output
+  panels fit the SRAM: the B panels and output panels are double-buffered (ping-pong
+  slots) and the instructions are software-pipelined (load panel p+1 before the
+  gemm of panel p) so the DMA of one panel overlaps the gemm of the previous.
+* ``stationary``: the weight-stationary choice of HeteroInfer. Holding an operand
+  whose reduction dim is longer than its output dim costs ``stationary_penalty``
+  (6x on mobile-soc); the emitter holds ``b`` unless that is penalised and ``a`` is
+  not.
+* Conv and every other op (elementwise, reductions, softmax, normalisation, data
+  movement, a MatMul with a 1-D operand) go to the vector unit whole: its inputs are
+  loaded, the op runs, its outputs are stored. Conv is NOT lowered to im2col on the
+  array yet.
+* A fused group (``hetflow.group``) is flattened: its body's ops are lowered one by
+  one, its intermediates kept in DRAM (no on-chip fusion yet).
+* Float types f32, f16 (and bf16/f64 by the same path); int8 quantisation is not
+  done. Shapes must be static: a dynamic partition raises ``NpuUnsupported`` and
+  the partition falls back to the next backend the platform allows (``simulated``).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from hetflow.ir import Graph, Node, Value
+from hetflow.ir.serialize import _attr_to_json, _tensor_to_json
+from hetflow.platform import NPU_SRAM_BYTES
+
+from .cpu import BackendError
+
+__all__ = ["FORMAT", "NpuUnsupported", "emit_npu_program", "disassemble", "plan_gemm"]
+
+FORMAT = "hetflow-npu"
+VERSION = 1
+ARRAY_DTYPES = ("f32", "f16", "bf16", "f64")
+GROUP = "hetflow.group"
+
+
+class NpuUnsupported(BackendError):
+    """The partition cannot be lowered to the NPU (dynamic shapes, untyped values): the next backend runs it."""
+
+
+def _pad(x: int, tile: int) -> int:
+    return -(-x // tile) * tile
+
+
+def emit_npu_program(graph: Graph, device, where: str = "") -> str:
+    """The NPU program of a partition graph on ``device`` (a ``hetflow.platform.Device``), as JSON text."""
+    return json.dumps(_Lowering(graph, device, where).program(), sort_keys=True, separators=(",", ":"))
+
+
+def plan_gemm(batch_a: int, batch_b: int, batch_out: int, m: int, k: int, n: int, itemsize: int, tile: int,
+              capacity: int = NPU_SRAM_BYTES, bias: bool = False) -> tuple[int, int] | None:
+    """(mb, nb): the largest row block and column panel (tile multiples, or the whole dim) such that one A
+    block, two B panels and two output panels (and two bias panels) fit ``capacity`` bytes, with room for
+    the 64-byte alignment of each buffer; None when not even one tile fits."""
+    capacity -= 7 * 64
+    mb = m
+    while True:
+        a_bytes = batch_a * mb * k * itemsize
+        per_column = 2 * (batch_b * k + batch_out * mb + (mb if bias else 0)) * itemsize
+        room = capacity - a_bytes
+        if room > 0:
+            nb = room // per_column
+            nb = n if nb >= n else (nb // tile) * tile
+            if nb >= min(tile, n):
+                return mb, nb
+        if mb <= min(tile, m):
+            return None
+        mb = max(min(tile, m), (mb // 2) // tile * tile)
+
+
+class _Lowering:
+    def __init__(self, graph: Graph, device, where: str):
+        self.graph, self.device, self.where = graph, device, where or graph.name
+        self.tile = max(1, int(device.tile))
+        self.tensors: dict[str, dict] = {}
+        self.buffers: dict[str, dict] = {}
+        self.instructions: list[dict] = []
+        self.names: dict[int, str] = {}
+        self.sram_top = 0
+
+    # --- the program -------------------------------------------------------------------------------
+    def program(self) -> dict:
+        g = self.graph
+        for v in g.inputs:
+            self._tensor(v, v.name, "input")
+        for name, w in g.weights.items():
+            self._tensor(w, name, "weight")
+        for node in g.nodes:
+            self._node(node, {}, "")
+        for v in g.outputs:
+            entry = self.tensors[self.names[id(v)]]
+            if entry["kind"] == "temp":
+                entry["kind"] = "output"
+        d = self.device
+        return {"format": FORMAT, "version": VERSION, "name": g.name,
+                "device": {"name": d.name, "tile": self.tile, "peak": {k: float(v) for k, v in sorted(d.peak.items())},
+                           "bandwidth": float(d.bandwidth), "launch": float(d.launch),
+                           "stationary_penalty": float(d.stationary_penalty), "sram_bytes": NPU_SRAM_BYTES},
+                "dispatches": len(g.nodes),
+                "inputs": [self.names[id(v)] for v in g.inputs],
+                "outputs": [self.names[id(v)] for v in g.outputs],
+                "tensors": self.tensors, "buffers": self.buffers, "instructions": self.instructions}
+
+    def _tensor(self, v: Value, name: str, kind: str) -> str:
+        t = v.type
+        if t is None or not t.is_static or t.dtype.value == "str":
+            raise NpuUnsupported(f"{self.where}: value %{v.name} has type {t}: the NPU needs static numeric shapes")
+        entry = {"dtype": t.dtype.value, "shape": [int(d) for d in t.shape], "kind": kind}
+        if kind == "const":
+            entry["data"] = _tensor_to_json(np.asarray(v.data))["tensor"]
+        self.tensors[name] = entry
+        self.names[id(v)] = name
+        return name
+
+    def _node(self, node: Node, scope: dict[int, str], prefix: str) -> None:
+        """Lower ``node``; ``scope`` maps a group body's inputs to the DRAM tensors they read."""
+        if node.op == GROUP:
+            self._group(node, scope, prefix)
+            return
+        ins = [None if v is None else self._name_of(v, scope, prefix) for v in node.inputs]
+        outs = [self._tensor(o, prefix + o.name, "temp") for o in node.outputs]
+        self.sram_top = 0
+        label = prefix + (node.outputs[0].name if node.outputs else node.op)
+        shapes = [None if n is None else self.tensors[n] for n in ins]
+        if node.op in ("MatMul", "Gemm") and self._on_array(node, shapes):
+            self._gemm(node, ins, outs[0], label)
+        else:
+            self._vector(node, ins, outs, label)
+
+    def _name_of(self, v: Value, scope: dict[int, str], prefix: str) -> str:
+        if id(v) in scope:
+            return scope[id(v)]
+        if id(v) in self.names:
+            return self.names[id(v)]
+        if v.data is not None:  # a constant inside a group body
+            return self._tensor(v, prefix + v.name, "const")
+        raise NpuUnsupported(f"{self.where}: value %{v.name} is read before it is computed")
+
+    def _group(self, node: Node, scope: dict[int, str], prefix: str) -> None:
+        body: Graph = node.attrs["body"]
+        inner = {id(b): (None if v is None else self._name_of(v, scope, prefix)) for b, v in zip(body.inputs, node.inputs)}
+        inner_prefix = f"{prefix}{node.outputs[0].name}/"
+        for w_name, w in body.weights.items():
+            if id(w) not in inner:
+                inner[id(w)] = self._tensor(w, inner_prefix + w_name, "const")
+        for body_node in body.nodes:
+            self._node(body_node, inner, inner_prefix)
+        for out, body_out in zip(node.outputs, body.outputs):  # the group's outputs are its body's: aliases
+            self.names[id(out)] = inner.get(id(body_out)) or self.names[id(body_out)]
+
+    # --- SRAM --------------------------------------------------------------------------------------
+    def _buffer(self, label: str, role: str, shape, dtype: str, node_label: str, op: str) -> str:
+        size = math.prod(shape) * np.dtype(_numpy(dtype)).itemsize
+        offset = self.sram_top
+        aligned = _pad(size, 64) if size else 64
+        if offset + aligned > NPU_SRAM_BYTES:
+            raise BackendError(f"{self.where}: node %{node_label} ({op}) needs {offset + aligned} bytes of NPU SRAM "
+                               f"for its {role} buffer of shape {list(shape)} {dtype}; the SRAM holds "
+                               f"{NPU_SRAM_BYTES} bytes (hetflow.platform.NPU_SRAM_BYTES)")
+        self.sram_top = offset + aligned
+        name = f"{label}:{role}"
+        self.buffers[name] = {"offset": offset, "bytes": int(size), "shape": [int(d) for d in shape], "dtype": dtype}
+        return name
+
+    def _emit(self, label: str, op: str, **fields) -> None:
+        self.instructions.append({"op": op, "node": label, **fields})
+
+    # --- the array ---------------------------------------------------------------------------------
+    def _on_array(self, node: Node, shapes: list) -> bool:
+        a, b = shapes[0], shapes[1]
+        if a is None or b is None or a["dtype"] != b["dtype"] or a["dtype"] not in ARRAY_DTYPES:
+            return False
+        if node.op == "Gemm":
+            return len(a["shape"]) == 2 and len(b["shape"]) == 2
+        return len(a["shape"]) >= 2 and len(b["shape"]) >= 2
+
+    def _gemm(self, node: Node, ins: list, out: str, label: str) -> None:
+        a_t, b_t, o_t = self.tensors[ins[0]], self.tensors[ins[1]], self.tensors[out]
+        dtype, itemsize = a_t["dtype"], np.dtype(_numpy(a_t["dtype"])).itemsize
+        trans_a = bool(node.attrs.get("transA", 0)) if node.op == "Gemm" else False
+        trans_b = bool(node.attrs.get("transB", 0)) if node.op == "Gemm" else False
+        a_shape, b_shape = a_t["shape"], b_t["shape"]
+        m, k = (a_shape[-1], a_shape[-2]) if trans_a else (a_shape[-2], a_shape[-1])
+        n = b_shape[-2] if trans_b else b_shape[-1]
+        batch_a, batch_b = math.prod(a_shape[:-2]), math.prod(b_shape[:-2])
+        batch_out = math.prod(o_t["shape"][:-2])
+        bias = ins[2] if node.op == "Gemm" and len(ins) > 2 else None
+        plan = plan_gemm(batch_a, batch_b, batch_out, m, k, n, itemsize, self.tile, bias=bias is not None)
+        if plan is None:
+            raise BackendError(f"{self.where}: node %{label} ({node.op}) [{m}x{k}]x[{k}x{n}] {dtype}: not even one "
+                               f"{self.tile}-wide panel fits the NPU SRAM ({NPU_SRAM_BYTES} bytes, "
+                               "hetflow.platform.NPU_SRAM_BYTES)")
+        mb, nb = plan
+        stationary = self._stationary(m, k, n)
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 0.0
+        bias_view = None if bias is None else _bias_view(self.tensors[bias]["shape"])
+        for m0 in range(0, m, mb):
+            m1 = min(m, m0 + mb)
+            self.sram_top = 0
+            a_region = _rows(a_shape, m0, m1, trans_a)
+            a_buf = self._buffer(f"{label}@m{m0}", "a", _region_shape(a_region, trans_a), dtype, label, node.op)
+            self._emit(label, "load", tensor=ins[0], buffer=a_buf, view=None, region=a_region, transpose=trans_a)
+            base, second = self.sram_top, self.sram_top
+            panels = list(range(0, n, nb))
+            steps = []
+            for p, n0 in enumerate(panels):
+                n1 = min(n, n0 + nb)
+                self.sram_top = base if p % 2 == 0 else second   # ping-pong slots
+                tag = f"{label}@m{m0}n{n0}"
+                b_region = _cols(b_shape, n0, n1, trans_b)
+                b_buf = self._buffer(tag, "b", _region_shape(b_region, trans_b), dtype, label, node.op)
+                c_buf = c_region = None
+                if bias is not None:
+                    c_region = _bias_region(bias_view, m0, m1, n0, n1)
+                    c_buf = self._buffer(tag, "bias", _region_shape(c_region, False), self.tensors[bias]["dtype"],
+                                         label, node.op)
+                o_region = [[0, d] for d in o_t["shape"][:-2]] + [[m0, m1], [n0, n1]]
+                o_buf = self._buffer(tag, "out", _region_shape(o_region, False), o_t["dtype"], label, node.op)
+                if p == 0:
+                    second = self.sram_top
+                loads = [dict(tensor=ins[1], buffer=b_buf, view=None, region=b_region, transpose=trans_b)]
+                if c_buf is not None:
+                    loads.append(dict(tensor=bias, buffer=c_buf, view=bias_view, region=c_region, transpose=False))
+                gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary)
+                steps.append((loads, gemm, dict(buffer=o_buf, tensor=out, region=o_region)))
+            self._pipeline(label, steps)
+
+    def _pipeline(self, label: str, steps: list) -> None:
+        """Software pipelining over the ping-pong slots: the loads of panel p+1 go before the gemm of panel p."""
+        for loads in steps[0][0]:
+            self._emit(label, "load", **loads)
+        for p, (_, gemm, store) in enumerate(steps):
+            if p + 1 < len(steps):
+                for loads in steps[p + 1][0]:
+                    self._emit(label, "load", **loads)
+            self._emit(label, "gemm", **gemm)
+            self._emit(label, "store", **store)
+
+    def _stationary(self, m: int, k: int, n: int) -> str:
+        """Hold ``b`` (the weight) unless its reduction dim is longer than its output dim and ``a``'s is not."""
+        if self.device.stationary_penalty > 1 and k > n and k <= m:
+            return "a"
+        return "b"
+
+    # --- the vector unit ---------------------------------------------------------------------------
+    def _vector(self, node: Node, ins: list, outs: list, label: str) -> None:
+        in_bufs = []
+        for i, name in enumerate(ins):
+            if name is None:
+                in_bufs.append(None)
+                continue
+            t = self.tensors[name]
+            buf = self._buffer(label, f"in{i}", t["shape"], t["dtype"], label, node.op)
+            self._emit(label, "load", tensor=name, buffer=buf, view=None, region=None, transpose=False)
+            in_bufs.append(buf)
+        out_bufs = [self._buffer(label, f"out{i}", self.tensors[o]["shape"], self.tensors[o]["dtype"], label, node.op)
+                    for i, o in enumerate(outs)]
+        kernel = {"op": node.op, "opset": self.graph.opset,
+                  "attrs": {k: _attr_to_json(a) for k, a in sorted(node.attrs.items())}}
+        self._emit(label, "vector", kernel=kernel, inputs=in_bufs, outputs=out_bufs)
+        for buf, name in zip(out_bufs, outs):
+            self._emit(label, "store", buffer=buf, tensor=name, region=None)
+
+
+def _numpy(dtype: str):
+    from hetflow.ir import DType
+    return DType(dtype).numpy
+
+
+def _rows(shape: list, m0: int, m1: int, trans: bool) -> list:
+    lead = [[0, d] for d in shape[:-2]]
+    return lead + ([[0, shape[-2]], [m0, m1]] if trans else [[m0, m1], [0, shape[-1]]])
+
+
+def _cols(shape: list, n0: int, n1: int, trans: bool) -> list:
+    lead = [[0, d] for d in shape[:-2]]
+    return lead + ([[n0, n1], [0, shape[-1]]] if trans else [[0, shape[-2]], [n0, n1]])
+
+
+def _region_shape(region: list, trans: bool) -> list:
+    shape = [b - a for a, b in region]
+    return shape[:-2] + [shape[-1], shape[-2]] if trans else shape
+
+
+def _bias_view(shape: list) -> list:
+    """Gemm's C as a 2-D view (it broadcasts unidirectionally to [M, N])."""
+    shape = list(shape)
+    while len(shape) < 2:
+        shape.insert(0, 1)
+    return shape
+
+
+def _bias_region(view: list, m0: int, m1: int, n0: int, n1: int) -> list:
+    rows = [m0, m1] if view[0] != 1 else [0, 1]
+    cols = [n0, n1] if view[1] != 1 else [0, 1]
+    return [rows, cols]
+
+
+# --- the listing ---------------------------------------------------------------------------------------
+
+def disassemble(text: str) -> str:
+    """A readable listing of an NPU program: its device, tensors, SRAM buffers and instructions."""
+    program = json.loads(text)
+    d = program["device"]
+    lines = [f"; {program['format']} v{program['version']} {program['name']}: device {d['name']} "
+             f"(array {d['tile']}x{d['tile']}, SRAM {d['sram_bytes']} B, DRAM {d['bandwidth'] / 1e9:g} GB/s)"]
+    for name, t in program["tensors"].items():
+        lines.append(f"; tensor {name}: {t['kind']} {t['dtype']}{t['shape']}")
+    buffers = program["buffers"]
+    for i, ins in enumerate(program["instructions"]):
+        op = ins["op"]
+        if op == "load":
+            b = buffers[ins["buffer"]]
+            region = "" if ins["region"] is None else "[" + ",".join(f"{a}:{z}" for a, z in ins["region"]) + "]"
+            lines.append(f"{i:5d}  load    sram@{b['offset']:<8d} <- {ins['tensor']}{region}"
+                         f"{' (T)' if ins['transpose'] else ''}  {b['bytes']} B")
+        elif op == "store":
+            b = buffers[ins["buffer"]]
+            region = "" if ins["region"] is None else "[" + ",".join(f"{a}:{z}" for a, z in ins["region"]) + "]"
+            lines.append(f"{i:5d}  store   {ins['tensor']}{region} <- sram@{b['offset']}  {b['bytes']} B")
+        elif op == "gemm":
+            a, b = buffers[ins["a"]]["shape"], buffers[ins["b"]]["shape"]
+            lines.append(f"{i:5d}  gemm    sram@{buffers[ins['out']]['offset']} = {ins['alpha']:g} * "
+                         f"{a} @ {b}{' + bias' if ins['bias'] else ''}  stationary={ins['stationary']}  "
+                         f"; %{ins['node']}")
+        else:
+            outs = ", ".join(f"sram@{buffers[o]['offset']}" for o in ins["outputs"])
+            args = ", ".join("-" if x is None else f"sram@{buffers[x]['offset']}" for x in ins["inputs"])
+            lines.append(f"{i:5d}  vector  {outs} = {ins['kernel']['op']}({args})  ; %{ins['node']}")
+    return "\n".join(lines)
