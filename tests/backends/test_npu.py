@@ -2,6 +2,7 @@
 the reference interpreter's, timings equal hand-computed ones on the modelled cycles, bad programs fail in one line."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import replace
@@ -220,3 +221,52 @@ def test_program_is_deterministic_and_disassembles():
     assert text == emit_npu_program(graph, NPU)
     listing = disassemble(text)
     assert "gemm" in listing and "stationary=" in listing and "load" in listing
+
+
+# --- a real model ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2_on_mobile_soc():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import hetflow
+    from hetflow.examples import models
+    module, inputs = models.build_gpt2(n_layer=1, n_embd=128, n_head=2, seq=64, vocab=50)
+    compiled = hetflow.compile(module, inputs, platform="mobile-soc", placement="split", time_limit=3)
+    compiled(*inputs)   # the partitions are built at the first call
+    with torch.no_grad():
+        eager = module(*inputs)
+    return compiled, inputs, eager
+
+
+def test_gpt2_partitions_run_on_the_npu_simulator(gpt2_on_mobile_soc):
+    compiled, inputs, eager = gpt2_on_mobile_soc
+    npu_parts = [p for p in compiled.partitions if p.device == "npu"]
+    if not npu_parts:
+        pytest.skip("placement put nothing on the NPU")
+    assert {p.backend for p in npu_parts} == {"npu"}
+    assert all(p.file.endswith(".npu.json") and json.loads(p.source)["format"] == "hetflow-npu" for p in npu_parts)
+    got = compiled(*inputs)
+    np.testing.assert_allclose(got.numpy(), eager.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_saved_npu_program_is_regenerated_and_a_changed_one_refused(gpt2_on_mobile_soc, tmp_path):
+    from hetflow.runtime import load
+    compiled, inputs, eager = gpt2_on_mobile_soc
+    npu_parts = [p for p in compiled.partitions if p.backend == "npu"]
+    if not npu_parts:
+        pytest.skip("placement put nothing on the NPU")
+    compiled.save(tmp_path)
+    loaded = load(tmp_path)
+    out = loaded.run([x.numpy() for x in inputs])
+    np.testing.assert_allclose(next(iter(out.values())), eager.numpy(), rtol=1e-4, atol=1e-5)
+    path = tmp_path / npu_parts[0].file
+    program = json.loads(path.read_text())
+    program["instructions"] = program["instructions"][:-1]
+    path.write_text(json.dumps(program, sort_keys=True, separators=(",", ":")))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["files"][npu_parts[0].file] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunnerError, match="differs from the one hetflow generates") as info:
+        load(tmp_path)
+    assert "\n" not in str(info.value)
