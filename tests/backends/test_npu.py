@@ -250,7 +250,7 @@ def test_gpt2_partitions_run_on_the_npu_simulator(gpt2_on_mobile_soc):
     np.testing.assert_allclose(got.numpy(), eager.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_saved_npu_program_is_regenerated_and_a_changed_one_refused(gpt2_on_mobile_soc, tmp_path):
+def test_saved_npu_program_is_regenerated_and_a_changed_one_refused(gpt2_on_mobile_soc, tmp_path, capsys):
     from hetflow.runtime import load
     compiled, inputs, eager = gpt2_on_mobile_soc
     npu_parts = [p for p in compiled.partitions if p.backend == "npu"]
@@ -260,6 +260,10 @@ def test_saved_npu_program_is_regenerated_and_a_changed_one_refused(gpt2_on_mobi
     loaded = load(tmp_path)
     out = loaded.run([x.numpy() for x in inputs])
     np.testing.assert_allclose(next(iter(out.values())), eager.numpy(), rtol=1e-4, atol=1e-5)
+    import hetflow.cli
+    assert hetflow.cli.main(["inspect", str(tmp_path), "--device", "npu"]) == 0
+    listing = capsys.readouterr().out
+    assert "hetflow-npu v1" in listing and " gemm " in listing and " load " in listing
     path = tmp_path / npu_parts[0].file
     program = json.loads(path.read_text())
     program["instructions"] = program["instructions"][:-1]
