@@ -264,19 +264,21 @@ class _Lowering:
                 if c_buf is not None:
                     loads.append(dict(tensor=bias, buffer=c_buf, view=bias_view, region=c_region, transpose=False))
                 gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary)
-                steps.append((loads, gemm, dict(buffer=o_buf, tensor=out, region=o_region)))
+                steps.append((loads, ("gemm", gemm), [dict(buffer=o_buf, tensor=out, region=o_region)]))
             self._pipeline(label, steps)
 
     def _pipeline(self, label: str, steps: list) -> None:
-        """Software pipelining over the ping-pong slots: the loads of panel p+1 go before the gemm of panel p."""
+        """Software pipelining over the ping-pong slots: the loads of step p+1 go before the compute of step p.
+        A step is (loads, (op, fields), stores)."""
         for loads in steps[0][0]:
             self._emit(label, "load", **loads)
-        for p, (_, gemm, store) in enumerate(steps):
+        for p, (_, (op, fields), stores) in enumerate(steps):
             if p + 1 < len(steps):
                 for loads in steps[p + 1][0]:
                     self._emit(label, "load", **loads)
-            self._emit(label, "gemm", **gemm)
-            self._emit(label, "store", **store)
+            self._emit(label, op, **fields)
+            for store in stores:
+                self._emit(label, "store", **store)
 
     def _stationary(self, m: int, k: int, n: int) -> str:
         """Hold ``b`` (the weight) unless its reduction dim is longer than its output dim and ``a``'s is not."""
@@ -285,7 +287,91 @@ class _Lowering:
         return "b"
 
     # --- the vector unit ---------------------------------------------------------------------------
+    def _bytes(self, name: str) -> int:
+        t = self.tensors[name]
+        return math.prod(t["shape"]) * np.dtype(_numpy(t["dtype"])).itemsize
+
+    def _chunk_dim(self, node: Node, ins: list, outs: list) -> int | None:
+        """The output dim an op too large for the SRAM can be cut along (its first dim longer than 1), for
+        ops with NumPy broadcasting and Softmax/LayerNormalization cut before their axis; None otherwise."""
+        from hetflow.ir import FusionKind, get_op
+        shape = self.tensors[outs[0]]["shape"]
+        if len(outs) != 1 or not shape:
+            return None
+        dim = next((i for i, d in enumerate(shape) if d > 1), None)
+        if dim is None:
+            return None
+        if node.op in CHUNKABLE_REDUCTIONS:
+            axis = int(node.attrs.get("axis", -1))
+            return dim if dim < (axis % len(shape)) else None
+        kind = get_op(node.op, node).kind
+        if kind not in (FusionKind.elementwise, FusionKind.broadcast) or node.op == "BatchNormalization":
+            return None
+        return dim
+
+    def _vector_chunked(self, node: Node, ins: list, outs: list, label: str, dim: int) -> None:
+        """The op in chunks of rows of output dim ``dim``, double-buffered: inputs aligned with that dim are
+        cut with it, the others (broadcast operands, normalisation weights) loaded once."""
+        out_shape = self.tensors[outs[0]]["shape"]
+        rank, rows = len(out_shape), out_shape[dim]
+
+        def cut_at(name):   # the input's dim aligned with ``dim`` (NumPy broadcasting), or None: loaded whole
+            shape = self.tensors[name]["shape"]
+            index = dim - (rank - len(shape))
+            return index if index >= 0 and shape[index] == rows else None
+
+        self.sram_top = 0
+        fixed = {}
+        for i, name in enumerate(ins):
+            if name is not None and cut_at(name) is None:
+                t = self.tensors[name]
+                fixed[i] = self._buffer(label, f"in{i}", t["shape"], t["dtype"], label, node.op)
+                self._emit(label, "load", tensor=name, buffer=fixed[i], view=None, region=None, transpose=False)
+        per_row = sum(self._bytes(n) // rows for i, n in enumerate(ins) if n is not None and i not in fixed)
+        per_row += self._bytes(outs[0]) // rows
+        room = NPU_SRAM_BYTES - self.sram_top - 2 * 64 * (len(ins) + 1)
+        chunk = room // (2 * per_row) if per_row else rows
+        if chunk < 1:
+            raise BackendError(f"{self.where}: node %{label} ({node.op}): not even one row of dim {dim} of "
+                               f"{out_shape} fits the NPU SRAM ({NPU_SRAM_BYTES} bytes, "
+                               "hetflow.platform.NPU_SRAM_BYTES)")
+        kernel = {"op": node.op, "opset": self.graph.opset,
+                  "attrs": {k: _attr_to_json(a) for k, a in sorted(node.attrs.items())}}
+        base, second, steps = self.sram_top, self.sram_top, []
+        for c, r0 in enumerate(range(0, rows, chunk)):
+            r1 = min(rows, r0 + chunk)
+            self.sram_top = base if c % 2 == 0 else second   # ping-pong slots
+            tag = f"{label}@r{r0}"
+            loads, bufs = [], []
+            for i, name in enumerate(ins):
+                if name is None or i in fixed:
+                    bufs.append(None if name is None else fixed[i])
+                    continue
+                shape, index = self.tensors[name]["shape"], cut_at(name)
+                region = [[0, d] for d in shape]
+                region[index] = [r0, r1]
+                buf = self._buffer(tag, f"in{i}", [b - a for a, b in region], self.tensors[name]["dtype"],
+                                   label, node.op)
+                loads.append(dict(tensor=name, buffer=buf, view=None, region=region, transpose=False))
+                bufs.append(buf)
+            region = [[0, d] for d in out_shape]
+            region[dim] = [r0, r1]
+            out_buf = self._buffer(tag, "out0", [b - a for a, b in region], self.tensors[outs[0]]["dtype"],
+                                   label, node.op)
+            if c == 0:
+                second = self.sram_top
+            steps.append((loads, ("vector", dict(kernel=kernel, inputs=bufs, outputs=[out_buf])),
+                          [dict(buffer=out_buf, tensor=outs[0], region=region)]))
+        self._pipeline(label, steps)
+
     def _vector(self, node: Node, ins: list, outs: list, label: str) -> None:
+        names = [n for n in ins if n is not None] + outs
+        whole = sum(_pad(self._bytes(n), 64) for n in names)
+        if whole > NPU_SRAM_BYTES:
+            dim = self._chunk_dim(node, ins, outs)
+            if dim is not None:
+                self._vector_chunked(node, ins, outs, label, dim)
+                return
         in_bufs = []
         for i, name in enumerate(ins):
             if name is None:
@@ -302,6 +388,9 @@ class _Lowering:
         self._emit(label, "vector", kernel=kernel, inputs=in_bufs, outputs=out_bufs)
         for buf, name in zip(out_bufs, outs):
             self._emit(label, "store", buffer=buf, tensor=name, region=None)
+
+
+CHUNKABLE_REDUCTIONS = ("Softmax", "LogSoftmax", "LayerNormalization")
 
 
 def _numpy(dtype: str):

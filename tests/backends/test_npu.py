@@ -189,9 +189,22 @@ def test_operand_order_effect():
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_sram_over_capacity_names_the_node():
-    graph, _ = one_op("Softmax", [f32(1, 64, 50000)], {"axis": -1})   # 12.8 MB in and out: over 8 MiB
-    with pytest.raises(BackendError, match=r"node %y \(Softmax\).*SRAM"):
+    graph, _ = one_op("Transpose", [f32(1024, 2048)], {"perm": [1, 0]})   # 8 MiB in and out, cannot be cut
+    with pytest.raises(BackendError, match=r"node %y \(Transpose\) needs .* bytes of NPU SRAM") as info:
         emit_npu_program(graph, NPU)
+    assert "\n" not in str(info.value)
+
+
+def test_vector_ops_too_large_for_the_sram_are_cut_into_double_buffered_chunks():
+    x = f32(1, 64, 50000)   # 12.8 MB in and as much out: over the 8 MiB SRAM
+    sim = assert_matches(*one_op("Softmax", [x], {"axis": -1}))
+    vectors = [t for t in sim.trace if t["op"] == "vector"]
+    loads = [t for t in sim.trace if t["op"] == "load"]
+    assert len(vectors) > 2
+    assert any(l["start"] < v["end"] and v["start"] < l["end"] for l in loads for v in vectors)
+    assert_matches(*one_op("Add", [x, f32(50000)], weights=(1,)))
+    assert_matches(*one_op("LayerNormalization", [x, f32(50000), f32(50000)], {"axis": -1}, weights=(1, 2)),
+                   rtol=1e-4, atol=1e-5)
 
 
 def test_a_buffer_beyond_the_sram_is_refused():
