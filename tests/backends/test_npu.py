@@ -287,3 +287,32 @@ def test_saved_npu_program_is_regenerated_and_a_changed_one_refused(gpt2_on_mobi
     with pytest.raises(RunnerError, match="differs from the one hetflow generates") as info:
         load(tmp_path)
     assert "\n" not in str(info.value)
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+def test_an_npu_runs_the_npu_backend_first():
+    from hetflow.backends import EMITTERS, build_partitions
+    from hetflow.runtime.runners import FILES, MODULES
+    platform = load_platform("mobile-soc")
+    assert platform.backends("npu") == ("npu", "simulated")
+    assert EMITTERS["npu"].folder_suffix == ".npu.json" and MODULES["npu"] == "npu" and FILES["npu"] == ("source", "text")
+    graph, _ = one_op("Relu", [f32(4, 4)])
+    graph.nodes[0].meta["device"] = "npu"
+    [part] = build_partitions(graph, platform)
+    assert (part.backend, part.file) == ("npu", "npu/part0.npu.json")
+
+
+def test_a_partition_with_dynamic_shapes_falls_back_to_the_interpreter():
+    from hetflow.backends import build_partitions
+    from hetflow.backends.npu import NpuUnsupported
+    from hetflow.ir import DType
+    graph = Graph("dynamic")
+    x = graph.add_input("x", TensorType(DType.f32, ("batch", 4)))
+    node = graph.add_node("Relu", [x], [TensorType(DType.f32, ("batch", 4))], output_names=["y"],
+                          meta={"device": "npu"})
+    graph.outputs = [node.outputs[0]]
+    with pytest.raises(NpuUnsupported, match="static"):
+        emit_npu_program(graph, NPU)
+    [part] = build_partitions(graph, load_platform("mobile-soc"))
+    assert (part.backend, part.file, part.source) == ("simulated", "npu/part0.json", None)
