@@ -45,9 +45,13 @@ Lowering
   (6x on mobile-soc); the emitter holds ``b`` unless that is penalised and ``a`` is
   not.
 * Conv and every other op (elementwise, reductions, softmax, normalisation, data
-  movement, a MatMul with a 1-D operand) go to the vector unit whole: its inputs are
-  loaded, the op runs, its outputs are stored. Conv is NOT lowered to im2col on the
-  array yet.
+  movement, a MatMul with a 1-D operand) go to the vector unit: its inputs are
+  loaded, the op runs with the IR's kernel, its outputs are stored. An op too large
+  for the SRAM is cut into chunks along its first dim longer than 1 (ops with NumPy
+  broadcasting; Softmax, LogSoftmax, LayerNormalization when that dim is before
+  their axis), double-buffered and pipelined as the gemm panels are; any other op
+  too large is a ``BackendError``. Conv is NOT lowered to im2col on the array yet:
+  the vector unit runs it, timed by its MACs on the vector lanes.
 * A fused group (``hetflow.group``) is flattened: its body's ops are lowered one by
   one, its intermediates kept in DRAM (no on-chip fusion yet).
 * Float types f32, f16 (and bf16/f64 by the same path); int8 quantisation is not

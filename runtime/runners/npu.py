@@ -250,8 +250,13 @@ class NpuSimulator:
         written = {}                       # DRAM tensor -> when its last store ends
         sram = {}                          # buffer -> [lo, hi, last read end, last write end]
         trace = []
-        for i, ins in enumerate(self.program["instructions"]):
-            engine, seconds = self._seconds(ins)
+        instructions = self.program["instructions"]
+        timed = [self._seconds(ins) for ins in instructions]
+        later: list[frozenset] = [frozenset()] * len(instructions)   # the engines instructions after i use
+        for i in range(len(instructions) - 2, -1, -1):
+            later[i] = later[i + 1] | {timed[i + 1][0]}
+        for i, ins in enumerate(instructions):
+            engine, seconds = timed[i]
             reads, writes = _accesses(ins)
             start = engines[engine]
             if ins["op"] == "load":
@@ -276,8 +281,9 @@ class NpuSimulator:
                 written[ins["tensor"]] = max(written.get(ins["tensor"], 0.0), end)
             trace.append({"index": i, "op": ins["op"], "node": ins["node"], "engine": engine, "start": start,
                           "end": end})
-            floor = min(engines.values())  # accesses that ended before every engine is free delay nothing
-            sram = {k: v for k, v in sram.items() if max(v[2], v[3]) > floor}
+            if i % 64 == 63 and later[i]:   # accesses ending before every engine still used is free delay nothing
+                floor = min(engines[e] for e in later[i])
+                sram = {k: v for k, v in sram.items() if max(v[2], v[3]) > floor}
         makespan = max((t["end"] for t in trace), default=0.0)
         d = self.program["device"]
         return trace, makespan + d["launch"] * self.program["dispatches"]
@@ -295,7 +301,11 @@ class NpuSimulator:
         for name in p["inputs"]:
             if name not in inputs:
                 raise RunnerError(f"{self.where}: missing input {name!r}")
-            dram[name] = np.asarray(inputs[name])
+            array, t = np.asarray(inputs[name]), p["tensors"][name]
+            if list(array.shape) != t["shape"] or array.dtype != DType(t["dtype"]).numpy:
+                raise RunnerError(f"{self.where}: input {name!r} is {array.dtype}{list(array.shape)}; the program "
+                                  f"takes {t['dtype']}{t['shape']}")
+            dram[name] = array
         sram: dict[str, np.ndarray] = {}
         for i, ins in enumerate(p["instructions"]):
             op = ins["op"]
