@@ -75,7 +75,7 @@ def _emit_tvm(part: Partition) -> None:
 
 def _emit_npu(part: Partition, device) -> None:
     from .npu import emit_npu_program
-    part.source = emit_npu_program(part.graph, device, f"{part.index} ({part.file})")
+    part.source = emit_npu_program(part.graph, device, f"partition {part.index} ({part.file})")
 
 
 def _emit_nothing(part: Partition) -> None:
