@@ -122,6 +122,8 @@ class _Lowering:
         self.instructions: list[dict] = []
         self.names: dict[int, str] = {}
         self.sram_top = 0
+        self.pending: dict[str, str] = {}     # a group's intermediate held in SRAM (not stored): tensor -> buffer
+        self.remaining: dict[str, int] = {}   # its uses still to come
 
     # --- the program -------------------------------------------------------------------------------
     def program(self) -> dict:
@@ -164,13 +166,21 @@ class _Lowering:
             return
         ins = [None if v is None else self._name_of(v, scope, prefix) for v in node.inputs]
         outs = [self._tensor(o, prefix + o.name, "temp") for o in node.outputs]
-        self.sram_top = 0
         label = prefix + (node.outputs[0].name if node.outputs else node.op)
         shapes = [None if n is None else self.tensors[n] for n in ins]
+        # inside a group, a value only the group's own ops read may stay in SRAM (no store, no reload)
+        hold = [len(o.uses) if prefix and not o.is_output else 0 for o in node.outputs]
         if node.op in ("MatMul", "Gemm") and self._on_array(node, shapes):
+            self._flush()
+            self.sram_top = 0
             self._gemm(node, ins, outs[0], label)
         else:
-            self._vector(node, ins, outs, label)
+            self._vector(node, ins, outs, label, hold)
+        for name in ins:
+            if name in self.remaining:
+                self.remaining[name] -= 1
+                if self.remaining[name] <= 0:
+                    self.pending.pop(name, None)   # its last reader ran: its SRAM is free
 
     def _name_of(self, v: Value, scope: dict[int, str], prefix: str) -> str:
         if id(v) in scope:
@@ -190,10 +200,22 @@ class _Lowering:
                 inner[id(w)] = self._tensor(w, inner_prefix + w_name, "const")
         for body_node in body.nodes:
             self._node(body_node, inner, inner_prefix)
+        self._flush()
         for out, body_out in zip(node.outputs, body.outputs):  # the group's outputs are its body's: aliases
             self.names[id(out)] = inner.get(id(body_out)) or self.names[id(body_out)]
 
     # --- SRAM --------------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Store the intermediates held in SRAM that are still to be read (before their SRAM is reused)."""
+        for name, buf in self.pending.items():
+            if self.remaining.get(name, 0) > 0:
+                self._emit(name, "store", buffer=buf, tensor=name, region=None)
+        self.pending.clear()
+
+    def _pending_top(self) -> int:
+        return max((self.buffers[b]["offset"] + _pad(max(self.buffers[b]["bytes"], 1), 64)
+                    for b in self.pending.values()), default=0)
+
     def _buffer(self, label: str, role: str, shape, dtype: str, node_label: str, op: str) -> str:
         size = math.prod(shape) * np.dtype(_numpy(dtype)).itemsize
         offset = self.sram_top
@@ -368,18 +390,25 @@ class _Lowering:
                           [dict(buffer=out_buf, tensor=outs[0], region=region)]))
         self._pipeline(label, steps)
 
-    def _vector(self, node: Node, ins: list, outs: list, label: str) -> None:
+    def _vector(self, node: Node, ins: list, outs: list, label: str, hold: list) -> None:
         names = [n for n in ins if n is not None] + outs
         whole = sum(_pad(self._bytes(n), 64) for n in names)
         if whole > NPU_SRAM_BYTES:
             dim = self._chunk_dim(node, ins, outs)
             if dim is not None:
+                self._flush()
                 self._vector_chunked(node, ins, outs, label, dim)
                 return
+        fresh = [n for n in ins if n is not None and n not in self.pending] + outs
+        base = self._pending_top()
+        if base + sum(_pad(max(self._bytes(n), 1), 64) for n in fresh) > NPU_SRAM_BYTES:
+            self._flush()
+            base = 0
+        self.sram_top = base
         in_bufs = []
         for i, name in enumerate(ins):
-            if name is None:
-                in_bufs.append(None)
+            if name is None or name in self.pending:
+                in_bufs.append(None if name is None else self.pending[name])
                 continue
             t = self.tensors[name]
             buf = self._buffer(label, f"in{i}", t["shape"], t["dtype"], label, node.op)
@@ -390,8 +419,11 @@ class _Lowering:
         kernel = {"op": node.op, "opset": self.graph.opset,
                   "attrs": {k: _attr_to_json(a) for k, a in sorted(node.attrs.items())}}
         self._emit(label, "vector", kernel=kernel, inputs=in_bufs, outputs=out_bufs)
-        for buf, name in zip(out_bufs, outs):
-            self._emit(label, "store", buffer=buf, tensor=name, region=None)
+        for buf, name, uses in zip(out_bufs, outs, hold):
+            if uses > 0:
+                self.pending[name], self.remaining[name] = buf, uses
+            else:
+                self._emit(label, "store", buffer=buf, tensor=name, region=None)
 
 
 CHUNKABLE_REDUCTIONS = ("Softmax", "LogSoftmax", "LayerNormalization")
