@@ -26,8 +26,10 @@ Instructions (``instructions``, each with ``node``: the IR value it computes)
 * ``store``: ``buffer`` -> ``tensor`` at ``region`` (null: all of it).
 * ``gemm``:  ``out = alpha * a @ b (+ beta * bias)`` on buffers (NumPy matmul
   broadcasting over leading batch dims); ``stationary`` names the operand held in
-  the array (``"a"`` or ``"b"``). Dims are padded to the tile for timing (the data
-  itself is not padded: padding with zeros does not change the result).
+  the array (``"a"`` or ``"b"``); ``product`` is ``[m, k, n]`` of the whole product the
+  block belongs to (which operand is large is a property of the product, not of one
+  panel). Dims are padded to the tile for timing (the data itself is not padded:
+  padding with zeros does not change the result).
 * ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
   (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
   (buffers, null for an absent optional input) into ``outputs``.
@@ -289,7 +291,8 @@ class _Lowering:
                 loads = [dict(tensor=ins[1], buffer=b_buf, view=None, region=b_region, transpose=trans_b)]
                 if c_buf is not None:
                     loads.append(dict(tensor=bias, buffer=c_buf, view=bias_view, region=c_region, transpose=False))
-                gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary)
+                gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary,
+                            product=[m, k, n])
                 steps.append((loads, ("gemm", gemm), [dict(buffer=o_buf, tensor=out, region=o_region)]))
             self._pipeline(label, steps)
 

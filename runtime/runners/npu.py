@@ -10,7 +10,7 @@ The timing model (all of it from the platform's device; nothing measured):
 * array clock = peak(dtype) / (2 tile^2): a tile x tile systolic array does tile^2 MACs a cycle at peak;
 * gemm: batch x ceil(m/T) x ceil(k/T) x ceil(n/T) tiles of T cycles each (every dim padded to the tile), times
   ``stationary_penalty`` when the operand held in the array has a reduction dim longer than its output dim
-  (``b`` held: k > n; ``a`` held: k > m), HeteroInfer's operand-order effect;
+  in the whole product (``b`` held: k > n; ``a`` held: k > m), HeteroInfer's operand-order effect;
 * vector: ceil(elements x ops-per-element / T) cycles (T lanes), elements = the larger of what it reads and writes;
 * load/store: bytes / device bandwidth (DRAM), on one DMA engine;
 * the DMA engine, the array and the vector unit each run their instructions in order; an instruction starts when
@@ -60,10 +60,12 @@ _INSTRUCTION = {
          "then": {"required": ["tensor", "buffer", "region"],
                   "properties": {"tensor": _NAME, "buffer": _NAME, "region": _REGION}}},
         {"if": {"properties": {"op": {"const": "gemm"}}},
-         "then": {"required": ["a", "b", "out", "bias", "alpha", "beta", "stationary"],
+         "then": {"required": ["a", "b", "out", "bias", "alpha", "beta", "stationary", "product"],
                   "properties": {"a": _NAME, "b": _NAME, "out": _NAME, "bias": {"type": ["string", "null"]},
                                  "alpha": {"type": "number"}, "beta": {"type": "number"},
-                                 "stationary": {"enum": ["a", "b"]}}}},
+                                 "stationary": {"enum": ["a", "b"]},
+                                 "product": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                             "minItems": 3, "maxItems": 3}}}},
         {"if": {"properties": {"op": {"const": "vector"}}},
          "then": {"required": ["kernel", "inputs", "outputs"],
                   "properties": {"kernel": {"type": "object", "required": ["op", "attrs", "opset"],
@@ -114,12 +116,15 @@ def load_program(text: str, where: str = "NPU program") -> dict:
     return program
 
 
-def gemm_cycles(batch: int, m: int, k: int, n: int, stationary: str, tile: int, penalty: float) -> float:
+def gemm_cycles(batch: int, m: int, k: int, n: int, stationary: str, tile: int, penalty: float,
+                product: tuple[int, int, int] | None = None) -> float:
     """Array cycles of ``batch`` products [m x k] @ [k x n]: every dim padded to the tile, T cycles a tile,
-    ``penalty`` times more when the held operand's reduction dim is longer than its output dim."""
+    ``penalty`` times more when the held operand's reduction dim is longer than its output dim in the whole
+    ``product`` (m, k, n) the block belongs to (default: this block)."""
     tiles = batch * math.ceil(m / tile) * math.ceil(k / tile) * math.ceil(n / tile)
-    held_output = n if stationary == "b" else m
-    return tiles * tile * (penalty if k > held_output else 1.0)
+    whole_m, whole_k, whole_n = product or (m, k, n)
+    held_output = whole_n if stationary == "b" else whole_m
+    return tiles * tile * (penalty if whole_k > held_output else 1.0)
 
 
 def peak_for(peak: dict, dtype: str) -> float:
@@ -209,6 +214,9 @@ class NpuSimulator:
             expect = None
         if len(a) < 2 or len(b) < 2 or a[-1] != b[-2] or expect != out:
             self._fail(i, f"operands {a} @ {b} do not make its output buffer's shape {out}")
+        m, k, n = ins["product"]
+        if a[-2] > m or a[-1] != k or b[-1] > n:
+            self._fail(i, f"its block {a} @ {b} is not part of the product {ins['product']} it names")
 
     def _kernel(self, i: int, ins: dict):
         spec = ins["kernel"]
@@ -232,7 +240,7 @@ class NpuSimulator:
             a, b = buffers[ins["a"]], buffers[ins["b"]]
             batch = math.prod(buffers[ins["out"]]["shape"][:-2])
             cycles = gemm_cycles(batch, a["shape"][-2], a["shape"][-1], b["shape"][-1], ins["stationary"], tile,
-                                 d["stationary_penalty"])
+                                 d["stationary_penalty"], tuple(ins["product"]))
             return "array", cycles * 2 * tile * tile / peak_for(d["peak"], a["dtype"])
         reads = sum(math.prod(buffers[x]["shape"]) for x in ins["inputs"] if x is not None)
         writes = sum(math.prod(buffers[x]["shape"]) for x in ins["outputs"])

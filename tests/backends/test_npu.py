@@ -316,3 +316,33 @@ def test_a_partition_with_dynamic_shapes_falls_back_to_the_interpreter():
         emit_npu_program(graph, NPU)
     [part] = build_partitions(graph, load_platform("mobile-soc"))
     assert (part.backend, part.file, part.source) == ("simulated", "npu/part0.json", None)
+
+
+def test_a_fused_groups_intermediates_stay_in_sram():
+    body = Graph("body")
+    a = body.add_input("a", TensorType.of(f32(8, 16)))
+    b = body.add_input("b", TensorType.of(f32(8, 16)))
+    t = TensorType.of(f32(8, 16))
+    mul = body.add_node("Mul", [a, b], [t], output_names=["t1"])
+    relu = body.add_node("Relu", [mul.outputs[0]], [t], output_names=["t2"])
+    add = body.add_node("Add", [relu.outputs[0], a], [t], output_names=["t3"])
+    body.outputs = [add.outputs[0]]
+    graph = Graph("grouped")
+    x, y = graph.add_input("x", t), graph.add_input("y", t)
+    group = graph.add_node("hetflow.group", [x, y], [t], {"kind": "elementwise", "body": body}, output_names=["z"])
+    graph.outputs = [group.outputs[0]]
+    feeds = {"x": f32(8, 16), "y": f32(8, 16)}
+    sim = assert_matches(graph, feeds)
+    ops = [i["op"] for i in sim.program["instructions"]]
+    assert ops.count("vector") == 3 and ops.count("store") == 1 and ops.count("load") == 3   # a, b, then a again
+
+
+def test_the_stationary_penalty_is_the_whole_products_not_a_panels():
+    """A weight cut into panels narrower than its reduction dim is not penalised for that: each panel's gemm
+    costs its tiles, the sum equal to the whole product's unpenalised cycles."""
+    k, n = 2048, 4096   # k <= n: holding the weight is the fast order; panels of < 2048 columns must not change it
+    graph, feeds = one_op("MatMul", [f32(128, k), f32(k, n)], weights=(1,))
+    _, sim = simulate(graph, feeds)
+    gemm_seconds = sum(t["end"] - t["start"] for t in sim.trace if t["op"] == "gemm")
+    assert len([t for t in sim.trace if t["op"] == "gemm"]) > 1
+    assert gemm_seconds == pytest.approx(gemm_cycles(1, 128, k, n, "b", 32, 6.0) * 2048 / 10e12)
