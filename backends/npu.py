@@ -23,7 +23,7 @@ Instructions (``instructions``, each with ``node``: the IR value it computes)
 * ``load``:  ``tensor`` (DRAM) -> ``buffer``; ``view`` (a shape the tensor is
   reshaped to first, or null), ``region`` (``[start, stop]`` per dim, or null for
   all), ``transpose`` (swap the last two dims on the way: Gemm's transA/transB).
-* ``store``: ``buffer`` -> ``tensor`` at ``region`` (null: all of it).
+* ``store``: ``buffer`` -> ``tensor`` at ``region`` (null: all of it) of its ``view``.
 * ``gemm``:  ``out = alpha * a @ b (+ beta * bias)`` on buffers (NumPy matmul
   broadcasting over leading batch dims); ``stationary`` names the operand held in
   the array (``"a"`` or ``"b"``); ``product`` is ``[m, k, n]`` of the whole product the
@@ -32,7 +32,9 @@ Instructions (``instructions``, each with ``node``: the IR value it computes)
   padding with zeros does not change the result).
 * ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
   (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
-  (buffers, null for an absent optional input) into ``outputs``.
+  (buffers, null for an absent optional input) into ``outputs``. One op is the
+  vector unit's own, not an IR op: ``hetflow.npu.Im2Col`` (attrs kernel_shape,
+  strides, pads, dilations): x [N, C, H, W] -> [N, C*kh*kw, oh*ow].
 
 Lowering
 --------
@@ -46,14 +48,17 @@ Lowering
   whose reduction dim is longer than its output dim costs ``stationary_penalty``
   (6x on mobile-soc); the emitter holds ``b`` unless that is penalised and ``a`` is
   not.
-* Conv and every other op (elementwise, reductions, softmax, normalisation, data
+* Conv (2-D, group 1, explicit pads, float): im2col on the vector unit into a DRAM
+  temp, then ``W[M, C*kh*kw] @ cols`` on the array (tiled, double-buffered as above),
+  its bias as a per-row bias, stored as [N, M, oh, ow].
+* Every other op (a grouped or 1-D/3-D Conv included; elementwise, reductions, softmax, normalisation, data
   movement, a MatMul with a 1-D operand) go to the vector unit: its inputs are
   loaded, the op runs with the IR's kernel, its outputs are stored. An op too large
   for the SRAM is cut into chunks along its first dim longer than 1 (ops with NumPy
   broadcasting; Softmax, LogSoftmax, LayerNormalization when that dim is before
   their axis), double-buffered and pipelined as the gemm panels are; any other op
-  too large is a ``BackendError``. Conv is NOT lowered to im2col on the array yet:
-  the vector unit runs it, timed by its MACs on the vector lanes.
+  too large is a ``BackendError``. A Conv the array does not take runs on the vector
+  unit, timed by its MACs on the vector lanes.
 * A fused group (``hetflow.group``) is flattened: its body's ops are lowered one by
   one, its intermediates kept in DRAM (no on-chip fusion yet).
 * Float types f32, f16 (and bf16/f64 by the same path); int8 quantisation is not
@@ -79,6 +84,7 @@ FORMAT = "hetflow-npu"
 VERSION = 1
 ARRAY_DTYPES = ("f32", "f16", "bf16", "f64")
 GROUP = "hetflow.group"
+IM2COL = "hetflow.npu.Im2Col"   # the vector unit's own op (not an IR op): see hetflow.runtime.runners.npu
 
 
 class NpuUnsupported(BackendError):
@@ -176,6 +182,9 @@ class _Lowering:
             self._flush()
             self.sram_top = 0
             self._gemm(node, ins, outs[0], label)
+        elif node.op == "Conv" and self._conv_on_array(node, shapes):
+            self._flush()
+            self._conv(node, ins, outs[0], label)
         else:
             self._vector(node, ins, outs, label, hold)
         for name in ins:
@@ -211,7 +220,7 @@ class _Lowering:
         """Store the intermediates held in SRAM that are still to be read (before their SRAM is reused)."""
         for name, buf in self.pending.items():
             if self.remaining.get(name, 0) > 0:
-                self._emit(name, "store", buffer=buf, tensor=name, region=None)
+                self._emit(name, "store", buffer=buf, tensor=name, view=None, region=None)
         self.pending.clear()
 
     def _pending_top(self) -> int:
@@ -243,17 +252,23 @@ class _Lowering:
             return len(a["shape"]) == 2 and len(b["shape"]) == 2
         return len(a["shape"]) >= 2 and len(b["shape"]) >= 2
 
-    def _gemm(self, node: Node, ins: list, out: str, label: str) -> None:
-        a_t, b_t, o_t = self.tensors[ins[0]], self.tensors[ins[1]], self.tensors[out]
-        dtype, itemsize = a_t["dtype"], np.dtype(_numpy(a_t["dtype"])).itemsize
+    def _gemm(self, node: Node, ins: list, out: str, label: str, views: tuple = (None, None, None)) -> None:
+        """MatMul/Gemm (or a Conv's im2col product) on the array. ``views``: shapes the A, B and output tensors
+        are read and written as (None: their own)."""
         trans_a = bool(node.attrs.get("transA", 0)) if node.op == "Gemm" else False
         trans_b = bool(node.attrs.get("transB", 0)) if node.op == "Gemm" else False
-        a_shape, b_shape = a_t["shape"], b_t["shape"]
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        bias = ins[2] if node.op in ("Gemm", "Conv") and len(ins) > 2 else None
+        a_shape = views[0] or self.tensors[ins[0]]["shape"]
+        b_shape = views[1] or self.tensors[ins[1]]["shape"]
+        o_shape = views[2] or self.tensors[out]["shape"]
+        dtype = self.tensors[ins[0]]["dtype"]
+        itemsize = np.dtype(_numpy(dtype)).itemsize
         m, k = (a_shape[-1], a_shape[-2]) if trans_a else (a_shape[-2], a_shape[-1])
         n = b_shape[-2] if trans_b else b_shape[-1]
         batch_a, batch_b = math.prod(a_shape[:-2]), math.prod(b_shape[:-2])
-        batch_out = math.prod(o_t["shape"][:-2])
-        bias = ins[2] if node.op == "Gemm" and len(ins) > 2 else None
+        batch_out = math.prod(o_shape[:-2])
         plan = plan_gemm(batch_a, batch_b, batch_out, m, k, n, itemsize, self.tile, bias=bias is not None)
         if plan is None:
             raise BackendError(f"{self.where}: node %{label} ({node.op}) [{m}x{k}]x[{k}x{n}] {dtype}: not even one "
@@ -261,15 +276,16 @@ class _Lowering:
                                "hetflow.platform.NPU_SRAM_BYTES)")
         mb, nb = plan
         stationary = self._stationary(m, k, n)
-        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 0.0
-        bias_view = None if bias is None else _bias_view(self.tensors[bias]["shape"])
+        bias_view = None
+        if bias is not None:   # Gemm's C broadcasts to [M, N]; a Conv's bias is per output channel (row)
+            bias_view = [self.tensors[bias]["shape"][0], 1] if node.op == "Conv" else \
+                _bias_view(self.tensors[bias]["shape"])
         for m0 in range(0, m, mb):
             m1 = min(m, m0 + mb)
             self.sram_top = 0
             a_region = _rows(a_shape, m0, m1, trans_a)
             a_buf = self._buffer(f"{label}@m{m0}", "a", _region_shape(a_region, trans_a), dtype, label, node.op)
-            self._emit(label, "load", tensor=ins[0], buffer=a_buf, view=None, region=a_region, transpose=trans_a)
+            self._emit(label, "load", tensor=ins[0], buffer=a_buf, view=views[0], region=a_region, transpose=trans_a)
             base, second = self.sram_top, self.sram_top
             panels = list(range(0, n, nb))
             steps = []
@@ -284,16 +300,17 @@ class _Lowering:
                     c_region = _bias_region(bias_view, m0, m1, n0, n1)
                     c_buf = self._buffer(tag, "bias", _region_shape(c_region, False), self.tensors[bias]["dtype"],
                                          label, node.op)
-                o_region = [[0, d] for d in o_t["shape"][:-2]] + [[m0, m1], [n0, n1]]
-                o_buf = self._buffer(tag, "out", _region_shape(o_region, False), o_t["dtype"], label, node.op)
+                o_region = [[0, d] for d in o_shape[:-2]] + [[m0, m1], [n0, n1]]
+                o_buf = self._buffer(tag, "out", _region_shape(o_region, False), self.tensors[out]["dtype"], label,
+                                     node.op)
                 if p == 0:
                     second = self.sram_top
-                loads = [dict(tensor=ins[1], buffer=b_buf, view=None, region=b_region, transpose=trans_b)]
+                loads = [dict(tensor=ins[1], buffer=b_buf, view=views[1], region=b_region, transpose=trans_b)]
                 if c_buf is not None:
                     loads.append(dict(tensor=bias, buffer=c_buf, view=bias_view, region=c_region, transpose=False))
                 gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary,
                             product=[m, k, n])
-                steps.append((loads, ("gemm", gemm), [dict(buffer=o_buf, tensor=out, region=o_region)]))
+                steps.append((loads, ("gemm", gemm), [dict(buffer=o_buf, tensor=out, view=views[2], region=o_region)]))
             self._pipeline(label, steps)
 
     def _pipeline(self, label: str, steps: list) -> None:
@@ -308,6 +325,35 @@ class _Lowering:
             self._emit(label, op, **fields)
             for store in stores:
                 self._emit(label, "store", **store)
+
+    def _conv_on_array(self, node: Node, shapes: list) -> bool:
+        x, w = shapes[0], shapes[1]
+        return (w is not None and len(x["shape"]) == 4 and len(w["shape"]) == 4 and x["dtype"] == w["dtype"]
+                and x["dtype"] in ARRAY_DTYPES and int(node.attrs.get("group", 1)) == 1
+                and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"))
+
+    def _conv(self, node: Node, ins: list, out: str, label: str) -> None:
+        """A 2-D Conv as im2col on the vector unit (x [N,C,H,W] -> cols [N, C*kh*kw, oh*ow], a DRAM temp), then
+        the product W[M, C*kh*kw] @ cols on the array, written as the output [N, M, oh, ow]."""
+        n_, c, h, w = self.tensors[ins[0]]["shape"]
+        m, _, kh, kw = self.tensors[ins[1]]["shape"]
+        _, _, oh, ow = self.tensors[out]["shape"]
+        dtype = self.tensors[ins[0]]["dtype"]
+        attrs = {"kernel_shape": [kh, kw], "strides": list(node.attrs.get("strides", [1, 1])),
+                 "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+                 "dilations": list(node.attrs.get("dilations", [1, 1]))}
+        cols = f"{label}/im2col"
+        self.tensors[cols] = {"dtype": dtype, "shape": [n_, c * kh * kw, oh * ow], "kind": "temp"}
+        self.sram_top = 0
+        x_buf = self._buffer(label, "x", [n_, c, h, w], dtype, label, node.op)
+        self._emit(label, "load", tensor=ins[0], buffer=x_buf, view=None, region=None, transpose=False)
+        c_buf = self._buffer(label, "cols", [n_, c * kh * kw, oh * ow], dtype, label, node.op)
+        self._emit(label, "vector", kernel={"op": IM2COL, "opset": self.graph.opset, "attrs": attrs},
+                   inputs=[x_buf], outputs=[c_buf])
+        self._emit(label, "store", buffer=c_buf, tensor=cols, view=None, region=None)
+        self.sram_top = 0
+        k = c * kh * kw
+        self._gemm(node, [ins[1], cols] + ins[2:3], out, label, views=([m, k], None, [n_, m, oh * ow]))
 
     def _stationary(self, m: int, k: int, n: int) -> str:
         """Hold ``b`` (the weight) unless its reduction dim is longer than its output dim and ``a``'s is not."""
@@ -390,7 +436,7 @@ class _Lowering:
             if c == 0:
                 second = self.sram_top
             steps.append((loads, ("vector", dict(kernel=kernel, inputs=bufs, outputs=[out_buf])),
-                          [dict(buffer=out_buf, tensor=outs[0], region=region)]))
+                          [dict(buffer=out_buf, tensor=outs[0], view=None, region=region)]))
         self._pipeline(label, steps)
 
     def _vector(self, node: Node, ins: list, outs: list, label: str, hold: list) -> None:
@@ -426,7 +472,7 @@ class _Lowering:
             if uses > 0:
                 self.pending[name], self.remaining[name] = buf, uses
             else:
-                self._emit(label, "store", buffer=buf, tensor=name, region=None)
+                self._emit(label, "store", buffer=buf, tensor=name, view=None, region=None)
 
 
 CHUNKABLE_REDUCTIONS = ("Softmax", "LogSoftmax", "LayerNormalization")

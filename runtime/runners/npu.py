@@ -39,6 +39,7 @@ from . import RunnerError, register_runner
 
 __all__ = ["PROGRAM_SCHEMA", "NpuSimulator", "gemm_cycles", "load_program", "load_npu"]
 
+IM2COL = "hetflow.npu.Im2Col"   # the vector unit's own op: x [N, C, H, W] -> [N, C*kh*kw, oh*ow]
 OPS_PER_ELEMENT = {"Softmax": 5, "LogSoftmax": 5, "LayerNormalization": 8, "RMSNormalization": 6,
                    "BatchNormalization": 4, "InstanceNormalization": 8, "GroupNormalization": 8, "Gelu": 8,
                    "Erf": 8, "Tanh": 4, "Sigmoid": 4, "Exp": 2, "Log": 2, "Sqrt": 2, "Pow": 4, "Div": 2,
@@ -57,8 +58,10 @@ _INSTRUCTION = {
                                  "view": {"anyOf": [{"type": "null"}, {"type": "array",
                                                                        "items": {"type": "integer", "minimum": 0}}]}}}},
         {"if": {"properties": {"op": {"const": "store"}}},
-         "then": {"required": ["tensor", "buffer", "region"],
-                  "properties": {"tensor": _NAME, "buffer": _NAME, "region": _REGION}}},
+         "then": {"required": ["tensor", "buffer", "view", "region"],
+                  "properties": {"tensor": _NAME, "buffer": _NAME, "region": _REGION,
+                                 "view": {"anyOf": [{"type": "null"}, {"type": "array",
+                                                                       "items": {"type": "integer", "minimum": 0}}]}}}},
         {"if": {"properties": {"op": {"const": "gemm"}}},
          "then": {"required": ["a", "b", "out", "bias", "alpha", "beta", "stationary", "product"],
                   "properties": {"a": _NAME, "b": _NAME, "out": _NAME, "bias": {"type": ["string", "null"]},
@@ -221,6 +224,8 @@ class NpuSimulator:
     def _kernel(self, i: int, ins: dict):
         spec = ins["kernel"]
         buffers = self.program["buffers"]
+        if spec["op"] == IM2COL:
+            return self._im2col_kernel(i, ins)
         values = [None if b is None else Value(b, TensorType(DType(buffers[b]["dtype"]), tuple(buffers[b]["shape"])))
                   for b in ins["inputs"]]
         outs = [Value(b, TensorType(DType(buffers[b]["dtype"]), tuple(buffers[b]["shape"]))) for b in ins["outputs"]]
@@ -229,6 +234,30 @@ class NpuSimulator:
             return make_kernel(Node(spec["op"], values, outs, attrs, loc=ins["node"]), spec["opset"])
         except HetflowError as exc:
             self._fail(i, f"the vector unit cannot run {spec['op']}: {str(exc).splitlines()[0]}")
+
+    def _im2col_kernel(self, i: int, ins: dict):
+        buffers, attrs = self.program["buffers"], ins["kernel"]["attrs"]
+        try:
+            (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = (attrs["kernel_shape"], attrs["strides"], attrs["pads"],
+                                                              attrs["dilations"])
+            n, c, h, w = buffers[ins["inputs"][0]]["shape"]
+            [out] = ins["outputs"]
+        except (KeyError, TypeError, ValueError):
+            self._fail(i, f"{IM2COL} takes one [N, C, H, W] buffer, kernel_shape, strides, pads and dilations of "
+                          "2-D")
+        oh, ow = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        if buffers[out]["shape"] != [n, c * kh * kw, oh * ow] or min(sh, sw, dh, dw) < 1:
+            self._fail(i, f"{IM2COL} of {[n, c, h, w]} makes {[n, c * kh * kw, oh * ow]}, not its output buffer's "
+                          f"{buffers[out]['shape']}")
+
+        def run(inputs):
+            x = np.pad(inputs[0], ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+            cols = np.empty((n, c, kh, kw, oh, ow), x.dtype)
+            for a in range(kh):
+                for b in range(kw):
+                    cols[:, :, a, b] = x[:, :, a * dh:a * dh + sh * (oh - 1) + 1:sh, b * dw:b * dw + sw * (ow - 1) + 1:sw]
+            return [cols.reshape(n, c * kh * kw, oh * ow)]
+        return run
 
     # --- timing ------------------------------------------------------------------------------------
     def _seconds(self, ins: dict) -> tuple[str, float]:
@@ -343,12 +372,13 @@ class NpuSimulator:
     def _store(self, dram: dict, data: np.ndarray, ins: dict) -> None:
         t = self.program["tensors"][ins["tensor"]]
         if ins["region"] is None:
-            dram[ins["tensor"]] = data
+            dram[ins["tensor"]] = data.reshape(t["shape"])
             return
         target = dram.get(ins["tensor"])
         if target is None:
             target = dram[ins["tensor"]] = np.empty(t["shape"], DType(t["dtype"]).numpy)
-        target[tuple(slice(a, b) for a, b in ins["region"])] = data
+        view = target if ins["view"] is None else target.reshape(ins["view"])
+        view[tuple(slice(a, b) for a, b in ins["region"])] = data
 
 
 def _accesses(ins: dict) -> tuple[list[str], list[str]]:

@@ -346,3 +346,19 @@ def test_the_stationary_penalty_is_the_whole_products_not_a_panels():
     gemm_seconds = sum(t["end"] - t["start"] for t in sim.trace if t["op"] == "gemm")
     assert len([t for t in sim.trace if t["op"] == "gemm"]) > 1
     assert gemm_seconds == pytest.approx(gemm_cycles(1, 128, k, n, "b", 32, 6.0) * 2048 / 10e12)
+
+
+@pytest.mark.parametrize("attrs,bias", [({}, False), ({"pads": [1, 1, 1, 1]}, True),
+                                        ({"strides": [2, 2], "pads": [1, 0, 2, 1], "dilations": [1, 2]}, True)])
+def test_conv_as_im2col_on_the_array(attrs, bias):
+    inputs = [f32(2, 3, 11, 9), f32(5, 3, 3, 3)] + ([f32(5)] if bias else [])
+    sim = assert_matches(*one_op("Conv", inputs, attrs, weights=(1, 2)), rtol=1e-4, atol=1e-5)
+    ops = [i["op"] for i in sim.program["instructions"]]
+    assert "gemm" in ops and {i["kernel"]["op"] for i in sim.program["instructions"] if i["op"] == "vector"} == \
+        {"hetflow.npu.Im2Col"}
+
+
+def test_a_conv_whose_weight_exceeds_the_sram_is_tiled():
+    sim = assert_matches(*one_op("Conv", [f32(1, 512, 7, 7), f32(512, 512, 3, 3), f32(512)], {"pads": [1, 1, 1, 1]},
+                                 weights=(1, 2)), rtol=1e-4, atol=1e-5)   # 9.4 MB of weight
+    assert len([t for t in sim.trace if t["op"] == "gemm"]) > 1
