@@ -362,3 +362,12 @@ def test_a_conv_whose_weight_exceeds_the_sram_is_tiled():
     sim = assert_matches(*one_op("Conv", [f32(1, 512, 7, 7), f32(512, 512, 3, 3), f32(512)], {"pads": [1, 1, 1, 1]},
                                  weights=(1, 2)), rtol=1e-4, atol=1e-5)   # 9.4 MB of weight
     assert len([t for t in sim.trace if t["op"] == "gemm"]) > 1
+
+
+def test_the_public_names():
+    from hetflow.backends import npu as backend
+    from hetflow.runtime.runners import npu as runner
+    assert sorted(backend.__all__) == ["FORMAT", "NpuUnsupported", "disassemble", "emit_npu_program", "plan_gemm"]
+    assert sorted(runner.__all__) == ["NpuSimulator", "PROGRAM_SCHEMA", "gemm_cycles", "load_npu", "load_program"]
+    for module in (backend, runner):
+        assert all(hasattr(module, name) for name in module.__all__)
