@@ -181,7 +181,7 @@ class _Lowering:
         if node.op in ("MatMul", "Gemm") and self._on_array(node, shapes):
             self._flush()
             self.sram_top = 0
-            self._gemm(node, ins, outs[0], label)
+            self._gemm(node, ins, outs[0], label, hold=hold[0])
         elif node.op == "Conv" and self._conv_on_array(node, shapes):
             self._flush()
             self._conv(node, ins, outs[0], label)
@@ -252,9 +252,11 @@ class _Lowering:
             return len(a["shape"]) == 2 and len(b["shape"]) == 2
         return len(a["shape"]) >= 2 and len(b["shape"]) >= 2
 
-    def _gemm(self, node: Node, ins: list, out: str, label: str, views: tuple = (None, None, None)) -> None:
+    def _gemm(self, node: Node, ins: list, out: str, label: str, views: tuple = (None, None, None),
+              hold: int = 0) -> None:
         """MatMul/Gemm (or a Conv's im2col product) on the array. ``views``: shapes the A, B and output tensors
-        are read and written as (None: their own)."""
+        are read and written as (None: their own). ``hold`` > 0: a group's intermediate read that many times:
+        when the product is one block, its output stays in SRAM instead of being stored."""
         trans_a = bool(node.attrs.get("transA", 0)) if node.op == "Gemm" else False
         trans_b = bool(node.attrs.get("transB", 0)) if node.op == "Gemm" else False
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
@@ -275,6 +277,7 @@ class _Lowering:
                                f"{self.tile}-wide panel fits the NPU SRAM ({NPU_SRAM_BYTES} bytes, "
                                "hetflow.platform.NPU_SRAM_BYTES)")
         mb, nb = plan
+        keep = hold > 0 and mb >= m and nb >= n and views[2] is None
         stationary = self._stationary(m, k, n)
         bias_view = None
         if bias is not None:   # Gemm's C broadcasts to [M, N]; a Conv's bias is per output channel (row)
@@ -310,8 +313,11 @@ class _Lowering:
                     loads.append(dict(tensor=bias, buffer=c_buf, view=bias_view, region=c_region, transpose=False))
                 gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary,
                             product=[m, k, n])
-                steps.append((loads, ("gemm", gemm), [dict(buffer=o_buf, tensor=out, view=views[2], region=o_region)]))
+                stores = [] if keep else [dict(buffer=o_buf, tensor=out, view=views[2], region=o_region)]
+                steps.append((loads, ("gemm", gemm), stores))
             self._pipeline(label, steps)
+        if keep:
+            self.pending[out], self.remaining[out] = steps[0][1][1]["out"], hold
 
     def _pipeline(self, label: str, steps: list) -> None:
         """Software pipelining over the ping-pong slots: the loads of step p+1 go before the compute of step p.

@@ -371,3 +371,20 @@ def test_the_public_names():
     assert sorted(runner.__all__) == ["NpuSimulator", "PROGRAM_SCHEMA", "gemm_cycles", "load_npu", "load_program"]
     for module in (backend, runner):
         assert all(hasattr(module, name) for name in module.__all__)
+
+
+def test_a_groups_product_feeding_its_softmax_stays_in_sram():
+    body = Graph("attention")
+    q = body.add_input("q", TensorType.of(f32(2, 16, 8)))
+    k = body.add_input("k", TensorType.of(f32(2, 8, 16)))
+    scores = body.add_node("MatMul", [q, k], [TensorType.of(f32(2, 16, 16))], output_names=["s"])
+    soft = body.add_node("Softmax", [scores.outputs[0]], [TensorType.of(f32(2, 16, 16))], {"axis": -1},
+                         output_names=["p"])
+    body.outputs = [soft.outputs[0]]
+    graph = Graph("grouped")
+    x, y = graph.add_input("x", q.type), graph.add_input("y", k.type)
+    group = graph.add_node("hetflow.group", [x, y], [soft.outputs[0].type], {"kind": "attention", "body": body},
+                           output_names=["z"])
+    graph.outputs = [group.outputs[0]]
+    sim = assert_matches(graph, {"x": f32(2, 16, 8), "y": f32(2, 8, 16)})
+    assert [i["op"] for i in sim.program["instructions"]] == ["load", "load", "gemm", "vector", "store"]
