@@ -11,8 +11,9 @@ The machine it targets
 * On-chip SRAM of ``NPU_SRAM_BYTES`` (``hetflow.platform``; 8 MiB, an UNCONFIRMED
   estimate of a Hexagon-class NPU's tightly coupled memory) holds ``buffers``:
   named regions ``{offset, bytes, shape, dtype}``. The emitter lays them out with
-  a bump allocator per IR op; a program whose buffers pass the capacity is refused
-  (``BackendError`` naming the node and the op).
+  a bump allocator per IR op (above a group's intermediates held in SRAM); a
+  program whose buffers pass the capacity is refused (``BackendError`` naming the
+  node and the op).
 * One DMA engine (loads and stores, in program order), a ``tile`` x ``tile``
   systolic array (``gemm``) and a vector unit (``vector``), each in order; an
   instruction starts when its engine is free and the SRAM/DRAM data it reads is
@@ -51,8 +52,9 @@ Lowering
 * Conv (2-D, group 1, explicit pads, float): im2col on the vector unit into a DRAM
   temp, then ``W[M, C*kh*kw] @ cols`` on the array (tiled, double-buffered as above),
   its bias as a per-row bias, stored as [N, M, oh, ow].
-* Every other op (a grouped or 1-D/3-D Conv included; elementwise, reductions, softmax, normalisation, data
-  movement, a MatMul with a 1-D operand) go to the vector unit: its inputs are
+* Every other op (a grouped or 1-D/3-D Conv included; elementwise, reductions,
+  softmax, normalisation, data movement, a MatMul with a 1-D operand, int types)
+  go to the vector unit: its inputs are
   loaded, the op runs with the IR's kernel, its outputs are stored. An op too large
   for the SRAM is cut into chunks along its first dim longer than 1 (ops with NumPy
   broadcasting; Softmax, LogSoftmax, LayerNormalization when that dim is before
@@ -60,7 +62,10 @@ Lowering
   too large is a ``BackendError``. A Conv the array does not take runs on the vector
   unit, timed by its MACs on the vector lanes.
 * A fused group (``hetflow.group``) is flattened: its body's ops are lowered one by
-  one, its intermediates kept in DRAM (no on-chip fusion yet).
+  one. An intermediate only the group's own ops read stays in SRAM (no store, no
+  reload) when a vector op or a one-block product made it, until its last reader
+  ran; everything held is stored (if still to be read) before a product, a chunked
+  op or an op that needs the room: a "flush". The group's outputs go to DRAM.
 * Float types f32, f16 (and bf16/f64 by the same path); int8 quantisation is not
   done. Shapes must be static: a dynamic partition raises ``NpuUnsupported`` and
   the partition falls back to the next backend the platform allows (``simulated``).
