@@ -10,11 +10,13 @@ device's backend:
   TorchInductor or with PyTorch's kernels, captured in a CUDA graph. A machine
   without a GPU refuses the artifact unless the run asks for ``fallback="cpu"``,
   which then runs the same program on the CPU and reports it.
+* ``npu``: an NPU's partition as a program for a systolic-array NPU (``npu/partN.npu.json``,
+  see ``npu``), run by the NPU simulator: functional in NumPy, timed per instruction.
 * ``pim``: a PIM device's command stream (``pim/partN.pim.json``, see ``pim``), run by the runtime's
   event-driven DRAM PIM simulator (``hetflow.runtime.runners.pim``).
-* ``simulated``: devices this machine lacks (NPU, PIM, a modelled GPU): the
-  partition's IR (``npu/partN.json``), executed functionally by the reference
-  interpreter until the device's simulator lands; its time is the modelled one.
+* ``simulated``: devices this machine lacks and have no simulator yet (a modelled GPU; an NPU partition
+  the NPU emitter cannot lower, e.g. dynamic shapes): the partition's IR (``gpu/partN.json``),
+  executed functionally by the reference interpreter; its time is the modelled one.
 * ``tvm-llvm``: with ``cpu_backend="tvm"``, a CPU partition's same ONNX lowering compiled by
   TVM for LLVM into a native library (``cpu/partN.so``, see ``tvm_cpu``).
 * ``transfer``: a copy between two memories that are not one unified space.
@@ -47,7 +49,7 @@ CPU_BACKENDS = ("onnxruntime", "tvm")
 class Emitter:
     name: str                                 # the backend name the manifest records and the runtime looks up
     folder_suffix: str                        # the file each partition becomes: <device>/partN<suffix>
-    emit: Callable[[Partition], None]         # fills the partition's program (onnx_bytes, source, library...)
+    emit: Callable[..., None]                 # fills the partition's program (onnx_bytes, source, library...)
 
 
 def cpu_program(graph: Graph, name: str = "") -> bytes:
@@ -82,6 +84,11 @@ def _emit_pim(part: Partition) -> None:
     part.source = pim_program(part.graph, f"{part.index} ({part.file})", part.device_spec)
 
 
+def _emit_npu(part: Partition) -> None:
+    from .npu import emit_npu_program
+    part.source = emit_npu_program(part.graph, part.device_spec, f"partition {part.index} ({part.file})")
+
+
 def _emit_nothing(part: Partition) -> None:
     """Simulated devices and transfers: the partition's IR is the program (written as JSON)."""
 
@@ -90,6 +97,7 @@ EMITTERS = {e.name: e for e in [
     Emitter("cpu", ".onnx", _emit_cpu),
     Emitter("cuda", ".py", _emit_cuda),
     Emitter("tvm-llvm", ".so", _emit_tvm),
+    Emitter("npu", ".npu.json", _emit_npu),
     Emitter("pim", ".pim.json", _emit_pim),
     Emitter("simulated", ".json", _emit_nothing),
     Emitter("transfer", ".json", _emit_nothing),
@@ -132,12 +140,25 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
         part = Partition(index, device, emitter.name, sub, [n.outputs[0].name for n in nodes],
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,
                          max(n.meta.get("end_us", 0.0) for n in nodes) / 1e6)
-        folder = file_safe(device.replace(">", ""))  # a device name never makes a path: no '/', no '..'
-        part.file = f"{folder}/part{index}{emitter.folder_suffix}"
         part.device_spec = platform.devices.get(device) if platform is not None else None
-        emitter.emit(part)
+        _emit(part, emitter, device, platform)
         partitions.append(part)
     return partitions
+
+
+def _emit(part: Partition, emitter: Emitter, device: str, platform) -> None:
+    """Fill the partition's program; a backend that cannot lower it (``NpuUnsupported``: dynamic shapes) hands
+    it to the next backend the platform allows on the device (the manifest records which ran)."""
+    from .npu import NpuUnsupported
+    folder = file_safe(device.replace(">", ""))  # a device name never makes a path: no '/', no '..'
+    part.file = f"{folder}/part{part.index}{emitter.folder_suffix}"
+    try:
+        emitter.emit(part)  # (part.device_spec: the Device, for the emitters whose program depends on it)
+    except NpuUnsupported:
+        allowed = platform.backends(device)
+        fallback = EMITTERS[allowed[allowed.index(emitter.name) + 1]]
+        part.backend, part.source = fallback.name, None
+        _emit(part, fallback, device, platform)
 
 
 def write_partitions(partitions: list[Partition], directory: Path) -> list[Path]:

@@ -51,7 +51,12 @@ def _register_with_the_platform_layer() -> None:
         from hetflow.backends import cpu_program as emit
         return emit(graph, name)
 
+    def npu_program(graph, name: str, device) -> str:
+        from hetflow.backends.npu import emit_npu_program
+        return emit_npu_program(graph, device, name)
+
     platform.register_emit_check("cuda", gpu_emit_check)
+    platform.register_program_emitter("npu", npu_program, takes_device=True)
     platform.register_program_emitter("cuda", gpu_program)
     platform.register_program_emitter("cpu", cpu_program)
 
@@ -63,7 +68,7 @@ def _register_with_the_platform_layer() -> None:
         from hetflow.backends.pim import emit_failure
         return emit_failure(node, opset)
 
-    platform.register_program_emitter("pim", pim_program)
+    platform.register_program_emitter("pim", pim_program, takes_device=True)
     platform.register_emit_check("pim", pim_emit_check)
 
 

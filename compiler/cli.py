@@ -300,7 +300,7 @@ def _generate(model, args) -> int:
 
 
 _BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "PyTorch/Triton on the CUDA GPU, measured",
-                  "tvm-llvm": "TVM LLVM, measured",
+                  "tvm-llvm": "TVM LLVM, measured", "npu": "NPU program on its simulator: functional, time modelled",
                   "simulated": "simulated: functional, time modelled", "transfer": "copy",
                   "pim": "PIM command stream on the DRAM PIM simulator, time modelled"}
 
@@ -348,10 +348,31 @@ def cmd_inspect(args) -> int:
                                         " (signature not checked: --verify-key PUB checks it)"))
     print(graph_summary(model.graph))
     _print_placement(model, args)
+    if args.device:
+        _print_programs(model, args.artifact, args.device)
     if args.ir:
         print()
         print(model.graph)
     return 0
+
+
+def _print_programs(model, artifact, device: str) -> None:
+    """``--device D``: the disassembly of the device's NPU programs (the files the manifest's hashes checked)."""
+    from hetflow.backends.npu import disassemble
+    entries = [e for e in model.manifest["partitions"] if e["device"] == device]
+    if not entries:
+        raise UsageError(f"--device {device!r}: no partition of this artifact runs on it")
+    for entry in entries:
+        print(f"\npartition {entry['index']} ({entry['file']}, backend {entry['backend']})")
+        if entry["backend"] != "npu":
+            print("  (no program to disassemble: this backend stores the partition's IR or a binary)")
+            continue
+        text = (Path(artifact) / entry["file"]).read_text()
+        try:
+            print(disassemble(text))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{entry['file']} is not a readable NPU program: {type(exc).__name__}: "
+                             f"{str(exc)[:120]}") from None
 
 
 def _print_placement(model, args) -> None:
@@ -517,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print what an artifact holds.")
     p.add_argument("artifact", metavar="OUT")
     p.add_argument("--ir", action="store_true", help="also print the textual IR")
+    p.add_argument("--device", metavar="NAME", help="disassemble the programs of the partitions on device NAME "
+                   "(e.g. --device npu)")
     p.add_argument("--verify-key", metavar="PUB", help="check manifest.sig with this Ed25519 public key (PEM)")
     p.add_argument("--plot", metavar="DIR", help="write roofline.png, timeline.png (Gantt) and trace.json "
                    "(Chrome/Perfetto: open it in ui.perfetto.dev) into DIR")

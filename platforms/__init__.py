@@ -20,6 +20,7 @@ from hetflow.ir.errors import HetflowError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEVICE_KINDS = ("cpu", "gpu", "npu", "pim")
+NPU_SRAM_BYTES = 8 * 1024**2  # an NPU's on-chip SRAM: an UNCONFIRMED estimate (Hexagon-class TCM, a few MiB)
 
 
 class PlatformError(HetflowError):
@@ -190,8 +191,9 @@ class Platform:
     def backends(self, device: str) -> tuple[str, ...]:
         """The backends that may run a partition on ``device``, the default first: ``transfer`` for a link,
         ONNX Runtime (``cpu``) or TVM (``tvm-llvm``) for a CPU, ``cuda`` for this machine's measured GPU,
-        ``pim`` (its command stream on the DRAM PIM simulator) then ``simulated`` for a PIM device, ``simulated``
-        for every other device this machine lacks. The emitters choose by it and the runtime checks an
+        the NPU program and its simulator (``npu``) for an NPU, the PIM command stream on the DRAM PIM simulator
+        (``pim``) for a PIM device (each then ``simulated``), ``simulated`` for every other device this machine
+        lacks. The emitters choose by it and the runtime checks an
         artifact's partitions against it."""
         if device.startswith("link:"):
             self.memory_space(device)
@@ -203,6 +205,8 @@ class Platform:
             return ("cuda",)
         if kind.kind == "pim":
             return ("pim", "simulated")
+        if kind.kind == "npu":
+            return ("npu", "simulated")
         return ("simulated",)
 
     def host_device(self) -> str:
@@ -329,8 +333,13 @@ EMIT_CHECKS: dict[str, Callable[[Any, int], str | None]] = {}
 PROGRAM_EMITTERS: dict[str, Callable[[Any, str, Any], str]] = {}
 
 
-def register_program_emitter(backend: str, emit: Callable[[Any, str, Any], str]) -> None:
+DEVICE_EMITTERS: set[str] = set()  # backends whose program depends on the Device's figures (device never None)
+
+
+def register_program_emitter(backend: str, emit: Callable[[Any, str, Any], str], takes_device: bool = False) -> None:
     PROGRAM_EMITTERS[backend] = emit
+    if takes_device:
+        DEVICE_EMITTERS.add(backend)
 
 
 def register_measurement(kind: str, fill: Callable[[dict], dict]) -> None:

@@ -630,7 +630,7 @@ def _without_regeneration():
     """As if the stored program were taken as it is: what the partition-model check alone does."""
     from hetflow.runtime import runners
     regenerated = runners._regenerated
-    runners._regenerated = lambda backend, graph, stored, entry, where: stored
+    runners._regenerated = lambda backend, graph, stored, entry, where, device=None: stored
     try:
         yield
     finally:

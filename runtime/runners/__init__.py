@@ -1,7 +1,7 @@
 """Runners: what runs a partition of a loaded artifact, one module each, behind one registry.
 
 The registry is keyed by the backend name the artifact's manifest gives each
-partition (``cpu``, ``cuda``, ``tvm-llvm``, ``simulated``, ``transfer``). A loader
+partition (``cpu``, ``cuda``, ``tvm-llvm``, ``npu``, ``simulated``, ``transfer``). A loader
 ``(partition, executor) -> runner`` builds what runs it; a runner has
 
     run(inputs, outputs)     read ``inputs``, write the preallocated ``outputs`` (the arena's slots)
@@ -21,7 +21,7 @@ from hetflow.runtime.errors import RunnerError
 
 RUNNERS: dict[str, Callable] = {}
 MODULES = {"cpu": "onnxruntime", "cuda": "cuda", "tvm-llvm": "tvm", "simulated": "interpreter",
-           "transfer": "transfer", "pim": "pim"}
+           "transfer": "transfer", "npu": "npu", "pim": "pim"}
 MEASURED = {"cpu", "cuda", "tvm-llvm"}  # backends that run on this machine's real device: their times are measured
 
 
@@ -50,7 +50,7 @@ def load_runner(part, executor):
 
 # what each backend's partition file holds, and where it goes on the Partition
 FILES = {"cpu": ("onnx_bytes", "bytes"), "cuda": ("source", "text"), "tvm-llvm": ("library", "bytes"),
-         "simulated": ("graph", "graph"), "transfer": (None, None),
+         "simulated": ("graph", "graph"), "transfer": (None, None), "npu": ("source", "text"),
          "pim": ("source", "text")}
 NATIVE = {"tvm-llvm"}   # backends whose program is native code: loaded only when the caller trusts the artifact
 
@@ -122,14 +122,17 @@ def _regenerated(backend: str, graph, stored, entry: dict, where: str, device=No
     """The partition's program as hetflow's own emitter generates it from graph.json (``PROGRAM_EMITTERS``,
     registered by the driver): a stored program that differs is refused, so what runs never comes from the
     artifact, and the runners use the program this returns. Only native libraries (``NATIVE``, TVM's), which
-    cannot be regenerated, keep the stored bytes; those load only when trusted (``check_native_trust``)."""
-    from hetflow.platform import PROGRAM_EMITTERS
+    cannot be regenerated, keep the stored bytes; those load only when trusted (``check_native_trust``).
+    Emitters registered ``takes_device`` (the NPU's, the PIM's) need the partition's ``Device``: never None."""
+    from hetflow.platform import DEVICE_EMITTERS, PROGRAM_EMITTERS
     emit = PROGRAM_EMITTERS.get(backend)
     if emit is None:
         if backend in NATIVE:
             return stored
         raise RunnerError(f"{where}: no program emitter is registered for backend {backend!r} (the driver "
                           "registers them: import hetflow); a stored program is never run as it is")
+    if backend in DEVICE_EMITTERS and device is None:
+        raise RunnerError(f"{where}: its {backend} program depends on the device's figures; load it with its platform")
     try:
         program = emit(graph, f"{entry['index']} ({entry['file']})", device)  # device: the platform's Device
     except HetflowError as exc:
