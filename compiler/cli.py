@@ -277,6 +277,15 @@ def cmd_run(args) -> int:
              for p in model.partitions}
     backends = sorted({f"{p.device} ({words[p.index]})" for p in model.partitions}) or ["interpreter"]
     print(f"ran in {elapsed * 1e3:.2f} ms (measured; {', '.join(backends)})")
+    modelled: dict[str, list[float]] = {}
+    for event in model.executor.last.events if model.executor is not None else []:
+        if event.modelled is not None:
+            modelled.setdefault(event.device, []).append(event.modelled)
+    for device, times in sorted(modelled.items()):
+        predicted = sum(p.predicted_end - p.predicted_start for p in model.partitions
+                        if p.device == device and p.backend in ("npu", "pim"))
+        print(f"  {device}: {sum(times) * 1e3:.3f} ms modelled by its simulator over {len(times)} partitions "
+              f"(the cost model predicted {predicted * 1e3:.3f} ms)")
     if args.trace:
         _write_trace(model, args.trace)
     if args.profile:

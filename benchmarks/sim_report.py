@@ -1,0 +1,125 @@
+"""What the device simulators model: NPU GEMM sweep, PIM GEMV sweep, and simulator against cost model.
+
+    python benchmarks/sim_report.py            # (a), (b), (e); about a minute
+    python benchmarks/sim_report.py --only a
+
+(a) GEMMs on mobile-soc's NPU simulator: latency against M in steps of 8 (the 32-wide array makes a
+    staircase), and the operand-order effect (HeteroInfer: the large weight as the stationary operand).
+(b) A GEMV on pim-gpt's bank-level PIM simulator: achieved internal bandwidth against the banks
+    computing, and the row-buffer hit rate (``benchmarks/pim_sweep.py``).
+(e) Every NPU and PIM partition of real models run through the simulators, against the analytic cost
+    model's prediction for the same partition (the calibration check: issue 15 asks for agreement within
+    20% once calibrated; this prints where they stand).
+
+Every time here is modelled (the simulators' timing models, from REFERENCE.md's figures), never measured.
+Not yet here: (c) GPT-2 decode on pim-gpt against a T4-class preset, (d) Duplex's MoE layer.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _matmul(m: int, k: int, n: int, dtype="f16"):
+    from hetflow.ir import DType, Graph, TensorType
+    graph = Graph(f"mm_{m}x{k}x{n}")
+    x = graph.add_input("x", TensorType(DType(dtype), (m, k)))
+    w = graph.add_weight("w", np.zeros((k, n), DType(dtype).numpy))
+    graph.outputs = [graph.add_node("MatMul", [x, w], [TensorType(DType(dtype), (m, n))]).outputs[0]]
+    return graph
+
+
+def _npu_seconds(graph, device) -> float:
+    from hetflow.backends.npu import emit_npu_program
+    from hetflow.runtime.runners.npu import NpuSimulator
+    weights = {w.name: w.data for w in graph.weights.values()}
+    simulator = NpuSimulator(emit_npu_program(graph, device), weights)
+    feeds = {v.name: np.zeros(v.type.shape, v.type.dtype.numpy) for v in graph.inputs}
+    simulator.run(feeds)
+    return simulator.last_seconds
+
+
+def report_a() -> None:
+    from hetflow.platform import load_platform
+    device = load_platform("mobile-soc").devices["npu"]
+    print("(a) NPU simulator (mobile-soc, 32x32 array), MatMul [M x 1024] @ [1024 x 1024] f16, modelled")
+    rows = [(m, _npu_seconds(_matmul(m, 1024, 1024), device)) for m in range(8, 129, 8)]
+    for m, seconds in rows:
+        print(f"  M {m:4d}: {seconds * 1e6:8.1f} us  {'#' * int(seconds / rows[-1][1] * 40)}")
+    jumps = [(rows[i][0], rows[i][1] - rows[i - 1][1]) for i in range(1, len(rows))]
+    typical = statistics.median(d for _, d in jumps)
+    steps = [m for m, d in jumps if d > 3 * typical]
+    print(f"  latency jumps at M = {', '.join(map(str, steps))} (the array's 32-row tiles); between them "
+          f"+{typical * 1e6:.1f} us per 8 rows (the input's DMA)")
+    print("  operand order (the same FLOPs): the weight's reduction dim against its output dim")
+    for m, k, n in ((64, 4096, 1024), (64, 1024, 4096)):
+        seconds = _npu_seconds(_matmul(m, k, n), device)
+        print(f"  [{m} x {k}] @ [{k} x {n}]: {seconds * 1e6:8.1f} us, {2 * m * k * n / seconds / 1e12:.2f} TFLOP/s")
+
+
+def report_b() -> None:
+    import pim_sweep
+    print("(b) PIM simulator")
+    pim_sweep.main()
+
+
+def report_e() -> None:
+    import torch
+
+    import hetflow
+    from hetflow.api import compile_graph
+    from hetflow.examples import decode_graphs, models
+    print("(e) simulator against the analytic cost model, per NPU/PIM partition (modelled both)")
+    cases = [("mobile-soc", "GPT-2 2 layers, 256 wide, seq 64 (prefill)",
+              lambda: models.build_gpt2(n_layer=2, n_embd=256, n_head=4, seq=64, vocab=1000)),
+             ("pim-gpt", "GPT-2 decode step, 2 layers, 768 wide",
+              lambda: (decode_graphs.build_gpt2_decode_step(layers=2, hidden=768, heads=12, context=128, vocab=1000), None)),
+             ("duplex", "GPT-2 decode step, 2 layers, 768 wide",
+              lambda: (decode_graphs.build_gpt2_decode_step(layers=2, hidden=768, heads=12, context=128, vocab=1000), None))]
+    ratios = []
+    for platform, what, build in cases:
+        model, inputs = build()
+        compiled = hetflow.compile(model, inputs, platform=platform) if inputs is not None else \
+            compile_graph(model, platform)
+        feeds = {v.name: np.zeros(v.type.shape, v.type.dtype.numpy) for v in compiled.graph.inputs}
+        if inputs is not None:
+            feeds = {v.name: t.numpy() for v, t in zip(compiled.graph.inputs, inputs)}
+        with torch.no_grad():
+            compiled.executor.run(feeds)
+        events = {e.name: e for e in compiled.executor.last.events}
+        rows = []
+        for part in compiled.partitions:
+            event = events.get(part.file)
+            if part.backend in ("npu", "pim") and event is not None and event.modelled:
+                predicted = part.predicted_end - part.predicted_start
+                rows.append((part.file, predicted, event.modelled))
+        print(f"  {platform}: {what}: {len(rows)} simulated partitions")
+        for file, predicted, simulated in rows[:8]:
+            print(f"    {file:24s} cost model {predicted * 1e6:9.1f} us  simulator {simulated * 1e6:9.1f} us  "
+                  f"ratio {simulated / predicted:6.2f}")
+        ratios += [s / p for _, p, s in rows if p > 0]
+    if ratios:
+        within = sum(1 for r in ratios if 0.8 <= r <= 1.25)
+        print(f"  simulator/cost model: median {statistics.median(ratios):.2f}, {within}/{len(ratios)} partitions "
+              "within 20% (not calibrated yet)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="abe", help="which parts: any of a, b, e")
+    args = parser.parse_args(argv)
+    for part, report in (("a", report_a), ("b", report_b), ("e", report_e)):
+        if part in args.only:
+            report()
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
