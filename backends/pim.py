@@ -36,6 +36,7 @@ Program (JSON object):
     macs_per_cycle          logic-die: MACs a cycle per channel (bank-level: burst_bytes / element bytes)
     tsv_bytes_per_cycle     logic-die: bytes a cycle per channel through the TSVs (bank-level: 0)
     asic_lanes              elements a cycle of the ASIC / vector unit (an estimate, unconfirmed)
+    launch_ns               the dispatch cost: the device's launch per top-level node (added to the DRAM time)
     inputs, outputs         the partition's value names
     commands                run in order, over an environment of named values:
       {"cmd": "gemv", "node", "op", "vector", "matrix", "out", "trans_matrix", "alpha", "bias", "beta",
@@ -102,6 +103,8 @@ def emit_pim_program(graph: Graph, device, where: str = "", banks_per_channel: i
     program = {"format": FORMAT, "version": 1, "kind": kind, "memory": memory, "device": device.name,
                "channels": device.channels, "banks_per_channel": banks, "row_bytes": ROW_BYTES[memory],
                "burst_bytes": BURST_BYTES, "asic_lanes": ASIC_LANES[kind],
+               # each top-level node is one dispatch of the device's launch cost (as the cost model charges it)
+               "launch_ns": round(len(graph.nodes) * device.launch * 1e9, 3),
                "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
                "commands": []}
     program.update(_channel_rates(device, kind))
