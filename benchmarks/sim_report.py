@@ -1,6 +1,6 @@
 """What the device simulators model: NPU GEMM sweep, PIM GEMV sweep, and simulator against cost model.
 
-    python benchmarks/sim_report.py            # (a), (b), (e); about a minute
+    python benchmarks/sim_report.py            # (a), (b), (c), (e); a few minutes
     python benchmarks/sim_report.py --only a
 
 (a) GEMMs on mobile-soc's NPU simulator: latency against M in steps of 8 (the 32-wide array makes a
@@ -11,8 +11,13 @@
     model's prediction for the same partition (the calibration check: issue 15 asks for agreement within
     20% once calibrated; this prints where they stand).
 
+(c) A decode step (batch 1, 512 tokens of context) of the eight GPT models PIM-GPT ran (GPT-2 small to XL,
+    GPT-3 small to XL, up to 1.5B parameters): pim-gpt's time (its PIM partitions timed by the PIM
+    simulator, the ASIC's by the cost model, one after another) against a T4-class GPU (65 TFLOP/s FP16,
+    320 GB/s; NVIDIA's datasheet figures, the cost model), beside PIM-GPT's published 41x-137x.
+
 Every time here is modelled (the simulators' timing models, from REFERENCE.md's figures), never measured.
-Not yet here: (c) GPT-2 decode on pim-gpt against a T4-class preset, (d) Duplex's MoE layer.
+Not yet here: (d) Duplex's MoE layer through the simulators.
 """
 from __future__ import annotations
 
@@ -110,11 +115,70 @@ def report_e() -> None:
               "within 20% (not calibrated yet)")
 
 
+T4_TOML = """
+name = "t4"
+source = "a T4-class GPU (NVIDIA T4 datasheet: 65 TFLOP/s FP16 with tensor cores, 320 GB/s GDDR6; unconfirmed)"
+[memory.gddr6]
+capacity = "16 GiB"
+bandwidth = "320 GB/s"
+unified = true
+[device.host]
+kind = "cpu"
+memory = "gddr6"
+peak = { f32 = "0.5 TFLOP/s" }
+bandwidth = "50 GB/s"
+launch = "5 us"
+[device.gpu]
+kind = "gpu"
+memory = "gddr6"
+peak = { f16 = "65 TFLOP/s", f32 = "8.1 TFLOP/s" }
+bandwidth = "320 GB/s"
+launch = "5 us"
+"""
+
+GPT_MODELS = [("GPT-2 small", 12, 768, 12), ("GPT-2 medium", 24, 1024, 16), ("GPT-2 large", 36, 1280, 20),
+              ("GPT-2 XL", 48, 1600, 25), ("GPT-3 small", 12, 768, 12), ("GPT-3 medium", 24, 1024, 16),
+              ("GPT-3 large", 24, 1536, 16), ("GPT-3 XL", 24, 2048, 16)]
+
+
+def report_c() -> None:
+    import tempfile
+
+    from hetflow.api import compile_graph
+    from hetflow.examples.decode_graphs import build_gpt2_decode_step
+    from hetflow.platform import load_platform
+    from hetflow.runtime.runners.pim import PimSimulator
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(T4_TOML)
+    t4 = load_platform(f.name)
+    print("(c) one decode step (batch 1, context 512, f16): pim-gpt (PIM simulator + cost model for the ASIC) "
+          "against a T4-class GPU (cost model); PIM-GPT published 41x-137x")
+    speedups = []
+    for name, layers, hidden, heads in GPT_MODELS:
+        graph = build_gpt2_decode_step(layers=layers, hidden=hidden, heads=heads, context=512)
+        params = sum(w.data.size for w in graph.weights.values()) / 1e9
+        timed = "canonicalize,fuse,place,schedule"  # (no memory plan: only times are read here)
+        gpu = compile_graph(graph.clone(), t4, passes=timed, devices=["gpu"]).schedule.makespan
+        compiled = compile_graph(graph, "pim-gpt", passes=timed)
+        pim_time = asic_time = 0.0
+        for part in compiled._build_partitions():
+            if part.backend == "pim":
+                pim_time += PimSimulator(part.source).last_seconds
+            else:
+                asic_time += part.predicted_end - part.predicted_start
+        total = pim_time + asic_time
+        speedups.append(gpu / total)
+        print(f"  {name:13s} {params:5.2f} B params: T4 {gpu * 1e3:7.3f} ms, pim-gpt {total * 1e3:7.3f} ms "
+              f"(PIM {pim_time * 1e3:.3f}, ASIC {asic_time * 1e3:.3f}): {gpu / total:5.1f}x")
+    print(f"  modelled speedup over the T4-class GPU: {min(speedups):.1f}x to {max(speedups):.1f}x "
+          "(PIM-GPT: 41x to 137x against a T4, its own simulator)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="abe", help="which parts: any of a, b, e")
+    parser.add_argument("--only", default="abce", help="which parts: any of a, b, c, e")
     args = parser.parse_args(argv)
-    for part, report in (("a", report_a), ("b", report_b), ("e", report_e)):
+    for part, report in (("a", report_a), ("b", report_b), ("c", report_c), ("e", report_e)):
         if part in args.only:
             report()
             print()
