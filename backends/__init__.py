@@ -39,7 +39,7 @@ from hetflow.ir.graph import extract_subgraph
 from hetflow.ir.program import Partition, device_runs
 from hetflow.ir.serialize import graph_to_json
 
-from .cpu import BackendError
+from .cpu import BackendDeclined, BackendError
 
 TRANSFER_OP = "hetflow.transfer"
 CPU_BACKENDS = ("onnxruntime", "tvm")
@@ -147,14 +147,13 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
 
 
 def _emit(part: Partition, emitter: Emitter, device: str, platform) -> None:
-    """Fill the partition's program; a backend that cannot lower it (``NpuUnsupported``: dynamic shapes) hands
-    it to the next backend the platform allows on the device (the manifest records which ran)."""
-    from .npu import NpuUnsupported
+    """Fill the partition's program; a backend that declines it (``BackendDeclined``, e.g. the NPU's for dynamic
+    shapes) hands it to the next backend the platform allows on the device (the manifest records which ran)."""
     folder = file_safe(device.replace(">", ""))  # a device name never makes a path: no '/', no '..'
     part.file = f"{folder}/part{part.index}{emitter.folder_suffix}"
     try:
         emitter.emit(part)  # (part.device_spec: the Device, for the emitters whose program depends on it)
-    except NpuUnsupported:
+    except BackendDeclined:
         allowed = platform.backends(device)
         fallback = EMITTERS[allowed[allowed.index(emitter.name) + 1]]
         part.backend, part.source = fallback.name, None

@@ -29,6 +29,11 @@ class BackendError(HetflowError):
     pass
 
 
+class BackendDeclined(BackendError):
+    """A backend that cannot lower this partition at all (e.g. the NPU's for dynamic shapes): the partition
+    goes to the next backend the platform allows on its device, and the manifest records which one ran."""
+
+
 def _flatten(node: Node, names: dict[int, str], prefix: str) -> list[tuple[Node, dict[int, str]]]:
     """A top-level node as (node, value-name map) pairs, groups inlined with their internal values renamed."""
     if node.op != "hetflow.group":

@@ -81,7 +81,7 @@ from hetflow.ir import Graph, Node, Value
 from hetflow.ir.serialize import _attr_to_json, _tensor_to_json
 from hetflow.platform import NPU_SRAM_BYTES
 
-from .cpu import BackendError
+from .cpu import BackendDeclined, BackendError
 
 __all__ = ["FORMAT", "NpuUnsupported", "emit_npu_program", "disassemble", "plan_gemm"]
 
@@ -92,7 +92,7 @@ GROUP = "hetflow.group"
 IM2COL = "hetflow.npu.Im2Col"   # the vector unit's own op (not an IR op): see hetflow.runtime.runners.npu
 
 
-class NpuUnsupported(BackendError):
+class NpuUnsupported(BackendDeclined):
     """The partition cannot be lowered to the NPU (dynamic shapes, untyped values): the next backend runs it."""
 
 
@@ -205,7 +205,8 @@ class _Lowering:
             return self.names[id(v)]
         if v.data is not None:  # a constant inside a group body
             return self._tensor(v, prefix + v.name, "const")
-        raise NpuUnsupported(f"{self.where}: value %{v.name} is read before it is computed")
+        raise BackendError(f"{self.where}: value %{v.name} is read before it is computed (a bug in the NPU "
+                           "emitter's lowering)")
 
     def _group(self, node: Node, scope: dict[int, str], prefix: str) -> None:
         body: Graph = node.attrs["body"]

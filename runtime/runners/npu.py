@@ -36,6 +36,7 @@ from hetflow.platform import NPU_SRAM_BYTES
 from hetflow.support.schema import check
 
 from . import RunnerError, register_runner
+from .interpreter import SimulatorRunner
 
 __all__ = ["PROGRAM_SCHEMA", "NpuSimulator", "gemm_cycles", "load_program", "load_npu"]
 
@@ -404,26 +405,14 @@ def _gemm(ins: dict, sram: dict) -> np.ndarray:
     return y.astype(a.dtype, copy=False)
 
 
-class NpuRunner:
-    host_inputs = True
-
+class NpuRunner(SimulatorRunner):
     def __init__(self, simulator: NpuSimulator, input_names: list[str], output_names: list[str], copy_into=None):
-        self.simulator = simulator
-        self.input_names, self.output_names = input_names, output_names
-        self.copy_into = copy_into or (lambda destination, value: np.copyto(destination, value, casting="unsafe"))
-
-    @property
-    def last_seconds(self) -> float | None:
-        return self.simulator.last_seconds
+        super().__init__(simulator, output_names, copy_into)
+        self.input_names = input_names
 
     def run_dynamic(self, inputs: dict) -> dict:
         feeds = dict(zip(self.simulator.program["inputs"], (inputs[n] for n in self.input_names)))
         return dict(zip(self.output_names, self.simulator.run(feeds)))
-
-    def run(self, inputs: dict, outputs: dict) -> None:
-        results = self.run_dynamic(inputs)
-        for name in self.output_names:
-            self.copy_into(outputs[name], results[name])
 
 
 @register_runner("npu")

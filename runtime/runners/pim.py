@@ -50,6 +50,7 @@ from hetflow.ir import make_kernel
 from hetflow.runtime.errors import RunnerError
 
 from . import register_runner
+from .interpreter import SimulatorRunner
 
 __all__ = ["DramTiming", "PimRunner", "PimSimulator", "TIMINGS", "load_pim", "parse_program", "partition_weights"]
 
@@ -401,25 +402,9 @@ def partition_weights(graph, prefix: str = "") -> dict:
     return weights
 
 
-class PimRunner:
-    host_inputs = True
-
-    def __init__(self, simulator: PimSimulator, output_names: list[str], copy_into=None):
-        self.simulator = simulator
-        self.output_names = output_names
-        self.copy_into = copy_into or (lambda destination, value: np.copyto(destination, value, casting="unsafe"))
-
-    @property
-    def last_seconds(self) -> float:
-        return self.simulator.last_seconds
-
+class PimRunner(SimulatorRunner):
     def run_dynamic(self, inputs: dict) -> dict:
         return self.simulator.run(inputs)
-
-    def run(self, inputs: dict, outputs: dict) -> None:
-        results = self.run_dynamic(inputs)
-        for name in self.output_names:
-            self.copy_into(outputs[name], results[name])
 
 
 @register_runner("pim")
