@@ -121,6 +121,21 @@ def evaluate(expression: str, sizes: dict[str, int]) -> int:
     return walk(_parse(expression))
 
 
+def _times(a: float, b: float) -> float:
+    """a * b with 0 * inf = 0: a factor that is exactly zero keeps an unbounded one at zero (IEEE gives NaN)."""
+    return 0 if a == 0 or b == 0 else a * b
+
+
+def _floor_divide(a: float, b: float) -> float:
+    """a // b for b > 0 with unbounded ends (IEEE gives NaN for inf // b): an unbounded a stays unbounded,
+    a finite a over an unbounded b tends to 0 (a >= 0) or -1."""
+    if math.isinf(a):
+        return a
+    if math.isinf(b):
+        return 0 if a >= 0 else -1
+    return a // b
+
+
 def upper_bound(expression: str, ranges: DimRanges) -> int | None:
     """The largest value the expression takes with every size in its range (interval arithmetic: sound,
     exact for the sums and products of sizes that shapes are made of). None when it is unbounded."""
@@ -145,7 +160,7 @@ def upper_bound(expression: str, ranges: DimRanges) -> int | None:
         if isinstance(node.op, ast.Sub):
             return a0 - b1, a1 - b0
         if isinstance(node.op, ast.Mult):
-            products = [a0 * b0, a0 * b1, a1 * b0, a1 * b1]
+            products = [_times(a0, b0), _times(a0, b1), _times(a1, b0), _times(a1, b1)]
             return min(products), max(products)
         if isinstance(node.op, ast.Mod):  # 0 <= a % b < b for a positive divisor
             if b0 <= 0:
@@ -153,8 +168,11 @@ def upper_bound(expression: str, ranges: DimRanges) -> int | None:
             return 0, max(b1 - 1, 0)
         if b0 <= 0:  # floor division by a range holding zero or negatives: unbounded
             return -math.inf, math.inf
-        quotients = [a0 // b0, a0 // b1, a1 // b0, a1 // b1]
-        return min(quotients), max(quotients)
+        # a positive divisor: the largest quotient is the top of a over the smallest divisor (or, all of a
+        # negative, over the largest), the smallest mirrors it
+        high = _floor_divide(a1, b0) if a1 >= 0 else _floor_divide(a1, b1)
+        low = _floor_divide(a0, b1) if a0 >= 0 else _floor_divide(a0, b0)
+        return low, high
     high = walk(_parse(expression))[1]
     return None if high == math.inf else int(high)
 
