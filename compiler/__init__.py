@@ -71,5 +71,12 @@ def _register_with_the_platform_layer() -> None:
     platform.register_program_emitter("pim", pim_program, takes_device=True)
     platform.register_emit_check("pim", pim_emit_check)
 
+    def simulated_time(graph, node, device):
+        from hetflow.simulated_cost import simulated_seconds
+        return simulated_seconds(graph, node, device)
+
+    platform.register_device_timer("npu", simulated_time)
+    platform.register_device_timer("pim", simulated_time)
+
 
 _register_with_the_platform_layer()

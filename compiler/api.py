@@ -174,8 +174,8 @@ class CompiledModel:
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
             passes: Sequence[str] | str | None = None, placement: str = "roofline",
             devices: Sequence[str] | None = None, time_limit: float = 10.0,
-            cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", dynamic_shapes: Any = None
-            ) -> CompiledModel:
+            cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", dynamic_shapes: Any = None,
+            cost_model: str = "analytic") -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
@@ -190,6 +190,9 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     max), or ``{"batch": (1, 4)}`` by dim_param name for an ONNX model. One compiled model then
     runs every size in the ranges: placement and the memory plan are made for the declared maximum,
     and a call outside the ranges is refused naming the input and dim.
+    ``cost_model``: ``"analytic"`` (the roofline model with the papers' quirks) or ``"sim"``: each group
+    placement considers for an NPU or PIM is emitted and timed on that device's simulator (cached per
+    distinct group), so placement and the simulated run agree; the report says which was used.
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
@@ -198,7 +201,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs, dynamic_shapes)
     return compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
-                         gpu_kernels, start)
+                         gpu_kernels, start, cost_model=cost_model)
 
 
 def _check_backends(cpu_backend: str, gpu_kernels: str) -> None:
@@ -213,7 +216,7 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
                   passes: Sequence[str] | str | None = None, placement: str = "roofline",
                   devices: Sequence[str] | None = None, time_limit: float = 10.0,
                   cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton",
-                  start: float | None = None) -> CompiledModel:
+                  start: float | None = None, cost_model: str = "analytic") -> CompiledModel:
     """A captured graph through the pipeline, placement, memory plan and plan check to a ``CompiledModel``:
     the one path ``compile`` and the ``torch.compile`` backend share. ``start``: when capture began (for
     ``compile_seconds``)."""
@@ -222,7 +225,9 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
     _check_backends(cpu_backend, gpu_kernels)
     platform = _check_platform(platform)
     start = time.perf_counter() if start is None else start
-    options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit)
+    _check_cost_model(cost_model)
+    options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit,
+                             cost_model=cost_model)
     verify(graph)
     _check_dynamic(graph, platform, cpu_backend)
     graph, runner = run_pipeline(graph, passes, options=options)
@@ -236,6 +241,12 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
     return compiled
+
+
+def _check_cost_model(cost_model: str) -> None:
+    from hetflow.passes.cost import COST_MODELS
+    if cost_model not in COST_MODELS:
+        raise CompileError(f"cost_model {cost_model!r} is not one of {', '.join(COST_MODELS)}")
 
 
 def _check_dynamic(graph: Graph, platform, cpu_backend: str) -> None:
@@ -283,16 +294,17 @@ def check_plan(graph: Graph, platform, memory_plan) -> None:
 
 def backend(platform: Any = "host", placement: str = "roofline", passes: Sequence[str] | str | None = None,
             devices: Sequence[str] | None = None, time_limit: float = 10.0, cpu_backend: str = "onnxruntime",
-            gpu_kernels: str = "triton"):
+            gpu_kernels: str = "triton", cost_model: str = "analytic"):
     """A ``torch.compile`` backend with these ``compile`` options bound:
     ``torch.compile(m, backend=hetflow.backend(platform="mobile-soc"))``. Each FX graph dynamo hands it
     (one per graph-break piece and guard set) goes through the same pipeline and runtime as ``compile``;
     the returned backend's ``compiled`` lists the ``CompiledModel`` of each (``report()`` says what was built)."""
     _check_backends(cpu_backend, gpu_kernels)
+    _check_cost_model(cost_model)
     _check_platform(platform)
     from hetflow.torch_backend import hetflow_backend
     options = dict(platform=platform, placement=placement, passes=passes, devices=devices, time_limit=time_limit,
-                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels)
+                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels, cost_model=cost_model)
 
     def compile_fx(gm, example_inputs, **kwargs):
         return hetflow_backend(gm, example_inputs, **options, compiled_models=compile_fx.compiled, **kwargs)

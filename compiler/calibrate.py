@@ -284,3 +284,163 @@ def _apply_calibration(data: dict, calibration: dict) -> dict:
         memory["bandwidth"] = calibration["memory_bandwidth"]
         memory["shared_bandwidth"] = [calibration["memory_bandwidth"]]
     return data
+
+
+# --- the analytic model of a simulated device (NPU, PIM) fitted to its simulator ---------------------------
+
+SIM_KINDS = ("npu", "pim")
+SCALES = np.logspace(-1.5, 1.5, 97)       # multipliers of a device's peak and bandwidth the fit tries
+LAUNCH_STEPS = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)   # multiples of the preset's launch tried
+WITHIN = 0.2                              # the agreement the issue asks for: within 20%
+
+
+def simulated_suite(platform) -> list:
+    """The benchmark graphs the simulated devices are fitted on: decode steps (GEMVs, attention on a KV
+    cache), a Mixtral-like MoE layer at three batch sizes, and GEMMs across the NPU's tile staircase.
+    Built as IR, no torch: the same on every machine."""
+    from hetflow.examples.decode_graphs import build_gpt2_decode_step, build_mixtral_decode_layer
+    from hetflow.ir import DType, Graph, TensorType
+    graphs = [build_gpt2_decode_step(layers=2, hidden=768, heads=12, context=128, vocab=1000),
+              build_gpt2_decode_step(layers=1, hidden=1024, heads=16, context=512, vocab=1000, batch=4)]
+    graphs += [build_mixtral_decode_layer(batch, hidden=1024, heads=8, kv_heads=2, head_dim=128, context=256,
+                                          ffn=2048) for batch in (1, 16, 64)]
+    for m, k, n in [(8, 1024, 1024), (32, 1024, 1024), (40, 1024, 1024), (128, 1024, 1024), (64, 4096, 1024),
+                    (64, 1024, 4096), (256, 768, 768), (512, 256, 1024), (1, 2048, 2048), (4, 768, 3072)]:
+        for dtype in ("f16", "f32"):
+            g = Graph(f"mm_{m}x{k}x{n}_{dtype}")
+            x = g.add_input("x", TensorType(DType(dtype), (m, k)))
+            w = g.add_weight("w", np.zeros((k, n), DType(dtype).numpy))
+            y = g.add_node("MatMul", [x, w], [TensorType(DType(dtype), (m, n))]).outputs[0]
+            g.outputs = [g.add_node("Relu", [y], [TensorType(DType(dtype), (m, n))]).outputs[0]]
+            graphs.append(g)
+    return graphs
+
+
+def simulated_samples(platform, device_name: str, graphs) -> list[dict]:
+    """Every fused group of ``graphs`` the device runs (for a PIM: those of decode-like Op/B, at most
+    ``PIM_MAX_ROWS`` rows, the work PIM is for): what the analytic model needs to time it again with
+    other figures, and the simulator's time."""
+    from hetflow.passes import CompileOptions
+    from hetflow.passes.cost import cost_node, inner_nodes
+    from hetflow.pipeline import run_pipeline
+    from hetflow.simulated_cost import simulated_seconds
+    device = platform.devices[device_name]
+    samples = []
+    for graph in graphs:
+        fused, _ = run_pipeline(graph, "canonicalize,fuse", options=CompileOptions(platform))
+        for node in fused.nodes:
+            cost = cost_node(node, platform, fused.opset)
+            if device_name not in cost.times:
+                continue
+            if device.kind == "pim" and (_rows(node) or 1) > PIM_MAX_ROWS:
+                continue
+            simulated = simulated_seconds(fused, node, device)
+            if simulated is None:
+                continue
+            samples.append({"graph": graph.name, "group": cost.name, "kind": cost.kind, "node": node,
+                            "bytes": cost.bytes, "dtype": cost.dtype, "ops": len(inner_nodes(node)),
+                            "simulated": simulated})
+    return samples
+
+
+PIM_MAX_ROWS = 16
+
+
+def _rows(node) -> int | None:
+    """M of the first contraction in the node (rows of activations a PIM streams the weights for)."""
+    from hetflow.passes.cost import inner_nodes
+    for inner in inner_nodes(node):
+        if inner.op in ("MatMul", "Gemm") and inner.inputs[0] is not None and inner.inputs[0].type is not None:
+            shape = inner.inputs[0].type.shape
+            if shape and all(isinstance(d, int) for d in shape):
+                return int(np.prod(shape[:-1]))
+    return None
+
+
+def predict_simulated(sample: dict, device) -> float:
+    from hetflow.passes.cost import device_time
+    return device_time(sample["node"], device, sample["bytes"], sample["dtype"])
+
+
+def _log_error(samples: list[dict], device) -> float:
+    return float(sum(np.log(predict_simulated(s, device) / s["simulated"]) ** 2 for s in samples))
+
+
+def fit_simulated(samples: list[dict], device, rounds: int = 3):
+    """The device's figures (its peak per dtype, bandwidth, launch, per-op launch and, for an NPU, its
+    stationary penalty)
+    minimising the squared log error of the analytic time against the simulator's: coordinate descent,
+    each figure in turn over a grid (multipliers 0.03x to 30x of the preset's; a penalty of 1 to 8), a
+    few rounds. Returns the fitted Device."""
+    import dataclasses
+    best = device
+    for _ in range(rounds):
+        for dtype in [d for d in device.peak if _uses_peak(samples, device, d)]:  # a dtype no group uses stays
+            tries = [dataclasses.replace(best, peak={**best.peak, dtype: device.peak[dtype] * f}) for f in SCALES]
+            best = min(tries, key=lambda d: _log_error(samples, d))
+        tries = [dataclasses.replace(best, bandwidth=device.bandwidth * f) for f in SCALES]
+        best = min(tries, key=lambda d: _log_error(samples, d))
+        tries = [dataclasses.replace(best, launch=device.launch * f) for f in LAUNCH_STEPS]
+        best = min(tries, key=lambda d: _log_error(samples, d))
+        tries = [dataclasses.replace(best, op_launch=device.launch * f) for f in (0.0,) + LAUNCH_STEPS[1:]]
+        best = min(tries, key=lambda d: _log_error(samples, d))
+        if device.kind == "npu" and device.stationary_penalty > 1:
+            tries = [dataclasses.replace(best, stationary_penalty=p) for p in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)]
+            best = min(tries, key=lambda d: _log_error(samples, d))
+    return best
+
+
+def _uses_peak(samples: list[dict], device, dtype: str) -> bool:
+    return any(device.peak_for(s["dtype"]) is device.peak[dtype] or s["dtype"] == dtype for s in samples)
+
+
+def agreement(samples: list[dict], device) -> dict:
+    """How the analytic model with ``device``'s figures stands against the simulator: median ratio
+    (simulated / analytic), how many within ``WITHIN``, the worst."""
+    ratios = [s["simulated"] / predict_simulated(s, device) for s in samples]
+    within = sum(1 for r in ratios if 1 / (1 + WITHIN) <= r <= 1 + WITHIN)
+    return {"median": float(np.median(ratios)) if ratios else float("nan"), "within": within, "of": len(ratios),
+            "worst": float(max(ratios, key=lambda r: abs(np.log(r)))) if ratios else float("nan")}
+
+
+def calibrate_simulated(platform_name: str, progress=print) -> dict:
+    """Fit each NPU and PIM device of the preset to its simulator on ``simulated_suite``; returns
+    {device: {fitted figures, before/after agreement}} (``write_calibrated_platform`` saves it)."""
+    from hetflow.platform import load_platform
+    platform = load_platform(platform_name)
+    devices = [d for d, spec in platform.devices.items() if spec.kind in SIM_KINDS]
+    if not devices:
+        from hetflow.platform import PlatformError
+        raise PlatformError(f"platform {platform.name!r} has no simulated device (npu or pim) to fit: "
+                            "'hetflow calibrate' without --platform fits the host CPU to measured runs")
+    graphs = simulated_suite(platform)
+    result = {}
+    for name in devices:
+        spec = platform.devices[name]
+        samples = simulated_samples(platform, name, graphs)
+        progress(f"  {name} ({spec.kind}): {len(samples)} groups emitted and simulated; fitting")
+        fitted = fit_simulated(samples, spec)
+        result[name] = {"device": fitted, "before": agreement(samples, spec), "after": agreement(samples, fitted),
+                        "samples": len(samples)}
+    return result
+
+
+def write_calibrated_platform(platform_name: str, result: dict, path: Path) -> Path:
+    """A platform file over the preset (``base``) with each fitted device's peak, bandwidth and launch."""
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f'base = "{platform_name}"', f'name = "{platform_name}-sim"',
+             f'source = "{platform_name} with its simulated devices\' cost-model figures fitted to their '
+             f'simulators (hetflow calibrate --platform {platform_name}, {when})"', ""]
+    for name, fit_ in result.items():
+        after, device = fit_["after"], fit_["device"]
+        peak = ", ".join(f"{k} = {float(v)!r}" for k, v in device.peak.items())
+        lines += [f"[device.{name}]", f"peak = {{ {peak} }}", f"bandwidth = {float(device.bandwidth)!r}",
+                  f"launch = {float(device.launch)!r}", f"op_launch = {float(device.op_launch)!r}"]
+        if device.kind == "npu":
+            lines.append(f"stationary_penalty = {float(device.stationary_penalty)!r}")
+        lines += [
+                  f'source = "fitted to the {name} simulator on {fit_["samples"]} groups: '
+                  f'{after["within"]}/{after["of"]} within {WITHIN:.0%}, median ratio {after["median"]:.2f} '
+                  f'(before: {fit_["before"]["within"]}/{fit_["before"]["of"]}, {fit_["before"]["median"]:.2f})"', ""]
+    path.write_text("\n".join(lines))
+    return path

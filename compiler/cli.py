@@ -131,7 +131,7 @@ def cmd_compile(args) -> int:
         raise UsageError(f"--sign {args.sign}: no such key file (make a pair with 'hetflow keygen NAME')")
     compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
                                placement=args.placement, devices=devices, time_limit=args.time_limit,
-                               cpu_backend=args.cpu_backend, dynamic_shapes=dynamic)
+                               cpu_backend=args.cpu_backend, dynamic_shapes=dynamic, cost_model=args.cost_model)
     out = compiled.save(args.output, sign_key=args.sign)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
@@ -456,6 +456,11 @@ def cmd_platforms(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    if args.platform not in (None, "host"):
+        return _calibrate_simulated(args)
+    if args.output:
+        raise UsageError("-o is for a platform with simulated devices ('hetflow calibrate --platform mobile-soc "
+                         "-o FILE'); the host's fit is saved in the cache and used by the host preset")
     from hetflow.calibrate import calibrate_host
     print("calibrating the host platform: compiling and timing the calibration models (about a minute)", flush=True)
     result = calibrate_host(repeats=args.repeat)
@@ -466,6 +471,30 @@ def cmd_calibrate(args) -> int:
         error = sample["predicted"] / sample["measured"] - 1
         print(f"  {sample['model']:18s} measured {sample['measured'] * 1e3:8.2f} ms   predicted "
               f"{sample['predicted'] * 1e3:8.2f} ms   ({100 * error:+.0f}%)")
+    return 0
+
+
+def _calibrate_simulated(args) -> int:
+    from hetflow.calibrate import WITHIN, calibrate_simulated, write_calibrated_platform
+    from hetflow.platform import load_platform
+    platform = load_platform(args.platform)
+    output = Path(args.output or f"{platform.name}-sim.toml")
+    if output.exists() and not output.is_file():
+        raise UsageError(f"-o {output}: exists and is not a file")
+    print(f"fitting {platform.name}'s simulated devices to their simulators: each benchmark group emitted, "
+          "simulated, and the analytic model's figures fitted (modelled both sides)", flush=True)
+    result = calibrate_simulated(args.platform)
+    for name, fit in result.items():
+        device, before, after = fit["device"], fit["before"], fit["after"]
+        peaks = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in device.peak.items())
+        print(f"  {name}: peak {peaks}; bandwidth {device.bandwidth / 1e9:.1f} GB/s; launch {device.launch * 1e6:g} us "
+              f"+ {device.op_launch * 1e6:g} us per op" + (f"; stationary penalty {device.stationary_penalty:g}"
+                                                          if device.kind == "npu" else ""))
+        print(f"    simulator / analytic over {fit['samples']} groups: before median {before['median']:.2f}, "
+              f"{before['within']}/{before['of']} within {WITHIN:.0%}; after median {after['median']:.2f}, "
+              f"{after['within']}/{after['of']} within {WITHIN:.0%} (worst {after['worst']:.2f})")
+    write_calibrated_platform(platform.name, result, output)
+    print(f"wrote {output}: use it with --platform {output}")
     return 0
 
 
@@ -500,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "transfer and sync costs (CP-SAT); split: optimal, then MatMuls split across two devices")
     p.add_argument("--devices", metavar="D1,D2", help="place only on these devices of the platform")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="seconds for each exact solver")
+    p.add_argument("--cost-model", choices=["analytic", "sim"], default="analytic",
+                   help="how placement times a group on a device: analytic (default: the roofline, with the "
+                        "NPU's tile padding and operand order and the PIM's channel use) or sim: a group that "
+                        "could go to an NPU or PIM is emitted for it and timed by its simulator (cached per "
+                        "distinct group), so placement agrees with what 'hetflow run' models; slower to compile")
     p.add_argument("--cpu-backend", choices=["onnxruntime", "tvm"], default="onnxruntime",
                    help="what runs the CPU partitions: ONNX Runtime (default) or a native library TVM compiles "
                         "now for this CPU (untuned LLVM; needs apache-tvm)")
@@ -561,12 +595,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="the preset to show")
     p.set_defaults(func=cmd_platforms)
 
-    p = sub.add_parser("calibrate", help="fit the host platform's cost model to measured runs on this machine",
+    p = sub.add_parser("calibrate", help="fit the host platform's cost model to measured runs on this machine "
+                       "(or a platform's NPU/PIM model to their simulators: --platform)",
                        description="Compile seven models on this CPU, time them in five interleaved rounds, fit the host "
                                    "platform's GEMM FLOP/s, bandwidth and per-call, per-group and per-op costs to "
                                    "the measurements, and save them (the host preset uses them from then on; "
                                    "'hetflow platforms show host' says so). About a minute.")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
+    p.add_argument("--platform", metavar="PRESET",
+                   help="instead of the host: fit the analytic cost model of this platform's simulated devices "
+                        "(NPU, PIM) to their simulators on benchmark groups (decode steps, a MoE layer, GEMMs), "
+                        "and write a platform file over the preset with the fitted figures (seconds)")
+    p.add_argument("-o", "--output", metavar="FILE", help="with --platform: the platform file to write "
+                   "(default PRESET-sim.toml)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts",

@@ -102,8 +102,9 @@ def placement_table(costs, limit: int = 80) -> str:
         device = node.meta.get("device", "?")
         ops = cost.ops if len(cost.ops) <= 40 else cost.ops[:37] + "..."
         time_on = cost.times.get(device)
+        shown = "-" if time_on is None else _us(time_on) + (" sim" if device in getattr(cost, "simulated", {}) else "")
         rows.append([cost.name[:28], cost.kind, ops, human_count(cost.flops), human_bytes(cost.bytes),
-                     f"{cost.intensity:.1f}", device, _us(time_on) if time_on is not None else "-",
+                     f"{cost.intensity:.1f}", device, shown,
                      node.meta.get("reason", "")[:90]])
     text = table(rows, ["group", "kind", "ops", "FLOPs", "bytes", "Op/B", "device", "predicted", "why"])
     if len(costs) > limit:
@@ -194,6 +195,8 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
         limit = getattr(placement, "limit", "")
         if limit:
             header += "\nplacement " + _LIMIT_LINE[limit].replace("search's", "solver's")
+        if hasattr(placement, "cost_model_line"):
+            header += "\n" + placement.cost_model_line()
         parts.append(header + "\n" + placement_table(placement.costs))
         if placement.splits:
             for s in placement.splits:

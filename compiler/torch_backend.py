@@ -41,14 +41,14 @@ class BackwardNotSupported(HetflowError, RuntimeError):
 def hetflow_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], platform: Any = "host",
                     placement: str = "roofline", passes=None, devices=None, time_limit: float = 10.0,
                     cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", compiled_models: list | None = None,
-                    **kwargs) -> Callable:
+                    cost_model: str = "analytic", **kwargs) -> Callable:
     """A torch.compile backend: core-ATen graph -> hetflow IR -> the ``hetflow.compile`` pipeline and runtime.
 
     The options are ``hetflow.compile``'s; ``hetflow.backend(...)`` binds them. Each ``CompiledModel`` built
     is appended to ``compiled_models`` when given (``hetflow.backend(...).compiled`` is such a list).
     """
     options = dict(platform=platform, placement=placement, passes=passes, devices=devices, time_limit=time_limit,
-                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels)
+                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels, cost_model=cost_model)
     weights = {i: example_inputs[i].detach() for i in _weight_indices(gm)}
     forward = functools.partial(_compile_forward, weights=weights, n_inputs=len(example_inputs), options=options,
                                 compiled_models=compiled_models)

@@ -71,6 +71,7 @@ class CompileOptions:
     placement: str = "roofline"
     devices: list[str] | None = None   # restrict placement to these devices
     time_limit: float = 10.0           # seconds for each exact solver
+    cost_model: str = "analytic"       # "sim": NPU/PIM candidates timed on their simulators (hetflow.passes.cost)
     results: dict = field(default_factory=dict)  # analyses the passes leave (RESULT_KEYS below)
 
     def resolved_platform(self):

@@ -6,13 +6,23 @@ quirks the papers measured:
 
 * NPU (HeteroInfer): contraction dims are padded to the array's tile (32): any
   dimension below 32 costs as much as 32; a contraction whose weight has a longer
-  reduction dim than output dim cannot keep the large weight stationary and runs
-  ``stationary_penalty`` (6x) slower.
+  reduction dim than output dim cannot keep the large weight stationary and its
+  array work runs ``stationary_penalty`` (6x) slower, unless the activations can be
+  held instead (their reduction dim no longer than their rows: what the NPU emitter
+  does). The DMA is not slowed: a memory-bound kernel keeps its time, as the NPU
+  simulator has it.
 * PIM (Duplex, PIM-GPT): its peak and bandwidth are the aggregate over channels x
   banks; a matrix with fewer output rows than channels leaves channels idle.
 
 Bytes are what crosses the node's boundary (a group's internal values stay on
 chip), so fusion raises a group's Op/B.
+
+Two cost models (``COST_MODELS``): ``analytic`` is the formula above for every
+device; ``sim`` times each group on a simulated device (NPU, PIM) by emitting it
+and timing the program on the device's simulator (``DEVICE_TIMERS`` of
+``hetflow.platform``, filled by the driver: ``hetflow.simulated_cost``), so
+placement and execution agree; real devices and groups a backend declines keep
+the analytic time (``NodeCost.simulated`` says which times came from a simulator).
 """
 from __future__ import annotations
 
@@ -22,9 +32,10 @@ import numpy as np
 
 from hetflow.ir import Graph, Node, Value, get_op, node_bytes, node_flops
 from hetflow.ir.errors import HetflowError
-from hetflow.platform import EMIT_CHECKS, Device, Platform, PlatformError
+from hetflow.platform import DEVICE_TIMERS, EMIT_CHECKS, Device, Platform, PlatformError
 
 CONTRACTIONS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger")
+COST_MODELS = ("analytic", "sim")
 
 
 @dataclass
@@ -38,6 +49,8 @@ class NodeCost:
     dtype: str | None
     times: dict[str, float] = field(default_factory=dict)        # device -> seconds (supported devices only)
     unsupported: dict[str, str] = field(default_factory=dict)    # device -> why not
+    simulated: dict[str, float] = field(default_factory=dict)    # device -> seconds its simulator gave (sim model)
+    declined: dict[str, str] = field(default_factory=dict)       # device -> why the sim model fell back to analytic
 
     @property
     def intensity(self) -> float:
@@ -103,7 +116,9 @@ def contraction_time(inner: Node, device: Device, peak: float, outer: dict[int, 
     operand = inner.inputs[1]
     if operand is not None and outer is not None and id(operand) in outer:
         operand = outer[id(operand)]
-    if device.stationary_penalty > 1 and operand is not None and operand.data is not None and k > n:
+    if device.stationary_penalty > 1 and operand is not None and operand.data is not None and k > n and k > m:
+        # the weight cannot be held (its reduction dim is the longer) and neither can the activations
+        # (theirs is too): the NPU emitter's choice (hetflow.backends.npu ``_stationary``)
         slowdown = device.stationary_penalty
     if device.tile > 1:
         m, k, n = _pad(m, device.tile), _pad(k, device.tile), _pad(n, device.tile)
@@ -123,7 +138,7 @@ def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None)
         else:
             compute += special[0]
             slowdown = max(slowdown, special[1])
-    bandwidth = device.bandwidth / slowdown
+    bandwidth = device.bandwidth  # the penalty slows the array, not the DMA (as the NPU simulator times it)
     if device.kind == "pim" and device.channels > 1:
         rows = _output_rows(node)
         if rows and rows < device.channels:
@@ -176,7 +191,22 @@ def _unsupported_reason(node: Node, device: Device, kind: str, dtype: str | None
     return None
 
 
-def cost_node(node: Node, platform: Platform, opset: int = 18) -> NodeCost:
+def time_parts(cost: NodeCost, device_name: str, device: Device) -> tuple[float, float]:
+    """(compute seconds, bandwidth) of the node of ``cost`` on the device, as the schedule's tasks take them:
+    a simulated time becomes a task whose work takes exactly that time at full bandwidth (its bytes over
+    its bandwidth and its compute both equal the simulated time less the launch), so it still shares
+    the memory with what runs beside it."""
+    if device_name not in cost.simulated:
+        return device_time_parts(cost.node, device, cost.bytes, cost.dtype)
+    work = max(cost.simulated[device_name] - device.launch_for(len(inner_nodes(cost.node))), 1e-12)
+    return work, (cost.bytes / work if cost.bytes else device.bandwidth)
+
+
+def cost_node(node: Node, platform: Platform, opset: int = 18, cost_model: str = "analytic",
+              graph: Graph | None = None) -> NodeCost:
+    """``cost_model="sim"`` needs ``graph`` (the node's own graph: the group is cut out of it to be emitted)."""
+    if cost_model not in COST_MODELS:
+        raise PlatformError(f"unknown cost model {cost_model!r}; choose one of {', '.join(COST_MODELS)}")
     kind = node_kind(node)
     flops = _safe_flops(node)
     moved = node_bytes(node)
@@ -189,8 +219,14 @@ def cost_node(node: Node, platform: Platform, opset: int = 18) -> NodeCost:
             cost.unsupported[name] = reason
         else:
             cost.times[name] = device_time(node, device, moved, dtype)
+            if cost_model == "sim" and device.kind in DEVICE_TIMERS:
+                seconds = DEVICE_TIMERS[device.kind](graph, node, device)
+                if seconds is None:
+                    cost.declined[name] = f"{device.name}'s backend declines it (analytic time used)"
+                else:
+                    cost.times[name] = cost.simulated[name] = seconds
     return cost
 
 
-def cost_graph(graph: Graph, platform: Platform) -> list[NodeCost]:
-    return [cost_node(node, platform, graph.opset) for node in graph.nodes]
+def cost_graph(graph: Graph, platform: Platform, cost_model: str = "analytic") -> list[NodeCost]:
+    return [cost_node(node, platform, graph.opset, cost_model, graph) for node in graph.nodes]

@@ -64,6 +64,21 @@ class PlacementReport:
     limit_hit: bool = False  # a limit cut CP-SAT short: the plan is the best found, not proved optimal
     limit: str = ""  # which: "budget" (the deterministic limit: the same every run) or "wall" (the clock)
     solve_seconds: float = 0.0  # wall time of the search: for the report only, never the artifact
+    cost_model: str = "analytic"  # "sim": NPU/PIM groups timed by emitting them and running their simulator
+
+    def cost_model_line(self) -> str:
+        """Which cost model timed the groups, in one line for the report."""
+        if self.cost_model != "sim":
+            return "cost model: analytic (roofline per group, the papers' quirks; --cost-model sim asks the simulators)"
+        simulated: dict[str, int] = {}
+        declined = 0
+        for cost in self.costs:
+            for device in cost.simulated:
+                simulated[device] = simulated.get(device, 0) + 1
+            declined += len(cost.declined)
+        where = ", ".join(f"{n} on {d}" for d, n in sorted(simulated.items())) or "none"
+        return (f"cost model: sim (candidate times from the simulators: {where}; "
+                f"{declined} declined by their backend, analytic time used; other devices analytic)")
 
 
 def _fmt(seconds: float) -> str:
@@ -356,7 +371,7 @@ def restrict(platform: Platform, devices: list[str] | None) -> Platform:
 
 
 def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time_limit: float = 10.0,
-                devices: list[str] | None = None) -> PlacementReport:
+                devices: list[str] | None = None, cost_model: str = "analytic") -> PlacementReport:
     if policy not in POLICIES:
         raise PlacementError(f"unknown placement policy {policy!r}; choose one of {', '.join(POLICIES)}")
     platform = restrict(platform, devices)
@@ -364,15 +379,16 @@ def place_graph(graph: Graph, platform: Platform, policy: str = "roofline", time
         raise PlacementError(f"placement 'split' fixes each part's rows at compile time, and this graph has "
                              f"dynamic sizes ({describe_ranges(graph.dims)}): use roofline or optimal")
     with sized_at_max(graph):  # a dynamic graph is placed for its declared maximum
-        report = _place_at_fixed_sizes(graph, platform, policy, time_limit)
+        report = _place_at_fixed_sizes(graph, platform, policy, time_limit, cost_model)
     insert_transfers(graph, platform)
     return report
 
 
-def _place_at_fixed_sizes(graph: Graph, platform: Platform, policy: str, time_limit: float) -> PlacementReport:
-    costs = [cost_node(node, platform, graph.opset) for node in graph.nodes]
+def _place_at_fixed_sizes(graph: Graph, platform: Platform, policy: str, time_limit: float,
+                          cost_model: str = "analytic") -> PlacementReport:
+    costs = [cost_node(node, platform, graph.opset, cost_model, graph) for node in graph.nodes]
     check_supported(costs, platform)
-    report = PlacementReport(policy, platform.name, costs)
+    report = PlacementReport(policy, platform.name, costs, cost_model=cost_model)
     problem = placement_problem(graph, costs, platform)
     roofline = roofline_assignment(problem)
     assignment = roofline

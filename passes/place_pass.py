@@ -15,7 +15,8 @@ def place(graph: Graph, options: CompileOptions | None = None) -> PassResult:
     options = options or CompileOptions()
     platform = options.resolved_platform()
     before = [(n.op, n.meta.get("device")) for n in graph.nodes]
-    report = place_graph(graph, platform, options.placement, options.time_limit, options.devices)
+    report = place_graph(graph, platform, options.placement, options.time_limit, options.devices,
+                         options.cost_model)
     options.results["placement"] = report
     return PassResult(graph, [(n.op, n.meta.get("device")) for n in graph.nodes] != before)
 
@@ -29,6 +30,9 @@ def schedule(graph: Graph, options: CompileOptions | None = None) -> PassResult:
         from .place import restrict
         platform = restrict(platform, options.devices)
     before = [dict(n.meta) for n in graph.nodes]
+    placement = options.results.get("placement")
+    # the times placement chose by (the simulators' under cost_model="sim"), for the nodes it placed
+    costs = {id(c.node): c for c in placement.costs} if placement is not None else {}
     with sized_at_max(graph):  # a dynamic graph's timeline at its declared maximum
-        options.results["schedule"] = simulate(graph, platform)
+        options.results["schedule"] = simulate(graph, platform, costs)
     return PassResult(graph, [n.meta for n in graph.nodes] != before)

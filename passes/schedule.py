@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hetflow.ir import Graph, Node
 from hetflow.platform import Platform
 
-from .cost import NodeCost, cost_node, device_time_parts, inner_nodes
+from .cost import NodeCost, cost_node, inner_nodes, time_parts
 
 TRANSFER_OP = "hetflow.transfer"
 
@@ -94,7 +94,7 @@ def _tasks(graph: Graph, platform: Platform, costs: dict[int, NodeCost]) -> list
             if device is None:
                 raise ValueError(f"{node.describe()} has no device: run place before schedule")
             cost = costs.get(id(node)) or cost_node(node, platform)
-            compute, bandwidth = device_time_parts(node, platform.devices[device], cost.bytes, cost.dtype)
+            compute, bandwidth = time_parts(cost, device, platform.devices[device])
             spec = platform.devices[device]
             task = _Task(node, device, spec.memory, spec.launch_for(len(inner_nodes(node))), compute,
                          cost.bytes, bandwidth, cost)

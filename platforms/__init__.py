@@ -342,6 +342,17 @@ def register_program_emitter(backend: str, emit: Callable[[Any, str, Any], str],
         DEVICE_EMITTERS.add(backend)
 
 
+# How long a group takes on a simulated device, by device kind: (graph, node, Device) -> modelled seconds, or
+# None when the device's backend would not emit the group (placement then uses the analytic model for it).
+# Filled by the driver (``hetflow.simulated_cost``: emit the group, time the program on the simulator), so
+# that placement's ``cost_model="sim"`` asks the simulators as data, never by importing them.
+DEVICE_TIMERS: dict[str, Callable[[Any, Any, Any], float | None]] = {}
+
+
+def register_device_timer(kind: str, timer: Callable[[Any, Any, Any], float | None]) -> None:
+    DEVICE_TIMERS[kind] = timer
+
+
 def register_measurement(kind: str, fill: Callable[[dict], dict]) -> None:
     MEASUREMENTS[kind] = fill
 
@@ -358,6 +369,46 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _read_toml(path: Path, origin: str) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise PlatformError(f"{origin}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PlatformError(f"{origin}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise PlatformError(f"{origin}: cannot read it: {exc.strerror or exc}") from None
+
+
+MAX_BASE_DEPTH = 8
+
+
+def _with_base(data: dict, path: Path, origin: str, seen: list[str]) -> dict:
+    """``base = "mobile-soc"`` (a preset, or a .toml path relative to this file): this file's tables laid
+    over the base's, key by key (a table merges, any other value replaces), e.g. one device's figures
+    changed. What ``hetflow calibrate --platform P`` writes."""
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise PlatformError(f"{origin}: base must be a preset name or a .toml path, got {base!r}")
+    base_path = (path.parent / base) if base.endswith(".toml") else PRESET_DIR / f"{base}.toml"
+    if not base_path.exists():
+        raise PlatformError(f"{origin}: base {base!r}: no such preset or file (presets: {', '.join(preset_names())})")
+    key = str(base_path.resolve())
+    if key in seen or len(seen) >= MAX_BASE_DEPTH:
+        raise PlatformError(f"{origin}: base {base!r} leads back to itself or nests deeper than {MAX_BASE_DEPTH}")
+    under = _with_base(_read_toml(base_path, f"{origin}: base {base}"), base_path, origin, seen + [key])
+    return _merged(under, data)
+
+
+def _merged(under: dict, over: dict) -> dict:
+    out = dict(under)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def load_platform(name_or_path: str) -> Platform:
     """A preset by name (``host``, ``mobile-soc``...) or a path to a TOML file."""
@@ -372,14 +423,7 @@ def load_platform(name_or_path: str) -> Platform:
             raise PlatformError(f"unknown platform {name_or_path!r}; presets: {', '.join(preset_names())} "
                                 "(or give a path to a .toml file)")
         origin = f"preset {name_or_path}"
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise PlatformError(f"{origin}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise PlatformError(f"{origin}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise PlatformError(f"{origin}: cannot read it: {exc.strerror or exc}") from None
+    data = _with_base(_read_toml(path, origin), path, origin, [])
     check_platform_data(data, origin)
     for kind in ("host",) * (data.get("calibrate") == "host") + ("cuda",) * bool(data.get("cuda")):
         if kind not in MEASUREMENTS:
