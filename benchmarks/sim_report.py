@@ -7,9 +7,10 @@
     staircase), and the operand-order effect (HeteroInfer: the large weight as the stationary operand).
 (b) A GEMV on pim-gpt's bank-level PIM simulator: achieved internal bandwidth against the banks
     computing, and the row-buffer hit rate (``benchmarks/pim_sweep.py``).
-(e) Every NPU and PIM partition of real models run through the simulators, against the analytic cost
-    model's prediction for the same partition (the calibration check: issue 15 asks for agreement within
-    20% once calibrated; this prints where they stand).
+(e) The calibration check: per group, the analytic model with the presets' figures and with the figures
+    ``hetflow calibrate --platform P`` fits, against the simulators, on the benchmark groups; then per
+    partition of whole models compiled and run, the schedule's prediction against the simulator's time
+    under three cost models: analytic (preset), analytic (fitted) and sim.
 
 (c) A decode step (batch 1, 512 tokens of context) of the eight GPT models PIM-GPT ran (GPT-2 small to XL,
     GPT-3 small to XL, up to 1.5B parameters): pim-gpt's time (its PIM partitions timed by the PIM
@@ -17,9 +18,9 @@
     320 GB/s; NVIDIA's datasheet figures, the cost model), beside PIM-GPT's published 41x-137x.
 
 (d) Duplex's Mixtral-like MoE decode layer (``benchmarks/placement_report.py`` (a)) at batch 1, 32, 128,
-    placed on duplex (optimal), its PIM partitions timed by the PIM simulator, its xPU partitions by the
-    cost model: the layer's time lies between the busier device's total (perfect overlap) and the sum
-    (none); the speedup over the xPU alone (cost model) is printed for both, beside Duplex's 2.07x mean.
+    placed on duplex (optimal) with ``cost_model="sim"``: every group placement considers for the PIM is
+    timed by the PIM simulator, and the schedule (xPU and PIM concurrent, sharing the HBM) runs on those
+    times; its makespan against the xPU alone (cost model), beside Duplex's 2.07x mean.
 
 Every time here is modelled (the simulators' timing models, from REFERENCE.md's figures), never measured.
 """
@@ -78,45 +79,76 @@ def report_b() -> None:
     pim_sweep.main()
 
 
-def report_e() -> None:
+def _partition_ratios(platform, build, cost_model: str = "analytic") -> list[tuple[str, float, float]]:
+    """(partition, predicted by the schedule, simulated by the runtime) for each NPU/PIM partition of the model
+    compiled for ``platform`` and run once."""
     import torch
 
     import hetflow
     from hetflow.api import compile_graph
+    model, inputs = build()
+    compiled = hetflow.compile(model, inputs, platform=platform, cost_model=cost_model) if inputs is not None \
+        else compile_graph(model, platform, cost_model=cost_model)
+    feeds = {v.name: np.zeros(v.type.shape, v.type.dtype.numpy) for v in compiled.graph.inputs}
+    if inputs is not None:
+        feeds = {v.name: t.numpy() for v, t in zip(compiled.graph.inputs, inputs)}
+    with torch.no_grad():
+        compiled.executor.run(feeds)
+    events = {e.name: e for e in compiled.executor.last.events}
+    rows = []
+    for part in compiled.partitions:
+        event = events.get(part.file)
+        if part.backend in ("npu", "pim") and event is not None and event.modelled:
+            rows.append((part.file, part.predicted_end - part.predicted_start, event.modelled))
+    return rows
+
+
+def _summary(ratios: list[float]) -> str:
+    within = sum(1 for r in ratios if 1 / 1.2 <= r <= 1.2)
+    return f"median {statistics.median(ratios):5.2f}, {within:3d}/{len(ratios):3d} within 20%"
+
+
+def report_e() -> None:
+    import tempfile
+
+    from hetflow.calibrate import calibrate_simulated, write_calibrated_platform
     from hetflow.examples import decode_graphs, models
-    print("(e) simulator against the analytic cost model, per NPU/PIM partition (modelled both)")
+    print("(e) the analytic cost model against the simulators (modelled both)")
+    print("  per group (hetflow calibrate --platform P: the benchmark groups, simulator / analytic):")
+    calibrated = {}
+    folder = Path(tempfile.mkdtemp(prefix="hetflow-sim-report-"))
+    total_before = total_after = total = 0
+    for platform in ("mobile-soc", "pim-gpt", "duplex", "flash-edge"):
+        result = calibrate_simulated(platform, progress=lambda *_: None)
+        calibrated[platform] = str(write_calibrated_platform(platform, result, folder / f"{platform}-sim.toml"))
+        for device, fit in result.items():
+            before, after = fit["before"], fit["after"]
+            total += after["of"]
+            total_before += before["within"]
+            total_after += after["within"]
+            print(f"    {platform:10s} {device:4s}: preset figures median {before['median']:5.2f}, "
+                  f"{before['within']:3d}/{before['of']:3d} within 20%; fitted median {after['median']:5.2f}, "
+                  f"{after['within']:3d}/{after['of']:3d} within 20% (worst {after['worst']:.2f})")
+    print(f"    all: {total_before}/{total} within 20% before the fit, {total_after}/{total} after")
+    print("  per partition of whole models, compiled and run (the schedule's prediction against the simulator's time):")
     cases = [("mobile-soc", "GPT-2 2 layers, 256 wide, seq 64 (prefill)",
               lambda: models.build_gpt2(n_layer=2, n_embd=256, n_head=4, seq=64, vocab=1000)),
              ("pim-gpt", "GPT-2 decode step, 2 layers, 768 wide",
               lambda: (decode_graphs.build_gpt2_decode_step(layers=2, hidden=768, heads=12, context=128, vocab=1000), None)),
-             ("duplex", "GPT-2 decode step, 2 layers, 768 wide",
-              lambda: (decode_graphs.build_gpt2_decode_step(layers=2, hidden=768, heads=12, context=128, vocab=1000), None))]
-    ratios = []
+             ("duplex", "Mixtral-like MoE decode layer, batch 16",
+              lambda: (decode_graphs.build_mixtral_decode_layer(16, hidden=1024, heads=8, kv_heads=2, context=256,
+                                                                ffn=2048), None)),
+             ("flash-edge", "GPT-2 2 layers, 256 wide, seq 64 (prefill)",
+              lambda: models.build_gpt2(n_layer=2, n_embd=256, n_head=4, seq=64, vocab=1000))]
     for platform, what, build in cases:
-        model, inputs = build()
-        compiled = hetflow.compile(model, inputs, platform=platform) if inputs is not None else \
-            compile_graph(model, platform)
-        feeds = {v.name: np.zeros(v.type.shape, v.type.dtype.numpy) for v in compiled.graph.inputs}
-        if inputs is not None:
-            feeds = {v.name: t.numpy() for v, t in zip(compiled.graph.inputs, inputs)}
-        with torch.no_grad():
-            compiled.executor.run(feeds)
-        events = {e.name: e for e in compiled.executor.last.events}
-        rows = []
-        for part in compiled.partitions:
-            event = events.get(part.file)
-            if part.backend in ("npu", "pim") and event is not None and event.modelled:
-                predicted = part.predicted_end - part.predicted_start
-                rows.append((part.file, predicted, event.modelled))
-        print(f"  {platform}: {what}: {len(rows)} simulated partitions")
-        for file, predicted, simulated in rows[:8]:
-            print(f"    {file:24s} cost model {predicted * 1e6:9.1f} us  simulator {simulated * 1e6:9.1f} us  "
-                  f"ratio {simulated / predicted:6.2f}")
-        ratios += [s / p for _, p, s in rows if p > 0]
-    if ratios:
-        within = sum(1 for r in ratios if 0.8 <= r <= 1.25)
-        print(f"  simulator/cost model: median {statistics.median(ratios):.2f}, {within}/{len(ratios)} partitions "
-              "within 20% (not calibrated yet)")
+        print(f"    {platform}: {what}")
+        for label, target, cost_model in (("analytic, preset figures", platform, "analytic"),
+                                          ("analytic, fitted figures", calibrated[platform], "analytic"),
+                                          ("sim cost model", platform, "sim")):
+            rows = _partition_ratios(target, build, cost_model)
+            ratios = [simulated / predicted for _, predicted, simulated in rows if predicted > 0]
+            print(f"      {label:26s} {len(rows):3d} simulated partitions: simulator / predicted "
+                  + (_summary(ratios) if ratios else "-"))
 
 
 T4_TOML = """
@@ -181,28 +213,22 @@ def report_c() -> None:
 def report_d() -> None:
     from hetflow.api import compile_graph
     from hetflow.examples.decode_graphs import build_mixtral_decode_layer
-    from hetflow.runtime.runners.pim import PimSimulator
-    print("(d) duplex: Mixtral-like MoE decode layer through the PIM simulator (xPU partitions: cost model)")
+    print("(d) duplex: Mixtral-like MoE decode layer, placed and scheduled with the PIM simulator in the loop "
+          "(cost_model='sim': PIM groups timed by the simulator, xPU groups by the cost model)")
     timed = "canonicalize,fuse,place,schedule"
-    best, worst = [], []
+    speedups = []
     for batch in (1, 32, 128):
         alone = compile_graph(build_mixtral_decode_layer(batch), "duplex", passes=timed, devices=["xpu"],
                               placement="optimal").schedule.makespan
-        compiled = compile_graph(build_mixtral_decode_layer(batch), "duplex", passes=timed, placement="optimal")
-        busy = {"xpu": 0.0, "pim": 0.0}
-        for part in compiled._build_partitions():
-            if part.backend == "pim":
-                busy["pim"] += PimSimulator(part.source).last_seconds
-            elif part.device in busy:
-                busy[part.device] += part.predicted_end - part.predicted_start
-        overlapped, serial = max(busy.values()), sum(busy.values())
-        best.append(alone / overlapped)
-        worst.append(alone / serial)
-        print(f"  batch {batch:3d}: xPU alone {alone * 1e6:8.1f} us; placed: xPU busy {busy['xpu'] * 1e6:8.1f} us, "
-              f"PIM (simulated) {busy['pim'] * 1e6:8.1f} us -> {serial * 1e6:8.1f} us serial, "
-              f"{overlapped * 1e6:8.1f} us overlapped: {alone / serial:4.2f}x to {alone / overlapped:4.2f}x")
-    print(f"  modelled speedup over the xPU alone: mean {np.mean(worst):.2f}x (no overlap) to {np.mean(best):.2f}x "
-          "(full overlap); Duplex: 2.07x mean, up to 2.67x")
+        compiled = compile_graph(build_mixtral_decode_layer(batch), "duplex", passes=timed, placement="optimal",
+                                 cost_model="sim")
+        busy = compiled.schedule.busy()
+        speedups.append(alone / compiled.schedule.makespan)
+        print(f"  batch {batch:3d}: xPU alone {alone * 1e6:8.1f} us; xPU + PIM {compiled.schedule.makespan * 1e6:8.1f} us "
+              f"(xPU busy {busy.get('xpu', 0) * 1e6:7.1f} us, PIM busy {busy.get('pim', 0) * 1e6:7.1f} us, "
+              f"simulated): {speedups[-1]:4.2f}x")
+    print(f"  modelled speedup over the xPU alone: mean {np.mean(speedups):.2f}x, up to {max(speedups):.2f}x; "
+          "Duplex: 2.07x mean, up to 2.67x")
 
 
 def main(argv=None) -> int:

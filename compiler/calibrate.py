@@ -290,20 +290,22 @@ def _apply_calibration(data: dict, calibration: dict) -> dict:
 
 SIM_KINDS = ("npu", "pim")
 SCALES = np.logspace(-1.5, 1.5, 97)       # multipliers of a device's peak and bandwidth the fit tries
-LAUNCH_STEPS = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)   # multiples of the preset's launch tried
+LAUNCH_STEPS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)   # multiples of the preset's launch tried
 WITHIN = 0.2                              # the agreement the issue asks for: within 20%
 
 
 def simulated_suite(platform) -> list:
     """The benchmark graphs the simulated devices are fitted on: decode steps (GEMVs, attention on a KV
-    cache), a Mixtral-like MoE layer at three batch sizes, and GEMMs across the NPU's tile staircase.
-    Built as IR, no torch: the same on every machine."""
+    cache; batch 64: prefill-like GEMMs), a GPT-2 prefill (f32, from torch), a Mixtral-like MoE layer at
+    three batch sizes, and GEMMs across the NPU's tile staircase."""
     from hetflow.examples.decode_graphs import build_gpt2_decode_step, build_mixtral_decode_layer
     from hetflow.ir import DType, Graph, TensorType
     graphs = [build_gpt2_decode_step(layers=2, hidden=768, heads=12, context=128, vocab=1000),
-              build_gpt2_decode_step(layers=1, hidden=1024, heads=16, context=512, vocab=1000, batch=4)]
+              build_gpt2_decode_step(layers=1, hidden=1024, heads=16, context=512, vocab=1000, batch=4),
+              build_gpt2_decode_step(layers=1, hidden=256, heads=4, context=64, vocab=1000, batch=64)]
     graphs += [build_mixtral_decode_layer(batch, hidden=1024, heads=8, kv_heads=2, head_dim=128, context=256,
                                           ffn=2048) for batch in (1, 16, 64)]
+    graphs.append(_gpt2_prefill())
     for m, k, n in [(8, 1024, 1024), (32, 1024, 1024), (40, 1024, 1024), (128, 1024, 1024), (64, 4096, 1024),
                     (64, 1024, 4096), (256, 768, 768), (512, 256, 1024), (1, 2048, 2048), (4, 768, 3072)]:
         for dtype in ("f16", "f32"):
@@ -314,6 +316,18 @@ def simulated_suite(platform) -> list:
             g.outputs = [g.add_node("Relu", [y], [TensorType(DType(dtype), (m, n))]).outputs[0]]
             graphs.append(g)
     return graphs
+
+
+def _gpt2_prefill():
+    """GPT-2 (2 layers, 256 wide) over 64 tokens in f32, captured from torch: prefill's GEMMs and the
+    vector work around them (LayerNorm, GELU, softmax)."""
+    import torch
+
+    from hetflow.api import capture
+    from hetflow.examples.models import build_gpt2
+    module, inputs = build_gpt2(n_layer=2, n_embd=256, n_head=4, seq=64, vocab=1000)
+    with torch.no_grad():
+        return capture(module, inputs, None)[0]
 
 
 def simulated_samples(platform, device_name: str, graphs) -> list[dict]:
@@ -362,21 +376,27 @@ def predict_simulated(sample: dict, device) -> float:
     return device_time(sample["node"], device, sample["bytes"], sample["dtype"])
 
 
-def _log_error(samples: list[dict], device) -> float:
-    return float(sum(np.log(predict_simulated(s, device) / s["simulated"]) ** 2 for s in samples))
+def _log_error(samples: list[dict], device) -> tuple[int, float]:
+    """(groups off by more than ``WITHIN``, squared log error): the fit's objective, lexicographic (the
+    agreement the issue asks for first; among equals, the closest overall)."""
+    errors = np.array([np.log(predict_simulated(s, device) / s["simulated"]) for s in samples])
+    return int((np.abs(errors) > np.log1p(WITHIN)).sum()), float((errors ** 2).sum())
 
 
 def fit_simulated(samples: list[dict], device, rounds: int = 3):
-    """The device's figures (its peak per dtype, bandwidth, launch, per-op launch and, for an NPU, its
-    stationary penalty)
+    """The device's figures (its peak per dtype, bandwidth, launch, per-op launch, overlap loss and, for an
+    NPU, its stationary penalty)
     minimising the squared log error of the analytic time against the simulator's: coordinate descent,
     each figure in turn over a grid (multipliers 0.03x to 30x of the preset's; a penalty of 1 to 8), a
     few rounds. Returns the fitted Device."""
     import dataclasses
     best = device
     for _ in range(rounds):
-        for dtype in [d for d in device.peak if _uses_peak(samples, device, d)]:  # a dtype no group uses stays
-            tries = [dataclasses.replace(best, peak={**best.peak, dtype: device.peak[dtype] * f}) for f in SCALES]
+        # each float type the groups use gets its own peak (one the preset lacks starts from the one it falls
+        # back to: a PIM's f32 runs at half its f16 rate, its weights being twice the bytes); others stay
+        for dtype in sorted({s["dtype"] for s in samples if s["dtype"]}):
+            base = device.peak_for(dtype)
+            tries = [dataclasses.replace(best, peak={**best.peak, dtype: base * f}) for f in SCALES]
             best = min(tries, key=lambda d: _log_error(samples, d))
         tries = [dataclasses.replace(best, bandwidth=device.bandwidth * f) for f in SCALES]
         best = min(tries, key=lambda d: _log_error(samples, d))
@@ -384,14 +404,12 @@ def fit_simulated(samples: list[dict], device, rounds: int = 3):
         best = min(tries, key=lambda d: _log_error(samples, d))
         tries = [dataclasses.replace(best, op_launch=device.launch * f) for f in (0.0,) + LAUNCH_STEPS[1:]]
         best = min(tries, key=lambda d: _log_error(samples, d))
+        tries = [dataclasses.replace(best, overlap_loss=f) for f in np.linspace(0, 1, 11)]
+        best = min(tries, key=lambda d: _log_error(samples, d))
         if device.kind == "npu" and device.stationary_penalty > 1:
             tries = [dataclasses.replace(best, stationary_penalty=p) for p in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)]
             best = min(tries, key=lambda d: _log_error(samples, d))
     return best
-
-
-def _uses_peak(samples: list[dict], device, dtype: str) -> bool:
-    return any(device.peak_for(s["dtype"]) is device.peak[dtype] or s["dtype"] == dtype for s in samples)
 
 
 def agreement(samples: list[dict], device) -> dict:
@@ -426,21 +444,24 @@ def calibrate_simulated(platform_name: str, progress=print) -> dict:
 
 
 def write_calibrated_platform(platform_name: str, result: dict, path: Path) -> Path:
-    """A platform file over the preset (``base``) with each fitted device's peak, bandwidth and launch."""
+    """A platform file over the preset (``base``) giving each fitted device's analytic figures
+    (``[device.X.analytic]``): placement's analytic model uses them; the simulators and emitters keep
+    the device's own figures (the hardware is the same, the model of it is fitted)."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f'base = "{platform_name}"', f'name = "{platform_name}-sim"',
-             f'source = "{platform_name} with its simulated devices\' cost-model figures fitted to their '
-             f'simulators (hetflow calibrate --platform {platform_name}, {when})"', ""]
+             f'source = "{platform_name}, its simulated devices\' analytic cost model fitted to their simulators '
+             f'(hetflow calibrate --platform {platform_name}, {when})"', ""]
     for name, fit_ in result.items():
         after, device = fit_["after"], fit_["device"]
         peak = ", ".join(f"{k} = {float(v)!r}" for k, v in device.peak.items())
-        lines += [f"[device.{name}]", f"peak = {{ {peak} }}", f"bandwidth = {float(device.bandwidth)!r}",
-                  f"launch = {float(device.launch)!r}", f"op_launch = {float(device.op_launch)!r}"]
+        lines += [f"[device.{name}.analytic]", f"peak = {{ {peak} }}", f"bandwidth = {float(device.bandwidth)!r}",
+                  f"launch = {float(device.launch)!r}", f"op_launch = {float(device.op_launch)!r}",
+                  f"overlap_loss = {float(device.overlap_loss)!r}"]
         if device.kind == "npu":
             lines.append(f"stationary_penalty = {float(device.stationary_penalty)!r}")
-        lines += [
-                  f'source = "fitted to the {name} simulator on {fit_["samples"]} groups: '
+        lines += [f'source = "fitted to the {name} simulator on {fit_["samples"]} groups: '
                   f'{after["within"]}/{after["of"]} within {WITHIN:.0%}, median ratio {after["median"]:.2f} '
-                  f'(before: {fit_["before"]["within"]}/{fit_["before"]["of"]}, {fit_["before"]["median"]:.2f})"', ""]
+                  f'(preset figures: {fit_["before"]["within"]}/{fit_["before"]["of"]}, '
+                  f'{fit_["before"]["median"]:.2f})"', ""]
     path.write_text("\n".join(lines))
     return path

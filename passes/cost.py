@@ -1,6 +1,7 @@
 """cost: FLOPs, bytes, Op/B of every top-level node (fused group or lone op), and its time on every device.
 
 Device time of a node: ``max(FLOPs / peak, bytes / bandwidth) + launch + op_launch x ops``
+(plus ``overlap_loss`` x the shorter of the two, when the device hides its DMA only in part)
 (ops: the ops inside a fused group, 1 for a lone op) with the
 quirks the papers measured:
 
@@ -127,6 +128,7 @@ def contraction_time(inner: Node, device: Device, peak: float, outer: dict[int, 
 
 def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None) -> tuple[float, float]:
     """(compute seconds, bandwidth in bytes/s) of ``node`` on ``device``; time = max(compute, bytes/bw) + launch."""
+    device = device.analytic()
     peak = device.peak_for(dtype)
     compute, slowdown = 0.0, 1.0
     outer = ({id(b): v for b, v in zip(node.attrs["body"].inputs, node.inputs)} if node.op == "hetflow.group"
@@ -143,12 +145,16 @@ def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None)
         rows = _output_rows(node)
         if rows and rows < device.channels:
             bandwidth *= rows / device.channels
+    if device.overlap_loss > 0 and moved > 0:  # both parts take the whole work time: max + loss x min
+        memory = moved / bandwidth
+        work = max(compute, memory) + device.overlap_loss * min(compute, memory)
+        return work, moved / work
     return compute, bandwidth
 
 
 def device_time(node: Node, device: Device, moved: int, dtype: str | None) -> float:
     compute, bandwidth = device_time_parts(node, device, moved, dtype)
-    return max(compute, moved / bandwidth) + device.launch_for(len(inner_nodes(node)))
+    return max(compute, moved / bandwidth) + device.analytic().launch_for(len(inner_nodes(node)))
 
 
 def _safe_flops(node: Node) -> int:
@@ -198,7 +204,7 @@ def time_parts(cost: NodeCost, device_name: str, device: Device) -> tuple[float,
     the memory with what runs beside it."""
     if device_name not in cost.simulated:
         return device_time_parts(cost.node, device, cost.bytes, cost.dtype)
-    work = max(cost.simulated[device_name] - device.launch_for(len(inner_nodes(cost.node))), 1e-12)
+    work = max(cost.simulated[device_name] - device.analytic().launch_for(len(inner_nodes(cost.node))), 1e-12)
     return work, (cost.bytes / work if cost.bytes else device.bandwidth)
 
 

@@ -246,7 +246,7 @@ def _part_time(node: Node, device, dim: str, share: float, cost: NodeCost, platf
     other = cost.bytes - weight
     moved = (weight + other) * share if dim == "cols" else weight + other * share
     concurrent = platform.memories[device.memory].achievable_total(2) / 2
-    return max(compute * share, moved / min(bandwidth, concurrent)) + device.launch_for(1)
+    return max(compute * share, moved / min(bandwidth, concurrent)) + device.analytic().launch_for(1)
 
 
 def best_split(node: Node, cost: NodeCost, platform: Platform) -> dict | None:

@@ -96,7 +96,7 @@ def _tasks(graph: Graph, platform: Platform, costs: dict[int, NodeCost]) -> list
             cost = costs.get(id(node)) or cost_node(node, platform)
             compute, bandwidth = time_parts(cost, device, platform.devices[device])
             spec = platform.devices[device]
-            task = _Task(node, device, spec.memory, spec.launch_for(len(inner_nodes(node))), compute,
+            task = _Task(node, device, spec.memory, spec.analytic().launch_for(len(inner_nodes(node))), compute,
                          cost.bytes, bandwidth, cost)
         for v in node.inputs:
             if v is None or id(v) not in producer_task:

@@ -100,6 +100,18 @@ class Device:
     measured: bool = False    # True when its numbers come from this machine (calibration), not a paper
     source: str = ""
     op_launch: float = 0.0    # seconds per op inside a node: backends that run each inner op as a kernel
+    overlap_loss: float = 0.0  # share of the shorter of compute and memory time not hidden behind the longer
+    # the analytic cost model's own figures where they differ from the device's (``[device.X.analytic]``,
+    # what 'hetflow calibrate --platform P' fits to the simulator): (field, value) pairs. The device's
+    # figures stay those of the hardware the simulator and emitters model.
+    analytic_figures: tuple = ()
+
+    def analytic(self) -> "Device":
+        """The device as the analytic cost model sees it: its figures with ``analytic_figures`` laid over."""
+        if not self.analytic_figures:
+            return self
+        import dataclasses
+        return dataclasses.replace(self, analytic_figures=(), **dict(self.analytic_figures))
 
     def launch_for(self, ops: int) -> float:
         """Fixed cost of a node made of ``ops`` ops (1 for a lone op)."""
@@ -268,7 +280,21 @@ def _device(name: str, t: dict, memories: dict[str, Memory], where: str) -> Devi
                   quantity(t.get("launch", 0), "time", f"{where}.launch", positive=False),
                   int(t.get("tile", 1)), float(t.get("stationary_penalty", 1.0)), int(t.get("channels", 1)),
                   tuple(ops), tuple(dtypes), bool(t.get("measured", False)), t.get("source", ""),
-                  quantity(t.get("op_launch", 0), "time", f"{where}.op_launch", positive=False))
+                  quantity(t.get("op_launch", 0), "time", f"{where}.op_launch", positive=False),
+                  float(t.get("overlap_loss", 0.0)), _analytic_figures(t.get("analytic", {}), f"{where}.analytic"))
+
+
+def _analytic_figures(t: dict, where: str) -> tuple:
+    figures = []
+    if "peak" in t:
+        figures.append(("peak", {dt: quantity(v, "rate", f"{where}.peak.{dt}") for dt, v in t["peak"].items()}))
+    for key, kind in (("bandwidth", "bandwidth"), ("launch", "time"), ("op_launch", "time")):
+        if key in t:
+            figures.append((key, quantity(t[key], kind, f"{where}.{key}", positive=key == "bandwidth")))
+    for key in ("overlap_loss", "stationary_penalty"):
+        if key in t:
+            figures.append((key, float(t[key])))
+    return tuple(figures)
 
 
 def _flash(t: dict, where: str) -> Flash:

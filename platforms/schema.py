@@ -26,6 +26,20 @@ MEMORY = {
     "additionalProperties": False,
 }
 
+ANALYTIC = {  # the analytic cost model's own figures for a device (fitted to its simulator)
+    "type": "object",
+    "properties": {
+        "peak": {**NAME_TABLE, "minProperties": 1, "additionalProperties": QUANTITY},
+        "bandwidth": QUANTITY,
+        "launch": QUANTITY,
+        "op_launch": QUANTITY,
+        "overlap_loss": {"type": "number", "minimum": 0, "maximum": 1},
+        "stationary_penalty": {"type": "number", "minimum": 1, "maximum": 1e6},
+        "source": TEXT,
+    },
+    "additionalProperties": False,
+}
+
 DEVICE = {
     "type": "object",
     "required": ["kind", "memory", "peak"],
@@ -36,6 +50,8 @@ DEVICE = {
         "bandwidth": QUANTITY,
         "launch": QUANTITY,
         "op_launch": QUANTITY,
+        "overlap_loss": {"type": "number", "minimum": 0, "maximum": 1},
+        "analytic": ANALYTIC,
         "tile": {"type": "integer", "minimum": 1, "maximum": 65536},
         "stationary_penalty": {"type": "number", "minimum": 1, "maximum": 1e6},
         "channels": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
