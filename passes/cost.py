@@ -8,10 +8,9 @@ quirks the papers measured:
 * NPU (HeteroInfer): contraction dims are padded to the array's tile (32): any
   dimension below 32 costs as much as 32; a contraction whose weight has a longer
   reduction dim than output dim cannot keep the large weight stationary and its
-  array work runs ``stationary_penalty`` (6x) slower, unless the activations can be
-  held instead (their reduction dim no longer than their rows: what the NPU emitter
-  does). The DMA is not slowed: a memory-bound kernel keeps its time, as the NPU
-  simulator has it.
+  whole kernel (array and DMA: HeteroInfer's memory-bound GEMV was as slow) runs
+  ``stationary_penalty`` (6x) slower, unless the activations can be held instead
+  (their reduction dim no longer than their rows: what the NPU emitter does).
 * PIM (Duplex, PIM-GPT): its peak and bandwidth are the aggregate over channels x
   banks; a matrix with fewer output rows than channels leaves channels idle.
 
@@ -140,7 +139,7 @@ def device_time_parts(node: Node, device: Device, moved: int, dtype: str | None)
         else:
             compute += special[0]
             slowdown = max(slowdown, special[1])
-    bandwidth = device.bandwidth  # the penalty slows the array, not the DMA (as the NPU simulator times it)
+    bandwidth = device.bandwidth / slowdown  # the whole kernel: its DMA too (HeteroInfer's GEMV, the simulator)
     if device.kind == "pim" and device.channels > 1:
         rows = _output_rows(node)
         if rows and rows < device.channels:

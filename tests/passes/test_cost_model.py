@@ -176,6 +176,15 @@ def test_stationary_penalty_also_slows_a_memory_bound_kernel():
     assert cost_node(wide, platform).times["npu"] == approx(moved / 1e6)
 
 
+def test_activations_held_stationary_avoid_the_penalty_as_the_emitter_does():
+    """w[64, 32] cannot be held (K > N), but x[128, 64] can (K <= M): the NPU emitter holds x, no penalty."""
+    platform = tiny_platform(npu=NPU)
+    _, held_x = matmul_graph(128, 64, 32)
+    _, neither = matmul_graph(32, 64, 32)
+    assert cost_node(held_x, platform).times["npu"] == approx(2 * 128 * 64 * 32 / 1e9)
+    assert cost_node(neither, platform).times["npu"] == approx(6 * 2 * 32 * 64 * 32 / 1e9)
+
+
 def test_fused_contraction_keeps_the_stationary_penalty():
     platform = tiny_platform(npu=NPU)
     g, mm = matmul_graph(32, 64, 32)         # w[64, 32]: K > N
