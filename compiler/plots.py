@@ -351,16 +351,37 @@ def _trace_process(pid: int, label: str, events: list[dict], devices: list[str] 
     return out
 
 
+def _simulated_tracks(measured: list[dict]) -> list[dict]:
+    """A partition a simulator ran (``modelled_us``) is drawn on its device's track for its modelled time,
+    marked modelled; the host's wall time running the simulator goes on a track of its own beside it."""
+    out = []
+    for e in measured:
+        if e.get("modelled_us") is None:
+            stand_in = e.get("kind") == "simulated"  # the reference interpreter running a device's partition
+            out.append(dict(e, time="host wall time of the reference interpreter standing in for the device "
+                                     "(no device time model)" if stand_in else "measured"))
+            continue
+        wall = float(e["end_us"]) - float(e["start_us"])
+        out.append(dict(e, end_us=float(e["start_us"]) + float(e["modelled_us"]), time="modelled",
+                        kind=f"modelled ({str(e.get('kind', '')).split(' ')[0]} simulator)", host_wall_us=wall))
+        out.append(dict(e, device=f"{e['device']} simulator (host wall time)", time="measured (the simulator's "
+                        "NumPy run on the host, not the device)", kind="simulator on the host"))
+    return out
+
+
 def chrome_trace(schedule: "Schedule", path, measured: list[dict] | None = None,
                  devices: list[str] | None = None) -> Path:
     """Chrome/Perfetto trace-event JSON of the predicted timeline: "X" events (ts and dur in µs) in process
     "predicted", a thread per device and link (named by metadata events), args with kind, ops, FLOPs, bytes.
-    ``measured`` (dicts shaped like ``Event.as_dict()``) becomes a second process "measured" beside it."""
+    ``measured`` (dicts shaped like ``Event.as_dict()``) becomes a second process "measured" beside it, where
+    each partition a simulator ran shows its modelled time on its device's track (args ``time: modelled``)
+    and the simulator's wall time on the host on a track of its own."""
     rows = _rows(schedule, devices)
     trace = _trace_process(PREDICTED_PID, f"predicted ({schedule.platform}, modelled)",
                            [e.as_dict() for e in schedule.events], rows)
     if measured is not None:
-        trace += _trace_process(MEASURED_PID, "measured", list(measured), rows)
+        trace += _trace_process(MEASURED_PID, "measured (simulated devices: modelled)", _simulated_tracks(measured),
+                                rows)
     doc = {"traceEvents": trace, "displayTimeUnit": "ns",
            "otherData": {"platform": schedule.platform, "makespan_us": schedule.makespan * 1e6, "modelled": True}}
     path = Path(path)
