@@ -1,10 +1,10 @@
 """The quantize pass: int8 for the contractions an NPU runs (opt-in: ``CompileOptions.quantize == "int8"``).
 
-What it marks: every MatMul and Gemm (top-level, or a member of a fused group) placed on an NPU that lists
-``i8`` in its dtypes, whose first operand is a float activation (f32, f16) and whose second is a constant 2-D
-weight of the same dtype. On each it sets ``node.meta["int8"] = {"activation_scale": s}``: the symmetric
-per-tensor scale of the first operand, ``s = max |A| / 127`` over the calibration inputs (1.0 for an operand
-that was zero throughout). That is everything the NPU emitter needs; it survives graph.json (node meta is
+What it marks: every MatMul and Gemm (top-level, or a member of a fused group) placed on an NPU that runs i8
+(``int8_devices``: i8 in its dtypes and its peak), whose first operand is a float activation (f32, f16) and
+whose second is a constant 2-D weight of the same dtype. On each it sets ``node.meta["int8"] =
+{"activation_scale": s}``: the symmetric per-tensor scale of the first operand, ``s = max |A| / 127`` over
+the calibration inputs (1.0 for an operand that was zero throughout). That is everything the NPU emitter needs; it survives graph.json (node meta is
 serialised, a group's members' too), so the program regenerated at load is the same.
 
 The weight needs nothing stored: its per-output-channel int8 values and scales are a pure function of the
@@ -59,8 +59,10 @@ class QuantizationReport:
 
 
 def int8_devices(platform) -> list[str]:
-    """The platform's NPUs that list ``i8`` among their dtypes."""
-    return [d.name for d in platform.devices.values() if d.kind == "npu" and "i8" in d.dtypes]
+    """The platform's NPUs that run i8: their dtypes allow it (``i8``, or ``*``: any) and their peak gives an
+    i8 figure to time it by."""
+    return [d.name for d in platform.devices.values()
+            if d.kind == "npu" and ("i8" in d.dtypes or "*" in d.dtypes) and "i8" in d.peak]
 
 
 def check_quantize(mode: str | None, platform) -> None:
@@ -71,8 +73,8 @@ def check_quantize(mode: str | None, platform) -> None:
         raise PassError(f"quantize={mode!r} is not one of {', '.join(QUANTIZE_MODES)} (or None for floats)")
     if not int8_devices(platform):
         npus = [d.name for d in platform.devices.values() if d.kind == "npu"]
-        raise PassError(f"quantize='int8' needs an NPU that lists i8 in its dtypes; platform {platform.name!r} has "
-                        + (f"NPU(s) {', '.join(npus)} without i8" if npus else "no NPU")
+        raise PassError(f"quantize='int8' needs an NPU that runs i8 (i8 in its dtypes and its peak); platform "
+                        f"{platform.name!r} has " + (f"NPU(s) {', '.join(npus)} without i8" if npus else "no NPU")
                         + " (the presets mobile-soc and flash-edge have one)")
 
 
