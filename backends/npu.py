@@ -31,6 +31,20 @@ Instructions (``instructions``, each with ``node``: the IR value it computes)
   block belongs to (which operand is large is a property of the product, not of one
   panel). Dims are padded to the tile for timing (the data itself is not padded:
   padding with zeros does not change the result).
+  Its int8 mode (``int8``: ``{a_scale, b_scales}``, present only on a quantised gemm): ``b`` is an i8 buffer
+  and ``b_scales`` an f32 buffer of one scale per column of ``b``; the array quantises ``a`` (a float buffer)
+  as ``qa = clip(rint(a / a_scale), -127, 127)`` (round to nearest, ties to even), accumulates
+  ``qa @ b`` in int32, dequantises ``float32(acc) * (a_scale * b_scales[j])`` (f32), then applies alpha and
+  ``beta * bias`` in f32 and writes the output buffer's dtype. Timed at the device's i8 peak.
+
+Tensors (``tensors``: ``{dtype, shape, kind}``): kind ``input``, ``weight`` (the partition's weights, given
+to the simulator), ``const`` (with ``data`` inline), ``temp``, ``output``, and the int8 weights' two:
+``int8_weight`` (i8, the shape of its ``source``) and ``int8_scale`` (f32 ``[source.shape[axis]]``), each
+with ``source`` (a 2-D float weight or constant of the program) and ``axis`` (the source's output-channel
+axis: 1 for B [K, N], 0 for Gemm's transB [N, K]). Their data is not in the program: it is the source
+quantised per channel when the program is loaded, ``scale = max |w| / 127`` over the channel (1 for an
+all-zero one), ``q = clip(rint(w / scale), -127, 127)`` (``hetflow.runtime.runners.npu.quantize_per_channel``),
+so the program stays small and is still exactly what graph.json and the weights determine.
 * ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
   (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
   (buffers, null for an absent optional input) into ``outputs``. One op is the
@@ -66,8 +80,11 @@ Lowering
   reload) when a vector op or a one-block product made it, until its last reader
   ran; everything held is stored (if still to be read) before a product, a chunked
   op or an op that needs the room: a "flush". The group's outputs go to DRAM.
-* Float types f32, f16 (and bf16/f64 by the same path); int8 quantisation is not
-  done. Shapes must be static: a dynamic partition raises ``NpuUnsupported`` and
+* Float types f32, f16 (and bf16/f64 by the same path). int8: a MatMul/Gemm the ``quantize`` pass marked
+  (``node.meta["int8"] = {"activation_scale": s}``, opt-in: ``hetflow.compile(..., quantize="int8")``) reads
+  its weight as ``W#i8`` panels (a quarter of f32's DMA bytes, half of f16's) with ``W#scale`` panels of
+  per-column scales, and its gemms run in int8 mode with ``a_scale = s``; a marked node whose second operand
+  is not a 2-D weight is a ``BackendError`` (the pass and the emitter disagree). Shapes must be static: a dynamic partition raises ``NpuUnsupported`` and
   the partition falls back to the next backend the platform allows (``simulated``).
 """
 from __future__ import annotations

@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
                    "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8: run the MatMul/Gemm placed on an NPU that lists i8 (mobile-soc, flash-edge) in int8: "
+                   help="int8: run the MatMul/Gemm placed on an NPU that runs i8 (mobile-soc, flash-edge) in int8: "
                         "per-output-channel weights, activations calibrated on the example inputs (random ones "
                         "for a .onnx file); the report gives the error against float. Default: floats")
     p.set_defaults(func=cmd_compile)

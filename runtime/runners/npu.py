@@ -3,12 +3,15 @@ there) functionally with NumPy and times every instruction with a model of the d
 
 Validation at load: the JSON schema (``PROGRAM_SCHEMA``: one line naming the field), then the program's
 meaning: every buffer inside the SRAM (``hetflow.platform.NPU_SRAM_BYTES``, not what the program claims),
-every name defined, every region inside its tensor and the size of its buffer, gemm operands that multiply.
+every name defined, every region inside its tensor and the size of its buffer, gemm operands that multiply,
+an int8 gemm's i8 ``b`` and its f32 per-column scales, each int8 tensor's float source. The int8 weights
+(``int8_weight``, ``int8_scale``) are made here at load from their sources (``quantize_per_channel``), once.
 
 The timing model (all of it from the platform's device; nothing measured):
 
 * array clock = peak(dtype) / (2 tile^2): a tile x tile systolic array does tile^2 MACs a cycle at peak;
-* gemm: batch x ceil(m/T) x ceil(k/T) x ceil(n/T) tiles of T cycles each (every dim padded to the tile), times
+* gemm (in int8 mode, ``int8`` present: at peak(i8); its i8 weight panels are a quarter of f32's load bytes):
+  batch x ceil(m/T) x ceil(k/T) x ceil(n/T) tiles of T cycles each (every dim padded to the tile), times
   ``stationary_penalty`` when the operand held in the array has a reduction dim longer than its output dim
   in the whole product (``b`` held: k > n; ``a`` held: k > m), HeteroInfer's operand-order effect;
 * vector: ceil(elements x ops-per-element / T) cycles (T lanes), elements = the larger of what it reads and writes;
