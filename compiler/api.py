@@ -259,6 +259,9 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
         compiled._build_partitions()
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
+    if quantize and compiled.quantization is None:
+        raise CompileError(f"quantize={quantize!r} needs the quantize pass in the pipeline (after place); the passes "
+                           f"run were {', '.join(r.name for r in runner.records) or 'none'}")
     if compiled.quantization is not None:
         measure_quantization_error(compiled)
     return compiled
