@@ -5,8 +5,8 @@ The stated tolerance, ``hetflow.passes.quantize.INT8_RTOL`` = 0.05: an int8-comp
 magnitude of the float reference interpreter (``max |int8 - f32| <= INT8_RTOL * max |f32|``, per output). Measured
 on the calibration (example) inputs when it was set: the MLP (``hetflow.examples.mlp``, every node on the NPU)
 0.34% in f32 and 0.25% in f16, GPT-2 at tiny size (1 layer, 64 wide, 32 tokens, on the NPU) 1.0%, GPT-2 at 2
-layers, 256 wide, 128 tokens placed by roofline on mobile-soc 1.7%: the tolerance leaves about 3x margin over
-the worst. This file asserts it, and that the pinned value is 0.05. The simulator's int8 gemm itself is exact: equal to a NumPy int8 reference bit for bit.
+layers, 256 wide, 128 tokens 1.7% placed by roofline on mobile-soc and 2.3% (f16: 2.0%) all on its NPU: the
+tolerance leaves about 2x margin over the worst, 5x over what this file's models show. This file asserts it, and that the pinned value is 0.05. The simulator's int8 gemm itself is exact: equal to a NumPy int8 reference bit for bit.
 """
 from __future__ import annotations
 
