@@ -25,8 +25,10 @@ overwrote before its reader ran shows as "clobbered"), in node order.
     python benchmarks/differential.py --quick         # a small subset
     python benchmarks/differential.py --models bert,llama --platforms host,mobile-soc --placements split --seeds 0
     python benchmarks/differential.py --quantize int8 --models ex_mlp,bert --seeds 0 --random 0
+    python benchmarks/differential.py --quantize int8 --devices npu --models ex_mlp,ex_gpt2 --seeds 0 --random 0
 
-``--quantize int8`` compiles every model case with ``quantize="int8"`` (on ``QUANTIZE_PLATFORMS`` unless
+``--devices npu`` places the model cases on the NPU alone (with ``--quantize int8``: every contraction it can
+take in int8). ``--quantize int8`` compiles every model case with ``quantize="int8"`` (on ``QUANTIZE_PLATFORMS`` unless
 --platforms says otherwise; random graphs stay float) and holds it to the stated int8 tolerance,
 ``hetflow.passes.quantize.INT8_RTOL`` (relative to the output's largest magnitude, as EAGER_RTOL), against
 both the interpreter and eager; each case records how many contractions ran in int8, and the last lines say
@@ -390,9 +392,10 @@ def _flatten_torch(outputs) -> list[np.ndarray]:
 
 
 def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_limit: float = TIME_LIMIT,
-              log=None, case_timeout: float | None = CASE_TIMEOUT, quantize: str | None = None) -> list[Case]:
+              log=None, case_timeout: float | None = CASE_TIMEOUT, quantize: str | None = None,
+              devices: list[str] | None = None) -> list[Case]:
     """One zoo model under every (platform, placement, pipeline) in ``configs``, captured once; ``quantize``:
-    compiled with it, to the int8 tolerance."""
+    compiled with it, to the int8 tolerance; ``devices``: placed only on these."""
     import hetflow
     from hetflow.examples.zoo import ZOO
     from hetflow.runtime.interpreter import Interpreter
@@ -433,7 +436,7 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
                 compiled = hetflow.compile(model, call_args if torch_capture is not None else None,
                                            platform=case.platform, placement=case.placement,
                                            passes=PIPELINES[case.pipeline], time_limit=time_limit,
-                                           quantize=quantize)
+                                           quantize=quantize, devices=devices)
                 if compiled.quantization is not None:
                     case.detail["int8_contractions"] = len(compiled.quantization.contractions)
                 if torch_capture is not None:
@@ -770,7 +773,7 @@ def worker_main(args) -> int:
 
     for name in args.models:
         run_model(name, configs, args.seed, args.time_limit, log=log, case_timeout=args.case_timeout,
-                  quantize=args.quantize)
+                  quantize=args.quantize, devices=args.devices)
     if args.random_count:
         save = Path(args.save_failing) if args.save_failing else None
         run_random(args.random_start, args.random_count, args.seed, args.platforms, args.placements,
@@ -821,6 +824,7 @@ def run_driver(args) -> list[dict]:
                    "--models", ",".join(task.models) or "-", "--platforms", ",".join(args.platforms),
                    "--placements", ",".join(args.placements), "--pipelines", ",".join(args.pipelines),
                    "--time-limit", str(args.time_limit), *(["--quantize", args.quantize] if args.quantize else []),
+                   *(["--devices", ",".join(args.devices)] if args.devices else []),
                    "--case-timeout", str(args.case_timeout), "--out", str(out),
                    "--random-start", str(task.random_start), "--random-count", str(task.random_count)]
         if args.save_failing:
@@ -979,6 +983,8 @@ def parse_args(argv=None):
     parser.add_argument("--save-failing", help="directory for the ONNX models of failing random graphs")
     parser.add_argument("--quantize", choices=["int8"], help="compile the model cases with quantize=int8 (default "
                         f"platforms {','.join(QUANTIZE_PLATFORMS)}), to the tolerance hetflow.passes.quantize.INT8_RTOL")
+    parser.add_argument("--devices", help="model cases placed only on these devices (e.g. npu with --quantize int8, "
+                        "so that every contraction the NPU can take runs in int8)")
     parser.add_argument("--list", action="store_true", help="list the zoo and exit")
     parser.add_argument("--summarise", metavar="JSON", help="print the table and failures of a results file and exit")
     # worker-only
@@ -994,6 +1000,7 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in ZOO]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; the zoo: {', '.join(ZOO)}")
+    args.devices = _csv(args.devices) if args.devices else None
     args.platforms = _csv(args.platforms) if args.platforms else (
         QUANTIZE_PLATFORMS if args.quantize else QUICK_PLATFORMS if args.quick else PLATFORMS)
     args.placements = _csv(args.placements) if args.placements else PLACEMENTS

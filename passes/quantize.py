@@ -99,7 +99,7 @@ def quantize(graph: Graph, options: CompileOptions | None = None) -> PassResult:
     targets = [(node, top) for top in graph.nodes if top.meta.get("device") in npus
                for node in _contractions(top) if _quantizable(node, top)]
     samples, calibration = _calibration_samples(graph, getattr(options, "calibration_inputs", None))
-    peaks = _calibrate(graph, samples, {id(node) for node, _ in targets})
+    peaks = _calibrate(graph, samples, {id(node) for node, _ in targets}) if targets else {}
     report = QuantizationReport(mode, calibration, samples)
     modified = False
     for node, top in targets:
