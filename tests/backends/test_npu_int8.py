@@ -238,3 +238,18 @@ def test_the_artifact_round_trip_regenerates_the_int8_program(mlp, tmp_path):
     x = example[0].numpy()
     got = list(loaded.run({loaded.input_names[0]: x}).values())[0]
     np.testing.assert_array_equal(got, compiled(*example).detach().numpy())
+
+
+def test_the_cli_compiles_in_int8_reports_the_error_and_inspect_shows_int8_gemms(tmp_path, capsys):
+    from hetflow.cli import main
+    out = tmp_path / "out"
+    assert main(["compile", "hetflow.examples.mlp:build", "--platform", "mobile-soc", "--devices", "npu",
+                 "--quantize", "int8", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8: 3 contraction(s) quantised on npu" in printed and "max abs error" in printed
+    assert main(["inspect", str(out), "--device", "npu"]) == 0
+    listing = capsys.readouterr().out
+    assert "int8 (a_scale=" in listing and "int8_weight i8[" in listing
+    assert main(["compile", "hetflow.examples.mlp:build", "--platform", "host", "--quantize", "int8",
+                 "-o", str(tmp_path / "refused")]) != 0
+    assert "needs an NPU that runs i8" in capsys.readouterr().err
