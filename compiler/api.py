@@ -157,6 +157,11 @@ class CompiledModel:
             extra["memory_plan"] = self.memory_plan.as_manifest()
         if self.schedule is not None:
             extra["schedule"] = self.schedule.as_dict()
+        if self.quantization is not None:
+            q = self.quantization
+            extra["quantization"] = {"mode": q.mode, "calibration": q.calibration,
+                                     "contractions": [c["node"] for c in q.contractions],
+                                     "max_abs_error": q.max_abs_error, "relative_error": q.relative_error}
         if self.placement is not None:
             extra["placement"] = {"policy": self.placement.policy, "chosen": self.placement.chosen,
                                   "solver": self.placement.solver,

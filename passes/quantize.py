@@ -174,8 +174,13 @@ def _evaluate(graph: Graph, args: list, targets: set[int], peaks: dict, kernels:
     """The graph's outputs, each node by its NumPy kernel, fused groups entered; records the targets' peaks."""
     env = {id(v): a for v, a in zip(graph.inputs, args)}
     env.update({id(w): w.data for w in graph.weights.values()})
-    for node in graph.nodes:
+    last_read = {id(v): i for i, node in enumerate(graph.nodes) for v in node.inputs if v is not None}
+    keep = {id(v) for v in graph.outputs}
+    for index, node in enumerate(graph.nodes):
         ins = [None if v is None else env[id(v)] if id(v) in env else v.data for v in node.inputs]
+        for v in node.inputs:   # a value read for the last time here is dropped (what the interpreter does)
+            if v is not None and last_read.get(id(v)) == index and id(v) not in keep and v.producer is not None:
+                env.pop(id(v), None)
         if id(node) in targets:
             peaks[id(node)] = max(peaks.get(id(node), 0.0), float(np.max(np.abs(ins[0]))) if ins[0].size else 0.0)
         if node.op == GROUP:

@@ -231,6 +231,8 @@ def test_the_artifact_round_trip_regenerates_the_int8_program(mlp, tmp_path):
     compiled = hetflow.compile(model, example, platform="mobile-soc", devices=["npu"], quantize="int8")
     compiled.save(tmp_path / "out")
     assert "activation_scale" in (tmp_path / "out" / "graph.json").read_text()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["quantization"]
+    assert len(manifest["contractions"]) == 3 and manifest["relative_error"] == compiled.quantization.relative_error
     stored = [p.read_text() for p in (tmp_path / "out").rglob("*.npu.json")]
     assert stored and all('"int8_weight"' in text for text in stored)
     from hetflow.runtime import load
