@@ -36,6 +36,11 @@ Instructions (``instructions``, each with ``node``: the IR value it computes)
   as ``qa = clip(rint(a / a_scale), -127, 127)`` (round to nearest, ties to even), accumulates
   ``qa @ b`` in int32, dequantises ``float32(acc) * (a_scale * b_scales[j])`` (f32), then applies alpha and
   ``beta * bias`` in f32 and writes the output buffer's dtype. Timed at the device's i8 peak.
+* ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
+  (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
+  (buffers, null for an absent optional input) into ``outputs``. One op is the
+  vector unit's own, not an IR op: ``hetflow.npu.Im2Col`` (attrs kernel_shape,
+  strides, pads, dilations): x [N, C, H, W] -> [N, C*kh*kw, oh*ow].
 
 Tensors (``tensors``: ``{dtype, shape, kind}``): kind ``input``, ``weight`` (the partition's weights, given
 to the simulator), ``const`` (with ``data`` inline), ``temp``, ``output``, and the int8 weights' two:
@@ -45,11 +50,6 @@ axis: 1 for B [K, N], 0 for Gemm's transB [N, K]). Their data is not in the prog
 quantised per channel when the program is loaded, ``scale = max |w| / 127`` over the channel (1 for an
 all-zero one), ``q = clip(rint(w / scale), -127, 127)`` (``hetflow.runtime.runners.npu.quantize_per_channel``),
 so the program stays small and is still exactly what graph.json and the weights determine.
-* ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
-  (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
-  (buffers, null for an absent optional input) into ``outputs``. One op is the
-  vector unit's own, not an IR op: ``hetflow.npu.Im2Col`` (attrs kernel_shape,
-  strides, pads, dilations): x [N, C, H, W] -> [N, C*kh*kw, oh*ow].
 
 Lowering
 --------
@@ -84,8 +84,8 @@ Lowering
   (``node.meta["int8"] = {"activation_scale": s}``, opt-in: ``hetflow.compile(..., quantize="int8")``) reads
   its weight as ``W#i8`` panels (a quarter of f32's DMA bytes, half of f16's) with ``W#scale`` panels of
   per-column scales, and its gemms run in int8 mode with ``a_scale = s``; a marked node whose second operand
-  is not a 2-D weight is a ``BackendError`` (the pass and the emitter disagree). Shapes must be static: a dynamic partition raises ``NpuUnsupported`` and
-  the partition falls back to the next backend the platform allows (``simulated``).
+  is not a 2-D weight is a ``BackendError`` (the pass and the emitter disagree). Shapes must be static: a
+  dynamic partition raises ``NpuUnsupported`` and the partition falls back to the next backend the platform allows (``simulated``).
 """
 from __future__ import annotations
 
