@@ -31,11 +31,25 @@ Instructions (``instructions``, each with ``node``: the IR value it computes)
   block belongs to (which operand is large is a property of the product, not of one
   panel). Dims are padded to the tile for timing (the data itself is not padded:
   padding with zeros does not change the result).
+  Its int8 mode (``int8``: ``{a_scale, b_scales}``, present only on a quantised gemm): ``b`` is an i8 buffer
+  and ``b_scales`` an f32 buffer of one scale per column of ``b``; the array quantises ``a`` (a float buffer)
+  as ``qa = clip(rint(a / a_scale), -127, 127)`` (round to nearest, ties to even), accumulates
+  ``qa @ b`` in int32, dequantises ``float32(acc) * (a_scale * b_scales[j])`` (f32), then applies alpha and
+  ``beta * bias`` in f32 and writes the output buffer's dtype. Timed at the device's i8 peak.
 * ``vector``: one IR op on the vector unit: ``kernel`` = ``{op, attrs, opset}``
   (attrs in graph.json's encoding), run with the IR's NumPy kernel on ``inputs``
   (buffers, null for an absent optional input) into ``outputs``. One op is the
   vector unit's own, not an IR op: ``hetflow.npu.Im2Col`` (attrs kernel_shape,
   strides, pads, dilations): x [N, C, H, W] -> [N, C*kh*kw, oh*ow].
+
+Tensors (``tensors``: ``{dtype, shape, kind}``): kind ``input``, ``weight`` (the partition's weights, given
+to the simulator), ``const`` (with ``data`` inline), ``temp``, ``output``, and the int8 weights' two:
+``int8_weight`` (i8, the shape of its ``source``) and ``int8_scale`` (f32 ``[source.shape[axis]]``), each
+with ``source`` (a 2-D float weight or constant of the program) and ``axis`` (the source's output-channel
+axis: 1 for B [K, N], 0 for Gemm's transB [N, K]). Their data is not in the program: it is the source
+quantised per channel when the program is loaded, ``scale = max |w| / 127`` over the channel (1 for an
+all-zero one), ``q = clip(rint(w / scale), -127, 127)`` (``hetflow.runtime.runners.npu.quantize_per_channel``),
+so the program stays small and is still exactly what graph.json and the weights determine.
 
 Lowering
 --------
@@ -66,9 +80,12 @@ Lowering
   reload) when a vector op or a one-block product made it, until its last reader
   ran; everything held is stored (if still to be read) before a product, a chunked
   op or an op that needs the room: a "flush". The group's outputs go to DRAM.
-* Float types f32, f16 (and bf16/f64 by the same path); int8 quantisation is not
-  done. Shapes must be static: a dynamic partition raises ``NpuUnsupported`` and
-  the partition falls back to the next backend the platform allows (``simulated``).
+* Float types f32, f16 (and bf16/f64 by the same path). int8: a MatMul/Gemm the ``quantize`` pass marked
+  (``node.meta["int8"] = {"activation_scale": s}``, opt-in: ``hetflow.compile(..., quantize="int8")``) reads
+  its weight as ``W#i8`` panels (a quarter of f32's DMA bytes, half of f16's) with ``W#scale`` panels of
+  per-column scales, and its gemms run in int8 mode with ``a_scale = s``; a marked node whose second operand
+  is not a 2-D weight is a ``BackendError`` (the pass and the emitter disagree). Shapes must be static: a
+  dynamic partition raises ``NpuUnsupported`` and the partition falls back to the next backend the platform allows (``simulated``).
 """
 from __future__ import annotations
 
@@ -106,15 +123,16 @@ def emit_npu_program(graph: Graph, device, where: str = "") -> str:
 
 
 def plan_gemm(batch_a: int, batch_b: int, batch_out: int, m: int, k: int, n: int, itemsize: int, tile: int,
-              capacity: int = NPU_SRAM_BYTES, bias: bool = False) -> tuple[int, int] | None:
+              capacity: int = NPU_SRAM_BYTES, bias: bool = False, scales: bool = False) -> tuple[int, int] | None:
     """(mb, nb): the largest row block and column panel (tile multiples, or the whole dim) such that one A
-    block, two B panels and two output panels (and two bias panels) fit ``capacity`` bytes, with room for
-    the 64-byte alignment of each buffer; None when not even one tile fits."""
-    capacity -= 7 * 64
+    block, two B panels and two output panels (and two bias panels, two f32 int8-scale panels) fit
+    ``capacity`` bytes, with room for the 64-byte alignment of each buffer; None when not even one tile fits.
+    (An int8 B panel is planned at ``itemsize``: more than it takes.)"""
+    capacity -= (9 if scales else 7) * 64
     mb = m
     while True:
         a_bytes = batch_a * mb * k * itemsize
-        per_column = 2 * (batch_b * k + batch_out * mb + (mb if bias else 0)) * itemsize
+        per_column = 2 * (batch_b * k + batch_out * mb + (mb if bias else 0)) * itemsize + (8 if scales else 0)
         room = capacity - a_bytes
         if room > 0:
             nb = room // per_column
@@ -186,7 +204,7 @@ class _Lowering:
         if node.op in ("MatMul", "Gemm") and self._on_array(node, shapes):
             self._flush()
             self.sram_top = 0
-            self._gemm(node, ins, outs[0], label, hold=hold[0])
+            self._gemm(node, ins, outs[0], label, hold=hold[0], int8=self._int8(node, ins, label))
         elif node.op == "Conv" and self._conv_on_array(node, shapes):
             self._flush()
             self._conv(node, ins, outs[0], label)
@@ -258,11 +276,33 @@ class _Lowering:
             return len(a["shape"]) == 2 and len(b["shape"]) == 2
         return len(a["shape"]) >= 2 and len(b["shape"]) >= 2
 
+    def _int8(self, node: Node, ins: list, label: str) -> dict | None:
+        """The int8 mode of a MatMul/Gemm the quantize pass marked (``node.meta["int8"]``): its weight (the second
+        operand, a 2-D weight or constant) as the int8 tensor ``W#i8`` and the per-column scales ``W#scale``,
+        both declared here and made from the float weight when the program is loaded. None: floats."""
+        mark = node.meta.get("int8")
+        if mark is None:
+            return None
+        weight = self.tensors[ins[1]]
+        if weight["kind"] not in ("weight", "const") or len(weight["shape"]) != 2:
+            raise BackendError(f"{self.where}: node %{label} ({node.op}) is marked int8 by the quantize pass, but its "
+                               f"second operand {ins[1]!r} is a {weight['kind']} of shape {weight['shape']}, not a "
+                               "2-D weight (an inconsistency between the pass and the NPU emitter)")
+        trans_b = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
+        axis = 0 if trans_b else 1                       # the output-channel (column of B) axis of the stored weight
+        quantized, scales = f"{ins[1]}#i8", f"{ins[1]}#scale"
+        self.tensors[quantized] = {"dtype": "i8", "shape": list(weight["shape"]), "kind": "int8_weight",
+                                   "source": ins[1], "axis": axis}
+        self.tensors[scales] = {"dtype": "f32", "shape": [weight["shape"][axis]], "kind": "int8_scale",
+                                "source": ins[1], "axis": axis}
+        return {"weight": quantized, "scales": scales, "a_scale": float(mark["activation_scale"])}
+
     def _gemm(self, node: Node, ins: list, out: str, label: str, views: tuple = (None, None, None),
-              hold: int = 0) -> None:
+              hold: int = 0, int8: dict | None = None) -> None:
         """MatMul/Gemm (or a Conv's im2col product) on the array. ``views``: shapes the A, B and output tensors
         are read and written as (None: their own). ``hold`` > 0: a group's intermediate read that many times:
-        when the product is one block, its output stays in SRAM instead of being stored."""
+        when the product is one block, its output stays in SRAM instead of being stored. ``int8`` (``_int8``):
+        B is read from its int8 tensor with a panel of per-column scales, and the gemm runs in int8."""
         trans_a = bool(node.attrs.get("transA", 0)) if node.op == "Gemm" else False
         trans_b = bool(node.attrs.get("transB", 0)) if node.op == "Gemm" else False
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
@@ -277,7 +317,8 @@ class _Lowering:
         n = b_shape[-2] if trans_b else b_shape[-1]
         batch_a, batch_b = math.prod(a_shape[:-2]), math.prod(b_shape[:-2])
         batch_out = math.prod(o_shape[:-2])
-        plan = plan_gemm(batch_a, batch_b, batch_out, m, k, n, itemsize, self.tile, bias=bias is not None)
+        plan = plan_gemm(batch_a, batch_b, batch_out, m, k, n, itemsize, self.tile, bias=bias is not None,
+                         scales=int8 is not None)
         if plan is None:
             raise BackendError(f"{self.where}: node %{label} ({node.op}) [{m}x{k}]x[{k}x{n}] {dtype}: not even one "
                                f"{self.tile}-wide panel fits the NPU SRAM ({NPU_SRAM_BYTES} bytes, "
@@ -303,7 +344,11 @@ class _Lowering:
                 self.sram_top = base if p % 2 == 0 else second   # ping-pong slots
                 tag = f"{label}@m{m0}n{n0}"
                 b_region = _cols(b_shape, n0, n1, trans_b)
-                b_buf = self._buffer(tag, "b", _region_shape(b_region, trans_b), dtype, label, node.op)
+                b_buf = self._buffer(tag, "b", _region_shape(b_region, trans_b), "i8" if int8 else dtype, label,
+                                     node.op)
+                s_buf = None
+                if int8 is not None:
+                    s_buf = self._buffer(tag, "scales", [n1 - n0], "f32", label, node.op)
                 c_buf = c_region = None
                 if bias is not None:
                     c_region = _bias_region(bias_view, m0, m1, n0, n1)
@@ -314,11 +359,17 @@ class _Lowering:
                                      node.op)
                 if p == 0:
                     second = self.sram_top
-                loads = [dict(tensor=ins[1], buffer=b_buf, view=views[1], region=b_region, transpose=trans_b)]
+                b_tensor = int8["weight"] if int8 else ins[1]
+                loads = [dict(tensor=b_tensor, buffer=b_buf, view=views[1], region=b_region, transpose=trans_b)]
+                if s_buf is not None:
+                    loads.append(dict(tensor=int8["scales"], buffer=s_buf, view=None, region=[[n0, n1]],
+                                      transpose=False))
                 if c_buf is not None:
                     loads.append(dict(tensor=bias, buffer=c_buf, view=bias_view, region=c_region, transpose=False))
                 gemm = dict(a=a_buf, b=b_buf, out=o_buf, bias=c_buf, alpha=alpha, beta=beta, stationary=stationary,
                             product=[m, k, n])
+                if int8 is not None:
+                    gemm["int8"] = {"a_scale": int8["a_scale"], "b_scales": s_buf}
                 stores = [] if keep else [dict(buffer=o_buf, tensor=out, view=views[2], region=o_region)]
                 steps.append((loads, ("gemm", gemm), stores))
             self._pipeline(label, steps)
@@ -533,7 +584,8 @@ def disassemble(text: str) -> str:
     lines = [f"; {program['format']} v{program['version']} {program['name']}: device {d['name']} "
              f"(array {d['tile']}x{d['tile']}, SRAM {d['sram_bytes']} B, DRAM {d['bandwidth'] / 1e9:g} GB/s)"]
     for name, t in program["tensors"].items():
-        lines.append(f"; tensor {name}: {t['kind']} {t['dtype']}{t['shape']}")
+        source = f" of {t['source']} (axis {t['axis']})" if "source" in t else ""
+        lines.append(f"; tensor {name}: {t['kind']} {t['dtype']}{t['shape']}{source}")
     buffers = program["buffers"]
     for i, ins in enumerate(program["instructions"]):
         op = ins["op"]
@@ -548,8 +600,11 @@ def disassemble(text: str) -> str:
             lines.append(f"{i:5d}  store   {ins['tensor']}{region} <- sram@{b['offset']}  {b['bytes']} B")
         elif op == "gemm":
             a, b = buffers[ins["a"]]["shape"], buffers[ins["b"]]["shape"]
+            int8 = ins.get("int8")
+            mode = "" if int8 is None else (f"  int8 (a_scale={int8['a_scale']:.6g}, column scales "
+                                            f"sram@{buffers[int8['b_scales']]['offset']})")
             lines.append(f"{i:5d}  gemm    sram@{buffers[ins['out']]['offset']} = {ins['alpha']:g} * "
-                         f"{a} @ {b}{' + bias' if ins['bias'] else ''}  stationary={ins['stationary']}  "
+                         f"{a} @ {b}{' + bias' if ins['bias'] else ''}  stationary={ins['stationary']}{mode}  "
                          f"; %{ins['node']}")
         else:
             outs = ", ".join(f"sram@{buffers[o]['offset']}" for o in ins["outputs"])

@@ -24,6 +24,15 @@ overwrote before its reader ran shows as "clobbered"), in node order.
     python benchmarks/differential.py                 # the full run: 41 models x 7 presets x 3 x 2, 3 seeds, 500 random graphs
     python benchmarks/differential.py --quick         # a small subset
     python benchmarks/differential.py --models bert,llama --platforms host,mobile-soc --placements split --seeds 0
+    python benchmarks/differential.py --quantize int8 --models ex_mlp,bert --seeds 0 --random 0
+    python benchmarks/differential.py --quantize int8 --devices npu --models ex_mlp,ex_gpt2 --seeds 0 --random 0
+
+``--devices npu`` places the model cases on the NPU alone (with ``--quantize int8``: every contraction it can
+take in int8). ``--quantize int8`` compiles every model case with ``quantize="int8"`` (on ``QUANTIZE_PLATFORMS`` unless
+--platforms says otherwise; random graphs stay float) and holds it to the stated int8 tolerance,
+``hetflow.passes.quantize.INT8_RTOL`` (relative to the output's largest magnitude, as EAGER_RTOL), against
+both the interpreter and eager; each case records how many contractions ran in int8, and the last lines say
+in how many cases any did.
 
 Prints a table (model x placement rows, a column per platform: pass/mismatch/error), writes the results
 as JSON under benchmarks/results/, and ends with ``N cases, M mismatches, E errors``; exits 1 if M + E > 0.
@@ -52,7 +61,8 @@ RESULTS = HERE.parent / "results"
 
 PLATFORMS = ["host", "host+cuda", "mobile-soc", "duplex", "pim-gpt", "flash-edge", "laptop-ssd"]
 PLACEMENTS = ["roofline", "optimal", "split"]
-PIPELINES = {"full": None, "nofuse": "canonicalize,place,schedule,plan_memory"}
+PIPELINES = {"full": None, "nofuse": "canonicalize,place,quantize,schedule,plan_memory"}  # quantize: a no-op
+QUANTIZE_PLATFORMS = ["mobile-soc", "flash-edge"]   # the presets with an NPU that runs i8 (--quantize int8)
 SEEDS = [0, 1, 2]
 RANDOM_GRAPHS = 500
 TIME_LIMIT = 1.0            # the placement solver's limit per compile, seconds
@@ -81,6 +91,7 @@ class Case:
     message: str = ""                 # the error, or the mismatch's one-line summary
     divergence: dict | None = None    # where a mismatch first shows (see ``locate_divergence``)
     seconds: float = 0.0
+    quantize: str | None = None       # "int8": compiled with quantize="int8" (tolerance INT8_RTOL)
     detail: dict = field(default_factory=dict)    # random graphs: the graph's description; models: devices used
 
     @property
@@ -381,13 +392,15 @@ def _flatten_torch(outputs) -> list[np.ndarray]:
 
 
 def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_limit: float = TIME_LIMIT,
-              log=None, case_timeout: float | None = CASE_TIMEOUT) -> list[Case]:
-    """One zoo model under every (platform, placement, pipeline) in ``configs``, captured once."""
+              log=None, case_timeout: float | None = CASE_TIMEOUT, quantize: str | None = None,
+              devices: list[str] | None = None) -> list[Case]:
+    """One zoo model under every (platform, placement, pipeline) in ``configs``, captured once; ``quantize``:
+    compiled with it, to the int8 tolerance; ``devices``: placed only on these."""
     import hetflow
     from hetflow.examples.zoo import ZOO
     from hetflow.runtime.interpreter import Interpreter
     entry = ZOO[name]
-    cases = [Case(name, p, pl, pipe, seed) for p, pl, pipe in configs]
+    cases = [Case(name, p, pl, pipe, seed, quantize=quantize) for p, pl, pipe in configs]
     start = time.perf_counter()
     try:
         built, inputs = entry.build()
@@ -410,6 +423,9 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
             case.status, case.message = "error", message
         return cases
     rtol = entry.rtol
+    if quantize:
+        from hetflow.passes.quantize import INT8_RTOL
+        rtol = max(rtol, INT8_RTOL)
     # the imported graph against eager, once: a difference here is the frontend's or an interpreter kernel's
     capture_error = worst_error(imported, eager) if eager is not None else 0.0
     setup = time.perf_counter() - start
@@ -419,7 +435,10 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
             with deadline(case_timeout):
                 compiled = hetflow.compile(model, call_args if torch_capture is not None else None,
                                            platform=case.platform, placement=case.placement,
-                                           passes=PIPELINES[case.pipeline], time_limit=time_limit)
+                                           passes=PIPELINES[case.pipeline], time_limit=time_limit,
+                                           quantize=quantize, devices=devices)
+                if compiled.quantization is not None:
+                    case.detail["int8_contractions"] = len(compiled.quantization.contractions)
                 if torch_capture is not None:
                     import torch
                     with torch.no_grad():
@@ -753,7 +772,8 @@ def worker_main(args) -> int:
         out.write(json.dumps(asdict(case)) + "\n")
 
     for name in args.models:
-        run_model(name, configs, args.seed, args.time_limit, log=log, case_timeout=args.case_timeout)
+        run_model(name, configs, args.seed, args.time_limit, log=log, case_timeout=args.case_timeout,
+                  quantize=args.quantize, devices=args.devices)
     if args.random_count:
         save = Path(args.save_failing) if args.save_failing else None
         run_random(args.random_start, args.random_count, args.seed, args.platforms, args.placements,
@@ -803,7 +823,9 @@ def run_driver(args) -> list[dict]:
         command = [sys.executable, str(HERE), "--worker", "--seed", str(task.seed),
                    "--models", ",".join(task.models) or "-", "--platforms", ",".join(args.platforms),
                    "--placements", ",".join(args.placements), "--pipelines", ",".join(args.pipelines),
-                   "--time-limit", str(args.time_limit), "--case-timeout", str(args.case_timeout), "--out", str(out),
+                   "--time-limit", str(args.time_limit), *(["--quantize", args.quantize] if args.quantize else []),
+                   *(["--devices", ",".join(args.devices)] if args.devices else []),
+                   "--case-timeout", str(args.case_timeout), "--out", str(out),
                    "--random-start", str(task.random_start), "--random-count", str(task.random_count)]
         if args.save_failing:
             command += ["--save-failing", args.save_failing]
@@ -924,7 +946,15 @@ def totals(rows: list[dict]) -> tuple[int, int, int]:
 
 def summary_line(rows: list[dict]) -> str:
     n, m, e = totals(rows)
-    return f"{n} cases, {m} mismatches, {e} errors"
+    line = f"{n} cases, {m} mismatches, {e} errors"
+    quantized = [r for r in rows if r.get("quantize")]
+    if quantized:
+        from hetflow.passes.quantize import INT8_RTOL
+        ran = sum(1 for r in quantized if r.get("detail", {}).get("int8_contractions"))
+        worst = max((v for r in quantized if r["status"] == "pass" for v in r["errors"].values()), default=0.0)
+        line += (f" (int8: {ran} of {len(quantized)} cases ran contractions in int8; worst relative error "
+                 f"{worst:.3g} of the tolerance {INT8_RTOL:g})")
+    return line
 
 
 def _csv(text: str) -> list[str]:
@@ -951,6 +981,10 @@ def parse_args(argv=None):
     parser.add_argument("--worker-timeout", type=float, default=3600.0, help="stop a worker after this long, s")
     parser.add_argument("--json", help="where to write the results (default benchmarks/results/differential_<time>.json)")
     parser.add_argument("--save-failing", help="directory for the ONNX models of failing random graphs")
+    parser.add_argument("--quantize", choices=["int8"], help="compile the model cases with quantize=int8 (default "
+                        f"platforms {','.join(QUANTIZE_PLATFORMS)}), to the tolerance hetflow.passes.quantize.INT8_RTOL")
+    parser.add_argument("--devices", help="model cases placed only on these devices (e.g. npu with --quantize int8, "
+                        "so that every contraction the NPU can take runs in int8)")
     parser.add_argument("--list", action="store_true", help="list the zoo and exit")
     parser.add_argument("--summarise", metavar="JSON", help="print the table and failures of a results file and exit")
     # worker-only
@@ -966,7 +1000,9 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in ZOO]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; the zoo: {', '.join(ZOO)}")
-    args.platforms = _csv(args.platforms) if args.platforms else (QUICK_PLATFORMS if args.quick else PLATFORMS)
+    args.devices = _csv(args.devices) if args.devices else None
+    args.platforms = _csv(args.platforms) if args.platforms else (
+        QUANTIZE_PLATFORMS if args.quantize else QUICK_PLATFORMS if args.quick else PLATFORMS)
     args.placements = _csv(args.placements) if args.placements else PLACEMENTS
     args.pipelines = _csv(args.pipelines) if args.pipelines else list(PIPELINES)
     bad = [p for p in args.pipelines if p not in PIPELINES]

@@ -83,6 +83,7 @@ class CompiledModel:
         self.placement = options.results.get("placement") if options else None
         self.schedule = options.results.get("schedule") if options else None
         self.memory_plan = options.results.get("memory_plan") if options else None
+        self.quantization = options.results.get("quantization") if options else None  # QuantizationReport
         self.partitions = None
         self._executor = None
         self.compile_seconds = compile_seconds
@@ -156,6 +157,11 @@ class CompiledModel:
             extra["memory_plan"] = self.memory_plan.as_manifest()
         if self.schedule is not None:
             extra["schedule"] = self.schedule.as_dict()
+        if self.quantization is not None:
+            q = self.quantization
+            extra["quantization"] = {"mode": q.mode, "calibration": q.calibration,
+                                     "contractions": [c["node"] for c in q.contractions],
+                                     "max_abs_error": q.max_abs_error, "relative_error": q.relative_error}
         if self.placement is not None:
             extra["placement"] = {"policy": self.placement.policy, "chosen": self.placement.chosen,
                                   "solver": self.placement.solver,
@@ -168,14 +174,14 @@ class CompiledModel:
     def report(self) -> str:
         from hetflow.report import compile_report
         return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds,
-                              self.memory_plan)
+                              self.memory_plan, quantization=self.quantization)
 
 
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
             passes: Sequence[str] | str | None = None, placement: str = "roofline",
             devices: Sequence[str] | None = None, time_limit: float = 10.0,
             cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", dynamic_shapes: Any = None,
-            cost_model: str = "analytic") -> CompiledModel:
+            quantize: str | None = None, cost_model: str = "analytic") -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
@@ -193,6 +199,10 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     ``cost_model``: ``"analytic"`` (the roofline model with the papers' quirks) or ``"sim"``: each group
     placement considers for an NPU or PIM is emitted and timed on that device's simulator (cached per
     distinct group), so placement and the simulated run agree; the report says which was used.
+    ``quantize="int8"``: the MatMul/Gemm placed on an NPU that runs i8 (mobile-soc, flash-edge) run in int8
+    (per-output-channel weights, activations calibrated on ``example_inputs``, else on seeded random
+    inputs); the compiled model's error against the reference interpreter on those inputs is measured
+    and reported (``report()``, ``CompiledModel.quantization``). A platform without such an NPU is refused.
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
@@ -200,8 +210,25 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     platform = _check_platform(platform)
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs, dynamic_shapes)
+    calibration = _example_feeds(graph, torch_capture, example_inputs) if quantize else None
     return compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
-                         gpu_kernels, start, cost_model=cost_model)
+                         gpu_kernels, start, quantize=quantize, calibration_inputs=calibration,
+                         cost_model=cost_model)
+
+
+def _example_feeds(graph: Graph, torch_capture, example_inputs) -> list[dict] | None:
+    """The example inputs as one calibration sample ``[{graph input name: array}]``; None when there are none."""
+    if example_inputs is None:
+        return None
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    if torch_capture is None:
+        return [dict(zip([v.name for v in graph.inputs], (np.asarray(x) for x in example_inputs)))]
+    import torch
+    from torch.utils import _pytree as pytree
+    from hetflow.frontends.torch import tensor_to_numpy
+    tensors = [a for a in pytree.tree_flatten(tuple(example_inputs))[0] if isinstance(a, torch.Tensor)]
+    return [{n: tensor_to_numpy(t) for n, t in zip(torch_capture.input_names, tensors)}]
 
 
 def _check_backends(cpu_backend: str, gpu_kernels: str) -> None:
@@ -216,18 +243,21 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
                   passes: Sequence[str] | str | None = None, placement: str = "roofline",
                   devices: Sequence[str] | None = None, time_limit: float = 10.0,
                   cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton",
-                  start: float | None = None, cost_model: str = "analytic") -> CompiledModel:
+                  start: float | None = None, quantize: str | None = None,
+                  calibration_inputs: list[dict] | None = None, cost_model: str = "analytic") -> CompiledModel:
     """A captured graph through the pipeline, placement, memory plan and plan check to a ``CompiledModel``:
     the one path ``compile`` and the ``torch.compile`` backend share. ``start``: when capture began (for
-    ``compile_seconds``)."""
+    ``compile_seconds``). ``quantize``/``calibration_inputs``: as ``compile``'s (samples of {input name: array})."""
     from hetflow.passes import CompileOptions
     from hetflow.pipeline import run_pipeline
     _check_backends(cpu_backend, gpu_kernels)
     platform = _check_platform(platform)
+    _check_quantize(quantize, platform, graph)
     start = time.perf_counter() if start is None else start
     _check_cost_model(cost_model)
     options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit,
                              cost_model=cost_model)
+    options.quantize, options.calibration_inputs = quantize, calibration_inputs
     verify(graph)
     _check_dynamic(graph, platform, cpu_backend)
     graph, runner = run_pipeline(graph, passes, options=options)
@@ -240,6 +270,11 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
         compiled._build_partitions()
         compiled.compile_seconds = time.perf_counter() - start
     compiled.pass_records = runner.records
+    if quantize and compiled.quantization is None:
+        raise CompileError(f"quantize={quantize!r} needs the quantize pass in the pipeline (after place); the passes "
+                           f"run were {', '.join(r.name for r in runner.records) or 'none'}")
+    if compiled.quantization is not None:
+        measure_quantization_error(compiled)
     return compiled
 
 
@@ -247,6 +282,39 @@ def _check_cost_model(cost_model: str) -> None:
     from hetflow.passes.cost import COST_MODELS
     if cost_model not in COST_MODELS:
         raise CompileError(f"cost_model {cost_model!r} is not one of {', '.join(COST_MODELS)}")
+
+
+def _check_quantize(quantize: str | None, platform, graph: Graph) -> None:
+    """An unknown mode, a platform without an NPU that runs i8, or dynamic sizes: one line, before any pass."""
+    from hetflow.passes.quantize import check_quantize
+    try:
+        check_quantize(quantize, platform)
+    except HetflowError as exc:
+        raise CompileError(str(exc)) from None
+    if quantize and graph.dims:
+        raise CompileError(f"quantize={quantize!r} calibrates on inputs of one size; this graph has dynamic sizes: "
+                           "compile it without dynamic_shapes")
+
+
+def measure_quantization_error(compiled: CompiledModel) -> None:
+    """The accuracy loss of int8: the compiled model against the reference interpreter (the float graph) on the
+    calibration inputs, into ``compiled.quantization`` (max abs error; that over the output's largest
+    magnitude, the worst output)."""
+    from hetflow.ir.interpreter import run_graph
+    report = compiled.quantization
+    worst_abs = worst_rel = 0.0
+    for sample in report.samples:
+        got = list(compiled.executor.run(dict(sample)).values())
+        want = run_graph(compiled.graph, sample)
+        for g, w in zip(got, want):
+            w = np.asarray(w)
+            if w.dtype.kind != "f":
+                continue
+            error = float(np.max(np.abs(np.asarray(g, np.float64) - w.astype(np.float64)))) if w.size else 0.0
+            scale = float(np.max(np.abs(w.astype(np.float64)))) if w.size else 0.0
+            worst_abs = max(worst_abs, error)
+            worst_rel = max(worst_rel, error / scale if scale > 0 else error)
+    report.max_abs_error, report.relative_error = worst_abs, worst_rel
 
 
 def _check_dynamic(graph: Graph, platform, cpu_backend: str) -> None:

@@ -131,7 +131,8 @@ def cmd_compile(args) -> int:
         raise UsageError(f"--sign {args.sign}: no such key file (make a pair with 'hetflow keygen NAME')")
     compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
                                placement=args.placement, devices=devices, time_limit=args.time_limit,
-                               cpu_backend=args.cpu_backend, dynamic_shapes=dynamic, cost_model=args.cost_model)
+                               cpu_backend=args.cpu_backend, dynamic_shapes=dynamic, quantize=args.quantize,
+                               cost_model=args.cost_model)
     out = compiled.save(args.output, sign_key=args.sign)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
@@ -547,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model each NAME is an input dim_param and needs its range, e.g. batch=1..8,seq=1..512")
     p.add_argument("--passes", metavar="P1,P2", help="run these passes instead of the default pipeline "
                    "(canonicalize,fuse); '' runs none. HETFLOW_DUMP_IR=DIR writes the IR after each pass")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: run the MatMul/Gemm placed on an NPU that runs i8 (mobile-soc, flash-edge) in int8: "
+                        "per-output-channel weights, activations calibrated on the example inputs (random ones "
+                        "for a .onnx file); the report gives the error against float. Default: floats")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs",

@@ -5,6 +5,8 @@
     place         a device per group from its Op/B against each device's roofline (policy: roofline,
                   optimal, split), transfers where values cross memories that are not unified
                   (sets meta device)
+    quantize      opt-in (CompileOptions.quantize="int8"): the MatMul/Gemm an NPU runs with a constant weight
+                  get an int8 activation scale calibrated on the example inputs (needs device; sets meta int8)
     schedule      a queue per device; the event-driven simulation gives the predicted timeline
                   (needs device; sets meta start_us, end_us)
     plan_memory   an offset for every activation in its memory space's arena, from lifetimes in node
@@ -27,6 +29,7 @@ PIPELINE = [
     "canonicalize",
     "fuse",
     "place",
+    "quantize",
     "schedule",
     "plan_memory",
 ]

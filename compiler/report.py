@@ -168,7 +168,7 @@ _LIMIT_LINE = {
 
 
 def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
-                   memory_plan=None) -> str:
+                   memory_plan=None, quantization=None) -> str:
     from hetflow.ir.symbolic import describe_ranges, max_nbytes, sized_at_max
     summary = graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)
     if graph.dims:  # a dynamic graph's counts at the declared maximum; its inputs and outputs as declared
@@ -203,6 +203,8 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
                 parts.append(f"split {s['node']} by {s['dim']}: {s['eighths_on_first']}/8 on {s['devices'][0]}, "
                              f"the rest on {s['devices'][1]} -> {_us(s['time'])} (alone: "
                              + ", ".join(f"{d} {_us(t)}" for d, t in s['alone'].items()) + ")")
+    if quantization is not None:   # hetflow.passes.quantize.QuantizationReport
+        parts.append(quantization.line())
     if memory_plan is not None and memory_plan.spaces:
         parts.append("memory plan (activations crossing groups; weights have their own region)\n"
                      + memory_table(memory_plan))

@@ -36,6 +36,8 @@ start_us   schedule     every node  predicted start, us from the call's entry (m
 end_us     schedule     every node  predicted end, us from the call's entry (modelled)
 memory     plan_memory  every node  the memory space of its outputs (``Platform.memory_space``)
 offsets    plan_memory  every node  each output's byte offset in that space's arena (None: unplanned)
+int8       quantize     some        a MatMul/Gemm an NPU runs in int8 (on the group member, for a fused
+                                    group): ``{"activation_scale": s}``, its first operand's calibrated scale
 =========  ===========  ==========  ===============================================================
 
 ``schedule`` and ``plan_memory`` need ``device`` (``plan_memory`` orders
@@ -73,6 +75,8 @@ class CompileOptions:
     time_limit: float = 10.0           # seconds for each exact solver
     cost_model: str = "analytic"       # "sim": NPU/PIM candidates timed on their simulators (hetflow.passes.cost)
     results: dict = field(default_factory=dict)  # analyses the passes leave (RESULT_KEYS below)
+    quantize: str | None = None        # "int8": the NPU's contractions in int8 (the quantize pass); None: floats
+    calibration_inputs: list[dict] | None = None  # for quantize: samples of {input name: array}; None: random
 
     def resolved_platform(self):
         from hetflow.platform import load_platform
@@ -98,6 +102,8 @@ META_KEYS: dict[str, MetaKey] = {  # the table of the module's docstring
     "end_us": MetaKey("schedule", True, "predicted end, us from the call's entry (modelled)"),
     "memory": MetaKey("plan_memory", True, "the memory space of its outputs (``Platform.memory_space``)"),
     "offsets": MetaKey("plan_memory", True, "each output's byte offset in that space's arena (None: unplanned)"),
+    "int8": MetaKey("quantize", False, "a MatMul/Gemm an NPU runs in int8 (on the group member, for a fused group): "
+                                       "``{\"activation_scale\": s}``, its first operand's calibrated scale"),
 }
 
 
@@ -111,6 +117,8 @@ RESULT_KEYS: dict[str, ResultKey] = {  # the analyses the passes leave in Compil
     "placement": ResultKey("place", "PlacementReport: the policy, each node's costs, the solver's outcome"),
     "schedule": ResultKey("schedule", "Schedule: the predicted timeline (events per device, makespan)"),
     "memory_plan": ResultKey("plan_memory", "MemoryPlanReport: per memory space, the arena and its offsets"),
+    "quantization": ResultKey("quantize", "QuantizationReport: the contractions quantised, the calibration, the "
+                                          "accuracy loss (None when CompileOptions.quantize is None)"),
 }
 
 
@@ -268,7 +276,7 @@ def parse_pipeline(text: str) -> list[str]:
 
 
 def _load_builtin_passes() -> None:
-    from hetflow.passes import canonicalize, fuse, place_pass, plan_memory  # noqa: F401  (registration on import)
+    from hetflow.passes import canonicalize, fuse, place_pass, plan_memory, quantize  # noqa: F401  (registration on import)
 
 
 @dataclass

@@ -112,6 +112,7 @@ MANIFEST_SCHEMA = {
                      "properties": {"platform": {"type": "string"}, "events": {"type": "array", "items": EVENT},
                                     "makespan_us": MICROSECONDS, "modelled": {"type": "boolean"}}},
         "placement": {"type": "object"},
+        "quantization": {"type": "object"},   # quantize="int8": what was quantised, the calibration, the error
         "files": {"type": "object", "propertyNames": PATH,
                   "additionalProperties": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"}},
     },

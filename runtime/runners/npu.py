@@ -3,12 +3,15 @@ there) functionally with NumPy and times every instruction with a model of the d
 
 Validation at load: the JSON schema (``PROGRAM_SCHEMA``: one line naming the field), then the program's
 meaning: every buffer inside the SRAM (``hetflow.platform.NPU_SRAM_BYTES``, not what the program claims),
-every name defined, every region inside its tensor and the size of its buffer, gemm operands that multiply.
+every name defined, every region inside its tensor and the size of its buffer, gemm operands that multiply,
+an int8 gemm's i8 ``b`` and its f32 per-column scales, each int8 tensor's float source. The int8 weights
+(``int8_weight``, ``int8_scale``) are made here at load from their sources (``quantize_per_channel``), once.
 
 The timing model (all of it from the platform's device; nothing measured):
 
 * array clock = peak(dtype) / (2 tile^2): a tile x tile systolic array does tile^2 MACs a cycle at peak;
-* gemm: batch x ceil(m/T) x ceil(k/T) x ceil(n/T) tiles of T cycles each (every dim padded to the tile), times
+* gemm (in int8 mode, ``int8`` present: at peak(i8); its i8 weight panels are a quarter of f32's load bytes):
+  batch x ceil(m/T) x ceil(k/T) x ceil(n/T) tiles of T cycles each (every dim padded to the tile), times
   ``stationary_penalty`` when the operand held in the array has a reduction dim longer than its output dim
   in the whole product (``b`` held: k > n; ``a`` held: k > m), HeteroInfer's operand-order effect;
 * vector: ceil(elements x ops-per-element / T) cycles (T lanes), elements = the larger of what it reads and writes;
@@ -41,7 +44,8 @@ from hetflow.support.schema import check
 from . import RunnerError, register_runner
 from .interpreter import SimulatorRunner
 
-__all__ = ["PROGRAM_SCHEMA", "NpuSimulator", "gemm_cycles", "load_program", "load_npu"]
+__all__ = ["PROGRAM_SCHEMA", "NpuSimulator", "gemm_cycles", "load_program", "load_npu", "quantize_activation",
+           "quantize_per_channel"]
 
 IM2COL = "hetflow.npu.Im2Col"   # the vector unit's own op: x [N, C, H, W] -> [N, C*kh*kw, oh*ow]
 OPS_PER_ELEMENT = {"Softmax": 5, "LogSoftmax": 5, "LayerNormalization": 8, "RMSNormalization": 6,
@@ -71,6 +75,9 @@ _INSTRUCTION = {
                   "properties": {"a": _NAME, "b": _NAME, "out": _NAME, "bias": {"type": ["string", "null"]},
                                  "alpha": {"type": "number"}, "beta": {"type": "number"},
                                  "stationary": {"enum": ["a", "b"]},
+                                 "int8": {"type": "object", "required": ["a_scale", "b_scales"],
+                                          "properties": {"a_scale": {"type": "number", "exclusiveMinimum": 0},
+                                                         "b_scales": _NAME}},
                                  "product": {"type": "array", "items": {"type": "integer", "minimum": 0},
                                              "minItems": 3, "maxItems": 3}}}},
         {"if": {"properties": {"op": {"const": "vector"}}},
@@ -101,7 +108,11 @@ PROGRAM_SCHEMA = {
             "type": "object", "required": ["dtype", "shape", "kind"],
             "properties": {"dtype": {"enum": [d.value for d in DType if d is not DType.str]},
                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                           "kind": {"enum": ["input", "weight", "const", "temp", "output"]}}}},
+                           "kind": {"enum": ["input", "weight", "const", "temp", "output", "int8_weight",
+                                             "int8_scale"]},
+                           "source": _NAME, "axis": {"enum": [0, 1]}},
+            "if": {"properties": {"kind": {"enum": ["int8_weight", "int8_scale"]}}},
+            "then": {"required": ["source", "axis"]}}},
         "buffers": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["offset", "bytes", "shape", "dtype"],
             "properties": {"offset": {"type": "integer", "minimum": 0}, "bytes": {"type": "integer", "minimum": 0},
@@ -152,6 +163,7 @@ class NpuSimulator:
         self.program = load_program(program, where) if isinstance(program, str) else program
         self.weights = weights
         self._check()
+        self.int8 = self._quantize_weights()
         self.kernels = {i: self._kernel(i, ins) for i, ins in enumerate(self.program["instructions"])
                         if ins["op"] == "vector"}
         self._penalised = self._penalised_operands()
@@ -184,7 +196,13 @@ class NpuSimulator:
                 if w is None or list(w.shape) != t["shape"] or TensorType.of(w).dtype.value != t["dtype"]:
                     self._fail(None, f"weight {name!r} {t['dtype']}{t['shape']} is not among the partition's weights "
                                      "with that type")
+        for name, t in tensors.items():
+            if t["kind"] in ("int8_weight", "int8_scale"):
+                self._check_int8_tensor(name, t)
         for i, ins in enumerate(p["instructions"]):
+            if ins["op"] == "gemm" and ins.get("int8") is not None and ins["int8"]["b_scales"] not in buffers:
+                self._fail(i, f"int8.b_scales names buffer {ins['int8']['b_scales']!r}, which the program does not "
+                              "declare")
             for field in ("buffer", "a", "b", "out", "bias"):
                 if ins.get(field) is not None and ins[field] not in buffers:
                     self._fail(i, f"{field} names buffer {ins[field]!r}, which the program does not declare")
@@ -197,6 +215,30 @@ class NpuSimulator:
                 self._check_region(i, ins)
             if ins["op"] == "gemm":
                 self._check_gemm(i, ins)
+
+    def _check_int8_tensor(self, name: str, t: dict) -> None:
+        source = self.program["tensors"].get(t["source"])
+        if source is None or source["kind"] not in ("weight", "const") or len(source["shape"]) != 2 \
+                or DType(source["dtype"]).numpy.kind != "f":
+            self._fail(None, f"{t['kind']} {name!r} is made from {t['source']!r}, which is not a 2-D float weight or "
+                             "constant of the program")
+        want = ("i8", source["shape"]) if t["kind"] == "int8_weight" else ("f32", [source["shape"][t["axis"]]])
+        if (t["dtype"], t["shape"]) != want:
+            self._fail(None, f"{t['kind']} {name!r} is {t['dtype']}{t['shape']}; made from {t['source']!r} "
+                             f"{source['dtype']}{source['shape']} along axis {t['axis']} it is {want[0]}{want[1]}")
+
+    def _quantize_weights(self) -> dict[str, np.ndarray]:
+        """The int8 weights and their per-channel scales, made from their float weights (once, at load)."""
+        tensors, made = self.program["tensors"], {}
+        for name, t in tensors.items():
+            if t["kind"] not in ("int8_weight", "int8_scale"):
+                continue
+            source = tensors[t["source"]]
+            data = self.weights[t["source"]] if source["kind"] == "weight" else \
+                _tensor_from_json(source["data"], f"constant {t['source']}")
+            quantized, scales = quantize_per_channel(data, t["axis"])
+            made[name] = quantized if t["kind"] == "int8_weight" else scales
+        return made
 
     def _check_region(self, i: int, ins: dict) -> None:
         t = self.program["tensors"][ins["tensor"]]
@@ -225,6 +267,17 @@ class NpuSimulator:
         m, k, n = ins["product"]
         if a[-2] > m or a[-1] != k or b[-1] > n:
             self._fail(i, f"its block {a} @ {b} is not part of the product {ins['product']} it names")
+        a_dtype, b_dtype = buffers[ins["a"]]["dtype"], buffers[ins["b"]]["dtype"]
+        if ins.get("int8") is None:
+            if "i8" in (a_dtype, b_dtype):
+                self._fail(i, "an i8 operand in a gemm without int8 mode (its per-column scales)")
+            return
+        scales = buffers[ins["int8"]["b_scales"]]
+        if b_dtype != "i8" or DType(a_dtype).numpy.kind != "f" or len(b) != 2:
+            self._fail(i, f"int8 mode takes a float a and a 2-D i8 b, not {a_dtype} and {b_dtype}{b}")
+        if scales["dtype"] != "f32" or scales["shape"] != [b[-1]]:
+            self._fail(i, f"int8 mode's column scales {ins['int8']['b_scales']!r} are {scales['dtype']}"
+                          f"{scales['shape']}; its b has {b[-1]} columns: f32[{b[-1]}]")
 
     def _kernel(self, i: int, ins: dict):
         spec = ins["kernel"]
@@ -276,7 +329,8 @@ class NpuSimulator:
             batch = math.prod(buffers[ins["out"]]["shape"][:-2])
             cycles = gemm_cycles(batch, a["shape"][-2], a["shape"][-1], b["shape"][-1], ins["stationary"], tile,
                                  d["stationary_penalty"], tuple(ins["product"]))
-            return "array", cycles * 2 * tile * tile / peak_for(d["peak"], a["dtype"])
+            dtype = "i8" if ins.get("int8") is not None else a["dtype"]
+            return "array", cycles * 2 * tile * tile / peak_for(d["peak"], dtype)
         reads = sum(math.prod(buffers[x]["shape"]) for x in ins["inputs"] if x is not None)
         writes = sum(math.prod(buffers[x]["shape"]) for x in ins["outputs"])
         work = max(reads, writes, 1) * OPS_PER_ELEMENT.get(ins["kernel"]["op"], 1)
@@ -351,6 +405,8 @@ class NpuSimulator:
                 dram[name] = self.weights[name]
             elif t["kind"] == "const":
                 dram[name] = _tensor_from_json(t["data"], f"constant {name}")
+            elif t["kind"] in ("int8_weight", "int8_scale"):
+                dram[name] = self.int8[name]
         for name in p["inputs"]:
             if name not in inputs:
                 raise RunnerError(f"{self.where}: missing input {name!r}")
@@ -372,7 +428,8 @@ class NpuSimulator:
             elif op == "store":
                 self._store(dram, sram[ins["buffer"]], ins)
             elif op == "gemm":
-                sram[ins["out"]] = _gemm(ins, sram)
+                out_dtype = DType(p["buffers"][ins["out"]]["dtype"]).numpy
+                sram[ins["out"]] = _gemm(ins, sram) if ins.get("int8") is None else _gemm_int8(ins, sram, out_dtype)
             else:
                 args = [None if b is None else sram[b] for b in ins["inputs"]]
                 try:
@@ -404,7 +461,8 @@ def _accesses(ins: dict) -> tuple[list[str], list[str]]:
     if ins["op"] == "store":
         return [ins["buffer"]], []
     if ins["op"] == "gemm":
-        return [x for x in (ins["a"], ins["b"], ins["bias"]) if x is not None], [ins["out"]]
+        scales = ins["int8"]["b_scales"] if ins.get("int8") is not None else None
+        return [x for x in (ins["a"], ins["b"], ins["bias"], scales) if x is not None], [ins["out"]]
     return [x for x in ins["inputs"] if x is not None], list(ins["outputs"])
 
 
@@ -418,6 +476,37 @@ def _gemm(ins: dict, sram: dict) -> np.ndarray:
         c = sram[ins["bias"]]
         y = y + (c * c.dtype.type(ins["beta"]) if ins["beta"] != 1.0 else c)
     return y.astype(a.dtype, copy=False)
+
+
+def quantize_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D float weight as (int8 values, f32 scales), one scale per index of ``axis`` (the output channel):
+    symmetric, ``scale = max |w| / 127`` over the channel (1 for an all-zero channel), ``q = clip(rint(w /
+    scale), -127, 127)`` (round to nearest, ties to even)."""
+    w = np.asarray(weight, dtype=np.float32)
+    peak = np.max(np.abs(w), axis=1 - axis)
+    scales = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+    shaped = scales[None, :] if axis == 1 else scales[:, None]
+    return np.clip(np.rint(w / shaped), -127, 127).astype(np.int8), scales
+
+
+def quantize_activation(a: np.ndarray, scale: float) -> np.ndarray:
+    """An activation as int8 with a per-tensor scale: ``clip(rint(a / scale), -127, 127)`` in f32."""
+    return np.clip(np.rint(np.asarray(a, dtype=np.float32) / np.float32(scale)), -127, 127).astype(np.int8)
+
+
+def _gemm_int8(ins: dict, sram: dict, out_dtype) -> np.ndarray:
+    """The array's int8 mode: A quantised with ``a_scale``, int32 accumulation against the int8 B, dequantised
+    by ``a_scale * b_scales[j]`` (f32), then alpha and beta * bias in f32, then the output's dtype."""
+    int8 = ins["int8"]
+    qa = quantize_activation(sram[ins["a"]], int8["a_scale"]).astype(np.int32)
+    acc = np.matmul(qa, sram[ins["b"]].astype(np.int32))
+    y = acc.astype(np.float32) * (np.float32(int8["a_scale"]) * sram[int8["b_scales"]].astype(np.float32))
+    if ins["alpha"] != 1.0:
+        y = y * np.float32(ins["alpha"])
+    if ins["bias"] is not None:
+        c = sram[ins["bias"]].astype(np.float32)
+        y = y + (c * np.float32(ins["beta"]) if ins["beta"] != 1.0 else c)
+    return y.astype(out_dtype, copy=False)
 
 
 class NpuRunner(SimulatorRunner):

@@ -368,7 +368,8 @@ def test_the_public_names():
     from hetflow.backends import npu as backend
     from hetflow.runtime.runners import npu as runner
     assert sorted(backend.__all__) == ["FORMAT", "NpuUnsupported", "disassemble", "emit_npu_program", "plan_gemm"]
-    assert sorted(runner.__all__) == ["NpuSimulator", "PROGRAM_SCHEMA", "gemm_cycles", "load_npu", "load_program"]
+    assert sorted(runner.__all__) == ["NpuSimulator", "PROGRAM_SCHEMA", "gemm_cycles", "load_npu", "load_program",
+                                      "quantize_activation", "quantize_per_channel"]
     for module in (backend, runner):
         assert all(hasattr(module, name) for name in module.__all__)
 
