@@ -25,6 +25,7 @@ overwrote before its reader ran shows as "clobbered"), in node order.
     python benchmarks/differential.py --quick         # a small subset
     python benchmarks/differential.py --models bert,llama --platforms host,mobile-soc --placements split --seeds 0
     python benchmarks/differential.py --quantize int8 --models ex_mlp,bert --seeds 0 --random 0
+    python benchmarks/differential.py --cost-model sim --platforms mobile-soc,duplex,pim-gpt,flash-edge --seeds 0
     python benchmarks/differential.py --quantize int8 --devices npu --models ex_mlp,ex_gpt2 --seeds 0 --random 0
 
 ``--devices npu`` places the model cases on the NPU alone (with ``--quantize int8``: every contraction it can
@@ -68,6 +69,7 @@ RANDOM_GRAPHS = 500
 TIME_LIMIT = 1.0            # the placement solver's limit per compile, seconds
 EAGER_RTOL = 1e-4           # f32, relative to the output's largest magnitude
 RANDOM_RTOL = 1e-4
+COST_MODEL = "analytic"     # --cost-model sim: placement by the simulators' times (other groups go to the NPU/PIM)
 SCALE_FLOOR = 1e-6          # an output whose largest magnitude is below this is compared absolutely
 
 QUICK_MODELS = ["ex_mlp", "bert", "llama", "resnet", "ir_gpt2_decode"]
@@ -436,7 +438,7 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
                 compiled = hetflow.compile(model, call_args if torch_capture is not None else None,
                                            platform=case.platform, placement=case.placement,
                                            passes=PIPELINES[case.pipeline], time_limit=time_limit,
-                                           quantize=quantize, devices=devices)
+                                           quantize=quantize, devices=devices, cost_model=COST_MODEL)
                 if compiled.quantization is not None:
                     case.detail["int8_contractions"] = len(compiled.quantization.contractions)
                 if torch_capture is not None:
@@ -685,7 +687,7 @@ def check_random_graph(model, feeds: dict, platform: str, placement: str, pipeli
             reference = Interpreter(imported).run(feeds)
             case.errors["interpreter_vs_ort"] = worst_error(reference, expected)
             compiled = hetflow.compile(model, platform=platform, placement=placement, passes=PIPELINES[pipeline],
-                                       time_limit=time_limit)
+                                       time_limit=time_limit, cost_model=COST_MODEL)
             got = list(compiled.executor.run(feeds).values())
             case.errors["ort"] = worst_error(got, expected)
             case.errors["interpreter"] = worst_error(got, reference)
@@ -825,6 +827,7 @@ def run_driver(args) -> list[dict]:
                    "--placements", ",".join(args.placements), "--pipelines", ",".join(args.pipelines),
                    "--time-limit", str(args.time_limit), *(["--quantize", args.quantize] if args.quantize else []),
                    *(["--devices", ",".join(args.devices)] if args.devices else []),
+                   "--cost-model", args.cost_model,
                    "--case-timeout", str(args.case_timeout), "--out", str(out),
                    "--random-start", str(task.random_start), "--random-count", str(task.random_count)]
         if args.save_failing:
@@ -954,6 +957,8 @@ def summary_line(rows: list[dict]) -> str:
         worst = max((v for r in quantized if r["status"] == "pass" for v in r["errors"].values()), default=0.0)
         line += (f" (int8: {ran} of {len(quantized)} cases ran contractions in int8; worst relative error "
                  f"{worst:.3g} of the tolerance {INT8_RTOL:g})")
+    if COST_MODEL != "analytic":
+        line += f" (placed with cost model {COST_MODEL})"
     return line
 
 
@@ -985,6 +990,8 @@ def parse_args(argv=None):
                         f"platforms {','.join(QUANTIZE_PLATFORMS)}), to the tolerance hetflow.passes.quantize.INT8_RTOL")
     parser.add_argument("--devices", help="model cases placed only on these devices (e.g. npu with --quantize int8, "
                         "so that every contraction the NPU can take runs in int8)")
+    parser.add_argument("--cost-model", choices=["analytic", "sim"], default="analytic",
+                        help="how placement times NPU/PIM groups: analytic (default) or sim (their simulators)")
     parser.add_argument("--list", action="store_true", help="list the zoo and exit")
     parser.add_argument("--summarise", metavar="JSON", help="print the table and failures of a results file and exit")
     # worker-only
@@ -994,6 +1001,8 @@ def parse_args(argv=None):
     parser.add_argument("--random-start", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--random-count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global COST_MODEL
+    COST_MODEL = args.cost_model
     from hetflow.examples.zoo import ZOO
     default_models = QUICK_MODELS if args.quick else list(ZOO)
     args.models = _csv(args.models) if args.models is not None else default_models

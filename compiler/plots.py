@@ -380,8 +380,9 @@ def chrome_trace(schedule: "Schedule", path, measured: list[dict] | None = None,
     trace = _trace_process(PREDICTED_PID, f"predicted ({schedule.platform}, modelled)",
                            [e.as_dict() for e in schedule.events], rows)
     if measured is not None:
-        trace += _trace_process(MEASURED_PID, "measured (simulated devices: modelled)", _simulated_tracks(measured),
-                                rows)
+        label = "measured (simulated devices: modelled)" if any(e.get("modelled_us") is not None for e in measured) \
+            else "measured"
+        trace += _trace_process(MEASURED_PID, label, _simulated_tracks(measured), rows)
     doc = {"traceEvents": trace, "displayTimeUnit": "ns",
            "otherData": {"platform": schedule.platform, "makespan_us": schedule.makespan * 1e6, "modelled": True}}
     path = Path(path)

@@ -89,6 +89,24 @@ def test_trace_with_measured_timeline(placed, tmp_path):
         assert m["dur"] == pytest.approx(2 * p["dur"])
 
 
+def test_trace_puts_a_simulated_partition_on_its_device_track_for_its_modelled_time(placed, tmp_path):
+    _, _, schedule = placed
+    measured = [{"name": "npu/part1.npu.json", "device": "npu", "start_us": 10.0, "end_us": 5010.0, "kind": "npu",
+                 "ops": "", "flops": 0, "bytes": 0, "modelled_us": 42.0},
+                {"name": "cpu/part0.onnx", "device": "cpu", "start_us": 0.0, "end_us": 10.0, "kind": "cpu",
+                 "ops": "", "flops": 0, "bytes": 0}]
+    events = json.loads(chrome_trace(schedule, tmp_path / "t.json", measured=measured).read_text())["traceEvents"]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    bars = {(threads[(2, e["tid"])], e["name"]): e for e in events if e["ph"] == "X" and e["pid"] == 2}
+    on_device = bars[("npu", "npu/part1.npu.json")]
+    assert on_device["dur"] == pytest.approx(42.0) and on_device["args"]["time"] == "modelled"
+    host = bars[("npu simulator (host wall time)", "npu/part1.npu.json")]
+    assert host["dur"] == pytest.approx(5000.0) and host["args"]["time"].startswith("measured")
+    assert bars[("cpu", "cpu/part0.onnx")]["args"]["time"] == "measured"
+    processes = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert processes[2] == "measured (simulated devices: modelled)"
+
+
 def test_gantt_thousands_of_events_with_links(tmp_path):
     kinds = ["contraction", "attention", "reduction", "elementwise", "expert", "Softmax"]
     clocks = {"cpu": 0.0, "gpu": 0.0, "npu": 0.0, "link:pcie": 0.0}
