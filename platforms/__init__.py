@@ -148,6 +148,12 @@ class Flash:
     channels: int
     throughput: tuple[tuple[float, float], ...]  # (chunk bytes, bytes/s), sorted by chunk
     source: str = ""
+    # NAND figures for hetflow.platform.nand (Cambricon-LLM's in-flash compute). Defaults from REFERENCE.md:
+    bus_rate: float = 1e9        # bytes/s per channel: an 8-bit bus at 1000 MT/s (Cambricon-LLM)
+    cores_per_channel: int = 4   # in-flash compute cores per channel, each with its own page buffer: 4 makes
+    #                              Cambricon-LLM's 256 x 2048 tile (256^2 = 4 x 16 KiB); UNCONFIRMED as a count
+    core_rate: float = 1e9       # bytes/s of weights one in-flash core multiplies out of its page buffer:
+    #                              UNCONFIRMED, taken as the bus rate (the core reads the page as the bus would)
 
     def throughput_at(self, chunk: float) -> float:
         """Throughput for reads of ``chunk`` bytes, interpolated in log space between measured points."""
@@ -305,7 +311,10 @@ def _flash(t: dict, where: str) -> Flash:
                      quantity(v, "bandwidth", f"{where}.throughput.{k}")) for k, v in raw.items())
     return Flash(quantity(_require(t, "page_size", where), "bytes", f"{where}.page_size"),
                  quantity(_require(t, "read_latency", where), "time", f"{where}.read_latency"),
-                 int(t.get("channels", 1)), tuple(points), t.get("source", ""))
+                 int(t.get("channels", 1)), tuple(points), t.get("source", ""),
+                 quantity(t.get("bus_rate", 1e9), "bandwidth", f"{where}.bus_rate"),
+                 int(t.get("cores_per_channel", 4)),
+                 quantity(t.get("core_rate", 1e9), "bandwidth", f"{where}.core_rate"))
 
 
 def check_platform_data(data: Any, origin: str) -> None:
