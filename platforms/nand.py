@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 from hetflow.platform import Flash, PlatformError
 
-__all__ = ["NandError", "GemvTime", "check_flash", "tile_shape", "read_pages_seconds", "gemv_split",
-           "gemv_seconds", "PARTIAL_SUM_BYTES"]
+__all__ = ["NandError", "GemvTime", "check_flash", "tile_shape", "block_pages", "read_pages_seconds",
+           "gemv_split", "gemv_seconds", "PARTIAL_SUM_BYTES"]
 
 PARTIAL_SUM_BYTES = 4  # an in-flash core's accumulator (int32 for int8 x int8; Cambricon-LLM runs int8)
 
@@ -91,6 +91,12 @@ def tile_shape(flash: Flash, dtype_bytes: float = 1) -> tuple[int, int]:
     return h, flash.channels * h
 
 
+def block_pages(flash: Flash, dtype_bytes: float = 1) -> int:
+    """Pages one channel's ``h x h`` block of a tile fills (at most ``cores_per_channel``: one per core)."""
+    h, _ = tile_shape(flash, dtype_bytes)
+    return math.ceil(h * h * dtype_bytes / flash.page_size)
+
+
 def read_pages_seconds(pages: float, flash: Flash) -> float:
     """Plain reads of ``pages`` pages spread evenly over the channels, with cache read: the first page of a
     channel costs tR + page/bus, each later one max(page/bus, tR/cores) (the slower of bus and dies)."""
@@ -126,11 +132,11 @@ def _rates(rows: int, cols: int, dtype_bytes: float, flash: Flash, npu_peak: flo
     """The per-channel cost lines a + b * alpha of the dies, the bus and the NPU."""
     h, width = tile_shape(flash, dtype_bytes)
     tiles = math.ceil(rows / h) * math.ceil(cols / width)
-    cores, page = flash.cores_per_channel, flash.page_size
-    # each tile gives each channel one h x h block: one page per core (h*h*dtype_bytes <= cores * page)
+    page = flash.page_size
+    # each tile gives each channel one h x h block: at most one page per core, all cores sensing at once
     sense = flash.read_latency
     multiply = max(sense, page / flash.core_rate)                 # in-flash page: sensed, then multiplied (overlapped)
-    read_block = cores * page / flash.bus_rate                    # a plain block's pages over the bus
+    read_block = block_pages(flash, dtype_bytes) * page / flash.bus_rate  # a plain block's pages over the bus
     flash_block = h * (dtype_bytes + PARTIAL_SUM_BYTES) / flash.bus_rate  # input slice in, partial sums out
     macs = rows * cols
     die = (tiles * sense, tiles * (multiply - sense))

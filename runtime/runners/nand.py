@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from hetflow.platform import Flash, Platform
-from hetflow.platform.nand import (PARTIAL_SUM_BYTES, NandError, check_flash, gemv_split, read_pages_seconds,
-                                   tile_shape)
+from hetflow.platform.nand import (PARTIAL_SUM_BYTES, NandError, block_pages, check_flash, gemv_split,
+                                   read_pages_seconds, tile_shape)
 
 __all__ = ["NandGemvSimulator", "GemvRun", "DecoderConfig", "decode_token_seconds", "with_channels"]
 
@@ -68,7 +68,7 @@ class NandGemvSimulator:
         in_flash = round(share * tiles)
         acc = np.int64 if np.issubdtype(np.result_type(x, w), np.integer) else np.float64
         y = np.zeros(x.shape[:-1] + (cols,), dtype=acc)
-        pages_per_block = self.flash.cores_per_channel
+        pages_per_block = block_pages(self.flash, dtype_bytes)
         bus = 0.0
         for index in range(tiles):
             r0, c0 = (index % row_tiles) * h, (index // row_tiles) * width
@@ -123,8 +123,10 @@ class DecoderConfig:
         as one (each one pass over the flash), the output and down projections, the LM head."""
         kv_dim = self.kv_heads * (self.hidden // self.heads)
         up = 2 * self.ffn if self.gated_ffn else self.ffn
-        return [("qkv", self.hidden, self.hidden + 2 * kv_dim, self.layers), ("o", self.hidden, self.hidden, self.layers),
-                ("up", self.hidden, up, self.layers), ("down", self.ffn, self.hidden, self.layers),
+        return [("qkv", self.hidden, self.hidden + 2 * kv_dim, self.layers),
+                ("o", self.hidden, self.hidden, self.layers),
+                ("up", self.hidden, up, self.layers),
+                ("down", self.ffn, self.hidden, self.layers),
                 ("lm_head", self.hidden, self.vocab, 1)]
 
     def weight_bytes_per_token(self) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hetflow.platform import Flash, PlatformError, load_platform, platform_from_dict
-from hetflow.platform.nand import NandError, check_flash, gemv_split, read_pages_seconds, tile_shape
+from hetflow.platform.nand import NandError, block_pages, check_flash, gemv_split, read_pages_seconds, tile_shape
 from hetflow.passes.flash_cost import flash_gemv_on, flash_gemv_seconds
 from hetflow.runtime.runners.nand import DecoderConfig, NandGemvSimulator, decode_token_seconds, with_channels
 
@@ -49,6 +49,9 @@ def test_the_small_configuration_tiles_256_by_2048(flash):
     assert tile_shape(flash) == (256, 2048)
     assert tile_shape(with_channels(flash, 16)) == (256, 4096)
     assert tile_shape(flash, dtype_bytes=2) == (128, 1024)  # sqrt(4 x 8192) = 181, rounded down to 128
+    assert block_pages(flash) == 4 and block_pages(flash, dtype_bytes=2) == 2
+    three = dataclasses.replace(flash, cores_per_channel=3)  # sqrt(3 x 16384) = 221 -> 128: one page a block
+    assert tile_shape(three) == (128, 1024) and block_pages(three) == 1
 
 
 def test_the_best_split_balances_the_dies_against_the_bus(flash):
