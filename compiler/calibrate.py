@@ -509,7 +509,7 @@ def _measure_point(pool, chunk: int, threads: int, blocks: int, seconds: float, 
 
 
 def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes: int = DISK_FILE_BYTES,
-                   seconds_per_point: float = 0.25, direct: bool = True, progress=None) -> dict:
+                   seconds_per_point: float = 0.5, direct: bool = True, progress=None) -> dict:
     """This machine's disk read throughput by chunk size and thread count, measured in ``directory``.
 
     Writes a temporary file of ``file_bytes`` there, drops it from the page cache, and for each (chunk,

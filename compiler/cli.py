@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'hetflow platforms show host' says so). About a minute. With --platform: fit "
                                    "its NPU/PIM devices to their simulators, or, for a platform with [flash] and no "
                                    "NPU/PIM (laptop-ssd) or with --disk-dir, measure this machine's disk read "
-                                   "throughput by chunk size and threads (about 15 s).")
+                                   "throughput by chunk size and threads (about 20 s).")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
     p.add_argument("--platform", metavar="PRESET",
                    help="instead of the host: fit the analytic cost model of this platform's simulated devices "
@@ -667,8 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "write a platform file over the preset with the measured [flash] throughput curve")
     p.add_argument("--disk-bytes", type=int, default=256, metavar="MIB", help="with a disk measurement: the "
                    "temporary file's size in MiB (default 256; it is deleted after)")
-    p.add_argument("--disk-seconds", type=float, default=0.25, metavar="S", help="with a disk measurement: seconds "
-                   "of reads per (chunk, threads) point, 36 points (default 0.25)")
+    p.add_argument("--disk-seconds", type=float, default=0.5, metavar="S", help="with a disk measurement: seconds "
+                   "of reads per (chunk, threads) point, 36 points (default 0.5)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts",
