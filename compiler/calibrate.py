@@ -1,4 +1,6 @@
-"""Calibration of the ``host`` platform: this machine's GEMM FLOP/s and memory bandwidth, measured once and cached.
+"""Calibration of the ``host`` platform: this machine's GEMM FLOP/s and memory bandwidth, measured once and cached;
+of a platform's simulated devices (their analytic model fitted to the simulators); and of a flash platform's
+disk (``calibrate_disk``: read throughput by chunk size and thread count, ``write_disk_platform``).
 
 The cache lives in ``$HETFLOW_CACHE_DIR`` (default ``~/.cache/hetflow``), keyed by
 the machine, its core count and the NumPy version; ``hetflow platforms show host``
@@ -519,6 +521,9 @@ def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes
     "channels": one thread count for all chunks, "mode", "direct", "when", ...}.
     """
     from hetflow.runtime.flash_io import ReaderPool, drop_page_cache
+    if not sizes or not threads or any(c <= 0 or c % 4096 for c in sizes) or min(threads) < 1:
+        raise ValueError(f"calibrate_disk: chunk sizes must be multiples of 4096 (O_DIRECT) and thread counts >= 1, "
+                         f"got sizes {tuple(sizes)}, threads {tuple(threads)}")
     directory = Path(directory)
     if not directory.is_dir():
         raise DiskCalibrationError(f"{directory}: not a directory (--disk-dir names where the weights will live)")
@@ -547,7 +552,7 @@ def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes
                 mode = pool.mode
                 for chunk in sizes:
                     table[chunk][n] = _measure_point(pool, chunk, n, file_bytes // chunk, seconds_per_point, rng)
-            progress(f"  {n:>2} threads ({mode}): " + "  ".join(f"{_chunk_name(c)} {table[c][n] / 1e9:.3f}"
+            progress(f"  {n:>2} threads ({mode}): " + "  ".join(f"{chunk_name(c)} {table[c][n] / 1e9:.3f}"
                                                                   for c in sizes) + " GB/s")
     finally:
         path.unlink(missing_ok=True)
@@ -558,7 +563,7 @@ def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes
             "directory": str(directory), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def _chunk_name(chunk: int) -> str:
+def chunk_name(chunk: int) -> str:
     """4096 -> "4 KiB", 1048576 -> "1 MiB": the form the presets' throughput tables use."""
     if chunk % MiB == 0:
         return f"{chunk // MiB} MiB"
@@ -584,14 +589,14 @@ def write_disk_platform(platform_name: str, result: dict, path) -> Path:
     smallest = min(table)
     single = min(table[smallest])
     latency = smallest / table[smallest][single]
-    curve = ", ".join(f'"{_chunk_name(c)}" = "{best[c] / 1e9:.4g} GB/s"' for c in sorted(best))
-    threads = ", ".join(f"{_chunk_name(c)}: {best_threads[c]}" for c in sorted(best))
+    curve = ", ".join(f'"{chunk_name(c)}" = "{best[c] / 1e9:.4g} GB/s"' for c in sorted(best))
+    threads = ", ".join(f"{chunk_name(c)}: {best_threads[c]}" for c in sorted(best))
     source = (f"{platform_name} with [flash] measured on this machine's disk (hetflow calibrate --platform "
               f"{platform_name}, {result['when']})")
     flash_source = (f"measured on this machine ({result['when']}): random-offset aligned reads of a "
                     f"{result['file_bytes'] // MiB} MiB file in {result['directory']}, read {result['mode']}; "
                     f"throughput at each chunk's best thread count ({threads}); read_latency one "
-                    f"{_chunk_name(smallest)} read on {single} thread")
+                    f"{chunk_name(smallest)} read on {single} thread")
     lines = [f"base = {json.dumps(platform_name)}", f"name = {json.dumps(platform_name + '-disk')}",
              f"source = {json.dumps(source)}", "",
              "[flash]",

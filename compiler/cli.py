@@ -483,7 +483,7 @@ def cmd_calibrate(args) -> int:
 
 
 def _calibrate_disk(args, platform) -> int:
-    from hetflow.calibrate import _chunk_name, calibrate_disk, write_disk_platform
+    from hetflow.calibrate import calibrate_disk, chunk_name, write_disk_platform
     from hetflow.report import table as _table
     if platform.flash is None:
         raise UsageError(f"--disk-dir: platform {platform.name!r} has no [flash] section to measure "
@@ -499,7 +499,7 @@ def _calibrate_disk(args, platform) -> int:
                             progress=lambda line: print(line, flush=True))
     table = result["table"]
     threads = sorted(next(iter(table.values())))
-    rows = [[_chunk_name(c)] + [f"{table[c][n] / 1e9:.3f}" for n in threads] + [str(result["best_threads"][c])]
+    rows = [[chunk_name(c)] + [f"{table[c][n] / 1e9:.3f}" for n in threads] + [str(result["best_threads"][c])]
             for c in sorted(table)]
     print(f"measured read throughput, GB/s ({result['mode']}; rows: chunk, columns: threads):")
     print(_table(rows, ["chunk"] + [f"{n} thr" for n in threads] + ["best"]))

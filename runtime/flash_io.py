@@ -169,20 +169,21 @@ class ReaderPool:
         """The requests checked (alignment under O_DIRECT) and cut into pieces of at most ``MAX_PIECE``."""
         pieces = []
         for i, (offset, dest) in enumerate(requests):
-            def where():
-                return f"{self.path}: request {i} (offset {offset}, length {memoryview(dest).nbytes})"
-            view = _as_bytes_view(dest, where)
+            view = _as_bytes_view(dest, lambda i=i, offset=offset, dest=dest: self._where(i, offset, dest))
             if offset < 0:
-                raise ValueError(f"{where()}: negative offset")
+                raise ValueError(f"{self._where(i, offset, dest)}: negative offset")
             if self.direct:
                 a = self.alignment
                 if offset % a or len(view) % a or _address(view) % a:
-                    raise ValueError(f"{where()}: under O_DIRECT the offset, the length and the destination address "
+                    raise ValueError(f"{self._where(i, offset, dest)}: under O_DIRECT the offset, the length and the destination address "
                                      f"must be multiples of {a} (destination at {_address(view):#x}); "
                                      "lay chunks out aligned and use aligned_empty")
             for start in range(0, len(view), MAX_PIECE):
                 pieces.append((offset + start, view[start:start + MAX_PIECE]))
         return pieces
+
+    def _where(self, i: int, offset: int, dest) -> str:
+        return f"{self.path}: request {i} (offset {offset}, length {memoryview(dest).nbytes})"
 
     def _read_one(self, offset: int, view: memoryview) -> None:
         done, length = 0, len(view)
