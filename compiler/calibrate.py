@@ -1,4 +1,6 @@
-"""Calibration of the ``host`` platform: this machine's GEMM FLOP/s and memory bandwidth, measured once and cached.
+"""Calibration of the ``host`` platform: this machine's GEMM FLOP/s and memory bandwidth, measured once and cached;
+of a platform's simulated devices (their analytic model fitted to the simulators); and of a flash platform's
+disk (``calibrate_disk``: read throughput by chunk size and thread count, ``write_disk_platform``).
 
 The cache lives in ``$HETFLOW_CACHE_DIR`` (default ``~/.cache/hetflow``), keyed by
 the machine, its core count and the NumPy version; ``hetflow platforms show host``
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hetflow.ir.errors import HetflowError
 from hetflow.support.cache import cache_dir  # noqa: F401  (calibrate.cache_dir is public)
 
 
@@ -463,5 +466,143 @@ def write_calibrated_platform(platform_name: str, result: dict, path: Path) -> P
                   f'{after["within"]}/{after["of"]} within {WITHIN:.0%}, median ratio {after["median"]:.2f} '
                   f'(preset figures: {fit_["before"]["within"]}/{fit_["before"]["of"]}, '
                   f'{fit_["before"]["median"]:.2f})"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+# --- the disk a flash platform streams weights from: read throughput by chunk size and thread count ----------
+
+KiB, MiB = 1024, 1024 * 1024
+DISK_SIZES = (4 * KiB, 16 * KiB, 32 * KiB, 64 * KiB, 256 * KiB, 1 * MiB)
+DISK_THREADS = (1, 2, 4, 8, 16, 32)
+DISK_FILE_BYTES = 256 * MiB
+DISK_MARGIN = 64 * MiB             # room left free beside the temporary file
+DISK_BATCH_BYTES = 8 * MiB         # bytes per timed batch of reads (at least two reads per thread)
+
+
+class DiskCalibrationError(HetflowError):
+    """The disk cannot be measured (no room, the directory is not writable); the message says why."""
+
+
+def _write_scratch(path: Path, file_bytes: int) -> None:
+    """``file_bytes`` of random data (a disk that compresses or deduplicates gets no help), synced."""
+    rng = np.random.default_rng(0)
+    block = 8 * MiB
+    with open(path, "wb") as f:
+        for start in range(0, file_bytes, block):
+            f.write(rng.bytes(min(block, file_bytes - start)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _measure_point(pool, chunk: int, threads: int, blocks: int, seconds: float, rng) -> float:
+    """Bytes/s of random-offset aligned reads of ``chunk`` bytes, ``threads`` in flight, for about ``seconds``."""
+    from hetflow.runtime.flash_io import aligned_empty
+    count = max(2 * threads, DISK_BATCH_BYTES // chunk)
+    buffers = [aligned_empty(chunk) for _ in range(count)]
+    pool.reset_counters()
+    start = time.perf_counter()
+    while True:
+        offsets = rng.integers(0, blocks, count) * chunk
+        pool.read_into(list(zip(offsets.tolist(), buffers)))
+        if time.perf_counter() - start >= seconds:
+            break
+    return pool.bytes_read / max(pool.read_seconds, 1e-9)
+
+
+def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes: int = DISK_FILE_BYTES,
+                   seconds_per_point: float = 0.5, direct: bool = True, progress=None) -> dict:
+    """This machine's disk read throughput by chunk size and thread count, measured in ``directory``.
+
+    Writes a temporary file of ``file_bytes`` there, drops it from the page cache, and for each (chunk,
+    threads) times random-offset aligned reads with ``ReaderPool`` (O_DIRECT where the file system takes
+    it, else buffered reads dropped from the page cache) for ``seconds_per_point``; deletes the file.
+    Returns {"table": {chunk: {threads: bytes/s}}, "best": {chunk: bytes/s}, "best_threads": {chunk: n},
+    "channels": one thread count for all chunks, "mode", "direct", "when", ...}.
+    """
+    from hetflow.runtime.flash_io import ReaderPool, drop_page_cache
+    if not sizes or not threads or any(c <= 0 or c % 4096 for c in sizes) or min(threads) < 1:
+        raise ValueError(f"calibrate_disk: chunk sizes must be multiples of 4096 (O_DIRECT) and thread counts >= 1, "
+                         f"got sizes {tuple(sizes)}, threads {tuple(threads)}")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DiskCalibrationError(f"{directory}: not a directory (--disk-dir names where the weights will live)")
+    largest = max(sizes)
+    file_bytes = max(file_bytes, 2 * largest) // largest * largest
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if free < file_bytes + DISK_MARGIN:
+        raise DiskCalibrationError(f"{directory}: not enough room to measure the disk: the temporary file needs "
+                                   f"{file_bytes + DISK_MARGIN} bytes ({file_bytes / MiB:.0f} MiB + "
+                                   f"{DISK_MARGIN / MiB:.0f} MiB margin) and {free} bytes ({free / MiB:.0f} MiB) "
+                                   "are free; free some space or give another directory")
+    path = directory / f".hetflow-disk-calibration-{os.getpid()}.bin"
+    progress = progress or (lambda line: None)
+    try:
+        try:
+            _write_scratch(path, file_bytes)
+        except OSError as exc:
+            raise DiskCalibrationError(f"{directory}: cannot write the temporary file {path.name}: "
+                                       f"{exc.strerror or exc}") from None
+        dropped = drop_page_cache(path)
+        rng = np.random.default_rng(1)
+        table = {chunk: {} for chunk in sizes}
+        for n in threads:
+            with ReaderPool(path, threads=n, direct=direct) as pool:
+                mode = pool.mode
+                for chunk in sizes:
+                    table[chunk][n] = _measure_point(pool, chunk, n, file_bytes // chunk, seconds_per_point, rng)
+            progress(f"  {n:>2} threads ({mode}): " + "  ".join(f"{chunk_name(c)} {table[c][n] / 1e9:.3f}"
+                                                                  for c in sizes) + " GB/s")
+    finally:
+        path.unlink(missing_ok=True)
+    best_threads = {c: max(row, key=row.get) for c, row in table.items()}
+    return {"table": table, "best": {c: table[c][best_threads[c]] for c in table}, "best_threads": best_threads,
+            "channels": _one_thread_count(table, threads), "mode": mode, "direct": mode == "O_DIRECT",
+            "page_cache_dropped": dropped, "file_bytes": file_bytes, "seconds_per_point": seconds_per_point,
+            "directory": str(directory), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def chunk_name(chunk: int) -> str:
+    """4096 -> "4 KiB", 1048576 -> "1 MiB": the form the presets' throughput tables use."""
+    if chunk % MiB == 0:
+        return f"{chunk // MiB} MiB"
+    if chunk % KiB == 0:
+        return f"{chunk // KiB} KiB"
+    return f"{chunk} B"
+
+
+def _one_thread_count(table: dict, threads) -> int:
+    """The one thread count (the platform's ``channels``) closest to every chunk's best: the highest geometric
+    mean over chunks of throughput / that chunk's best."""
+    def score(n):
+        return float(np.mean([np.log(row[n] / max(row.values())) for row in table.values()]))
+    return max(threads, key=score)
+
+
+def write_disk_platform(platform_name: str, result: dict, path) -> Path:
+    """A platform file over the preset (``base``) whose ``[flash]`` is this machine's disk: throughput by chunk
+    at each chunk's best thread count, ``channels`` the one best thread count, ``read_latency`` one
+    single-threaded read of the smallest chunk, a ``source`` saying measured, when, and how read."""
+    path = Path(path)
+    table, best, best_threads = result["table"], result["best"], result["best_threads"]
+    smallest = min(table)
+    single = min(table[smallest])
+    latency = smallest / table[smallest][single]
+    curve = ", ".join(f'"{chunk_name(c)}" = "{best[c] / 1e9:.4g} GB/s"' for c in sorted(best))
+    threads = ", ".join(f"{chunk_name(c)}: {best_threads[c]}" for c in sorted(best))
+    source = (f"{platform_name} with [flash] measured on this machine's disk (hetflow calibrate --platform "
+              f"{platform_name}, {result['when']})")
+    flash_source = (f"measured on this machine ({result['when']}): random-offset aligned reads of a "
+                    f"{result['file_bytes'] // MiB} MiB file in {result['directory']}, read {result['mode']}; "
+                    f"throughput at each chunk's best thread count ({threads}); read_latency one "
+                    f"{chunk_name(smallest)} read on {single} thread")
+    lines = [f"base = {json.dumps(platform_name)}", f"name = {json.dumps(platform_name + '-disk')}",
+             f"source = {json.dumps(source)}", "",
+             "[flash]",
+             f"channels = {int(result['channels'])}",
+             f'read_latency = "{latency * 1e6:.4g} us"',
+             f"throughput = {{ {curve} }}   # at each chunk's best thread count",
+             f"source = {json.dumps(flash_source)}", ""]
     path.write_text("\n".join(lines))
     return path

@@ -458,7 +458,14 @@ def cmd_platforms(args) -> int:
 
 def cmd_calibrate(args) -> int:
     if args.platform not in (None, "host"):
+        from hetflow.platform import load_platform
+        platform = load_platform(args.platform)
+        if args.disk_dir is not None or (platform.flash is not None and not simulated_devices(platform)):
+            return _calibrate_disk(args, platform)
         return _calibrate_simulated(args)
+    if args.disk_dir is not None:
+        raise UsageError("--disk-dir measures the disk of a platform with a [flash] section: "
+                         "'hetflow calibrate --platform laptop-ssd --disk-dir DIR'")
     if args.output:
         raise UsageError("-o is for a platform with simulated devices ('hetflow calibrate --platform mobile-soc "
                          "-o FILE'); the host's fit is saved in the cache and used by the host preset")
@@ -473,6 +480,41 @@ def cmd_calibrate(args) -> int:
         print(f"  {sample['model']:18s} measured {sample['measured'] * 1e3:8.2f} ms   predicted "
               f"{sample['predicted'] * 1e3:8.2f} ms   ({100 * error:+.0f}%)")
     return 0
+
+
+def _calibrate_disk(args, platform) -> int:
+    from hetflow.calibrate import calibrate_disk, chunk_name, write_disk_platform
+    from hetflow.report import table as _table
+    if platform.flash is None:
+        raise UsageError(f"--disk-dir: platform {platform.name!r} has no [flash] section to measure "
+                         "(laptop-ssd and flash-edge have one)")
+    output = Path(args.output or f"{platform.name}-disk.toml")
+    if output.exists() and not output.is_file():
+        raise UsageError(f"-o {output}: exists and is not a file")
+    directory = Path(args.disk_dir or ".")
+    print(f"measuring this machine's disk for {platform.name}'s [flash]: random-offset aligned reads of a temporary "
+          f"{args.disk_bytes} MiB file in {directory.resolve()}, by chunk size and thread count (about "
+          f"{36 * args.disk_seconds + 5:.0f} s)", flush=True)
+    result = calibrate_disk(directory, file_bytes=args.disk_bytes * 1024 * 1024, seconds_per_point=args.disk_seconds,
+                            progress=lambda line: print(line, flush=True))
+    table = result["table"]
+    threads = sorted(next(iter(table.values())))
+    rows = [[chunk_name(c)] + [f"{table[c][n] / 1e9:.3f}" for n in threads] + [str(result["best_threads"][c])]
+            for c in sorted(table)]
+    print(f"measured read throughput, GB/s ({result['mode']}; rows: chunk, columns: threads):")
+    print(_table(rows, ["chunk"] + [f"{n} thr" for n in threads] + ["best"]))
+    if simulated_devices(platform):
+        print(f"  ({platform.name}'s simulated devices are not refitted here: 'hetflow calibrate --platform "
+              f"{platform.name}' without --disk-dir does that)")
+    write_disk_platform(platform.name, result, output)
+    print(f"wrote {output}: [flash] throughput at each chunk's best thread count, channels = {result['channels']}; "
+          f"use it with --platform {output}")
+    return 0
+
+
+def simulated_devices(platform) -> list[str]:
+    from hetflow.calibrate import SIM_KINDS
+    return [d.name for d in platform.devices.values() if d.kind in SIM_KINDS]
 
 
 def _calibrate_simulated(args) -> int:
@@ -601,18 +643,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_platforms)
 
     p = sub.add_parser("calibrate", help="fit the host platform's cost model to measured runs on this machine "
-                       "(or a platform's NPU/PIM model to their simulators: --platform)",
+                       "(or a platform's NPU/PIM model to their simulators, or measure the disk for its [flash]: "
+                       "--platform)",
                        description="Compile seven models on this CPU, time them in five interleaved rounds, fit the host "
                                    "platform's GEMM FLOP/s, bandwidth and per-call, per-group and per-op costs to "
                                    "the measurements, and save them (the host preset uses them from then on; "
-                                   "'hetflow platforms show host' says so). About a minute.")
+                                   "'hetflow platforms show host' says so). About a minute. With --platform: fit "
+                                   "its NPU/PIM devices to their simulators, or, for a platform with [flash] and no "
+                                   "NPU/PIM (laptop-ssd) or with --disk-dir, measure this machine's disk read "
+                                   "throughput by chunk size and threads (about 20 s).")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
     p.add_argument("--platform", metavar="PRESET",
                    help="instead of the host: fit the analytic cost model of this platform's simulated devices "
                         "(NPU, PIM) to their simulators on benchmark groups (decode steps, a MoE layer, GEMMs), "
-                        "and write a platform file over the preset with the fitted figures (seconds)")
+                        "and write a platform file over the preset with the fitted figures (seconds); for a platform "
+                        "with [flash] and no NPU/PIM, measure the disk instead (see --disk-dir)")
     p.add_argument("-o", "--output", metavar="FILE", help="with --platform: the platform file to write "
-                   "(default PRESET-sim.toml)")
+                   "(default PRESET-sim.toml; PRESET-disk.toml for a disk measurement)")
+    p.add_argument("--disk-dir", metavar="DIR", help="measure this machine's disk instead (the default for a "
+                   "platform with [flash] and no NPU/PIM, e.g. laptop-ssd): write a temporary file in DIR (default "
+                   "the current directory; put it where the weights will live), time random aligned reads by chunk "
+                   "size (4 KiB to 1 MiB) and threads (1 to 32) with O_DIRECT where the file system takes it, and "
+                   "write a platform file over the preset with the measured [flash] throughput curve")
+    p.add_argument("--disk-bytes", type=int, default=256, metavar="MIB", help="with a disk measurement: the "
+                   "temporary file's size in MiB (default 256; it is deleted after)")
+    p.add_argument("--disk-seconds", type=float, default=0.5, metavar="S", help="with a disk measurement: seconds "
+                   "of reads per (chunk, threads) point, 36 points (default 0.5)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts",

@@ -421,7 +421,8 @@ MAX_BASE_DEPTH = 8
 def _with_base(data: dict, path: Path, origin: str, seen: list[str]) -> dict:
     """``base = "mobile-soc"`` (a preset, or a .toml path relative to this file): this file's tables laid
     over the base's, key by key (a table merges, any other value replaces), e.g. one device's figures
-    changed. What ``hetflow calibrate --platform P`` writes."""
+    changed. What ``hetflow calibrate --platform P`` writes. ``[flash] throughput``, a curve measured as a
+    whole, replaces the base's rather than merging point by point."""
     if "base" not in data:
         return data
     base = data.pop("base")
@@ -434,7 +435,10 @@ def _with_base(data: dict, path: Path, origin: str, seen: list[str]) -> dict:
     if key in seen or len(seen) >= MAX_BASE_DEPTH:
         raise PlatformError(f"{origin}: base {base!r} leads back to itself or nests deeper than {MAX_BASE_DEPTH}")
     under = _with_base(_read_toml(base_path, f"{origin}: base {base}"), base_path, origin, seen + [key])
-    return _merged(under, data)
+    merged = _merged(under, data)
+    if isinstance(data.get("flash"), dict) and "throughput" in data["flash"]:
+        merged["flash"]["throughput"] = data["flash"]["throughput"]   # a curve is one measurement: never mixed
+    return merged
 
 
 def _merged(under: dict, over: dict) -> dict:
