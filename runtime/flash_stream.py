@@ -1,0 +1,462 @@
+"""Feed-forward weights streamed from flash: the flash image, activation prediction and the window cache
+(LLM in a flash, arXiv 2312.11514), run with NumPy on the host.
+
+The flash image
+---------------
+One file holding the streamed FFN layers one after another; ``FlashImage`` (its manifest, JSON) says
+where each layer is and how it is laid out. A layer of ``neurons`` neurons over ``hidden`` inputs, its
+weights ``up`` [hidden, neurons] (and ``gate`` for a gated FFN) and ``down`` [neurons, hidden]:
+
+* bundled (row-column bundling): neuron i's bundle is up[:, i], gate[:, i], down[i, :] side by side, so
+  one read fetches all of a neuron. Bundles of ``chunk_neurons`` consecutive neurons make a chunk.
+* unbundled: three regions, up^T, gate^T, down, each [neurons, hidden] in chunks of ``chunk_neurons``
+  rows: a neuron costs one read per region.
+
+Every chunk starts at a multiple of ``ALIGN`` (4 KiB) and is padded to it, so each read is a direct
+(O_DIRECT) read of whole chunks; ``chunk_neurons`` is chosen so a chunk is at least the size the flash
+reads fast (``chunk_for``, from the platform's throughput-by-chunk curve).
+
+Running a layer (``StreamedFfn``)
+---------------------------------
+* ``dense``: every chunk of the layer read for each call (what streaming a layer without prediction
+  does; exact);
+* ``predict``: a low-rank predictor of the up projection (``Predictor``: truncated SVD, rank chosen from
+  the budget) picks the neurons whose ReLU input is predicted above ``-margin``; only their chunks are
+  read, and the FFN is computed over them (approximate: a neuron missed by the predictor is left out);
+* ``window``: with prediction, the neurons active over the last ``window`` tokens stay in DRAM in a
+  preallocated matrix (one row per neuron, ``slots``) with swap-delete: a neuron leaving the window is
+  overwritten by the last row; each token reads only the neurons not already held.
+
+Counters (``bytes_read``, ``io_seconds``, ``compute_seconds``) say what each call cost; everything is
+measured on this machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .flash_io import aligned_empty
+
+ALIGN = 4096
+FORMAT = "hetflow-flash-image"
+VERSION = 1
+
+
+class FlashError(ValueError):
+    """A flash image that does not match its manifest, a budget too small, a layout that cannot be read."""
+
+
+def _round_up(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
+
+
+@dataclass
+class LayerLayout:
+    """Where one FFN layer sits in the flash image and how it is laid out."""
+    name: str
+    hidden: int
+    neurons: int
+    dtype: str                # numpy dtype name of the stored weights ("float16", "float32")
+    gated: bool
+    bundled: bool
+    chunk_neurons: int
+    offset: int = 0           # the layer's first byte in the image
+    chunk_bytes: int = 0      # one chunk, padded to ALIGN (a region's chunk when unbundled)
+
+    @property
+    def parts(self) -> int:
+        return 3 if self.gated else 2
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.neurons // self.chunk_neurons)
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def bytes(self) -> int:
+        return self.chunks * self.chunk_bytes * (1 if self.bundled else self.parts)
+
+    def chunk_offsets(self, chunk: int) -> list[int]:
+        """Byte offsets of chunk ``chunk``: one (bundled) or one per region (unbundled: up, [gate], down)."""
+        if self.bundled:
+            return [self.offset + chunk * self.chunk_bytes]
+        region = self.chunks * self.chunk_bytes
+        return [self.offset + r * region + chunk * self.chunk_bytes for r in range(self.parts)]
+
+
+def layout(name: str, hidden: int, neurons: int, dtype, gated: bool, bundled: bool, min_chunk: int) -> LayerLayout:
+    """A layer's layout with chunks of at least ``min_chunk`` bytes (whole neurons, padded to ALIGN)."""
+    itemsize = np.dtype(dtype).itemsize
+    per_neuron = hidden * itemsize * ((3 if gated else 2) if bundled else 1)
+    chunk_neurons = max(1, min(neurons, math.ceil(min_chunk / per_neuron)))
+    return LayerLayout(name, hidden, neurons, np.dtype(dtype).name, gated, bundled, chunk_neurons,
+                       chunk_bytes=_round_up(chunk_neurons * per_neuron))
+
+
+def chunk_for(throughput: list[tuple[float, float]], fraction: float = 0.5) -> int:
+    """The smallest chunk size of the platform's throughput-by-chunk curve (bytes, bytes/s) that reads at
+    least ``fraction`` of the curve's best: below it small reads waste the disk."""
+    best = max(t for _, t in throughput)
+    for size, rate in sorted(throughput):
+        if rate >= fraction * best:
+            return int(size)
+    return int(max(s for s, _ in throughput))
+
+
+@dataclass
+class FlashImage:
+    """The manifest of a flash image: its layers' layouts, total size and a digest of its chunks' contents."""
+    layers: list[LayerLayout] = field(default_factory=list)
+    size: int = 0
+    sha256: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": VERSION, "size": self.size, "sha256": self.sha256,
+                           "layers": [asdict(l) for l in self.layers]}, indent=1)
+
+    @staticmethod
+    def from_json(text: str, where: str = "flash manifest") -> "FlashImage":
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT or data.get("version") != VERSION:
+                raise FlashError(f"{where}: not a {FORMAT} v{VERSION} manifest")
+            return FlashImage([LayerLayout(**l) for l in data["layers"]], int(data["size"]), str(data["sha256"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, FlashError):
+                raise
+            raise FlashError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
+
+    def layer(self, name: str) -> LayerLayout:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise FlashError(f"the flash image has no layer {name!r}")
+
+    def check(self, path: str | Path) -> None:
+        """The image file is the size its manifest says (the digest is checked by ``verify``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FlashError(f"{path}: no flash image there (the manifest lists {len(self.layers)} layers)")
+        size = path.stat().st_size
+        if size != self.size:
+            raise FlashError(f"{path}: {size} bytes, but its manifest says {self.size}: not the image this "
+                             "manifest was written for")
+
+    def verify(self, path: str | Path) -> None:
+        """Size and SHA-256 of the whole image against the manifest (reads it once)."""
+        import hashlib
+        self.check(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.sha256:
+            raise FlashError(f"{path}: its contents do not match the manifest's SHA-256 (tampered with or "
+                             "written by another compile)")
+
+
+def write_image(path: str | Path, layers: list[tuple[LayerLayout, dict]]) -> FlashImage:
+    """Write ``layers`` (layout, {"up": [hidden, neurons], "down": [neurons, hidden], "gate"?}) to ``path``
+    in their layouts; returns the manifest. Refuses when the file system has no room."""
+    import hashlib
+    import os
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offset = 0
+    for lay, _ in layers:
+        lay.offset = offset
+        offset += lay.bytes
+    free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+    if offset > free:
+        raise FlashError(f"{path.parent}: the flash image needs {offset} bytes and the file system has {free} free")
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for lay, weights in layers:
+            dtype = np.dtype(lay.dtype)
+            rows = [np.ascontiguousarray(weights["up"].T, dtype)]
+            if lay.gated:
+                rows.append(np.ascontiguousarray(weights["gate"].T, dtype))
+            rows.append(np.ascontiguousarray(weights["down"], dtype))
+            for r in rows:
+                if r.shape != (lay.neurons, lay.hidden):
+                    raise FlashError(f"layer {lay.name}: a weight is {r.shape}, the layout says "
+                                     f"{(lay.neurons, lay.hidden)}")
+            regions = [np.stack(rows, axis=1)] if lay.bundled else rows   # [neurons, parts, hidden] or [neurons, hidden]
+            for region in regions:
+                for c in range(lay.chunks):
+                    block = region[c * lay.chunk_neurons:(c + 1) * lay.chunk_neurons].tobytes()
+                    block += b"\0" * (lay.chunk_bytes - len(block))
+                    digest.update(block)
+                    f.write(block)
+    image = FlashImage([lay for lay, _ in layers], offset, digest.hexdigest())
+    image.check(path)
+    return image
+
+
+# --- prediction -------------------------------------------------------------------------------------------
+
+@dataclass
+class Predictor:
+    """Which neurons of a ReLU FFN fire, from a rank-``rank`` approximation of the up projection:
+    ``x @ left @ right + bias > -margin`` (left [hidden, rank], right [rank, neurons])."""
+    left: np.ndarray
+    right: np.ndarray
+    bias: np.ndarray
+    margin: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.left.nbytes + self.right.nbytes + self.bias.nbytes
+
+    def active(self, x: np.ndarray) -> np.ndarray:
+        """Indices of the neurons predicted active for any row of ``x`` [tokens, hidden]."""
+        scores = (x.astype(np.float32) @ self.left) @ self.right + self.bias
+        return np.flatnonzero((scores > -self.margin).any(axis=0))
+
+
+def build_predictor(up: np.ndarray, bias: np.ndarray, rank: int, samples: np.ndarray | None = None,
+                    target_recall: float = 0.95) -> tuple[Predictor, dict]:
+    """A truncated SVD of ``up`` [hidden, neurons]; with ``samples`` (FFN inputs seen at compile time) its
+    margin is raised until the recall of truly active neurons reaches ``target_recall``. Returns the
+    predictor and what was measured on the samples (recall, predicted and true active fractions)."""
+    u, s, vt = np.linalg.svd(up.astype(np.float32), full_matrices=False)
+    rank = max(1, min(rank, len(s)))
+    predictor = Predictor(np.ascontiguousarray(u[:, :rank] * s[:rank]), np.ascontiguousarray(vt[:rank]),
+                          bias.astype(np.float32))
+    stats = {"rank": rank}
+    if samples is not None and len(samples):
+        true = (samples.astype(np.float32) @ up.astype(np.float32) + bias) > 0
+        scores = (samples.astype(np.float32) @ predictor.left) @ predictor.right + bias
+        active_scores = scores[true]
+        if active_scores.size:
+            # the margin that keeps ``target_recall`` of the truly active neurons: a quantile of their scores
+            predictor.margin = float(max(0.0, -np.quantile(active_scores, 1 - target_recall)))
+        predicted = scores > -predictor.margin
+        stats.update(recall=float((predicted & true).sum() / max(true.sum(), 1)),
+                     predicted_fraction=float(predicted.mean()), active_fraction=float(true.mean()),
+                     margin=predictor.margin)
+    return predictor, stats
+
+
+# --- running a streamed layer -----------------------------------------------------------------------------
+
+class StreamedFfn:
+    """One FFN layer whose weights stay in the flash image: ``y = act(x @ up + b_up) @ down + b_down``, with
+    only what ``mode`` needs read (see the module doc). ``pool``: a ``hetflow.runtime.flash_io.ReaderPool``
+    on the image; ``activation``: "relu" (or "silu" for a gated FFN: ``silu(x @ gate) * (x @ up)``)."""
+
+    def __init__(self, lay: LayerLayout, pool, b_up: np.ndarray, b_down: np.ndarray, mode: str = "dense",
+                 predictor: Predictor | None = None, window: int = 0, capacity: int | None = None,
+                 activation: str = "relu"):
+        if mode not in ("dense", "predict", "window"):
+            raise FlashError(f"layer {lay.name}: unknown mode {mode!r}")
+        if mode != "dense" and predictor is None:
+            raise FlashError(f"layer {lay.name}: mode {mode!r} needs a predictor")
+        self.lay, self.pool, self.mode, self.predictor = lay, pool, mode, predictor
+        self.b_up, self.b_down = b_up.astype(np.float32), b_down.astype(np.float32)
+        self.activation = activation
+        self.window = max(window, 1)
+        self.capacity = lay.neurons if capacity is None else min(capacity, lay.neurons)
+        self.next: StreamedFfn | None = None   # the streamed layer after this one (dense mode prefetches it)
+        self._prefetch = None                    # (future, buffer) of this layer's whole image, being read
+        # the window cache: one row per held neuron (bundle: parts x hidden), its neuron id, when last active
+        self.slots = np.zeros((self.capacity, lay.parts, lay.hidden), np.float32)
+        self.slot_neuron = np.full(self.capacity, -1, np.int64)
+        self.neuron_slot: dict[int, int] = {}
+        self.last_used: dict[int, int] = {}
+        self.held = 0
+        self.step = 0
+        self.bytes_read = 0
+        self.io_seconds = 0.0
+        self.compute_seconds = 0.0
+        self.last_active: np.ndarray | None = None
+
+    # the reads
+    def _read_chunks(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
+        """{chunk: [chunk_neurons, parts, hidden] float32} for the chunks, read in as few requests as runs of
+        consecutive chunks allow (unbundled: one per region and run)."""
+        lay = self.lay
+        if not len(chunks):
+            return {}
+        runs, start = [], chunks[0]
+        for prev, cur in zip(chunks[:-1], chunks[1:]):
+            if cur != prev + 1:
+                runs.append((start, prev))
+                start = cur
+        runs.append((start, chunks[-1]))
+        buffers, requests = [], []
+        for first, last in runs:
+            n = int(last - first + 1)
+            for r, off in enumerate(lay.chunk_offsets(int(first))):
+                buf = aligned_empty(n * lay.chunk_bytes)
+                buffers.append((int(first), n, r, buf))
+                requests.append((off, buf))
+        began = time.perf_counter()
+        self.pool.read_into(requests)
+        self.io_seconds += time.perf_counter() - began
+        self.bytes_read += sum(len(b) for _, b in requests)
+        out: dict[int, np.ndarray] = {}
+        for first, n, r, buf in buffers:
+            for chunk, block in self._split_one(buf, first, n, r).items():
+                if lay.bundled or chunk not in out:
+                    out[chunk] = block
+                else:
+                    out[chunk][:, r] = block[:, r]
+        return out
+
+    def _split_one(self, buf: np.ndarray, first: int, n: int, r: int) -> dict[int, np.ndarray]:
+        """The chunks ``first .. first + n - 1`` of region ``r`` (0 when bundled) from a buffer read for them."""
+        lay, dtype = self.lay, np.dtype(self.lay.dtype)
+        out = {}
+        for i in range(n):
+            chunk = first + i
+            raw = buf[i * lay.chunk_bytes:(i + 1) * lay.chunk_bytes]
+            count = min(lay.chunk_neurons, lay.neurons - chunk * lay.chunk_neurons)
+            if lay.bundled:
+                out[chunk] = np.frombuffer(raw, dtype, count * lay.parts * lay.hidden).reshape(
+                    count, lay.parts, lay.hidden).astype(np.float32)
+            else:
+                block = np.zeros((count, lay.parts, lay.hidden), np.float32)
+                block[:, r] = np.frombuffer(raw, dtype, count * lay.hidden).reshape(count, lay.hidden)
+                out[chunk] = block
+        return out
+
+    def _load(self, neurons: np.ndarray) -> np.ndarray:
+        """[len(neurons), parts, hidden] for these neurons, read from flash (whole chunks)."""
+        per = self.lay.chunk_neurons
+        chunks = np.unique(neurons // per)
+        got = self._read_chunks(chunks)
+        return np.stack([got[n // per][n % per] for n in neurons]) if len(neurons) else \
+            np.zeros((0, self.lay.parts, self.lay.hidden), np.float32)
+
+    def _apply(self, x: np.ndarray, rows: np.ndarray, ids: np.ndarray, whole: bool = False) -> np.ndarray:
+        """The FFN over the neurons ``ids`` whose bundles are ``rows``."""
+        x32 = x.astype(np.float32)
+        up = rows[:, 0]
+        pre = x32 @ up.T + (self.b_up if whole else self.b_up[ids])
+        if self.lay.gated:
+            gate = x32 @ rows[:, 1].T
+            hidden = gate / (1 + np.exp(-gate)) * pre
+        else:
+            hidden = np.maximum(pre, 0)
+        return hidden @ rows[:, -1] + self.b_down
+
+    # the whole layer (dense mode), read in one go and prefetched while the layer before computes
+    def _layer_requests(self) -> tuple[np.ndarray, list]:
+        lay = self.lay
+        buf = aligned_empty(lay.bytes)
+        if lay.bundled:
+            return buf, [(lay.offset, buf)]
+        region = lay.chunks * lay.chunk_bytes
+        return buf, [(lay.offset + r * region, buf[r * region:(r + 1) * region]) for r in range(lay.parts)]
+
+    def prefetch(self) -> None:
+        """Start reading this layer's whole image in the background (dense mode)."""
+        if self._prefetch is None:
+            buf, requests = self._layer_requests()
+            self._prefetch = (self.pool.submit(requests), buf, time.perf_counter())
+
+    def _whole_layer(self) -> np.ndarray:
+        """[neurons, parts, hidden] float32 (a view of the read buffer when chunks carry no padding)."""
+        lay = self.lay
+        if self._prefetch is None:
+            self.prefetch()
+        future, buf, _ = self._prefetch
+        self._prefetch = None
+        waited = time.perf_counter()
+        future.result()
+        self.io_seconds += time.perf_counter() - waited   # the read time not hidden behind compute
+        self.bytes_read += lay.bytes
+        dtype = np.dtype(lay.dtype)
+        per = lay.chunk_neurons * lay.hidden * dtype.itemsize * (lay.parts if lay.bundled else 1)
+        if per == lay.chunk_bytes:   # no padding: the buffer is the weights, in order
+            if lay.bundled:
+                rows = buf.view(dtype)[:lay.neurons * lay.parts * lay.hidden].reshape(lay.neurons, lay.parts, lay.hidden)
+            else:
+                region = lay.chunks * lay.chunk_bytes
+                rows = np.stack([buf[r * region:(r + 1) * region].view(dtype)[:lay.neurons * lay.hidden].reshape(
+                    lay.neurons, lay.hidden) for r in range(lay.parts)], axis=1)
+            return rows.astype(np.float32, copy=False)
+        if lay.bundled:   # padded chunks: taken apart one by one
+            got = self._split_one(buf, 0, lay.chunks, 0)
+        else:
+            region = lay.chunks * lay.chunk_bytes
+            got = self._split_one(buf[:region], 0, lay.chunks, 0)
+            for r in range(1, lay.parts):
+                for chunk, block in self._split_one(buf[r * region:(r + 1) * region], 0, lay.chunks, r).items():
+                    got[chunk][:, r] = block[:, r]
+        return np.concatenate([got[c] for c in range(lay.chunks)])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.step += 1
+        if self.mode == "dense":
+            rows = self._whole_layer()
+            if self.next is not None and self.next.mode == "dense":
+                self.next.prefetch()    # the next streamed layer loads while this one computes
+            ids = np.arange(self.lay.neurons)
+            began = time.perf_counter()
+            y = self._apply(x, rows, ids, whole=True)
+            self.compute_seconds += time.perf_counter() - began
+            self.last_active = ids
+            return y.astype(x.dtype)
+        began = time.perf_counter()
+        ids = self.predictor.active(x)
+        self.compute_seconds += time.perf_counter() - began
+        self.last_active = ids
+        if self.mode == "predict" or len(ids) > self.capacity:   # (a prompt's many rows: no room to cache them)
+            rows = self._load(ids)
+        else:
+            rows = self._through_window(ids)
+        began = time.perf_counter()
+        y = self._apply(x, rows, ids)
+        self.compute_seconds += time.perf_counter() - began
+        return y.astype(x.dtype)
+
+    def _through_window(self, ids: np.ndarray) -> np.ndarray:
+        """Rows for ``ids`` from the window cache, reading only the neurons it does not hold; then neurons idle
+        for ``window`` tokens leave it (swap-delete)."""
+        missing = np.array([n for n in ids if n not in self.neuron_slot], np.int64)
+        if len(missing):
+            self._evict(need=len(missing), keep=set(ids.tolist()))
+            loaded = self._load(missing)
+            for n, row in zip(missing, loaded):
+                slot = self.held
+                self.slots[slot] = row
+                self.slot_neuron[slot] = n
+                self.neuron_slot[int(n)] = slot
+                self.held += 1
+        for n in ids:
+            self.last_used[int(n)] = self.step
+        rows = self.slots[[self.neuron_slot[int(n)] for n in ids]]
+        self._evict(need=0, keep=set(ids.tolist()))
+        return rows
+
+    def _evict(self, need: int, keep: set[int]) -> None:
+        """Swap-delete the neurons not used in the last ``window`` steps; if still short of room for ``need``,
+        the least recently used (never one in ``keep``)."""
+        stale = [n for n, s in self.last_used.items() if self.step - s >= self.window and n not in keep]
+        if self.held + need > self.capacity:
+            extra = sorted((s, n) for n, s in self.last_used.items() if n not in keep and n not in stale)
+            stale += [n for _, n in extra[:self.held + need - self.capacity - len(stale)]]
+        for n in stale:
+            slot = self.neuron_slot.pop(n)
+            self.last_used.pop(n, None)
+            last = self.held - 1
+            if slot != last:   # the last row moves into the freed slot
+                moved = int(self.slot_neuron[last])
+                self.slots[slot] = self.slots[last]
+                self.slot_neuron[slot] = moved
+                self.neuron_slot[moved] = slot
+            self.slot_neuron[last] = -1
+            self.held -= 1
+        if self.held + need > self.capacity:
+            raise FlashError(f"layer {self.lay.name}: {need} neurons to load and the window cache holds "
+                             f"{self.capacity}: raise the budget or lower the window")
