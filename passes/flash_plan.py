@@ -25,7 +25,8 @@ from hetflow.ir.errors import HetflowError
 
 ALIGN = 4096
 PREDICTOR_RANKS = (256, 128, 64, 32, 16)
-WINDOW_SPARE = 1.25     # the window cache holds this many times the neurons active over a window
+WINDOW_SPARE = 1.0      # the window cache holds this many times the neurons active over a window (beyond: LRU)
+WORKSPACE = 32 << 20    # kept free for activations, the KV cache of a short context and the runtime's own buffers
 
 
 class FlashPlanError(HetflowError):
@@ -80,8 +81,14 @@ class FlashPlan:
     layers: list[LayerPlan] = field(default_factory=list)
 
     @property
+    def buffer_bytes(self) -> int:
+        """The read buffers streaming needs at once: a whole layer being computed and the next being read
+        (streamed whole), or a window's worth of bundles in flight (predicted)."""
+        return _buffers(self.streamed)
+
+    @property
     def dram_bytes(self) -> int:
-        return self.resident_bytes + sum(l.dram_bytes for l in self.layers)
+        return self.resident_bytes + sum(l.dram_bytes for l in self.layers) + self.buffer_bytes + WORKSPACE
 
     @property
     def streamed(self) -> list[LayerPlan]:
@@ -90,14 +97,17 @@ class FlashPlan:
     def describe(self) -> str:
         mib = 1 << 20
         streamed = self.streamed
-        text = (f"flash plan: DRAM budget {self.budget / mib:.1f} MiB; resident {self.dram_bytes / mib:.1f} MiB "
+        text = (f"flash plan: DRAM budget {self.budget / mib:.1f} MiB; planned {self.dram_bytes / mib:.1f} MiB "
+                f"(read buffers {self.buffer_bytes / mib:.1f} MiB) "
                 f"(embeddings, attention, norms {self.resident_bytes / mib:.1f} MiB, "
                 f"{len(self.layers) - len(streamed)} of {len(self.layers)} FFN layers resident); "
                 f"{len(streamed)} FFN layers stream from flash")
         if streamed:
             l = streamed[0]
+            caches = sorted(s.capacity for s in streamed)
             text += (f" ({sum(s.layer.weight_bytes for s in streamed) / mib:.1f} MiB; predictor rank {l.rank}, "
-                     f"window {self.window} tokens in a cache of {l.capacity} neurons, chunks of {l.chunk_neurons} "
+                     f"window {self.window} tokens in caches of {caches[0]} to {caches[-1]} neurons, chunks of "
+                     f"{l.chunk_neurons} "
                      f"neuron bundles = {l.chunk_neurons * l.layer.bundle_bytes / 1024:.0f} KiB, "
                      f"for {self.active_fraction:.1%} active neurons)")
         return text
@@ -142,31 +152,46 @@ def plan_flash(layers: list[FfnLayer], resident_bytes: int, budget: int, curve: 
     calibration inputs; without them, tokens are taken as independent)."""
     if not layers:
         raise FlashPlanError("no feed-forward layer to stream: the model has no MatMul -> activation -> MatMul")
-    if budget < resident_bytes:
+    if budget < resident_bytes + WORKSPACE:
         raise FlashPlanError(f"the DRAM budget of {budget / (1 << 20):.1f} MiB is below the resident minimum of "
-                             f"{resident_bytes / (1 << 20):.1f} MiB (embeddings, attention and norms stay in DRAM): "
+                             f"{(resident_bytes + WORKSPACE) / (1 << 20):.1f} MiB (embeddings, attention and norms stay in DRAM, "
+                             f"and {WORKSPACE >> 20} MiB of workspace): "
                              "raise the budget")
-    plan = FlashPlan(budget, resident_bytes, window, active_fraction)
+    per = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v   # noqa: E731  (a figure per layer, or one for all)
+    mean = lambda v: float(sum(v) / len(v)) if isinstance(v, (list, tuple)) else v   # noqa: E731
+    plan = FlashPlan(budget, resident_bytes, window, mean(active_fraction))
     ranks = [rank] if rank is not None else list(PREDICTOR_RANKS) if predict else [0]
     for r in ranks:   # the largest predictor rank with which every FFN layer could stream
-        plans = [_streamed(layer, r if predict else 0, window, active_fraction, window_fraction, new_fraction,
-                           curve) for layer in layers]
-        if resident_bytes + sum(p.dram_bytes for p in plans) <= budget:
+        plans = [_streamed(layer, r if predict else 0, window, per(active_fraction, i), per(window_fraction, i),
+                           per(new_fraction, i), curve) for i, layer in enumerate(layers)]
+        if resident_bytes + sum(p.dram_bytes for p in plans) + _buffers(plans) + WORKSPACE <= budget:
             break
     else:
-        need = resident_bytes + sum(p.dram_bytes for p in plans)
+        need = resident_bytes + sum(p.dram_bytes for p in plans) + _buffers(plans) + WORKSPACE
         raise FlashPlanError(f"the DRAM budget of {budget / (1 << 20):.1f} MiB cannot hold the resident minimum and "
                              f"the streamed layers' predictors and window caches ({need / (1 << 20):.1f} MiB at "
                              f"predictor rank {ranks[-1]}): raise the budget or lower the window")
-    # then FFN layers back in DRAM, first to last, while they fit
-    used = resident_bytes + sum(p.dram_bytes for p in plans)
-    for i, layer in enumerate(layers):
-        extra = layer.weight_bytes - plans[i].dram_bytes
-        if used + extra <= budget:
-            plans[i] = LayerPlan(layer, streamed=False)
-            used += extra
+    # then FFN layers back in DRAM while they fit: those that would read the most per token first
+    def reads(i: int) -> float:   # the share of the layer a token reads from flash
+        if not predict:
+            return 1.0
+        return per(new_fraction, i) if new_fraction is not None else per(active_fraction, i)
+    order = sorted(range(len(layers)), key=lambda i: (-reads(i), i))
+    for i in order:
+        trial = plans[:i] + [LayerPlan(layers[i], streamed=False)] + plans[i + 1:]
+        if resident_bytes + sum(p.dram_bytes for p in trial) + _buffers(trial) + WORKSPACE <= budget:
+            plans = trial
     plan.layers = plans
     return plan
+
+
+def _buffers(plans: list[LayerPlan]) -> int:
+    streamed = [p for p in plans if p.streamed]
+    if not streamed:
+        return 0
+    if any(p.rank == 0 for p in streamed):
+        return 2 * max(p.layer.weight_bytes for p in streamed if p.rank == 0)
+    return 2 * max(4 * p.capacity * p.layer.parts * p.layer.hidden for p in streamed)
 
 
 def _streamed(layer: FfnLayer, rank: int, window: int, active_fraction: float, window_fraction: float | None,

@@ -20,8 +20,8 @@ Running a layer (``StreamedFfn``)
 ---------------------------------
 * ``dense``: every chunk of the layer read for each call (what streaming a layer without prediction
   does; exact);
-* ``predict``: a low-rank predictor of the up projection (``Predictor``: truncated SVD, rank chosen from
-  the budget) picks the neurons whose ReLU input is predicted above ``-margin``; only their chunks are
+* ``predict``: a low-rank predictor of the up projection (``Predictor``: a truncated SVD of it as the
+  calibration inputs see it, rank chosen from the budget) picks the neurons whose ReLU input is predicted above ``-margin``; only their chunks are
   read, and the FFN is computed over them (approximate: a neuron missed by the predictor is left out);
 * ``window``: with prediction, the neurons active over the last ``window`` tokens stay in DRAM in a
   preallocated matrix (one row per neuron, ``slots``) with swap-delete: a neuron leaving the window is
@@ -223,17 +223,29 @@ class Predictor:
 
 
 def build_predictor(up: np.ndarray, bias: np.ndarray, rank: int, samples: np.ndarray | None = None,
-                    target_recall: float = 0.95) -> tuple[Predictor, dict]:
-    """A truncated SVD of ``up`` [hidden, neurons]; with ``samples`` (FFN inputs seen at compile time) its
-    margin is raised until the recall of truly active neurons reaches ``target_recall``. Returns the
-    predictor and what was measured on the samples (recall, predicted and true active fractions)."""
-    u, s, vt = np.linalg.svd(up.astype(np.float32), full_matrices=False)
-    rank = max(1, min(rank, len(s)))
-    predictor = Predictor(np.ascontiguousarray(u[:, :rank] * s[:rank]), np.ascontiguousarray(vt[:rank]),
-                          bias.astype(np.float32))
+                    target_recall: float = 0.95, data_aware: bool = False) -> tuple[Predictor, dict]:
+    """A rank-``rank`` approximation of the up projection ``up`` [hidden, neurons].
+
+    The truncated SVD of ``up``; with ``data_aware`` and ``samples`` (FFN inputs seen at compile time,
+    [n, hidden]), instead the inputs' top ``rank`` principal directions P and ``x @ P @ (P^T @ up)`` (exact
+    for inputs in their span; it overfits when the samples are few). With ``samples``, the margin is raised
+    until the recall of the truly active neurons on them reaches ``target_recall``. Returns the predictor and what was measured on the samples (recall,
+    predicted and truly active fractions, the margin)."""
+    up32 = up.astype(np.float32)
+    if data_aware and samples is not None and len(samples) >= 2:
+        x = samples.astype(np.float32)
+        _, _, basis = np.linalg.svd(x, full_matrices=False)          # rows: the inputs' principal directions
+        rank = max(1, min(rank, basis.shape[0]))
+        left = np.ascontiguousarray(basis[:rank].T)                   # [hidden, rank]
+        right = np.ascontiguousarray(left.T @ up32)                    # [rank, neurons]
+    else:
+        u, sv, vt = np.linalg.svd(up32, full_matrices=False)
+        rank = max(1, min(rank, len(sv)))
+        left, right = np.ascontiguousarray(u[:, :rank] * sv[:rank]), np.ascontiguousarray(vt[:rank])
+    predictor = Predictor(left, right, bias.astype(np.float32))
     stats = {"rank": rank}
     if samples is not None and len(samples):
-        true = (samples.astype(np.float32) @ up.astype(np.float32) + bias) > 0
+        true = (samples.astype(np.float32) @ up32 + bias) > 0
         scores = (samples.astype(np.float32) @ predictor.left) @ predictor.right + bias
         active_scores = scores[true]
         if active_scores.size:
@@ -278,6 +290,8 @@ class StreamedFfn:
         self.io_seconds = 0.0
         self.compute_seconds = 0.0
         self.last_active: np.ndarray | None = None
+        self.neurons_predicted = 0       # summed over calls: the neurons the predictor picked
+        self.neurons_loaded = 0          # summed over calls: the neurons read from flash
 
     # the reads
     def _read_chunks(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
@@ -332,22 +346,24 @@ class StreamedFfn:
     def _load(self, neurons: np.ndarray) -> np.ndarray:
         """[len(neurons), parts, hidden] for these neurons, read from flash (whole chunks)."""
         per = self.lay.chunk_neurons
+        self.neurons_loaded += len(neurons)
         chunks = np.unique(neurons // per)
         got = self._read_chunks(chunks)
         return np.stack([got[n // per][n % per] for n in neurons]) if len(neurons) else \
             np.zeros((0, self.lay.parts, self.lay.hidden), np.float32)
 
-    def _apply(self, x: np.ndarray, rows: np.ndarray, ids: np.ndarray, whole: bool = False) -> np.ndarray:
-        """The FFN over the neurons ``ids`` whose bundles are ``rows``."""
+    def _apply(self, x: np.ndarray, rows, ids: np.ndarray, whole: bool = False) -> np.ndarray:
+        """The FFN over the neurons ``ids`` whose bundles are ``rows``: [n, parts, hidden], or a list of the
+        parts, each [n, hidden] (a whole layer, as read: no copy)."""
+        parts = rows if isinstance(rows, list) else [rows[:, p] for p in range(rows.shape[1])]
         x32 = x.astype(np.float32)
-        up = rows[:, 0]
-        pre = x32 @ up.T + (self.b_up if whole else self.b_up[ids])
+        pre = x32 @ parts[0].T + (self.b_up if whole else self.b_up[ids])
         if self.lay.gated:
-            gate = x32 @ rows[:, 1].T
+            gate = x32 @ parts[1].T
             hidden = gate / (1 + np.exp(-gate)) * pre
         else:
             hidden = np.maximum(pre, 0)
-        return hidden @ rows[:, -1] + self.b_down
+        return hidden @ parts[-1] + self.b_down
 
     # the whole layer (dense mode), read in one go and prefetched while the layer before computes
     def _layer_requests(self) -> tuple[np.ndarray, list]:
@@ -364,8 +380,9 @@ class StreamedFfn:
             buf, requests = self._layer_requests()
             self._prefetch = (self.pool.submit(requests), buf, time.perf_counter())
 
-    def _whole_layer(self) -> np.ndarray:
-        """[neurons, parts, hidden] float32 (a view of the read buffer when chunks carry no padding)."""
+    def _whole_layer(self):
+        """The layer's parts, each [neurons, hidden] float32: views of the read buffer when the chunks carry no
+        padding (bundled: strided rows; unbundled: each region as it lies), else [neurons, parts, hidden]."""
         lay = self.lay
         if self._prefetch is None:
             self.prefetch()
@@ -380,11 +397,12 @@ class StreamedFfn:
         if per == lay.chunk_bytes:   # no padding: the buffer is the weights, in order
             if lay.bundled:
                 rows = buf.view(dtype)[:lay.neurons * lay.parts * lay.hidden].reshape(lay.neurons, lay.parts, lay.hidden)
+                parts = [rows[:, p] for p in range(lay.parts)]
             else:
                 region = lay.chunks * lay.chunk_bytes
-                rows = np.stack([buf[r * region:(r + 1) * region].view(dtype)[:lay.neurons * lay.hidden].reshape(
-                    lay.neurons, lay.hidden) for r in range(lay.parts)], axis=1)
-            return rows.astype(np.float32, copy=False)
+                parts = [buf[r * region:(r + 1) * region].view(dtype)[:lay.neurons * lay.hidden].reshape(
+                    lay.neurons, lay.hidden) for r in range(lay.parts)]
+            return [p.astype(np.float32, copy=False) for p in parts]
         if lay.bundled:   # padded chunks: taken apart one by one
             got = self._split_one(buf, 0, lay.chunks, 0)
         else:
@@ -411,14 +429,48 @@ class StreamedFfn:
         ids = self.predictor.active(x)
         self.compute_seconds += time.perf_counter() - began
         self.last_active = ids
-        if self.mode == "predict" or len(ids) > self.capacity:   # (a prompt's many rows: no room to cache them)
+        self.neurons_predicted += len(ids)
+        if self.mode == "predict":
             rows = self._load(ids)
+        elif len(x) == 1 and len(ids) > self.capacity:   # more than the cache holds: what it has, the rest read
+            rows = self._partly_cached(ids)
+        elif len(x) > 1:   # a prompt: its rows' neurons read once; the last ``window`` rows' kept as the window
+            rows = self._load(ids)
+            recent = self.predictor.active(x[-self.window:])
+            if len(recent) <= self.capacity:
+                self._keep(recent, ids, rows)
         else:
             rows = self._through_window(ids)
         began = time.perf_counter()
         y = self._apply(x, rows, ids)
         self.compute_seconds += time.perf_counter() - began
         return y.astype(x.dtype)
+
+    def _partly_cached(self, ids: np.ndarray) -> np.ndarray:
+        """Rows for more neurons than the cache holds: those it holds from it, the others read (not kept)."""
+        held = np.array([int(n) in self.neuron_slot for n in ids], bool)
+        rows = np.empty((len(ids), self.lay.parts, self.lay.hidden), np.float32)
+        if held.any():
+            rows[held] = self.slots[[self.neuron_slot[int(n)] for n in ids[held]]]
+            for n in ids[held]:
+                self.last_used[int(n)] = self.step
+        if (~held).any():
+            rows[~held] = self._load(ids[~held])
+        return rows
+
+    def _keep(self, neurons: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Put ``neurons`` (a subset of ``ids``, whose rows are ``rows``) into the window cache."""
+        where = {int(n): i for i, n in enumerate(ids)}
+        new = [int(n) for n in neurons if int(n) not in self.neuron_slot]
+        self._evict(need=len(new), keep=set(int(n) for n in neurons))
+        for n in new:
+            slot = self.held
+            self.slots[slot] = rows[where[n]]
+            self.slot_neuron[slot] = n
+            self.neuron_slot[n] = slot
+            self.held += 1
+        for n in neurons:
+            self.last_used[int(n)] = self.step
 
     def _through_window(self, ids: np.ndarray) -> np.ndarray:
         """Rows for ``ids`` from the window cache, reading only the neurons it does not hold; then neurons idle
