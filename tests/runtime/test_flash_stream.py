@@ -1,0 +1,151 @@
+"""FFN weights streamed from a flash image (``hetflow.runtime.flash_stream``) and the plan of what streams
+under a DRAM budget (``hetflow.passes.flash_plan``)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hetflow.passes.flash_plan import FfnLayer, FlashPlanError, best_chunk, plan_flash, throughput_at
+from hetflow.runtime.flash_io import ReaderPool
+from hetflow.runtime.flash_stream import (FlashError, FlashImage, StreamedFfn, build_predictor, layout,
+                                          write_image)
+
+HIDDEN, NEURONS = 64, 200
+CURVE = [(4096, 0.1e9), (32768, 0.7e9), (1 << 20, 1.0e9)]
+
+
+@pytest.fixture()
+def ffn():
+    rng = np.random.default_rng(0)
+    up = rng.standard_normal((HIDDEN, NEURONS)).astype(np.float32)
+    down = rng.standard_normal((NEURONS, HIDDEN)).astype(np.float32)
+    b_up = (rng.standard_normal(NEURONS) - 2.0).astype(np.float32)   # sparse: most neurons below zero
+    b_down = rng.standard_normal(HIDDEN).astype(np.float32)
+    return up, down, b_up, b_down
+
+
+def _reference(x, up, down, b_up, b_down):
+    return np.maximum(x @ up + b_up, 0) @ down + b_down
+
+
+@pytest.mark.parametrize("bundled", [True, False])
+@pytest.mark.parametrize("min_chunk", [1, 4096, 3 * 4096 + 5])   # one neuron a chunk; padded chunks
+def test_streaming_a_layer_whole_is_exact(tmp_path, ffn, bundled, min_chunk):
+    up, down, b_up, b_down = ffn
+    lay = layout("l", HIDDEN, NEURONS, np.float32, False, bundled, min_chunk)
+    assert lay.chunk_bytes % 4096 == 0
+    image = write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down})])
+    image.verify(tmp_path / "img.bin")
+    x = np.random.default_rng(1).standard_normal((3, HIDDEN)).astype(np.float32)
+    with ReaderPool(tmp_path / "img.bin", threads=4) as pool:
+        layer = StreamedFfn(lay, pool, b_up, b_down)
+        np.testing.assert_allclose(layer(x), _reference(x, up, down, b_up, b_down), rtol=1e-5, atol=1e-4)
+        assert layer.bytes_read == lay.bytes
+
+
+def test_the_window_cache_returns_what_prediction_alone_computes_and_reads_less(tmp_path, ffn):
+    up, down, b_up, b_down = ffn
+    rng = np.random.default_rng(2)
+    samples = rng.standard_normal((256, HIDDEN)).astype(np.float32)
+    predictor, stats = build_predictor(up, b_up, rank=32, samples=samples, target_recall=0.95)
+    assert stats["recall"] >= 0.95 - 1e-3 and stats["predicted_fraction"] >= stats["active_fraction"]
+    lay = layout("l", HIDDEN, NEURONS, np.float32, False, True, 1)
+    write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down})])
+    base = rng.standard_normal(HIDDEN).astype(np.float32)
+    tokens = [(base + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)[None] for _ in range(12)]  # correlated
+    with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
+        alone = StreamedFfn(lay, pool, b_up, b_down, "predict", predictor)
+        window = StreamedFfn(lay, pool, b_up, b_down, "window", predictor, window=3, capacity=120)
+        for x in tokens:
+            np.testing.assert_array_equal(window(x), alone(x))
+            assert window.held <= 120 and len(window.neuron_slot) == window.held
+            assert all(window.slot_neuron[slot] == n for n, slot in window.neuron_slot.items())   # swap-delete kept it
+        assert window.bytes_read < alone.bytes_read / 2
+        # an approximation: within the error the predictor's misses make
+        x = tokens[-1]
+        error = np.abs(window(x) - _reference(x, up, down, b_up, b_down)).max()
+        assert error / np.abs(_reference(x, up, down, b_up, b_down)).max() < 0.2
+
+
+def test_a_cache_smaller_than_a_tokens_neurons_still_computes_the_same(tmp_path, ffn):
+    up, down, b_up, b_down = ffn
+    predictor, _ = build_predictor(up, b_up, rank=16)
+    predictor.margin = 10.0   # predicts most neurons: more than the cache holds
+    lay = layout("l", HIDDEN, NEURONS, np.float32, False, False, 1)
+    write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down})])
+    x = np.random.default_rng(3).standard_normal((1, HIDDEN)).astype(np.float32)
+    with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
+        small = StreamedFfn(lay, pool, b_up, b_down, "window", predictor, window=2, capacity=8)
+        alone = StreamedFfn(lay, pool, b_up, b_down, "predict", predictor)
+        for _ in range(3):
+            np.testing.assert_array_equal(small(x), alone(x))
+
+
+def test_an_image_that_does_not_match_its_manifest_is_refused(tmp_path, ffn):
+    up, down, *_ = ffn
+    lay = layout("l", HIDDEN, NEURONS, np.float32, False, True, 1)
+    image = write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down})])
+    again = FlashImage.from_json(image.to_json())
+    assert again.size == image.size and again.layer("l").chunk_bytes == lay.chunk_bytes
+    data = bytearray((tmp_path / "img.bin").read_bytes())
+    data[100] ^= 0xFF
+    (tmp_path / "img.bin").write_bytes(bytes(data))
+    with pytest.raises(FlashError, match="do not match the manifest"):
+        again.verify(tmp_path / "img.bin")
+    (tmp_path / "img.bin").write_bytes(bytes(data[:-4096]))
+    with pytest.raises(FlashError, match="but its manifest says"):
+        again.check(tmp_path / "img.bin")
+    with pytest.raises(FlashError, match="not a hetflow-flash-image"):
+        FlashImage.from_json('{"format": "other"}')
+
+
+def test_an_image_on_a_file_system_without_room_is_one_error(tmp_path, ffn, monkeypatch):
+    import os
+    up, down, *_ = ffn
+
+    class Full:
+        f_bavail, f_frsize = 1, 4096
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
+    with pytest.raises(FlashError, match="the flash image needs .* bytes and the file system has 4096 free"):
+        write_image(tmp_path / "img.bin", [(layout("l", HIDDEN, NEURONS, np.float32, False, True, 1),
+                                            {"up": up, "down": down})])
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
+
+LAYERS = [FfnLayer(f"l{i}", 256, 1024, 4) for i in range(8)]   # 2 MiB each
+
+
+def test_a_budget_below_the_resident_minimum_is_refused_naming_both():
+    with pytest.raises(FlashPlanError, match="budget of 10.0 MiB is below the resident minimum of 4[0-9.]+ MiB"):
+        plan_flash(LAYERS, 10 << 20, 10 << 20, CURVE)
+
+
+def test_the_plan_keeps_what_fits_and_streams_the_rest_within_the_budget():
+    budget = 48 << 20
+    dense = plan_flash(LAYERS, 8 << 20, budget, CURVE, predict=False)
+    assert dense.dram_bytes <= budget and 0 < len(dense.streamed) < len(LAYERS)
+    sparse = plan_flash(LAYERS, 8 << 20, budget, CURVE, 0.05, 4, window_fraction=0.1, new_fraction=0.01)
+    assert sparse.dram_bytes <= budget and all(l.rank > 0 and l.capacity > 0 for l in sparse.streamed)
+    everything = plan_flash(LAYERS, 8 << 20, 1 << 30, CURVE)
+    assert not everything.streamed                                    # a budget that holds it all streams nothing
+    # per-layer fractions: the layer that would read the most per token is the one kept resident
+    reads = [0.01] * 8
+    reads[5] = 0.5
+    budget = 40 << 20
+    while True:   # the smallest budget that brings one layer back into DRAM
+        try:
+            per_layer = plan_flash(LAYERS, 8 << 20, budget, CURVE, 0.05, 4, window_fraction=0.1, new_fraction=reads)
+        except FlashPlanError:
+            per_layer = None
+        if per_layer is not None and len(per_layer.streamed) < len(LAYERS):
+            break
+        budget += 1 << 18
+    assert [i for i, l in enumerate(per_layer.layers) if not l.streamed] == [5]
+
+
+def test_chunks_grow_where_the_flash_reads_small_chunks_slowly():
+    layer = LAYERS[0]   # a bundle is 2 KiB
+    assert best_chunk(layer, CURVE, 1.0) > best_chunk(layer, CURVE, 0.01)
+    assert throughput_at(CURVE, 32768) == pytest.approx(0.7e9)
+    assert 0.1e9 < throughput_at(CURVE, 8192) < 0.7e9
