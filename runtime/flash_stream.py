@@ -336,7 +336,7 @@ class StreamedFfn:
             count = min(lay.chunk_neurons, lay.neurons - chunk * lay.chunk_neurons)
             if lay.bundled:
                 out[chunk] = np.frombuffer(raw, dtype, count * lay.parts * lay.hidden).reshape(
-                    count, lay.parts, lay.hidden).astype(np.float32)
+                    count, lay.parts, lay.hidden).astype(np.float32, copy=False)   # f32: a view of the read buffer
             else:
                 block = np.zeros((count, lay.parts, lay.hidden), np.float32)
                 block[:, r] = np.frombuffer(raw, dtype, count * lay.hidden).reshape(count, lay.hidden)
