@@ -352,9 +352,10 @@ class StreamedFfn:
         return np.stack([got[n // per][n % per] for n in neurons]) if len(neurons) else \
             np.zeros((0, self.lay.parts, self.lay.hidden), np.float32)
 
-    def _apply(self, x: np.ndarray, rows, ids: np.ndarray, whole: bool = False) -> np.ndarray:
+    def _apply(self, x: np.ndarray, rows, ids: np.ndarray, whole: bool = False, bias: bool = True) -> np.ndarray:
         """The FFN over the neurons ``ids`` whose bundles are ``rows``: [n, parts, hidden], or a list of the
-        parts, each [n, hidden] (a whole layer, as read: no copy)."""
+        parts, each [n, hidden] (a whole layer, as read: no copy); ``bias=False``: without the down projection's
+        bias (a partial sum over some of the neurons)."""
         parts = rows if isinstance(rows, list) else [rows[:, p] for p in range(rows.shape[1])]
         x32 = x.astype(np.float32)
         pre = x32 @ parts[0].T + (self.b_up if whole else self.b_up[ids])
@@ -363,7 +364,8 @@ class StreamedFfn:
             hidden = gate / (1 + np.exp(-gate)) * pre
         else:
             hidden = np.maximum(pre, 0)
-        return hidden @ parts[-1] + self.b_down
+        out = hidden @ parts[-1]
+        return out + self.b_down if bias else out
 
     # the whole layer (dense mode), read in one go and prefetched while the layer before computes
     def _layer_requests(self) -> tuple[np.ndarray, list]:
@@ -433,7 +435,10 @@ class StreamedFfn:
         if self.mode == "predict":
             rows = self._load(ids)
         elif len(x) == 1 and len(ids) > self.capacity:   # more than the cache holds: what it has, the rest read
-            rows = self._partly_cached(ids)
+            began = time.perf_counter()
+            y = self._partly_cached(x, ids)
+            self.compute_seconds += time.perf_counter() - began
+            return y.astype(x.dtype)
         elif len(x) > 1:   # a prompt: its rows' neurons read once; the last ``window`` rows' kept as the window
             rows = self._load(ids)
             recent = self.predictor.active(x[-self.window:])
@@ -446,17 +451,24 @@ class StreamedFfn:
         self.compute_seconds += time.perf_counter() - began
         return y.astype(x.dtype)
 
-    def _partly_cached(self, ids: np.ndarray) -> np.ndarray:
-        """Rows for more neurons than the cache holds: those it holds from it, the others read (not kept)."""
+    def _partly_cached(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The FFN over more neurons than the cache holds: those it holds from it, the others read and applied in
+        batches of at most half its room (so the read buffers stay within what the plan counts), not kept.
+        (Its ``compute_seconds`` include the reads' wait, also counted in ``io_seconds``.)"""
         held = np.array([int(n) in self.neuron_slot for n in ids], bool)
-        rows = np.empty((len(ids), self.lay.parts, self.lay.hidden), np.float32)
+        x32 = x.astype(np.float32)
+        y = np.zeros((len(x), self.lay.hidden), np.float32)
         if held.any():
-            rows[held] = self.slots[[self.neuron_slot[int(n)] for n in ids[held]]]
-            for n in ids[held]:
+            cached = ids[held]
+            for n in cached:
                 self.last_used[int(n)] = self.step
-        if (~held).any():
-            rows[~held] = self._load(ids[~held])
-        return rows
+            y += self._apply(x32, self.slots[[self.neuron_slot[int(n)] for n in cached]], cached, bias=False)
+        missing = ids[~held]
+        batch = max(16, self.capacity // 2)
+        for start in range(0, len(missing), batch):
+            part = missing[start:start + batch]
+            y += self._apply(x32, self._load(part), part, bias=False)
+        return y + self.b_down
 
     def _keep(self, neurons: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
         """Put ``neurons`` (a subset of ``ids``, whose rows are ``rows``) into the window cache."""

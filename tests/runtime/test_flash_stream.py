@@ -77,8 +77,9 @@ def test_a_cache_smaller_than_a_tokens_neurons_still_computes_the_same(tmp_path,
     with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
         small = StreamedFfn(lay, pool, b_up, b_down, "window", predictor, window=2, capacity=8)
         alone = StreamedFfn(lay, pool, b_up, b_down, "predict", predictor)
-        for _ in range(3):
-            np.testing.assert_array_equal(small(x), alone(x))
+        for _ in range(3):   # the same neurons, summed in batches: equal up to the order of the sums
+            np.testing.assert_allclose(small(x), alone(x), rtol=1e-5, atol=1e-5)
+        assert small.held <= 8
 
 
 def test_an_image_that_does_not_match_its_manifest_is_refused(tmp_path, ffn):
