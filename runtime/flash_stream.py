@@ -14,7 +14,7 @@ weights ``up`` [hidden, neurons] (and ``gate`` for a gated FFN) and ``down`` [ne
 
 Every chunk starts at a multiple of ``ALIGN`` (4 KiB) and is padded to it, so each read is a direct
 (O_DIRECT) read of whole chunks; ``chunk_neurons`` is chosen so a chunk is at least the size the flash
-reads fast (``chunk_for``, from the platform's throughput-by-chunk curve).
+reads fast (``hetflow.passes.flash_plan.best_chunk``, from the platform's throughput-by-chunk curve).
 
 Running a layer (``StreamedFfn``)
 ---------------------------------
@@ -40,9 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .flash_io import aligned_empty
-
-ALIGN = 4096
+from .flash_io import ALIGNMENT as ALIGN, aligned_empty
 FORMAT = "hetflow-flash-image"
 VERSION = 1
 
@@ -99,16 +97,6 @@ def layout(name: str, hidden: int, neurons: int, dtype, gated: bool, bundled: bo
     chunk_neurons = max(1, min(neurons, math.ceil(min_chunk / per_neuron)))
     return LayerLayout(name, hidden, neurons, np.dtype(dtype).name, gated, bundled, chunk_neurons,
                        chunk_bytes=_round_up(chunk_neurons * per_neuron))
-
-
-def chunk_for(throughput: list[tuple[float, float]], fraction: float = 0.5) -> int:
-    """The smallest chunk size of the platform's throughput-by-chunk curve (bytes, bytes/s) that reads at
-    least ``fraction`` of the curve's best: below it small reads waste the disk."""
-    best = max(t for _, t in throughput)
-    for size, rate in sorted(throughput):
-        if rate >= fraction * best:
-            return int(size)
-    return int(max(s for s, _ in throughput))
 
 
 @dataclass
@@ -441,9 +429,9 @@ class StreamedFfn:
             return y.astype(x.dtype)
         elif len(x) > 1:   # a prompt: its rows' neurons read once; the last ``window`` rows' kept as the window
             rows = self._load(ids)
-            recent = self.predictor.active(x[-self.window:])
+            recent = self.predictor.active(x[-self.window:])   # a subset of ids (both sorted)
             if len(recent) <= self.capacity:
-                self._keep(recent, ids, rows)
+                self._keep(recent, rows[np.searchsorted(ids, recent)], set(recent.tolist()))
         else:
             rows = self._through_window(ids)
         began = time.perf_counter()
@@ -470,37 +458,27 @@ class StreamedFfn:
             y += self._apply(x32, self._load(part), part, bias=False)
         return y + self.b_down
 
-    def _keep(self, neurons: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Put ``neurons`` (a subset of ``ids``, whose rows are ``rows``) into the window cache."""
-        where = {int(n): i for i, n in enumerate(ids)}
-        new = [int(n) for n in neurons if int(n) not in self.neuron_slot]
-        self._evict(need=len(new), keep=set(int(n) for n in neurons))
-        for n in new:
-            slot = self.held
-            self.slots[slot] = rows[where[n]]
-            self.slot_neuron[slot] = n
-            self.neuron_slot[n] = slot
+    def _keep(self, neurons: np.ndarray, rows: np.ndarray, keep: set[int]) -> None:
+        """Put ``neurons`` (their rows ``rows``) into the window cache, making room without evicting ``keep``;
+        every one of ``keep`` counts as used now."""
+        new = [(int(n), row) for n, row in zip(neurons, rows) if int(n) not in self.neuron_slot]
+        self._evict(need=len(new), keep=keep)
+        for n, row in new:
+            self.slots[self.held] = row
+            self.slot_neuron[self.held] = n
+            self.neuron_slot[n] = self.held
             self.held += 1
-        for n in neurons:
-            self.last_used[int(n)] = self.step
+        for n in keep:
+            self.last_used[n] = self.step
 
     def _through_window(self, ids: np.ndarray) -> np.ndarray:
         """Rows for ``ids`` from the window cache, reading only the neurons it does not hold; then neurons idle
         for ``window`` tokens leave it (swap-delete)."""
+        keep = set(ids.tolist())
         missing = np.array([n for n in ids if n not in self.neuron_slot], np.int64)
-        if len(missing):
-            self._evict(need=len(missing), keep=set(ids.tolist()))
-            loaded = self._load(missing)
-            for n, row in zip(missing, loaded):
-                slot = self.held
-                self.slots[slot] = row
-                self.slot_neuron[slot] = n
-                self.neuron_slot[int(n)] = slot
-                self.held += 1
-        for n in ids:
-            self.last_used[int(n)] = self.step
+        self._keep(missing, self._load(missing) if len(missing) else [], keep)
         rows = self.slots[[self.neuron_slot[int(n)] for n in ids]]
-        self._evict(need=0, keep=set(ids.tolist()))
+        self._evict(need=0, keep=keep)
         return rows
 
     def _evict(self, need: int, keep: set[int]) -> None:
