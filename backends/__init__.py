@@ -20,6 +20,8 @@ device's backend:
 * ``tvm-llvm``: with ``cpu_backend="tvm"``, a CPU partition's same ONNX lowering compiled by
   TVM for LLVM into a native library (``cpu/partN.so``, see ``tvm_cpu``).
 * ``transfer``: a copy between two memories that are not one unified space.
+* ``flash``: a feed-forward layer whose weights stream from the flash image (a ``hetflow.flash_ffn`` node,
+  see ``flash``); the image is written beside the partitions (``flash.bin``, ``flash.json``).
 
 Each backend is one registry row (``EMITTERS``): the device kinds it serves and
 the function that emits a partition's program into the ``Partition``. The runtime
@@ -89,6 +91,11 @@ def _emit_npu(part: Partition) -> None:
     part.source = emit_npu_program(part.graph, part.device_spec, f"partition {part.index} ({part.file})")
 
 
+def _emit_flash(part: Partition) -> None:
+    from .flash import flash_program
+    part.source = flash_program(part.graph, f"{part.index} ({part.file})")
+
+
 def _emit_nothing(part: Partition) -> None:
     """Simulated devices and transfers: the partition's IR is the program (written as JSON)."""
 
@@ -101,7 +108,9 @@ EMITTERS = {e.name: e for e in [
     Emitter("pim", ".pim.json", _emit_pim),
     Emitter("simulated", ".json", _emit_nothing),
     Emitter("transfer", ".json", _emit_nothing),
+    Emitter("flash", ".flash.json", _emit_flash),
 ]}
+STREAMING_OPS = {"hetflow.flash_ffn": "flash"}   # a partition of one such node is emitted by this backend
 
 
 def backend_for(device: str, platform, cpu_backend: str = "onnxruntime") -> str:
@@ -135,7 +144,11 @@ def build_partitions(graph: Graph, platform=None, cpu_backend: str = "onnxruntim
     """``cpu_backend="tvm"`` compiles the CPU partitions with TVM (``tvm-llvm``) instead of ONNX Runtime."""
     partitions = []
     for index, (device, nodes) in enumerate(split_partitions(graph)):
-        emitter = EMITTERS[backend_for(device, platform, cpu_backend)]
+        streaming = STREAMING_OPS.get(nodes[0].op) if len(nodes) == 1 else None
+        if streaming is not None and platform is not None and streaming not in platform.backends(device):
+            raise BackendError(f"{nodes[0].describe()} is placed on {device!r}, where platform {platform.name!r} "
+                               f"allows no {streaming!r} backend ({', '.join(platform.backends(device))})")
+        emitter = EMITTERS[streaming or backend_for(device, platform, cpu_backend)]
         sub = partition_graph(graph, nodes, f"part{index}")
         part = Partition(index, device, emitter.name, sub, [n.outputs[0].name for n in nodes],
                          min(n.meta.get("start_us", 0.0) for n in nodes) / 1e6,

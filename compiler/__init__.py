@@ -60,6 +60,12 @@ def _register_with_the_platform_layer() -> None:
     platform.register_program_emitter("cuda", gpu_program)
     platform.register_program_emitter("cpu", cpu_program)
 
+    def flash_program(graph, name: str, device=None) -> str:
+        from hetflow.backends.flash import flash_program as emit
+        return emit(graph, name)
+
+    platform.register_program_emitter("flash", flash_program)
+
     def pim_program(graph, name: str, device=None) -> str:
         from hetflow.backends import pim_program as emit
         return emit(graph, name, device)

@@ -84,6 +84,7 @@ class CompiledModel:
         self.schedule = options.results.get("schedule") if options else None
         self.memory_plan = options.results.get("memory_plan") if options else None
         self.quantization = options.results.get("quantization") if options else None  # QuantizationReport
+        self.flash_plan = options.results.get("flash_plan") if options else None      # FlashTiling
         self.partitions = None
         self._executor = None
         self.compile_seconds = compile_seconds
@@ -169,19 +170,22 @@ class CompiledModel:
                                   "splits": self.placement.splits,
                                   "limit_hit": self.placement.limit_hit, "limit": self.placement.limit}
         written = write_partitions(self.partitions, Path(directory))
-        return write_artifact(self.graph, directory, self.platform.name, extra, written)
+        from hetflow.backends.flash import write_flash_image
+        flash_files, streamed = write_flash_image(self.graph, Path(directory))
+        return write_artifact(self.graph, directory, self.platform.name, extra, written + flash_files, streamed)
 
     def report(self) -> str:
         from hetflow.report import compile_report
         return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds,
-                              self.memory_plan, quantization=self.quantization)
+                              self.memory_plan, quantization=self.quantization, flash_plan=self.flash_plan)
 
 
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
             passes: Sequence[str] | str | None = None, placement: str = "roofline",
             devices: Sequence[str] | None = None, time_limit: float = 10.0,
             cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", dynamic_shapes: Any = None,
-            quantize: str | None = None, cost_model: str = "analytic") -> CompiledModel:
+            quantize: str | None = None, cost_model: str = "analytic", dram_budget: int | str | None = None,
+            flash_predict: bool = False) -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
@@ -203,6 +207,10 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     (per-output-channel weights, activations calibrated on ``example_inputs``, else on seeded random
     inputs); the compiled model's error against the reference interpreter on those inputs is measured
     and reported (``report()``, ``CompiledModel.quantization``). A platform without such an NPU is refused.
+    ``dram_budget`` (bytes, or "580 MiB"): the DRAM the model may use; feed-forward layers that do not fit
+    stream from flash (the tile_flash pass; the platform needs a ``[flash]``: laptop-ssd, flash-edge). Without
+    it, the platform's DRAM is the budget when the weights exceed it. ``flash_predict``: stream only the
+    neurons a low-rank predictor picks (calibrated on ``example_inputs``; approximate, the report says how).
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
     torch module, NumPy arrays or keyword arrays by input name for ONNX).
     """
@@ -210,10 +218,10 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     platform = _check_platform(platform)
     start = time.perf_counter()
     graph, torch_capture = capture(model, example_inputs, dynamic_shapes)
-    calibration = _example_feeds(graph, torch_capture, example_inputs) if quantize else None
+    calibration = _example_feeds(graph, torch_capture, example_inputs) if quantize or flash_predict else None
     return compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
                          gpu_kernels, start, quantize=quantize, calibration_inputs=calibration,
-                         cost_model=cost_model)
+                         cost_model=cost_model, dram_budget=dram_budget, flash_predict=flash_predict)
 
 
 def _example_feeds(graph: Graph, torch_capture, example_inputs) -> list[dict] | None:
@@ -244,7 +252,8 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
                   devices: Sequence[str] | None = None, time_limit: float = 10.0,
                   cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton",
                   start: float | None = None, quantize: str | None = None,
-                  calibration_inputs: list[dict] | None = None, cost_model: str = "analytic") -> CompiledModel:
+                  calibration_inputs: list[dict] | None = None, cost_model: str = "analytic",
+                  dram_budget: int | str | None = None, flash_predict: bool = False) -> CompiledModel:
     """A captured graph through the pipeline, placement, memory plan and plan check to a ``CompiledModel``:
     the one path ``compile`` and the ``torch.compile`` backend share. ``start``: when capture began (for
     ``compile_seconds``). ``quantize``/``calibration_inputs``: as ``compile``'s (samples of {input name: array})."""
@@ -258,6 +267,7 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
     options = CompileOptions(platform, placement, list(devices) if devices else None, time_limit,
                              cost_model=cost_model)
     options.quantize, options.calibration_inputs = quantize, calibration_inputs
+    options.dram_budget, options.flash_predict = _dram_budget(dram_budget), bool(flash_predict)
     verify(graph)
     _check_dynamic(graph, platform, cpu_backend)
     graph, runner = run_pipeline(graph, passes, options=options)
@@ -276,6 +286,21 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
     if compiled.quantization is not None:
         measure_quantization_error(compiled)
     return compiled
+
+
+def _dram_budget(budget: int | str | None) -> int | None:
+    """Bytes from an int or a quantity ("580 MiB", "2 GiB"); None stays None."""
+    if budget is None:
+        return None
+    if isinstance(budget, str):
+        from hetflow.platform import PlatformError, quantity
+        try:
+            budget = quantity(budget, "bytes", "dram_budget")
+        except PlatformError as exc:
+            raise CompileError(str(exc).splitlines()[0]) from None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
+        raise CompileError(f"dram_budget {budget!r} is not a positive number of bytes (or a quantity: '580 MiB')")
+    return int(budget)
 
 
 def _check_cost_model(cost_model: str) -> None:

@@ -132,7 +132,8 @@ def cmd_compile(args) -> int:
     compiled = hetflow.compile(model, example_inputs, platform=args.platform, passes=args.passes,
                                placement=args.placement, devices=devices, time_limit=args.time_limit,
                                cpu_backend=args.cpu_backend, dynamic_shapes=dynamic, quantize=args.quantize,
-                               cost_model=args.cost_model)
+                               cost_model=args.cost_model, dram_budget=args.dram_budget,
+                               flash_predict=args.flash_predict)
     out = compiled.save(args.output, sign_key=args.sign)
     print(compiled.report())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
@@ -577,6 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "NPU's tile padding and operand order and the PIM's channel use) or sim: a group that "
                         "could go to an NPU or PIM is emitted for it and timed by its simulator (cached per "
                         "distinct group), so placement agrees with what 'hetflow run' models; slower to compile")
+    p.add_argument("--dram-budget", metavar="SIZE",
+                   help="the DRAM the model may use, e.g. '580 MiB': feed-forward layers that do not fit stream "
+                        "from flash while the model runs (needs a platform with [flash]: laptop-ssd, calibrated "
+                        "by 'hetflow calibrate --platform laptop-ssd', or flash-edge). Without it, the platform's "
+                        "DRAM when the weights exceed it")
+    p.add_argument("--flash-predict", action="store_true",
+                   help="with a DRAM budget: read only the neurons a low-rank predictor picks, kept in a window "
+                        "cache (LLM in a flash); approximate: the report gives the recall on the example inputs")
     p.add_argument("--cpu-backend", choices=["onnxruntime", "tvm"], default="onnxruntime",
                    help="what runs the CPU partitions: ONNX Runtime (default) or a native library TVM compiles "
                         "now for this CPU (untuned LLVM; needs apache-tvm)")

@@ -1,6 +1,9 @@
 """The compile pipeline: one readable list of named passes.
 
     canonicalize  fold constants and static shapes, drop identities and dead code, merge reshapes, CSE
+    tile_flash    under a DRAM budget (--dram-budget, or the platform's DRAM when the weights exceed it), the
+                  feed-forward layers that do not fit become flash_ffn nodes whose weights stream from the
+                  flash image (nothing without a budget)
     fuse          group ops: attention, gated-MLP experts, contraction + epilogue, reductions, elementwise chains
     place         a device per group from its Op/B against each device's roofline (policy: roofline,
                   optimal, split), transfers where values cross memories that are not unified
@@ -27,6 +30,7 @@ from hetflow.passes import CompileOptions, PassRunner, parse_pipeline
 
 PIPELINE = [
     "canonicalize",
+    "tile_flash",
     "fuse",
     "place",
     "quantize",

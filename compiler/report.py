@@ -168,7 +168,7 @@ _LIMIT_LINE = {
 
 
 def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
-                   memory_plan=None, quantization=None) -> str:
+                   memory_plan=None, quantization=None, flash_plan=None) -> str:
     from hetflow.ir.symbolic import describe_ranges, max_nbytes, sized_at_max
     summary = graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)
     if graph.dims:  # a dynamic graph's counts at the declared maximum; its inputs and outputs as declared
@@ -205,6 +205,8 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
                              + ", ".join(f"{d} {_us(t)}" for d, t in s['alone'].items()) + ")")
     if quantization is not None:   # hetflow.passes.quantize.QuantizationReport
         parts.append(quantization.line())
+    if flash_plan is not None:     # hetflow.passes.tile_flash.FlashTiling
+        parts.append(flash_plan.describe())
     if memory_plan is not None and memory_plan.spaces:
         parts.append("memory plan (activations crossing groups; weights have their own region)\n"
                      + memory_table(memory_plan))

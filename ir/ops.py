@@ -379,3 +379,90 @@ register_op(OpDef("hetflow.transfer", FusionKind.injective, flops=lambda node: 0
                   make_kernel=lambda node, opset: (lambda ins: [np.array(ins[0], copy=True)]),
                   infer=_identity_infer, attr_schema={"src": str, "dst": str},
                   notes="a copy between memory spaces that are not one unified space"))
+
+
+# --- a feed-forward layer whose weights stream from flash (the tile_flash pass) ------------------------------
+
+FLASH_FFN_OP = "hetflow.flash_ffn"
+FLASH_FFN_MODES = ("dense", "predict", "window")
+FLASH_FFN_ACTIVATIONS = ("relu", "silu")
+
+
+def flash_ffn_weights(node: Node) -> dict[str, int]:
+    """Input positions of a flash_ffn node's operands by role: x, up [hidden, neurons], b_up [neurons], down
+    [neurons, hidden], b_down [hidden], then gate [hidden, neurons] when gated, then the predictor's left
+    [hidden, rank] and right [rank, neurons] when its mode predicts."""
+    roles = ["x", "up", "b_up", "down", "b_down"]
+    if node.attrs.get("gated"):
+        roles.append("gate")
+    if node.attrs.get("mode", "dense") != "dense":
+        roles += ["pred_left", "pred_right"]
+    return {role: i for i, role in enumerate(roles)}
+
+
+def flash_ffn_active(node: Node, x: np.ndarray, left: np.ndarray, right: np.ndarray, b_up: np.ndarray) -> np.ndarray:
+    """The neurons the predictor picks for any row of ``x`` [tokens, hidden]: ``x @ left @ right + b_up`` above
+    ``-margin`` (what the runtime's ``Predictor.active`` computes)."""
+    scores = (x.astype(np.float32) @ left.astype(np.float32)) @ right.astype(np.float32) + b_up.astype(np.float32)
+    return np.flatnonzero((scores > -float(node.attrs.get("margin", 0.0))).any(axis=0))
+
+
+def _flash_ffn_infer(node: Node, opset: int) -> list[TensorType | None]:
+    roles = flash_ffn_weights(node)
+    if len(node.inputs) != len(roles):
+        raise InferenceError(f"{node.describe()}: takes {len(roles)} inputs ({', '.join(roles)}), got {len(node.inputs)}")
+    if node.attrs.get("mode", "dense") not in FLASH_FFN_MODES:
+        raise InferenceError(f"{node.describe()}: mode {node.attrs.get('mode')!r} is not one of {FLASH_FFN_MODES}")
+    if node.attrs.get("activation", "relu") not in FLASH_FFN_ACTIVATIONS:
+        raise InferenceError(f"{node.describe()}: activation {node.attrs.get('activation')!r} is not one of "
+                             f"{FLASH_FFN_ACTIVATIONS}")
+    x, up, down = (node.inputs[roles[r]].type for r in ("x", "up", "down"))
+    if x is None or up is None or down is None:
+        return [x]
+    if len(up.shape) != 2 or len(down.shape) != 2 or up.shape[0] != x.shape[-1] or down.shape != (up.shape[1], up.shape[0]):
+        raise InferenceError(f"{node.describe()}: x {x}, up {up} and down {down} do not make a feed-forward layer "
+                             "(up [hidden, neurons], down [neurons, hidden])")
+    return [x]
+
+
+def _flash_ffn_flops(node: Node) -> int:
+    roles = flash_ffn_weights(node)
+    x, up = node.inputs[0].type, node.inputs[roles["up"]].type
+    tokens = int(np.prod([d for d in x.shape[:-1]])) if x is not None and all(isinstance(d, int) for d in x.shape) else 1
+    hidden, neurons = up.shape
+    return 2 * tokens * hidden * neurons * (3 if node.attrs.get("gated") else 2)
+
+
+def _flash_ffn_kernel(node: Node, opset: int) -> Kernel:
+    """The executable spec: the whole layer exact (``dense``), or over the neurons the predictor picks only
+    (``predict``, ``window``: the window cache changes what is read, not what is computed)."""
+    roles = flash_ffn_weights(node)
+    gated, mode = bool(node.attrs.get("gated")), node.attrs.get("mode", "dense")
+
+    def run(ins: list) -> list:
+        x = ins[0]
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        up, b_up = ins[roles["up"]].astype(np.float32), ins[roles["b_up"]].astype(np.float32)
+        down = ins[roles["down"]].astype(np.float32)
+        gate = ins[roles["gate"]].astype(np.float32) if gated else None
+        if mode != "dense":
+            ids = flash_ffn_active(node, rows, ins[roles["pred_left"]], ins[roles["pred_right"]], b_up)
+            up, b_up, down = up[:, ids], b_up[ids], down[ids]
+            gate = gate[:, ids] if gated else None
+        pre = rows @ up + b_up
+        if gated:
+            g = rows @ gate
+            hidden = g / (1 + np.exp(-g)) * pre
+        else:
+            hidden = np.maximum(pre, 0)
+        y = hidden @ down + ins[roles["b_down"]].astype(np.float32)
+        return [y.astype(x.dtype).reshape(x.shape)]
+    return run
+
+
+register_op(OpDef(FLASH_FFN_OP, FusionKind.opaque, flops=_flash_ffn_flops, make_kernel=_flash_ffn_kernel,
+                  infer=_flash_ffn_infer,
+                  attr_schema={"layer": str, "activation": str, "gated": int, "mode": str, "chunk_neurons": int,
+                               "bundled": int, "window": int, "capacity": int, "margin": float},
+                  notes="a feed-forward layer whose weights stream from the flash image: act(x @ up + b_up) @ down "
+                        "+ b_down (gated: silu(x @ gate) * (x @ up)); with a predictor, over its predicted neurons"))

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from .graph import Graph, Node, Value
 
 TRANSFER_OP = "hetflow.transfer"
+FLASH_FFN_OP = "hetflow.flash_ffn"
+SOLO_OPS = (TRANSFER_OP, FLASH_FFN_OP)   # each its own partition: a copy between memories, a layer read from flash
 VIEW_OUTPUTS = "hetflow.view_outputs"  # ONNX metadata: outputs the CPU runner binds as views, with their IR shapes
 INLINE_BYTES = 4096
 
@@ -40,7 +42,7 @@ def device_runs(graph: Graph, default: str | None = None) -> list[tuple[str, lis
         if device is None:
             from .graph import IRError
             raise IRError(f"{node.describe()} has no device (meta 'device', set by pass 'place'): run place first")
-        if runs and runs[-1][0] == device and node.op != TRANSFER_OP and runs[-1][1][-1].op != TRANSFER_OP:
+        if runs and runs[-1][0] == device and node.op not in SOLO_OPS and runs[-1][1][-1].op not in SOLO_OPS:
             runs[-1][1].append(node)
         else:
             runs.append((device, [node]))

@@ -38,7 +38,8 @@ GRAPH_SCHEMA = {
                                               "properties": {"name": NAME, "type": TYPE_TEXT}}},
         "weights": {"type": "array", "items": {"type": "object", "required": ["name", "type"],
                                                "properties": {"name": NAME, "type": TYPE_TEXT,
-                                                              "tensor": TENSOR["properties"]["tensor"]}}},
+                                                              "tensor": TENSOR["properties"]["tensor"],
+                                                              "external": {"enum": ["flash"]}}}},
         "nodes": {"type": "array", "items": {
             "type": "object", "required": ["op", "inputs", "outputs", "attrs"],
             "properties": {"op": {"type": "string", "minLength": 1, "maxLength": 256},
@@ -109,12 +110,15 @@ def _attr_from_json(v: Any, what: str) -> Any:
     return v
 
 
-def graph_to_json(graph: Graph, inline_weights: bool = False) -> dict:
-    """A JSON-able dict; weights are listed by name and type (their data inline only if asked)."""
+def graph_to_json(graph: Graph, inline_weights: bool = False, external: set[str] | frozenset = frozenset()) -> dict:
+    """A JSON-able dict; weights are listed by name and type (their data inline only if asked). ``external``:
+    weights whose data lives in the flash image (``"external": "flash"``), not in the weights file."""
     weights = []
     for w in graph.weights.values():
         entry = {"name": w.name, "type": _type_to_json(w.type)}
-        if inline_weights or not _safetensors_can_hold(w.data):
+        if w.name in external:
+            entry["external"] = "flash"
+        elif inline_weights or not _safetensors_can_hold(w.data):
             entry.update(_tensor_to_json(w.data))
         weights.append(entry)
     return {
@@ -134,9 +138,10 @@ def graph_to_json(graph: Graph, inline_weights: bool = False) -> dict:
     }
 
 
-def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
-    """The graph a ``graph_to_json`` dict describes (``weights``: the arrays its weights file holds). Data from
-    a file: its shape is checked against ``GRAPH_SCHEMA`` first, and each error names the field or value."""
+def graph_from_json(d: dict, weights: dict[str, np.ndarray], external: dict[str, np.ndarray] | None = None) -> Graph:
+    """The graph a ``graph_to_json`` dict describes (``weights``: the arrays its weights file holds; ``external``:
+    those the flash image holds, by name). Data from a file: its shape is checked against ``GRAPH_SCHEMA``
+    first, and each error names the field or value."""
     from hetflow.support.schema import check
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise SerializationError(f"not a hetflow graph (format {d.get('format') if isinstance(d, dict) else d!r:.60})")
@@ -153,7 +158,17 @@ def graph_from_json(d: dict, weights: dict[str, np.ndarray]) -> Graph:
     for v in d["inputs"]:
         env[v["name"]] = graph.add_input(v["name"], _type_from_json(v["type"], f"input %{v['name']}"))
     for w in d["weights"]:
-        if "tensor" in w:
+        if "external" in w:
+            if w["name"] not in (external or {}):
+                raise SerializationError(f"weight {w['name']!r} is stored in the flash image, which does not hold it "
+                                         "(or was not loaded)")
+            data = external[w["name"]]
+            declared = _type_from_json(w["type"], f"weight %{w['name']}")
+            if declared is not None and declared.is_static and (data.shape != declared.shape or
+                                                                 data.dtype != declared.dtype.numpy):
+                raise SerializationError(f"weight {w['name']!r} is {data.dtype}{list(data.shape)} in the flash image, "
+                                         f"but the graph declares {declared}")
+        elif "tensor" in w:
             data = _tensor_from_json(w["tensor"], f"weight {w['name']!r}")
         elif w["name"] in weights:
             data = weights[w["name"]]
@@ -193,14 +208,16 @@ def _safetensors_can_hold(a: np.ndarray) -> bool:
 
 
 def save(graph: Graph, directory: str | Path, graph_file: str = "graph.json",
-         weights_file: str = "weights.safetensors") -> list[Path]:
-    """Write ``graph.json`` and ``weights.safetensors`` into ``directory``; returns the paths written."""
+         weights_file: str = "weights.safetensors", external: set[str] | frozenset = frozenset()) -> list[Path]:
+    """Write ``graph.json`` and ``weights.safetensors`` into ``directory``; returns the paths written.
+    ``external``: weights written elsewhere (the flash image), only named in graph.json."""
     from safetensors.numpy import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     graph_path, weights_path = directory / graph_file, directory / weights_file
-    graph_path.write_text(json.dumps(graph_to_json(graph), indent=1))
-    tensors = {w.name: np.ascontiguousarray(w.data) for w in graph.weights.values() if _safetensors_can_hold(w.data)}
+    graph_path.write_text(json.dumps(graph_to_json(graph, external=external), indent=1))
+    tensors = {w.name: np.ascontiguousarray(w.data) for w in graph.weights.values()
+               if _safetensors_can_hold(w.data) and w.name not in external}
     save_file(tensors, str(weights_path))
     return [graph_path, weights_path]
 

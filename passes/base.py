@@ -77,6 +77,8 @@ class CompileOptions:
     results: dict = field(default_factory=dict)  # analyses the passes leave (RESULT_KEYS below)
     quantize: str | None = None        # "int8": the NPU's contractions in int8 (the quantize pass); None: floats
     calibration_inputs: list[dict] | None = None  # for quantize: samples of {input name: array}; None: random
+    dram_budget: int | None = None     # tile_flash: bytes of DRAM the model may use (None: the platform's, if exceeded)
+    flash_predict: bool = False        # tile_flash: stream only predicted-active neurons (approximate)
 
     def resolved_platform(self):
         from hetflow.platform import load_platform
@@ -117,6 +119,8 @@ RESULT_KEYS: dict[str, ResultKey] = {  # the analyses the passes leave in Compil
     "placement": ResultKey("place", "PlacementReport: the policy, each node's costs, the solver's outcome"),
     "schedule": ResultKey("schedule", "Schedule: the predicted timeline (events per device, makespan)"),
     "memory_plan": ResultKey("plan_memory", "MemoryPlanReport: per memory space, the arena and its offsets"),
+    "flash_plan": ResultKey("tile_flash", "FlashTiling: the DRAM budget, which FFN layers stream from flash and how "
+                                          "(None when no budget applies)"),
     "quantization": ResultKey("quantize", "QuantizationReport: the contractions quantised, the calibration, the "
                                           "accuracy loss (None when CompileOptions.quantize is None)"),
 }
@@ -276,7 +280,7 @@ def parse_pipeline(text: str) -> list[str]:
 
 
 def _load_builtin_passes() -> None:
-    from hetflow.passes import canonicalize, fuse, place_pass, plan_memory, quantize  # noqa: F401  (registration on import)
+    from hetflow.passes import canonicalize, fuse, place_pass, plan_memory, quantize, tile_flash  # noqa: F401  (registration on import)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetflow.ir import Graph, Node, Value, get_op, node_bytes, node_flops
+from hetflow.ir.ops import FLASH_FFN_OP
 from hetflow.ir.errors import HetflowError
 from hetflow.platform import DEVICE_TIMERS, EMIT_CHECKS, Device, Platform, PlatformError
 
@@ -218,6 +219,16 @@ def cost_node(node: Node, platform: Platform, opset: int = 18, cost_model: str =
     dtype = node_dtype(node)
     ops = ",".join(i.op for i in inner_nodes(node))
     cost = NodeCost(node, node.outputs[0].name, kind, ops, flops, moved, dtype)
+    if node.op == FLASH_FFN_OP:   # its weights come from flash, not DRAM: hetflow.passes.flash_cost models it
+        from .flash_cost import flash_ffn_seconds
+        cost.bytes = sum(_value_bytes(v) for v in (node.inputs[0], node.outputs[0]))
+        for name in platform.devices:
+            seconds, why = flash_ffn_seconds(node, platform, name)
+            if seconds is None:
+                cost.unsupported[name] = why
+            else:
+                cost.times[name] = cost.simulated[name] = seconds
+        return cost
     for name, device in platform.devices.items():
         reason = _unsupported_reason(node, device, kind, dtype, opset)
         if reason:
@@ -235,3 +246,9 @@ def cost_node(node: Node, platform: Platform, opset: int = 18, cost_model: str =
 
 def cost_graph(graph: Graph, platform: Platform, cost_model: str = "analytic") -> list[NodeCost]:
     return [cost_node(node, platform, graph.opset, cost_model, graph) for node in graph.nodes]
+
+
+def _value_bytes(v: Value | None) -> int:
+    if v is None or v.type is None or v.type.shape is None or not all(isinstance(d, int) for d in v.type.shape):
+        return 0
+    return int(int(np.prod(v.type.shape, dtype=np.int64)) * v.type.dtype.itemsize)

@@ -37,3 +37,48 @@ def flash_gemv_on(platform: Platform, rows: int, cols: int, dtype: DType | str, 
         raise NandError(f"platform {platform.name!r} has no [flash] table: a weight cannot live in flash there")
     peak = platform.device(npu).peak_for(DType(dtype).value)
     return flash_gemv_seconds(rows, cols, dtype, platform.flash, peak)
+
+
+def flash_ffn_seconds(node, platform: Platform, device_name: str) -> tuple[float | None, str]:
+    """(modelled seconds, how) of a ``hetflow.flash_ffn`` node on ``device_name``, or (None, why not).
+
+    * a CPU reads the layer's bundles from flash (whole, or the new neurons of a window-cached predictor)
+      at the platform's throughput for its chunk size, and computes them: read + compute (the runtime's
+      reader pool prefetches the next layer, which the schedule does not model: an upper bound);
+    * an NPU beside in-flash compute (flash-edge: ``cores_per_channel``): each token's up and down GEMVs
+      split between the flash's cores and the NPU (``flash_gemv_on``: Cambricon-LLM's tiling);
+    * nothing else runs it."""
+    from hetflow.ir.ops import flash_ffn_weights
+    from hetflow.ir.types import DType
+    device = platform.device(device_name)
+    if platform.flash is None:
+        return None, f"platform {platform.name} has no flash"
+    roles = flash_ffn_weights(node)
+    up = node.inputs[roles["up"]].type
+    x = node.inputs[0].type
+    if up is None or x is None or x.shape is None:
+        return None, "its types are unknown"
+    hidden, neurons = (int(d) for d in up.shape)
+    tokens = 1
+    for d in x.shape[:-1]:
+        tokens *= int(d) if isinstance(d, int) else 1
+    dtype = up.dtype
+    itemsize = dtype.itemsize
+    parts = 3 if node.attrs.get("gated") else 2
+    if device.kind == "cpu":
+        chunk = int(node.attrs.get("chunk_neurons", 1)) * parts * hidden * itemsize
+        share = 1.0
+        if node.attrs.get("mode", "dense") != "dense":   # the window cache: about the window's new neurons per token
+            share = min(1.0, int(node.attrs.get("capacity", neurons)) / max(1, neurons * int(node.attrs.get("window", 1))))
+        read = share * parts * hidden * neurons * itemsize / platform.flash.throughput_at(chunk)
+        compute = 2 * parts * tokens * hidden * neurons / device.analytic().peak_for(dtype.value)
+        return read + compute + device.analytic().launch_for(1), "read from flash at its throughput for the chunk"
+    if device.kind == "npu" and platform.flash.cores_per_channel > 0:
+        try:
+            DType(dtype.value)
+            per_token = sum(flash_gemv_on(platform, r, c, dtype.value, device_name)
+                            for r, c in [(hidden, neurons)] * (parts - 1) + [(neurons, hidden)])
+        except NandError as exc:
+            return None, str(exc).splitlines()[0]
+        return tokens * per_token + device.analytic().launch_for(1), "in-flash compute with the NPU (Cambricon-LLM)"
+    return None, f"{device.name} cannot run a layer streamed from flash (a CPU reads it, or an NPU beside in-flash compute)"

@@ -79,6 +79,7 @@ class FlashPlan:
     window: int
     active_fraction: float
     layers: list[LayerPlan] = field(default_factory=list)
+    workspace: int = WORKSPACE   # kept free for activations and the runtime's buffers
 
     @property
     def buffer_bytes(self) -> int:
@@ -88,7 +89,7 @@ class FlashPlan:
 
     @property
     def dram_bytes(self) -> int:
-        return self.resident_bytes + sum(l.dram_bytes for l in self.layers) + self.buffer_bytes + WORKSPACE
+        return self.resident_bytes + sum(l.dram_bytes for l in self.layers) + self.buffer_bytes + self.workspace
 
     @property
     def streamed(self) -> list[LayerPlan]:
@@ -102,7 +103,11 @@ class FlashPlan:
                 f"(embeddings, attention, norms {self.resident_bytes / mib:.1f} MiB, "
                 f"{len(self.layers) - len(streamed)} of {len(self.layers)} FFN layers resident); "
                 f"{len(streamed)} FFN layers stream from flash")
-        if streamed:
+        if streamed and streamed[0].rank == 0:
+            l = streamed[0]
+            text += (f" ({sum(s.layer.weight_bytes for s in streamed) / mib:.1f} MiB, each layer read whole while the "
+                     f"one before computes, in chunks of {l.chunk_neurons} neuron bundles)")
+        elif streamed:
             l = streamed[0]
             caches = sorted(s.capacity for s in streamed)
             text += (f" ({sum(s.layer.weight_bytes for s in streamed) / mib:.1f} MiB; predictor rank {l.rank}, "
@@ -145,21 +150,23 @@ def best_chunk(layer: FfnLayer, curve: list[tuple[float, float]], loaded_fractio
 
 def plan_flash(layers: list[FfnLayer], resident_bytes: int, budget: int, curve: list[tuple[float, float]],
                active_fraction: float = 0.05, window: int = 5, predict: bool = True, rank: int | None = None,
-               window_fraction: float | None = None, new_fraction: float | None = None) -> FlashPlan:
+               window_fraction: float | None = None, new_fraction: float | None = None,
+               workspace: int = WORKSPACE) -> FlashPlan:
     """The plan for ``layers`` under ``budget`` bytes of DRAM (see the module doc). ``active_fraction``: the
     neurons active for a token; ``window_fraction``: those active over ``window`` consecutive tokens;
     ``new_fraction``: those active for a token and not in the ``window - 1`` before it (measured on the
     calibration inputs; without them, tokens are taken as independent)."""
     if not layers:
         raise FlashPlanError("no feed-forward layer to stream: the model has no MatMul -> activation -> MatMul")
+    WORKSPACE = workspace   # noqa: N806  (the caller's workspace for this plan)
     if budget < resident_bytes + WORKSPACE:
         raise FlashPlanError(f"the DRAM budget of {budget / (1 << 20):.1f} MiB is below the resident minimum of "
                              f"{(resident_bytes + WORKSPACE) / (1 << 20):.1f} MiB (embeddings, attention and norms stay in DRAM, "
-                             f"and {WORKSPACE >> 20} MiB of workspace): "
+                             f"and {WORKSPACE / (1 << 20):.1f} MiB of workspace): "
                              "raise the budget")
     per = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v   # noqa: E731  (a figure per layer, or one for all)
     mean = lambda v: float(sum(v) / len(v)) if isinstance(v, (list, tuple)) else v   # noqa: E731
-    plan = FlashPlan(budget, resident_bytes, window, mean(active_fraction))
+    plan = FlashPlan(budget, resident_bytes, window, mean(active_fraction), workspace=workspace)
     ranks = [rank] if rank is not None else list(PREDICTOR_RANKS) if predict else [0]
     for r in ranks:   # the largest predictor rank with which every FFN layer could stream
         plans = [_streamed(layer, r if predict else 0, window, per(active_fraction, i), per(window_fraction, i),

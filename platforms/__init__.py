@@ -217,14 +217,15 @@ class Platform:
             self.memory_space(device)
             return ("transfer",)
         kind = self.device(device)
+        streams = ("flash",) if self.flash is not None else ()   # a feed-forward layer read from the flash image
         if kind.kind == "cpu":
-            return ("cpu", "tvm-llvm")
+            return ("cpu", "tvm-llvm") + streams
         if kind.kind == "gpu" and kind.measured:
             return ("cuda",)
         if kind.kind == "pim":
             return ("pim", "simulated")
         if kind.kind == "npu":
-            return ("npu", "simulated")
+            return ("npu", "simulated") + streams
         return ("simulated",)
 
     def host_device(self) -> str:

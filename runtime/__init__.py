@@ -30,6 +30,8 @@ class LoadedModel:
                                            "platform_data") if "platform_data" in manifest else None
         if "partitions" in manifest:
             self.partitions = read_partitions(manifest["partitions"], artifact.files, graph, self.platform)
+            for part in self.partitions:   # where streamed weights are read from (the flash runner's)
+                part.flash_image = artifact.flash
             self.executor = Executor(graph, self.partitions, self.platform, manifest.get("memory_plan"),
                                      fallback=fallback, gpu_kernels=gpu_kernels,
                                      trust_native_code=trust_native_code, artifact_digest=artifact.digest) \

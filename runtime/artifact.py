@@ -157,11 +157,13 @@ def created_stamp() -> str | None:
 
 
 def write_artifact(graph: Graph, directory: str | Path, platform: str = "host",
-                   extra: dict[str, Any] | None = None, also_written: list[Path] | None = None) -> Path:
-    """Write the graph, its weights and the manifest; the same inputs give the same bytes (no clock, no paths)."""
+                   extra: dict[str, Any] | None = None, also_written: list[Path] | None = None,
+                   external: set[str] | frozenset = frozenset()) -> Path:
+    """Write the graph, its weights and the manifest; the same inputs give the same bytes (no clock, no paths).
+    ``external``: weights the flash image holds (written by the backend, listed in ``flash.json``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written = save(graph, directory)
+    written = save(graph, directory, external=external)
     created = created_stamp()
     manifest = {
         "schema": SCHEMA,
@@ -366,6 +368,7 @@ class Artifact:
     digest: str                       # sha256 of manifest.json's bytes (what a signature or a pin covers)
     signed: bool = False
     graph: Graph | None = field(default=None, repr=False)
+    flash: tuple | None = field(default=None, repr=False)   # (image path, FlashImage) when weights stream from flash
 
 
 def read_manifest(directory: str | Path, verify_key: str | Path | None = None) -> tuple[dict[str, Any], str, bool]:
@@ -421,8 +424,35 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> dict[str, b
     return files
 
 
-def graph_from_files(files: dict[str, bytes], where: str) -> Graph:
-    """The graph from graph.json's and weights.safetensors' verified bytes (verified as IR, too)."""
+def flash_weights(directory: Path, files: dict[str, bytes]) -> tuple[dict[str, np.ndarray], tuple | None]:
+    """The weights the artifact's flash image holds, as read-only maps of it, by name, and (image path, its
+    manifest); nothing when the artifact has no image. The image is not listed in ``files`` (it is not read
+    whole into memory): its size and SHA-256 are checked against flash.json (hash-checked itself) here, once,
+    and the pages that check read are dropped from the page cache again."""
+    from hetflow.ir.flash_image import MANIFEST_FILE, FlashError, FlashImage, image_weights
+    if MANIFEST_FILE not in files:
+        return {}, None
+    where = f"{directory}/{MANIFEST_FILE}"
+    try:
+        manifest = json.loads(files[MANIFEST_FILE].decode("utf-8"))
+        image = FlashImage.from_json(json.dumps(manifest["layers"]), where)
+        name, held = manifest["image"], manifest["weights"]
+        check_relative_path(name, where)
+        path = directory / name
+        image.verify(path)
+        from .flash_io import drop_page_cache
+        drop_page_cache(path)
+        views = image_weights(path, image)
+        return {w: views[layer][role] for w, (layer, role) in held.items()}, (path, image)
+    except FlashError as exc:
+        raise ArtifactError(f"flash image: {str(exc).splitlines()[0]}") from None
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where} is malformed ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def graph_from_files(files: dict[str, bytes], where: str, external: dict[str, np.ndarray] | None = None) -> Graph:
+    """The graph from graph.json's and weights.safetensors' verified bytes (verified as IR, too); ``external``:
+    the weights the flash image holds."""
     from safetensors.numpy import load as load_safetensors
 
     from hetflow.ir.serialize import graph_from_json
@@ -437,7 +467,7 @@ def graph_from_files(files: dict[str, bytes], where: str) -> Graph:
         raise ArtifactError(f"{where}/{WEIGHTS_FILE} is not a valid safetensors file: "
                             f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
     try:
-        graph = graph_from_json(data, weights)
+        graph = graph_from_json(data, weights, external)
         verify(graph)
     except RecursionError:
         raise ArtifactError(f"{where}/{GRAPH_FILE}: nested too deeply") from None
@@ -453,5 +483,6 @@ def load_artifact(directory: str | Path, verify_key: str | Path | None = None) -
     manifest, digest, signed = read_manifest(directory, verify_key)
     files = verify_files(directory, manifest)
     artifact = Artifact(directory, manifest, files, digest, signed)
-    artifact.graph = graph_from_files(files, str(directory))
+    external, artifact.flash = flash_weights(directory, files)
+    artifact.graph = graph_from_files(files, str(directory), external)
     return artifact

@@ -21,7 +21,7 @@ from hetflow.runtime.errors import RunnerError
 
 RUNNERS: dict[str, Callable] = {}
 MODULES = {"cpu": "onnxruntime", "cuda": "cuda", "tvm-llvm": "tvm", "simulated": "interpreter",
-           "transfer": "transfer", "npu": "npu", "pim": "pim"}
+           "transfer": "transfer", "npu": "npu", "pim": "pim", "flash": "flash"}
 MEASURED = {"cpu", "cuda", "tvm-llvm"}  # backends that run on this machine's real device: their times are measured
 
 
@@ -51,7 +51,7 @@ def load_runner(part, executor):
 # what each backend's partition file holds, and where it goes on the Partition
 FILES = {"cpu": ("onnx_bytes", "bytes"), "cuda": ("source", "text"), "tvm-llvm": ("library", "bytes"),
          "simulated": ("graph", "graph"), "transfer": (None, None), "npu": ("source", "text"),
-         "pim": ("source", "text")}
+         "pim": ("source", "text"), "flash": ("source", "text")}
 NATIVE = {"tvm-llvm"}   # backends whose program is native code: loaded only when the caller trusts the artifact
 
 

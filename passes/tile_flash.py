@@ -1,0 +1,331 @@
+"""tile_flash: which weights stay in DRAM and which stream from flash, under a DRAM budget (LLM in a flash).
+
+Runs after canonicalize, before fuse. It does nothing unless a DRAM budget applies: the one given
+(``CompileOptions.dram_budget``, ``--dram-budget``), or, without one, the capacity of the memory the platform's
+CPU uses when the model's weights do not fit in it.
+
+1. Find the feed-forward layers: ``MatMul/Gemm(x, up) [+ b_up] -> Relu -> MatMul/Gemm(., down) [+ b_down]``
+   with constant weights read by that layer only (``find_ffns``). Every other weight (embeddings, attention,
+   norms, biases) stays resident.
+2. Plan (``hetflow.passes.flash_plan.plan_flash``): the resident minimum first, then FFN layers back in DRAM
+   while they fit, those a token would read most of first; the rest stream. The read chunk comes from the
+   platform's throughput-by-chunk curve (``[flash] throughput``), rounded so chunks fill whole 4 KiB blocks.
+3. Each streamed layer becomes one ``hetflow.flash_ffn`` node (the op table's row is its exact NumPy spec)
+   whose up and down weights the artifact writes to the flash image, bundled: neuron i's column of up beside
+   its row of down. The runtime's ``flash`` runner reads them from there.
+4. With ``CompileOptions.flash_predict``: a low-rank predictor of the up projection per streamed layer (its
+   rank from the plan), its margin tuned on the FFN inputs the example inputs produce so that
+   ``PREDICTOR_RECALL`` of the truly active neurons are kept; the node then computes over the predicted
+   neurons only (approximate, stated: the recall and the output error go in the report) and the runtime keeps
+   a window cache. Without it, layers stream whole (exact).
+
+The plan and what was measured go in ``CompileOptions.results["flash_plan"]`` (``FlashTiling``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetflow.ir import Graph, Node, Value
+from hetflow.ir.ops import FLASH_FFN_OP, make_kernel
+from hetflow.ir.types import TensorType
+
+from .base import CompileOptions, PassError, PassResult, register_pass
+from .flash_plan import ALIGN, FfnLayer, FlashPlan, FlashPlanError, plan_flash
+
+__all__ = ["FfnMatch", "FlashTiling", "PREDICTOR_RECALL", "find_ffns", "tile_flash"]
+
+PREDICTOR_RECALL = 0.95     # the share of truly active neurons the predictor's margin keeps on the example inputs
+DEFAULT_WINDOW = 5          # tokens a neuron stays in the window cache after it was last active
+
+
+@dataclass
+class FfnMatch:
+    """One feed-forward layer found in the graph: its nodes (in order), input, output and weights."""
+    nodes: list[Node]
+    x: Value
+    out: Value
+    up: np.ndarray       # [hidden, neurons]
+    b_up: np.ndarray     # [neurons]
+    down: np.ndarray     # [neurons, hidden]
+    b_down: np.ndarray   # [hidden]
+    weights: list[Value]  # the graph weights the layer reads (removed when it streams)
+
+    @property
+    def name(self) -> str:
+        return self.nodes[0].outputs[0].name
+
+
+@dataclass
+class FlashTiling:
+    """What tile_flash decided: the plan, the budget and where it came from, each streamed layer."""
+    budget: int
+    budget_source: str
+    weight_bytes: int
+    plan: FlashPlan | None = None
+    streamed: list[dict] = field(default_factory=list)   # {"layer", "node", "bytes", "rank", "recall", ...}
+    predict: bool = False
+
+    def describe(self) -> str:
+        mib = 1 << 20
+        if self.plan is None:
+            return (f"flash: weights {self.weight_bytes / mib:.1f} MiB fit the DRAM budget of {self.budget / mib:.1f} MiB "
+                    f"({self.budget_source}): nothing streams")
+        text = self.plan.describe() + f" [budget: {self.budget_source}]"
+        if self.predict and self.streamed:
+            recalls = [s["recall"] for s in self.streamed if s.get("recall") is not None]
+            if recalls:
+                text += (f"; predictors keep {min(recalls):.1%} to {max(recalls):.1%} of the active neurons on the "
+                         "example inputs (approximate)")
+        elif self.streamed:
+            text += "; streamed whole, exact"
+        return text
+
+
+def _const(v: Value | None) -> np.ndarray | None:
+    return None if v is None or not v.is_weight else v.data
+
+
+def _linear(node: Node) -> tuple[Value, np.ndarray, np.ndarray | None, list[Value]] | None:
+    """``node`` as y = x @ W (+ b) with a constant W [in, out]: (x, W, b or None, the weights it reads)."""
+    if node.op == "MatMul":
+        w = _const(node.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        return node.inputs[0], w, None, [node.inputs[1]]
+    if node.op == "Gemm":
+        a = node.attrs
+        if a.get("transA", 0) or float(a.get("alpha", 1.0)) != 1.0 or float(a.get("beta", 1.0)) != 1.0:
+            return None
+        w = _const(node.inputs[1])
+        b = _const(node.inputs[2]) if len(node.inputs) > 2 else None
+        if w is None or w.ndim != 2 or (len(node.inputs) > 2 and node.inputs[2] is not None and b is None):
+            return None
+        w = w.T if a.get("transB", 0) else w
+        if b is not None and b.shape != (w.shape[1],):
+            return None
+        used = [node.inputs[1]] + ([node.inputs[2]] if b is not None else [])
+        return node.inputs[0], w, b, used
+    return None
+
+
+def _bias_add(node: Node, value: Value, width: int) -> tuple[np.ndarray, Value] | None:
+    """The Add reading ``value`` and a constant bias of ``width``: (bias, the bias weight)."""
+    if node.op != "Add" or len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+    b = _const(other)
+    if b is None or b.size != width or b.shape[-1:] != (width,):
+        return None
+    return b.reshape(width), other
+
+
+def _only_use(value: Value) -> Node | None:
+    if value.is_output or len(value.uses) != 1:
+        return None
+    return value.uses[0][0]
+
+
+def _linear_with_bias(node: Node) -> tuple[Value, np.ndarray, np.ndarray | None, list[Value], list[Node], Value] | None:
+    """A linear layer starting at ``node``, with a following bias Add if there is one: (x, W, b, weights,
+    nodes, output)."""
+    lin = _linear(node)
+    if lin is None:
+        return None
+    x, w, b, used = lin
+    nodes, out = [node], node.outputs[0]
+    if b is None:
+        nxt = _only_use(out)
+        added = _bias_add(nxt, out, w.shape[1]) if nxt is not None else None
+        if added is not None:
+            b, bias_value = added
+            used = used + [bias_value]
+            nodes.append(nxt)
+            out = nxt.outputs[0]
+    return x, w, b, used, nodes, out
+
+
+def find_ffns(graph: Graph) -> list[FfnMatch]:
+    """The ReLU feed-forward layers of ``graph`` whose weights only they read, in graph order."""
+    found = []
+    for relu in graph.nodes:
+        if relu.op != "Relu":
+            continue
+        first = relu.inputs[0].producer
+        if first is None:
+            continue
+        start = first if first.op in ("MatMul", "Gemm") else (first.inputs[0].producer if first.op == "Add" else None)
+        if start is None:
+            start = first.inputs[1].producer if first.op == "Add" and first.inputs[1] is not None else None
+        if start is None or start.op not in ("MatMul", "Gemm"):
+            continue
+        up_side = _linear_with_bias(start)
+        if up_side is None or up_side[5] is not relu.inputs[0] or _only_use(relu.inputs[0]) is not relu:
+            continue
+        x, up, b_up, used_up, up_nodes, _ = up_side
+        consumer = _only_use(relu.outputs[0])
+        if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not relu.outputs[0]:
+            continue
+        down_side = _linear_with_bias(consumer)
+        if down_side is None:
+            continue
+        _, down, b_down, used_down, down_nodes, out = down_side
+        hidden, neurons = up.shape
+        if down.shape != (neurons, hidden) or x.type is None or x.type.shape is None or x.type.shape[-1] != hidden:
+            continue
+        weights = used_up + used_down
+        if any(w.num_uses != 1 for w in weights) or len({id(w) for w in weights}) != len(weights):
+            continue   # a weight another node reads too (tied): it stays resident with its readers
+        dtype = up.dtype
+        if down.dtype != dtype or not np.issubdtype(dtype, np.floating):
+            continue
+        found.append(FfnMatch(up_nodes + [relu] + down_nodes, x, out, up,
+                              np.zeros(neurons, dtype) if b_up is None else b_up.astype(dtype),
+                              down, np.zeros(hidden, dtype) if b_down is None else b_down.astype(dtype), weights))
+    return found
+
+
+def _budget(graph: Graph, options: CompileOptions, platform) -> tuple[int | None, str]:
+    given = getattr(options, "dram_budget", None)
+    if given is not None:
+        return int(given), "--dram-budget"
+    cpu = next((name for name, d in platform.devices.items() if d.kind == "cpu"), None)
+    if cpu is None:
+        return None, ""
+    memory = platform.memories[platform.memory_space(cpu)]
+    weights = sum(w.data.nbytes for w in graph.weights.values())
+    if weights <= memory.capacity:
+        return None, ""
+    return int(memory.capacity), f"the capacity of {platform.name}'s {memory.name}"
+
+
+@register_pass("tile_flash", needs=(), provides=(), provides_results=("flash_plan",))
+def tile_flash(graph: Graph, options: CompileOptions | None = None) -> PassResult:
+    options = options or CompileOptions()
+    platform = options.resolved_platform()
+    budget, source = _budget(graph, options, platform)
+    if budget is None:
+        options.results["flash_plan"] = None
+        return PassResult(graph, False)
+    weight_bytes = sum(w.data.nbytes for w in graph.weights.values())
+    predict = bool(getattr(options, "flash_predict", False))
+    tiling = FlashTiling(budget, source, weight_bytes, predict=predict)
+    options.results["flash_plan"] = tiling
+    workspace = _workspace(graph)
+    if weight_bytes + workspace <= budget:
+        return PassResult(graph, False)
+    if platform.flash is None:
+        raise PassError(f"tile_flash: the weights ({weight_bytes / (1 << 20):.1f} MiB) exceed the DRAM budget of "
+                        f"{budget / (1 << 20):.1f} MiB ({source}), and platform {platform.name} has no flash to stream "
+                        "them from ([flash] in its file): use laptop-ssd (calibrated: hetflow calibrate --platform "
+                        "laptop-ssd) or flash-edge")
+    ffns = find_ffns(graph)
+    if not ffns:
+        raise PassError(f"tile_flash: the weights ({weight_bytes / (1 << 20):.1f} MiB) exceed the DRAM budget of "
+                        f"{budget / (1 << 20):.1f} MiB ({source}), and the graph has no feed-forward layer to stream "
+                        "(MatMul/Gemm -> Relu -> MatMul/Gemm with constant weights read by that layer only)")
+    layers = [FfnLayer(m.name, m.up.shape[0], m.up.shape[1], m.up.dtype.itemsize) for m in ffns]
+    streamed_bytes = sum(sum(w.data.nbytes for w in m.weights) for m in ffns)
+    resident = weight_bytes - streamed_bytes + sum(m.b_up.nbytes + m.b_down.nbytes for m in ffns)
+    curve = [(float(s), float(t)) for s, t in platform.flash.throughput]
+    samples = _ffn_inputs(graph, ffns, options) if predict else None
+    fractions = _active_fractions(ffns, samples) if samples is not None else None
+    try:
+        plan = plan_flash(layers, resident, budget, curve, predict=predict, window=DEFAULT_WINDOW,
+                          workspace=workspace, **(fractions or {}))
+    except FlashPlanError as exc:
+        raise PassError(f"tile_flash: {exc}") from None
+    tiling.plan = plan
+    for match, layer_plan in zip(ffns, plan.layers):
+        if layer_plan.streamed:
+            tiling.streamed.append(_stream(graph, match, layer_plan, samples, predict))
+    return PassResult(graph, bool(tiling.streamed))
+
+
+def _workspace(graph: Graph) -> int:
+    """DRAM kept for activations: every value the graph computes at once (no reuse: an upper bound) plus 1 MiB,
+    at most ``flash_plan.WORKSPACE``."""
+    from .flash_plan import WORKSPACE
+    from .cost import _value_bytes
+    values = sum(_value_bytes(o) for n in graph.nodes for o in n.outputs)
+    return min(WORKSPACE, values + (1 << 20))
+
+
+def _stream(graph: Graph, match: FfnMatch, layer_plan, samples: dict[int, np.ndarray] | None, predict: bool) -> dict:
+    """Replace the layer's nodes by one flash_ffn node; its up and down become weights the artifact writes to
+    the flash image."""
+    from hetflow.ir.flash_image import aligned_chunk_neurons, build_predictor
+    hidden, neurons = match.up.shape
+    dtype = match.up.dtype
+    chunk = aligned_chunk_neurons(layer_plan.chunk_neurons, hidden, dtype, 2, neurons)
+    name = match.name
+    nodes = match.nodes
+    up = graph.add_weight(graph.fresh_name(f"{name}.flash_up"), np.ascontiguousarray(match.up))
+    b_up = graph.add_weight(graph.fresh_name(f"{name}.flash_b_up"), match.b_up)
+    down = graph.add_weight(graph.fresh_name(f"{name}.flash_down"), np.ascontiguousarray(match.down))
+    b_down = graph.add_weight(graph.fresh_name(f"{name}.flash_b_down"), match.b_down)
+    inputs = [match.x, up, b_up, down, b_down]
+    attrs = {"layer": name, "activation": "relu", "gated": 0, "mode": "dense", "chunk_neurons": int(chunk),
+             "bundled": 1, "window": 0, "capacity": 0, "margin": 0.0}
+    info = {"layer": name, "hidden": hidden, "neurons": neurons, "bytes": int(match.up.nbytes + match.down.nbytes),
+            "chunk_neurons": int(chunk), "chunk_bytes": -(-chunk * 2 * hidden * dtype.itemsize // ALIGN) * ALIGN,
+            "rank": 0, "recall": None}
+    if predict and layer_plan.rank > 0 and samples is not None:
+        x = samples[id(match)]
+        predictor, stats = build_predictor(match.up, match.b_up, layer_plan.rank, x, target_recall=PREDICTOR_RECALL)
+        left = graph.add_weight(graph.fresh_name(f"{name}.predictor_left"), predictor.left)
+        right = graph.add_weight(graph.fresh_name(f"{name}.predictor_right"), predictor.right)
+        inputs += [left, right]
+        attrs.update(mode="window", window=DEFAULT_WINDOW, capacity=int(layer_plan.capacity),
+                     margin=float(predictor.margin))
+        info.update(rank=int(stats["rank"]), recall=stats.get("recall"),
+                    predicted_fraction=stats.get("predicted_fraction"), active_fraction=stats.get("active_fraction"))
+    out_type = match.out.type
+    node = Node(FLASH_FFN_OP, inputs, [Value(graph.fresh_name(f"{name}_ffn"), out_type)], attrs, nodes[0].loc)
+    graph.replace(nodes, node, {match.out: node.outputs[0]})
+    for w in match.weights:
+        if w.num_uses == 0 and w.name in graph.weights:
+            graph.remove_weight(w.name)
+    info["node"] = node.outputs[0].name
+    return info
+
+
+def _ffn_inputs(graph: Graph, ffns: list[FfnMatch], options: CompileOptions) -> dict[int, np.ndarray]:
+    """Each FFN's input rows [tokens, hidden] over the calibration inputs (the example inputs, else seeded
+    random ones), each node run by its NumPy kernel."""
+    from .quantize import _calibration_samples
+    samples, _ = _calibration_samples(graph, getattr(options, "calibration_inputs", None))
+    wanted = {id(m.x): id(m) for m in ffns}
+    seen: dict[int, list[np.ndarray]] = {id(m): [] for m in ffns}
+    kernels: dict[int, object] = {}
+    last_read = {id(v): i for i, node in enumerate(graph.nodes) for v in node.inputs if v is not None}
+    for sample in samples:
+        env = {id(v): np.asarray(sample[v.name]) for v in graph.inputs if v.name in sample}
+        if len(env) != len(graph.inputs):
+            raise PassError("tile_flash: the example inputs lack some graph inputs (the predictor calibrates on them)")
+        for v in graph.inputs:
+            if id(v) in wanted:
+                seen[wanted[id(v)]].append(env[id(v)].reshape(-1, env[id(v)].shape[-1]))
+        for index, node in enumerate(graph.nodes):
+            ins = [None if v is None else env[id(v)] if id(v) in env else v.data for v in node.inputs]
+            for v in node.inputs:
+                if v is not None and last_read.get(id(v)) == index and v.producer is not None:
+                    env.pop(id(v), None)
+            if id(node) not in kernels:
+                kernels[id(node)] = make_kernel(node, graph.opset)
+            for out, result in zip(node.outputs, kernels[id(node)](ins)):
+                env[id(out)] = np.asarray(result)
+                if id(out) in wanted:
+                    a = env[id(out)]
+                    seen[wanted[id(out)]].append(a.reshape(-1, a.shape[-1]).astype(np.float32))
+    return {k: np.concatenate(v) for k, v in seen.items()}
+
+
+def _active_fractions(ffns: list[FfnMatch], samples: dict[int, np.ndarray]) -> dict:
+    """Per layer, the share of neurons a token fires (ReLU input > 0) on the calibration rows."""
+    fractions = []
+    for m in ffns:
+        x = samples[id(m)]
+        fractions.append(float(((x @ m.up.astype(np.float32) + m.b_up) > 0).mean()) if len(x) else 0.05)
+    return {"active_fraction": fractions}
