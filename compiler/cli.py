@@ -288,11 +288,24 @@ def cmd_run(args) -> int:
                         if p.device == device and p.backend in ("npu", "pim"))
         print(f"  {device}: {sum(times) * 1e3:.3f} ms modelled by its simulator over {len(times)} partitions "
               f"(the cost model predicted {predicted * 1e3:.3f} ms)")
+    _print_flash(model)
     if args.trace:
         _write_trace(model, args.trace)
     if args.profile:
         _print_profile(model, feeds)
     return 0
+
+
+def _print_flash(model) -> None:
+    """What the layers streamed from flash read in the last run (measured on this machine's disk)."""
+    stats = [r.stats() for r in (model.executor.runners if model.executor is not None else []) if hasattr(r, "stats")]
+    streamed = [s for s in stats if s["streamed"]]
+    if streamed:
+        mib = 1 << 20
+        read = sum(s["bytes_read"] for s in streamed)
+        io = sum(s["io_seconds"] for s in streamed)
+        print(f"  flash: {len(streamed)} FFN layers streamed ({streamed[0]['mode']}, {streamed[0]['reader']} reads): "
+              f"{read / mib:.1f} MiB read over the runs so far, {io * 1e3:.2f} ms waiting on reads (measured)")
 
 
 def _generate(model, args) -> int:
@@ -313,7 +326,8 @@ def _generate(model, args) -> int:
 _BACKEND_WORDS = {"cpu": "ONNX Runtime, measured", "cuda": "PyTorch/Triton on the CUDA GPU, measured",
                   "tvm-llvm": "TVM LLVM, measured", "npu": "NPU program on its simulator: functional, time modelled",
                   "simulated": "simulated: functional, time modelled", "transfer": "copy",
-                  "pim": "PIM command stream on the DRAM PIM simulator, time modelled"}
+                  "pim": "PIM command stream on the DRAM PIM simulator, time modelled",
+                  "flash": "FFN layers streamed from the flash image"}
 
 
 def _write_trace(model, path) -> None:

@@ -102,7 +102,7 @@ def placement_table(costs, limit: int = 80) -> str:
         device = node.meta.get("device", "?")
         ops = cost.ops if len(cost.ops) <= 40 else cost.ops[:37] + "..."
         time_on = cost.times.get(device)
-        shown = "-" if time_on is None else _us(time_on) + (" sim" if device in getattr(cost, "simulated", {}) else "")
+        shown = "-" if time_on is None else _us(time_on) + (" flash" if getattr(cost, "flash", False) else " sim" if device in getattr(cost, "simulated", {}) else "")
         rows.append([cost.name[:28], cost.kind, ops, human_count(cost.flops), human_bytes(cost.bytes),
                      f"{cost.intensity:.1f}", device, shown,
                      node.meta.get("reason", "")[:90]])

@@ -52,6 +52,7 @@ class NodeCost:
     unsupported: dict[str, str] = field(default_factory=dict)    # device -> why not
     simulated: dict[str, float] = field(default_factory=dict)    # device -> seconds its simulator gave (sim model)
     declined: dict[str, str] = field(default_factory=dict)       # device -> why the sim model fell back to analytic
+    flash: bool = False        # a layer streamed from flash: its times are hetflow.passes.flash_cost's model
 
     @property
     def intensity(self) -> float:
@@ -222,6 +223,7 @@ def cost_node(node: Node, platform: Platform, opset: int = 18, cost_model: str =
     if node.op == FLASH_FFN_OP:   # its weights come from flash, not DRAM: hetflow.passes.flash_cost models it
         from .flash_cost import flash_ffn_seconds
         cost.bytes = sum(_value_bytes(v) for v in (node.inputs[0], node.outputs[0]))
+        cost.flash = True
         for name in platform.devices:
             seconds, why = flash_ffn_seconds(node, platform, name)
             if seconds is None:

@@ -73,7 +73,7 @@ class PlacementReport:
         simulated: dict[str, int] = {}
         declined = 0
         for cost in self.costs:
-            for device in cost.simulated:
+            for device in ({} if cost.flash else cost.simulated):
                 simulated[device] = simulated.get(device, 0) + 1
             declined += len(cost.declined)
         where = ", ".join(f"{n} on {d}" for d, n in sorted(simulated.items())) or "none"

@@ -76,8 +76,10 @@ class FlashTiling:
         if self.predict and self.streamed:
             recalls = [s["recall"] for s in self.streamed if s.get("recall") is not None]
             if recalls:
+                errors = [s.get("relative_error", 0.0) for s in self.streamed]
                 text += (f"; predictors keep {min(recalls):.1%} to {max(recalls):.1%} of the active neurons on the "
-                         "example inputs (approximate)")
+                         f"example inputs (approximate: FFN outputs within {max(errors):.2%} of their largest "
+                         "magnitude there)")
         elif self.streamed:
             text += "; streamed whole, exact"
         return text
@@ -280,7 +282,8 @@ def _stream(graph: Graph, match: FfnMatch, layer_plan, samples: dict[int, np.nda
         attrs.update(mode="window", window=DEFAULT_WINDOW, capacity=int(layer_plan.capacity),
                      margin=float(predictor.margin))
         info.update(rank=int(stats["rank"]), recall=stats.get("recall"),
-                    predicted_fraction=stats.get("predicted_fraction"), active_fraction=stats.get("active_fraction"))
+                    predicted_fraction=stats.get("predicted_fraction"), active_fraction=stats.get("active_fraction"),
+                    relative_error=_prediction_error(match, predictor, x))
     out_type = match.out.type
     node = Node(FLASH_FFN_OP, inputs, [Value(graph.fresh_name(f"{name}_ffn"), out_type)], attrs, nodes[0].loc)
     graph.replace(nodes, node, {match.out: node.outputs[0]})
@@ -289,6 +292,22 @@ def _stream(graph: Graph, match: FfnMatch, layer_plan, samples: dict[int, np.nda
             graph.remove_weight(w.name)
     info["node"] = node.outputs[0].name
     return info
+
+
+def _prediction_error(match: FfnMatch, predictor, x: np.ndarray) -> float:
+    """The layer's output over the neurons predicted for each token alone (what decoding reads) against the
+    exact output, on the calibration rows: the largest difference relative to the exact output's largest
+    magnitude."""
+    if not len(x):
+        return 0.0
+    up, down = match.up.astype(np.float32), match.down.astype(np.float32)
+    hidden = np.maximum(x @ up + match.b_up, 0)
+    exact = hidden @ down
+    worst = 0.0
+    for t, row in enumerate(x):
+        ids = predictor.active(row[None])
+        worst = max(worst, float(np.abs(hidden[t, ids] @ down[ids] - exact[t]).max()))
+    return worst / max(float(np.abs(exact).max()), 1e-30)
 
 
 def _ffn_inputs(graph: Graph, ffns: list[FfnMatch], options: CompileOptions) -> dict[int, np.ndarray]:
