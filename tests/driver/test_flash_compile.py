@@ -113,7 +113,7 @@ def test_a_roomier_budget_keeps_layers_resident():
 
 def test_prediction_is_reported_and_the_artifact_computes_the_spec(tmp_path):
     model, x = ffn_model(shift=1.5), ids()
-    compiled = hetflow.compile(model, platform="laptop-ssd", dram_budget=resident_budget(),
+    compiled = hetflow.compile(model, platform="laptop-ssd", dram_budget=resident_budget(LAYER_BYTES // 2),
                                flash_predict=True)
     nodes = streamed_nodes(compiled)
     assert nodes and all(n.attrs["mode"] == "window" for n in nodes)
