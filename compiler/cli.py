@@ -296,6 +296,19 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _flash_reads(model) -> list[dict]:
+    """The last run's flash reads (prefetches and waits), as trace events beside the partitions."""
+    if model.executor is None:
+        return []
+    events = {e.name: e for e in model.executor.last.events}
+    for part, runner in zip(model.partitions, model.executor.runners):
+        event = events.get(part.file)
+        if hasattr(runner, "io_events") and event is not None and hasattr(runner, "call_began"):
+            start = runner.call_began - event.start   # the run's start, in perf_counter seconds
+            return runner.io_events(start)   # the log is shared by every streamed layer
+    return []
+
+
 def _print_flash(model) -> None:
     """What the layers streamed from flash read in the last run (measured on this machine's disk)."""
     stats = [r.stats() for r in (model.executor.runners if model.executor is not None else []) if hasattr(r, "stats")]
@@ -337,6 +350,7 @@ def _write_trace(model, path) -> None:
     schedule = Schedule.from_dict(manifest["schedule"]) if "schedule" in manifest else Schedule(
         manifest.get("platform", "?"))
     measured = [e.as_dict() for e in model.executor.last.events] if model.executor is not None else []
+    measured += _flash_reads(model)
     chrome_trace(schedule, path, measured=measured)
     print(f"wrote {path}: predicted timeline (modelled) beside the measured run; open it in ui.perfetto.dev")
 

@@ -79,6 +79,7 @@ class StreamedFfn:
         self.last_active: np.ndarray | None = None
         self.neurons_predicted = 0       # summed over calls: the neurons the predictor picked
         self.neurons_loaded = 0          # summed over calls: the neurons read from flash
+        self.io_log: list | None = None  # when a list: (perf_counter start, end, what) of each read, for traces
 
     # the reads
     def _read_chunks(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
@@ -102,7 +103,9 @@ class StreamedFfn:
                 requests.append((off, buf))
         began = time.perf_counter()
         self.pool.read_into(requests)
-        self.io_seconds += time.perf_counter() - began
+        ended = time.perf_counter()
+        self.io_seconds += ended - began
+        self._log(began, ended, f"read {sum(len(b) for _, b in requests) >> 10} KiB ({len(requests)} requests)")
         self.bytes_read += sum(len(b) for _, b in requests)
         out: dict[int, np.ndarray] = {}
         for first, n, r, buf in buffers:
@@ -167,7 +170,17 @@ class StreamedFfn:
         """Start reading this layer's whole image in the background (dense mode)."""
         if self._prefetch is None:
             buf, requests = self._layer_requests()
-            self._prefetch = (self.pool.submit(requests), buf, time.perf_counter())
+            began = time.perf_counter()
+            future = self.pool.submit(requests)
+            if self.io_log is not None:
+                future.add_done_callback(lambda f, began=began: self._log(
+                    began, time.perf_counter(), f"prefetch {self.lay.name} ({self.lay.bytes >> 10} KiB)"))
+            self._prefetch = (future, buf, began)
+
+    def _log(self, began: float, ended: float, what: str) -> None:
+        if self.io_log is not None:
+            self.io_log.append((began, ended, what))
+            del self.io_log[:-4096]   # the recent reads only
 
     def _whole_layer(self):
         """The layer's parts, each [neurons, hidden] float32: views of the read buffer when the chunks carry no
@@ -179,7 +192,10 @@ class StreamedFfn:
         self._prefetch = None
         waited = time.perf_counter()
         future.result()
-        self.io_seconds += time.perf_counter() - waited   # the read time not hidden behind compute
+        done = time.perf_counter()
+        self.io_seconds += done - waited   # the read time not hidden behind compute
+        if done - waited > 1e-5:
+            self._log(waited, done, f"waiting for {self.lay.name}'s read")
         self.bytes_read += lay.bytes
         dtype = np.dtype(lay.dtype)
         per = lay.chunk_neurons * lay.hidden * dtype.itemsize * (lay.parts if lay.bundled else 1)

@@ -19,6 +19,7 @@ computed from them by its NumPy spec and ``streamed`` is False; the report says 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class FlashRunner(HostRunner):
                 p["hidden"], p["neurons"], p["dtype"], p["gated"], p["bundled"], p["chunk_neurons"]):
             raise RunnerError(f"{self.where}: layer {lay.name} in the flash image is laid out otherwise than its "
                               "program says (the image was written for another compile)")
-        shared = executor.__dict__.setdefault("flash_streams", {"pools": {}, "layers": []})
+        shared = executor.__dict__.setdefault("flash_streams", {"pools": {}, "layers": [], "io_log": []})
         pool = shared["pools"].get(str(path))
         if pool is None:
             pool = shared["pools"][str(path)] = ReaderPool(path, threads=READER_THREADS)
@@ -87,6 +88,7 @@ class FlashRunner(HostRunner):
         stream = StreamedFfn(lay, pool, np.asarray(weights[operands["b_up"]]), np.asarray(weights[operands["b_down"]]),
                              mode=p["mode"], predictor=predictor, window=p["window"],
                              capacity=p["capacity"] or None, activation="silu" if p["gated"] else p["activation"])
+        stream.io_log = shared["io_log"]
         layers = shared["layers"]
         if layers:   # each streamed layer prefetches the next while it computes; the last the first
             layers[-1].next = stream
@@ -95,6 +97,7 @@ class FlashRunner(HostRunner):
         return stream
 
     def run_dynamic(self, inputs: dict) -> dict:
+        self.call_began = time.perf_counter()
         x = np.asarray(inputs[self.input_name])
         if self.stream is None:
             ins = [x if name == self.input_name else self.weights[name] for name in self.kernel_inputs]
@@ -104,6 +107,15 @@ class FlashRunner(HostRunner):
         if self.modelled_per_token is not None:
             self.last_seconds = self.modelled_per_token * int(np.prod(x.shape[:-1]))
         return {self.output_names[0]: y}
+
+    def io_events(self, call_start: float) -> list[dict]:
+        """This layer's reads logged since ``call_start`` (perf_counter seconds; the run's start), shaped like the
+        executor's events (``Measured.as_dict``), on a track of their own: the trace shows I/O beside compute."""
+        if self.stream is None or self.stream.io_log is None:
+            return []
+        return [{"name": what, "device": "flash reads", "start_us": (a - call_start) * 1e6,
+                 "end_us": (b - call_start) * 1e6, "kind": f"{self.stream.pool.mode} reads (measured)",
+                 "ops": "", "flops": 0, "bytes": 0} for a, b, what in list(self.stream.io_log) if a >= call_start]
 
     def stats(self) -> dict:
         s = self.stream

@@ -193,4 +193,8 @@ def test_cli_compile_with_a_budget_then_run(tmp_path, capsys):
     assert main(["compile", str(tmp_path / "m.onnx"), "--platform", "laptop-ssd", "--dram-budget", budget,
                  "-o", str(tmp_path / "out")]) == 0
     assert "stream from flash" in capsys.readouterr().out
-    assert main(["run", str(tmp_path / "out"), "--random"]) == 0
+    assert main(["run", str(tmp_path / "out"), "--random", "--trace", str(tmp_path / "trace.json")]) == 0
+    assert "FFN layers streamed" in capsys.readouterr().out
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    assert "flash reads" in tracks   # the reads beside the partitions that compute
