@@ -64,6 +64,9 @@ PLATFORMS = ["host", "host+cuda", "mobile-soc", "duplex", "pim-gpt", "flash-edge
 PLACEMENTS = ["roofline", "optimal", "split"]
 PIPELINES = {"full": None, "nofuse": "canonicalize,place,quantize,schedule,plan_memory"}  # quantize: a no-op
 QUANTIZE_PLATFORMS = ["mobile-soc", "flash-edge"]   # the presets with an NPU that runs i8 (--quantize int8)
+FLASH_PLATFORMS = ["laptop-ssd", "flash-edge"]       # the presets with [flash] (--flash)
+FLASH = False
+FLASH_DIR = None   # where --flash writes its artifacts (a temporary directory on the default disk)
 SEEDS = [0, 1, 2]
 RANDOM_GRAPHS = 500
 TIME_LIMIT = 1.0            # the placement solver's limit per compile, seconds
@@ -431,17 +434,23 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
     # the imported graph against eager, once: a difference here is the frontend's or an interpreter kernel's
     capture_error = worst_error(imported, eager) if eager is not None else 0.0
     setup = time.perf_counter() - start
+    budget = _streaming_budget(graph) if FLASH else None
     for case in cases:
         began = time.perf_counter()
         try:
             with deadline(case_timeout):
+                flash = budget is not None and case.platform in FLASH_PLATFORMS and case.pipeline == "full"
                 compiled = hetflow.compile(model, call_args if torch_capture is not None else None,
                                            platform=case.platform, placement=case.placement,
                                            passes=PIPELINES[case.pipeline], time_limit=time_limit,
-                                           quantize=quantize, devices=devices, cost_model=COST_MODEL)
+                                           quantize=quantize, devices=devices, cost_model=COST_MODEL,
+                                           dram_budget=budget if flash else None)
                 if compiled.quantization is not None:
                     case.detail["int8_contractions"] = len(compiled.quantization.contractions)
-                if torch_capture is not None:
+                if flash:   # run the saved artifact: its FFN layers stream from its flash image
+                    case.detail["flash_layers"] = len(compiled.flash_plan.streamed)
+                    got = _run_saved(compiled, feeds)
+                elif torch_capture is not None:
                     import torch
                     with torch.no_grad():
                         got = _flatten_torch(compiled(*call_args))
@@ -477,6 +486,28 @@ def run_model(name: str, configs: list[tuple[str, str, str]], seed: int, time_li
     if cases:
         cases[0].detail["setup_seconds"] = setup
     return cases
+
+
+def _streaming_budget(graph) -> int | None:
+    """With --flash: the budget that streams every ReLU FFN layer of the model (None: it has too few)."""
+    from hetflow.passes.tile_flash import streaming_budget
+    from hetflow.pipeline import run_pipeline
+    canonical, _ = run_pipeline(graph.clone(), "canonicalize")
+    return streaming_budget(canonical)
+
+
+def _run_saved(compiled, feeds: dict) -> list:
+    """The compiled model saved, loaded by the runtime (its streamed layers read from the flash image) and run."""
+    from hetflow.runtime import load
+    with tempfile.TemporaryDirectory(dir=FLASH_DIR) as directory:
+        compiled.save(Path(directory) / "artifact")
+        loaded = load(Path(directory) / "artifact")
+        streamed = [r for r in loaded.executor.runners if getattr(r, "streamed", False)]
+        if len(streamed) != len(compiled.flash_plan.streamed):
+            raise RuntimeError(f"{len(compiled.flash_plan.streamed)} FFN layers planned to stream, "
+                               f"{len(streamed)} streamed from the loaded artifact")
+        names = [v.name for v in loaded.graph.inputs]
+        return list(loaded.run({n: feeds[n] for n in names}).values())
 
 
 # --- random graphs ---------------------------------------------------------------------------------------------
@@ -827,7 +858,7 @@ def run_driver(args) -> list[dict]:
                    "--placements", ",".join(args.placements), "--pipelines", ",".join(args.pipelines),
                    "--time-limit", str(args.time_limit), *(["--quantize", args.quantize] if args.quantize else []),
                    *(["--devices", ",".join(args.devices)] if args.devices else []),
-                   "--cost-model", args.cost_model,
+                   "--cost-model", args.cost_model, *(["--flash"] if args.flash else []),
                    "--case-timeout", str(args.case_timeout), "--out", str(out),
                    "--random-start", str(task.random_start), "--random-count", str(task.random_count)]
         if args.save_failing:
@@ -950,6 +981,10 @@ def totals(rows: list[dict]) -> tuple[int, int, int]:
 def summary_line(rows: list[dict]) -> str:
     n, m, e = totals(rows)
     line = f"{n} cases, {m} mismatches, {e} errors"
+    streamed = [r for r in rows if r.get("detail", {}).get("flash_layers")]
+    if FLASH:
+        line += (f" (flash: {len(streamed)} cases ran saved artifacts streaming "
+                 f"{sum(r['detail']['flash_layers'] for r in streamed)} FFN layers from their flash images)")
     quantized = [r for r in rows if r.get("quantize")]
     if quantized:
         from hetflow.passes.quantize import INT8_RTOL
@@ -992,6 +1027,10 @@ def parse_args(argv=None):
                         "so that every contraction the NPU can take runs in int8)")
     parser.add_argument("--cost-model", choices=["analytic", "sim"], default="analytic",
                         help="how placement times NPU/PIM groups: analytic (default) or sim (their simulators)")
+    parser.add_argument("--flash", action="store_true",
+                        help="on laptop-ssd and flash-edge (the default platforms then), compile each model with "
+                             "a ReLU FFN under the DRAM budget that streams all its FFN layers (tile_flash), and run "
+                             "the saved artifact, whose layers read the flash image")
     parser.add_argument("--list", action="store_true", help="list the zoo and exit")
     parser.add_argument("--summarise", metavar="JSON", help="print the table and failures of a results file and exit")
     # worker-only
@@ -1001,8 +1040,9 @@ def parse_args(argv=None):
     parser.add_argument("--random-start", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--random-count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global COST_MODEL
+    global COST_MODEL, FLASH
     COST_MODEL = args.cost_model
+    FLASH = args.flash
     from hetflow.examples.zoo import ZOO
     default_models = QUICK_MODELS if args.quick else list(ZOO)
     args.models = _csv(args.models) if args.models is not None else default_models
@@ -1011,7 +1051,8 @@ def parse_args(argv=None):
         parser.error(f"unknown model {unknown[0]!r}; the zoo: {', '.join(ZOO)}")
     args.devices = _csv(args.devices) if args.devices else None
     args.platforms = _csv(args.platforms) if args.platforms else (
-        QUANTIZE_PLATFORMS if args.quantize else QUICK_PLATFORMS if args.quick else PLATFORMS)
+        QUANTIZE_PLATFORMS if args.quantize else FLASH_PLATFORMS if args.flash else
+        QUICK_PLATFORMS if args.quick else PLATFORMS)
     args.placements = _csv(args.placements) if args.placements else PLACEMENTS
     args.pipelines = _csv(args.pipelines) if args.pipelines else list(PIPELINES)
     bad = [p for p in args.pipelines if p not in PIPELINES]

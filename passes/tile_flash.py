@@ -148,13 +148,24 @@ def _linear_with_bias(node: Node) -> tuple[Value, np.ndarray, np.ndarray | None,
     return x, w, b, used, nodes, out
 
 
+def _row_reshape(node: Node | None) -> Node | None:
+    """``node`` if it is a Reshape that keeps the last dimension (a view of the rows) read once, else None."""
+    if node is None or node.op != "Reshape" or len(node.outputs) != 1 or _only_use(node.outputs[0]) is None:
+        return None
+    a, b = node.inputs[0].type, node.outputs[0].type
+    if a is None or b is None or a.shape is None or b.shape is None or not a.shape or not b.shape:
+        return None
+    return node if a.shape[-1] == b.shape[-1] else None
+
+
 def find_ffns(graph: Graph) -> list[FfnMatch]:
     """The ReLU feed-forward layers of ``graph`` whose weights only they read, in graph order."""
     found = []
     for relu in graph.nodes:
         if relu.op != "Relu":
             continue
-        first = relu.inputs[0].producer
+        before = _row_reshape(relu.inputs[0].producer)   # a frontend's view around the activation, if any
+        first = before.inputs[0].producer if before is not None else relu.inputs[0].producer
         if first is None:
             continue
         start = first if first.op in ("MatMul", "Gemm") else (first.inputs[0].producer if first.op == "Add" else None)
@@ -163,11 +174,19 @@ def find_ffns(graph: Graph) -> list[FfnMatch]:
         if start is None or start.op not in ("MatMul", "Gemm"):
             continue
         up_side = _linear_with_bias(start)
-        if up_side is None or up_side[5] is not relu.inputs[0] or _only_use(relu.inputs[0]) is not relu:
+        activation_in = before.inputs[0] if before is not None else relu.inputs[0]
+        if up_side is None or up_side[5] is not activation_in or _only_use(relu.inputs[0]) is not relu:
+            continue
+        if before is not None and _only_use(activation_in) is not before:
             continue
         x, up, b_up, used_up, up_nodes, _ = up_side
         consumer = _only_use(relu.outputs[0])
-        if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not relu.outputs[0]:
+        after = _row_reshape(consumer)
+        activation_out = relu.outputs[0]
+        if after is not None:
+            activation_out = after.outputs[0]
+            consumer = _only_use(activation_out)
+        if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not activation_out:
             continue
         down_side = _linear_with_bias(consumer)
         if down_side is None:
@@ -182,7 +201,10 @@ def find_ffns(graph: Graph) -> list[FfnMatch]:
         dtype = up.dtype
         if down.dtype != dtype or not np.issubdtype(dtype, np.floating):
             continue
-        found.append(FfnMatch(up_nodes + [relu] + down_nodes, x, out, up,
+        if (before is None) != (after is None) or x.type != out.type:
+            continue   # the layer's input and output must be alike (a view undone on the other side)
+        middle = [n for n in (before, relu, after) if n is not None]
+        found.append(FfnMatch(up_nodes + middle + down_nodes, x, out, up,
                               np.zeros(neurons, dtype) if b_up is None else b_up.astype(dtype),
                               down, np.zeros(hidden, dtype) if b_down is None else b_down.astype(dtype), weights))
     return found
@@ -348,3 +370,17 @@ def _active_fractions(ffns: list[FfnMatch], samples: dict[int, np.ndarray]) -> d
         x = samples[id(m)]
         fractions.append(float(((x @ m.up.astype(np.float32) + m.b_up) > 0).mean()) if len(x) else 0.05)
     return {"active_fraction": fractions}
+
+
+def streaming_budget(graph: Graph) -> int | None:
+    """The DRAM budget under which every feed-forward layer tile_flash finds in ``graph`` (canonicalized) streams
+    whole: the other weights, the workspace and two layers' read buffers, plus a page. None when the graph has no
+    such layer, or when streaming all of them would not save room (fewer than three). For tests and the
+    differential harness, which want the streaming path taken."""
+    ffns = find_ffns(graph)
+    if not ffns:
+        return None
+    weights = sum(w.data.nbytes for w in graph.weights.values())
+    streamed = [sum(w.data.nbytes for w in m.weights) - m.b_up.nbytes - m.b_down.nbytes for m in ffns]
+    budget = weights - sum(streamed) + 2 * max(streamed) + _workspace(graph) + ALIGN
+    return budget if budget < weights + _workspace(graph) else None

@@ -80,14 +80,16 @@ class StreamedFfn:
         self.neurons_predicted = 0       # summed over calls: the neurons the predictor picked
         self.neurons_loaded = 0          # summed over calls: the neurons read from flash
         self.io_log: list | None = None  # when a list: (perf_counter start, end, what) of each read, for traces
+        self.speculate_ahead = False     # window/predict: read the next layer's likely neurons while this computes
+        self._speculated = None          # (future, buffers, chunks) of a speculative read for this layer
+        self.speculated_chunks = 0       # summed over calls: chunks read speculatively...
+        self.speculated_used = 0         # ...and those a call then used
 
     # the reads
-    def _read_chunks(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
-        """{chunk: [chunk_neurons, parts, hidden] float32} for the chunks, read in as few requests as runs of
-        consecutive chunks allow (unbundled: one per region and run)."""
+    def _requests(self, chunks: np.ndarray) -> tuple[list, list]:
+        """The reads for ``chunks`` (sorted): one request per run of consecutive chunks (unbundled: per region
+        too), each into its own aligned buffer; returns (buffers, requests)."""
         lay = self.lay
-        if not len(chunks):
-            return {}
         runs, start = [], chunks[0]
         for prev, cur in zip(chunks[:-1], chunks[1:]):
             if cur != prev + 1:
@@ -101,20 +103,70 @@ class StreamedFfn:
                 buf = aligned_empty(n * lay.chunk_bytes)
                 buffers.append((int(first), n, r, buf))
                 requests.append((off, buf))
+        return buffers, requests
+
+    def _collect(self, buffers: list) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for first, n, r, buf in buffers:
+            for chunk, block in self._split_one(buf, first, n, r).items():
+                if self.lay.bundled or chunk not in out:
+                    out[chunk] = block
+                else:
+                    out[chunk][:, r] = block[:, r]
+        return out
+
+    def _read_chunks(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
+        """{chunk: [chunk_neurons, parts, hidden] float32} for the chunks, read in as few requests as runs of
+        consecutive chunks allow (unbundled: one per region and run); chunks a speculative read of the layer
+        before fetched already are taken from it (waiting for it if it is still in flight)."""
+        out: dict[int, np.ndarray] = {}
+        if self._speculated is not None and len(chunks):
+            future, buffers, held = self._speculated
+            self._speculated = None
+            if held.intersection(chunks.tolist()):
+                began = time.perf_counter()
+                future.result()
+                ended = time.perf_counter()
+                self.io_seconds += ended - began
+                if ended - began > 1e-5:
+                    self._log(began, ended, f"waiting for {self.lay.name}'s speculative read")
+                got = self._collect(buffers)
+                out = {c: got[c] for c in chunks.tolist() if c in got}
+                self.speculated_used += len(out)
+                chunks = np.array([c for c in chunks.tolist() if c not in got], np.int64)
+        if not len(chunks):
+            return out
+        buffers, requests = self._requests(chunks)
         began = time.perf_counter()
         self.pool.read_into(requests)
         ended = time.perf_counter()
         self.io_seconds += ended - began
         self._log(began, ended, f"read {sum(len(b) for _, b in requests) >> 10} KiB ({len(requests)} requests)")
         self.bytes_read += sum(len(b) for _, b in requests)
-        out: dict[int, np.ndarray] = {}
-        for first, n, r, buf in buffers:
-            for chunk, block in self._split_one(buf, first, n, r).items():
-                if lay.bundled or chunk not in out:
-                    out[chunk] = block
-                else:
-                    out[chunk][:, r] = block[:, r]
+        out.update(self._collect(buffers))
         return out
+
+    def speculate(self, x: np.ndarray, limit: int) -> None:
+        """Start reading, in the background, the chunks of the neurons this layer's predictor picks for ``x``
+        (an earlier layer's FFN input, standing in for this layer's: the residual stream changes little from
+        layer to layer) that the window cache does not hold, at most ``limit`` neurons; the call for this
+        layer takes what it needs from them and reads only the rest. Never changes what is computed."""
+        if self.predictor is None or self.mode == "dense" or self._speculated is not None:
+            return
+        ids = self.predictor.active(x)
+        missing = np.array([n for n in ids.tolist() if n not in self.neuron_slot], np.int64)[:max(0, limit)]
+        if not len(missing):
+            return
+        chunks = np.unique(missing // self.lay.chunk_neurons)
+        buffers, requests = self._requests(chunks)
+        began = time.perf_counter()
+        future = self.pool.submit(requests)
+        self.bytes_read += sum(len(b) for _, b in requests)
+        self.speculated_chunks += len(chunks)
+        if self.io_log is not None:
+            future.add_done_callback(lambda f, began=began: self._log(
+                began, time.perf_counter(), f"speculative read {self.lay.name} ({len(chunks)} chunks)"))
+        self._speculated = (future, buffers, set(chunks.tolist()))
 
     def _split_one(self, buf: np.ndarray, first: int, n: int, r: int) -> dict[int, np.ndarray]:
         """The chunks ``first .. first + n - 1`` of region ``r`` (0 when bundled) from a buffer read for them."""
@@ -235,6 +287,8 @@ class StreamedFfn:
         self.compute_seconds += time.perf_counter() - began
         self.last_active = ids
         self.neurons_predicted += len(ids)
+        if self.speculate_ahead and self.next is not None and self.next is not self and len(x) == 1:
+            self.next.speculate(x, max(1, self.next.capacity // (2 * self.next.lay.chunk_neurons)))
         if self.mode == "predict":
             rows = self._load(ids)
         elif len(x) == 1 and len(ids) > self.capacity:   # more than the cache holds: what it has, the rest read

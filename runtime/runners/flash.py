@@ -92,6 +92,7 @@ class FlashRunner(HostRunner):
         layers = shared["layers"]
         if layers:   # each streamed layer prefetches the next while it computes; the last the first
             layers[-1].next = stream
+            layers[-1].speculate_ahead = True   # (not the last: its next is the next token's first layer)
         stream.next = layers[0] if layers else stream
         layers.append(stream)
         return stream
