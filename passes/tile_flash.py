@@ -268,12 +268,11 @@ def tile_flash(graph: Graph, options: CompileOptions | None = None) -> PassResul
 
 
 def _workspace(graph: Graph) -> int:
-    """DRAM kept for activations: every value the graph computes at once (no reuse: an upper bound) plus 1 MiB,
-    at most ``flash_plan.WORKSPACE``."""
+    """DRAM kept for activations, the runtime's own buffers and a short KV cache (``flash_plan.WORKSPACE``), or
+    every value the graph computes at once when that is more."""
     from .flash_plan import WORKSPACE
     from .cost import _value_bytes
-    values = sum(_value_bytes(o) for n in graph.nodes for o in n.outputs)
-    return min(WORKSPACE, values + (1 << 20))
+    return max(WORKSPACE, sum(_value_bytes(o) for n in graph.nodes for o in n.outputs))
 
 
 def _stream(graph: Graph, match: FfnMatch, layer_plan, samples: dict[int, np.ndarray] | None, predict: bool) -> dict:

@@ -20,6 +20,7 @@ import hetflow.runtime
 from hetflow.cli import main
 from hetflow.ir.errors import HetflowError
 from hetflow.ir.ops import FLASH_FFN_OP
+from hetflow.passes.flash_plan import WORKSPACE
 from hetflow.passes.tile_flash import find_ffns
 
 HIDDEN, NEURONS, LAYERS, VOCAB, TOKENS = 64, 2048, 4, 256, 4
@@ -61,7 +62,7 @@ def reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def resident_budget(extra: int = 0) -> int:
     """A budget holding the embedding, the biases, the workspace and two layers' read buffers, not the layers."""
-    return VOCAB * HIDDEN * 4 + 2 * LAYER_BYTES + (1 << 20) + 512 * 1024 + extra
+    return VOCAB * HIDDEN * 4 + 2 * LAYER_BYTES + WORKSPACE + 256 * 1024 + extra
 
 
 def streamed_nodes(compiled) -> list:
