@@ -150,3 +150,30 @@ def test_chunks_grow_where_the_flash_reads_small_chunks_slowly():
     assert best_chunk(layer, CURVE, 1.0) > best_chunk(layer, CURVE, 0.01)
     assert throughput_at(CURVE, 32768) == pytest.approx(0.7e9)
     assert 0.1e9 < throughput_at(CURVE, 8192) < 0.7e9
+
+
+def test_speculative_reads_change_what_is_read_not_what_is_computed(tmp_path, ffn):
+    """Two stacked layers (the same weights twice in the image): with speculation on, the first layer starts
+    reading the second's likely neurons from its own input; the outputs equal the layers run without it, and
+    the second layer takes chunks from the speculative read."""
+    up, down, b_up, b_down = ffn
+    rng = np.random.default_rng(4)
+    samples = rng.standard_normal((256, HIDDEN)).astype(np.float32)
+    predictor, _ = build_predictor(up, b_up, rank=32, samples=samples, target_recall=0.95)
+    lays = [layout(f"l{i}", HIDDEN, NEURONS, np.float32, False, True, 1) for i in range(2)]
+    write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down}) for lay in lays])
+    base = rng.standard_normal(HIDDEN).astype(np.float32)
+    tokens = [(base + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)[None] for _ in range(8)]
+    with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
+        def stack(speculate: bool):
+            layers = [StreamedFfn(lay, pool, b_up, b_down, "window", predictor, window=2, capacity=120) for lay in lays]
+            layers[0].next, layers[0].speculate_ahead = layers[1], speculate
+            return layers
+        plain, fast = stack(False), stack(True)
+        for x in tokens:
+            h = x + 0.05 * plain[0](x)   # the residual stream: the second layer's input is near the first's
+            g = x + 0.05 * fast[0](x)
+            np.testing.assert_array_equal(g, h)
+            np.testing.assert_array_equal(fast[1](g), plain[1](h))
+        assert fast[1].speculated_chunks > 0 and 0 < fast[1].speculated_used <= fast[1].speculated_chunks
+        assert plain[1].speculated_chunks == 0
