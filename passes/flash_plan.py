@@ -188,8 +188,30 @@ def plan_flash(layers: list[FfnLayer], resident_bytes: int, budget: int, curve: 
         trial = plans[:i] + [LayerPlan(layers[i], streamed=False)] + plans[i + 1:]
         if resident_bytes + sum(p.dram_bytes for p in trial) + _buffers(trial) + WORKSPACE <= budget:
             plans = trial
-    plan.layers = plans
+    plan.layers = _grow_caches(plans, budget - resident_bytes - WORKSPACE)
     return plan
+
+
+def _grow_caches(plans: list[LayerPlan], room: int) -> list[LayerPlan]:
+    """What the budget leaves goes to the window caches, the same number of neurons more in each (a token
+    that fires more neurons than its layer's cache holds reads the rest every time)."""
+    cached = [p for p in plans if p.streamed and p.rank > 0]
+    if not cached:
+        return plans
+    need = lambda: sum(p.dram_bytes for p in plans) + _buffers(plans)   # noqa: E731
+    base = [p.capacity for p in cached]
+    low, high = 0, max(p.layer.neurons for p in cached)
+    while low < high:   # the most neurons to add to every cache within the room
+        mid = (low + high + 1) // 2
+        for p, c in zip(cached, base):
+            p.capacity = min(p.layer.neurons, c + mid)
+        if need() <= room:
+            low = mid
+        else:
+            high = mid - 1
+    for p, c in zip(cached, base):
+        p.capacity = min(p.layer.neurons, c + low)
+    return plans
 
 
 def _buffers(plans: list[LayerPlan]) -> int:
