@@ -325,6 +325,23 @@ def run_rung(directory: Path, rung: str, tokens: int) -> dict:
 
 # --- the driver -------------------------------------------------------------------------------------------------
 
+def _replan(directory: Path, info: dict, curve: list) -> dict:
+    """A kept run's plan made again with this hetflow's ``plan_flash`` from the fractions prepare measured (the
+    images and predictors stay: the window caches' sizes and the layers kept resident may change)."""
+    from hetflow.passes.flash_plan import FfnLayer, plan_flash
+    f = info["fractions"]
+    ffn = [FfnLayer(f"layers.{i}", HIDDEN, FFN, 4) for i in range(LAYERS)]
+    dense = plan_flash(ffn, info["resident_bytes"], info["budget"], curve, predict=False)
+    sparse = plan_flash(ffn, info["resident_bytes"], info["budget"], curve, f["predicted_by_layer"], WINDOW,
+                        rank=info["rank"], window_fraction=f["window_by_layer"], new_fraction=f["new_by_layer"])
+    info.update(dense_resident=[i for i, l in enumerate(dense.layers) if not l.streamed],
+                sparse_resident=[i for i, l in enumerate(sparse.layers) if not l.streamed],
+                dense_plan=dense.describe(), sparse_plan=sparse.describe(),
+                capacity={i: l.capacity for i, l in enumerate(sparse.layers) if l.streamed})
+    (directory / "prep.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
 def _child(args: list[str]) -> dict | None:
     # NumPy's BLAS on one thread: the FFN's GEMVs are memory-bound, and two BLAS thread pools (NumPy's and
     # torch's) spinning on two cores cost a decode step three times over
@@ -372,7 +389,7 @@ def main(argv=None) -> int:
     print("disk (" + disk["mode"] + f", {THREADS} threads, random reads): " +
           ", ".join(f"{s // 1024} KiB {r / 1e9:.2f} GB/s" for s, r in curve))
     if args.reuse and (directory / "prep.json").exists() and (directory / "bundled.bin").exists():
-        info = json.loads((directory / "prep.json").read_text())
+        info = _replan(directory, json.loads((directory / "prep.json").read_text()), curve)
     else:
         info = _child(["--worker", "prepare", "--dir", str(directory), "--budget-mib", str(args.budget_mib),
                        "--curve", json.dumps(curve)])
