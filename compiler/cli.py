@@ -285,7 +285,7 @@ def cmd_run(args) -> int:
             modelled.setdefault(event.device, []).append(event.modelled)
     for device, times in sorted(modelled.items()):
         predicted = sum(p.predicted_end - p.predicted_start for p in model.partitions
-                        if p.device == device and p.backend in ("npu", "pim"))
+                        if p.device == device and p.backend in ("npu", "pim", "flash"))
         print(f"  {device}: {sum(times) * 1e3:.3f} ms modelled by its simulator over {len(times)} partitions "
               f"(the cost model predicted {predicted * 1e3:.3f} ms)")
     _print_flash(model)

@@ -199,3 +199,22 @@ def test_cli_compile_with_a_budget_then_run(tmp_path, capsys):
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     assert "flash reads" in tracks   # the reads beside the partitions that compute
+
+
+def test_on_flash_edge_an_npu_placed_layer_runs_with_its_time_modelled(tmp_path):
+    """Placed on the NPU beside in-flash compute, a streamed layer still computes on the host from the image,
+    and its time is the NAND model's (the NPU is simulated here)."""
+    from hetflow.platform.nand import gemv_split
+    compiled = hetflow.compile(ffn_model(), platform="flash-edge", dram_budget=resident_budget(), devices=["npu"])
+    assert all(n.meta["device"] == "npu" for n in streamed_nodes(compiled))
+    compiled.save(tmp_path / "a")
+    loaded = hetflow.runtime.load(tmp_path / "a")
+    x = ids()
+    got = next(iter(loaded.run({"ids": x}).values()))
+    np.testing.assert_allclose(got, reference(ffn_model(), x), rtol=1e-5, atol=1e-5)
+    platform = compiled.platform
+    peak = platform.device("npu").peak_for("f32")
+    per_token = (gemv_split(HIDDEN, NEURONS, 4, platform.flash, peak).seconds
+                 + gemv_split(NEURONS, HIDDEN, 4, platform.flash, peak).seconds)
+    modelled = [e.modelled for e in loaded.executor.last.events if e.name.endswith(".flash.json")]
+    assert len(modelled) == LAYERS and all(m == pytest.approx(TOKENS * per_token) for m in modelled)
