@@ -4,8 +4,9 @@ Runs after canonicalize, before fuse. It does nothing unless a DRAM budget appli
 (``CompileOptions.dram_budget``, ``--dram-budget``), or, without one, the capacity of the memory the platform's
 CPU uses when the model's weights do not fit in it.
 
-1. Find the feed-forward layers: ``MatMul/Gemm(x, up) [+ b_up] -> Relu -> MatMul/Gemm(., down) [+ b_down]``
-   with constant weights read by that layer only (``find_ffns``). Every other weight (embeddings, attention,
+1. Find the feed-forward layers: ``MatMul/Gemm(x, up) [+ b_up] -> Relu -> MatMul/Gemm(., down) [+ b_down]``,
+   and gated ones (SwiGLU: ``silu(x @ gate) * (x @ up) -> @ down``), each product maybe behind a frontend's
+   row view, with constant weights read by that layer only (``find_ffns``). Every other weight (embeddings, attention,
    norms, biases) stays resident.
 2. Plan (``hetflow.passes.flash_plan.plan_flash``): the resident minimum first, then FFN layers back in DRAM
    while they fit, those a token would read most of first; the rest stream. The read chunk comes from the
@@ -51,10 +52,15 @@ class FfnMatch:
     down: np.ndarray     # [neurons, hidden]
     b_down: np.ndarray   # [hidden]
     weights: list[Value]  # the graph weights the layer reads (removed when it streams)
+    gate: np.ndarray | None = None   # [hidden, neurons]: a gated layer, silu(x @ gate) * (x @ up + b_up)
 
     @property
     def name(self) -> str:
         return self.nodes[0].outputs[0].name
+
+    @property
+    def parts(self) -> int:
+        return 3 if self.gate is not None else 2
 
 
 @dataclass
@@ -148,9 +154,12 @@ def _linear_with_bias(node: Node) -> tuple[Value, np.ndarray, np.ndarray | None,
     return x, w, b, used, nodes, out
 
 
-def _row_reshape(node: Node | None) -> Node | None:
-    """``node`` if it is a Reshape that keeps the last dimension (a view of the rows) read once, else None."""
-    if node is None or node.op != "Reshape" or len(node.outputs) != 1 or _only_use(node.outputs[0]) is None:
+def _row_reshape(node: Node | None, read_once: bool = True) -> Node | None:
+    """``node`` if it is a Reshape that keeps the last dimension (a view of the rows), read once unless
+    ``read_once`` is False, else None."""
+    if node is None or node.op != "Reshape" or len(node.outputs) != 1 or node.outputs[0].is_output:
+        return None
+    if read_once and _only_use(node.outputs[0]) is None:
         return None
     a, b = node.inputs[0].type, node.outputs[0].type
     if a is None or b is None or a.shape is None or b.shape is None or not a.shape or not b.shape:
@@ -158,8 +167,84 @@ def _row_reshape(node: Node | None) -> Node | None:
     return node if a.shape[-1] == b.shape[-1] else None
 
 
+def _through_view(value: Value) -> tuple[Value, Node | None]:
+    """The value before a row view that made ``value`` (and the view), or ``value`` itself."""
+    view = _row_reshape(value.producer, read_once=False)
+    return (view.inputs[0], view) if view is not None else (value, None)
+
+
+def _silu_input(value: Value) -> tuple[Value, list[Node]] | None:
+    """``value`` as ``g * sigmoid(g)``: (g, [the Sigmoid, the Mul])."""
+    mul = value.producer
+    if mul is None or mul.op != "Mul" or len(mul.inputs) != 2 or _only_use(value) is None:
+        return None
+    for g, other in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+        sig = other.producer if other is not None else None
+        if sig is not None and sig.op == "Sigmoid" and sig.inputs[0] is g and _only_use(other) is mul:
+            if not g.is_output and len(g.uses) == 2:
+                return g, [sig, mul]
+    return None
+
+
+def _gated(mul: Node, graph: Graph) -> FfnMatch | None:
+    """A SwiGLU layer ending in ``mul``: ``silu(x @ gate) * (x @ up) -> @ down [+ b_down]``, each product maybe
+    behind a row view (torch.export's linear on 3-D input)."""
+    if len(mul.inputs) != 2 or _only_use(mul.outputs[0]) is None:
+        return None
+    for act_side, up_side in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+        silu = _silu_input(act_side)
+        if silu is None or _only_use(up_side) is not mul:
+            continue
+        g, silu_nodes = silu
+        g_pre, g_view = _through_view(g)
+        u_pre, u_view = _through_view(up_side)
+        g_node, u_node = g_pre.producer, u_pre.producer
+        if g_node is None or u_node is None or (g_view is None) != (u_view is None):
+            continue
+        if g_view is not None and (_only_use(g_pre) is not g_view or _only_use(u_pre) is not u_view):
+            continue
+        g_lin, u_lin = _linear(g_node), _linear(u_node)
+        if g_lin is None or u_lin is None or g_lin[0] is not u_lin[0] or g_lin[2] is not None:
+            continue
+        x, gate, _, used_gate = g_lin
+        _, up, b_up, used_up = u_lin
+        h_out, h_view = mul.outputs[0], _row_reshape(_only_use(mul.outputs[0]))
+        if (h_view is None) != (g_view is None):
+            continue
+        consumer = _only_use(h_view.outputs[0]) if h_view is not None else _only_use(h_out)
+        h_in = h_view.outputs[0] if h_view is not None else h_out
+        if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not h_in:
+            continue
+        down_side = _linear_with_bias(consumer)
+        if down_side is None:
+            continue
+        _, down, b_down, used_down, down_nodes, out = down_side
+        hidden, neurons = up.shape
+        if gate.shape != up.shape or down.shape != (neurons, hidden) or x.type != out.type:
+            continue
+        weights = used_gate + used_up + used_down
+        if any(w.num_uses != 1 for w in weights) or len({id(w) for w in weights}) != len(weights):
+            continue
+        if len({gate.dtype, up.dtype, down.dtype}) != 1 or not np.issubdtype(up.dtype, np.floating):
+            continue
+        index = {id(n): i for i, n in enumerate(graph.nodes)}
+        members = [g_node, u_node, *silu_nodes, mul, *down_nodes] + [v for v in (g_view, u_view, h_view) if v is not None]
+        members.sort(key=lambda n: index[id(n)])
+        dtype = up.dtype
+        return FfnMatch(members, x, out, up, np.zeros(neurons, dtype) if b_up is None else b_up.astype(dtype), down,
+                        np.zeros(hidden, dtype) if b_down is None else b_down.astype(dtype), weights, gate=gate)
+    return None
+
+
 def find_ffns(graph: Graph) -> list[FfnMatch]:
-    """The ReLU feed-forward layers of ``graph`` whose weights only they read, in graph order."""
+    """The ReLU and SwiGLU feed-forward layers of ``graph`` whose weights only they read, in graph order."""
+    found = [m for m in (_gated(n, graph) for n in graph.nodes if n.op == "Mul") if m is not None]
+    found += _relu_ffns(graph)
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    return sorted(found, key=lambda m: index[id(m.nodes[0])])
+
+
+def _relu_ffns(graph: Graph) -> list[FfnMatch]:
     found = []
     for relu in graph.nodes:
         if relu.op != "Relu":
@@ -249,7 +334,12 @@ def tile_flash(graph: Graph, options: CompileOptions | None = None) -> PassResul
         raise PassError(f"tile_flash: the weights ({weight_bytes / (1 << 20):.1f} MiB) exceed the DRAM budget of "
                         f"{budget / (1 << 20):.1f} MiB ({source}), and the graph has no feed-forward layer to stream "
                         "(MatMul/Gemm -> Relu -> MatMul/Gemm with constant weights read by that layer only)")
-    layers = [FfnLayer(m.name, m.up.shape[0], m.up.shape[1], m.up.dtype.itemsize) for m in ffns]
+    gated = [m.name for m in ffns if m.gate is not None]
+    if predict and gated:
+        raise PassError(f"tile_flash: flash_predict predicts which ReLU neurons fire; layer {gated[0]} is gated "
+                        "(SwiGLU), whose neurons are never exactly zero: compile it without --flash-predict")
+    layers = [FfnLayer(m.name, m.up.shape[0], m.up.shape[1], m.up.dtype.itemsize, gated=m.gate is not None,
+                       activation="silu" if m.gate is not None else "relu") for m in ffns]
     streamed_bytes = sum(sum(w.data.nbytes for w in m.weights) for m in ffns)
     resident = weight_bytes - streamed_bytes + sum(m.b_up.nbytes + m.b_down.nbytes for m in ffns)
     curve = [(float(s), float(t)) for s, t in platform.flash.throughput]
@@ -281,7 +371,7 @@ def _stream(graph: Graph, match: FfnMatch, layer_plan, samples: dict[int, np.nda
     from hetflow.ir.flash_image import aligned_chunk_neurons, build_predictor
     hidden, neurons = match.up.shape
     dtype = match.up.dtype
-    chunk = aligned_chunk_neurons(layer_plan.chunk_neurons, hidden, dtype, 2, neurons)
+    chunk = aligned_chunk_neurons(layer_plan.chunk_neurons, hidden, dtype, match.parts, neurons)
     name = match.name
     nodes = match.nodes
     up = graph.add_weight(graph.fresh_name(f"{name}.flash_up"), np.ascontiguousarray(match.up))
@@ -289,10 +379,15 @@ def _stream(graph: Graph, match: FfnMatch, layer_plan, samples: dict[int, np.nda
     down = graph.add_weight(graph.fresh_name(f"{name}.flash_down"), np.ascontiguousarray(match.down))
     b_down = graph.add_weight(graph.fresh_name(f"{name}.flash_b_down"), match.b_down)
     inputs = [match.x, up, b_up, down, b_down]
-    attrs = {"layer": name, "activation": "relu", "gated": 0, "mode": "dense", "chunk_neurons": int(chunk),
-             "bundled": 1, "window": 0, "capacity": 0, "margin": 0.0}
-    info = {"layer": name, "hidden": hidden, "neurons": neurons, "bytes": int(match.up.nbytes + match.down.nbytes),
-            "chunk_neurons": int(chunk), "chunk_bytes": -(-chunk * 2 * hidden * dtype.itemsize // ALIGN) * ALIGN,
+    gated = match.gate is not None
+    if gated:
+        inputs.append(graph.add_weight(graph.fresh_name(f"{name}.flash_gate"), np.ascontiguousarray(match.gate)))
+    attrs = {"layer": name, "activation": "silu" if gated else "relu", "gated": int(gated), "mode": "dense",
+             "chunk_neurons": int(chunk), "bundled": 1, "window": 0, "capacity": 0, "margin": 0.0}
+    info = {"layer": name, "hidden": hidden, "neurons": neurons, "gated": gated,
+            "bytes": int(match.parts * match.up.nbytes),
+            "chunk_neurons": int(chunk),
+            "chunk_bytes": -(-chunk * match.parts * hidden * dtype.itemsize // ALIGN) * ALIGN,
             "rank": 0, "recall": None}
     if predict and layer_plan.rank > 0 and samples is not None:
         x = samples[id(match)]
@@ -380,6 +475,6 @@ def streaming_budget(graph: Graph) -> int | None:
     if not ffns:
         return None
     weights = sum(w.data.nbytes for w in graph.weights.values())
-    streamed = [sum(w.data.nbytes for w in m.weights) - m.b_up.nbytes - m.b_down.nbytes for m in ffns]
+    streamed = [m.parts * m.up.nbytes for m in ffns]
     budget = weights - sum(streamed) + 2 * max(streamed) + _workspace(graph) + ALIGN
     return budget if budget < weights + _workspace(graph) else None

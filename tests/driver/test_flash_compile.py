@@ -52,6 +52,36 @@ def ffn_model(seed: int = 0, shift: float = 0.0, tie: bool = False) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+def swiglu_model(seed: int = 0) -> onnx.ModelProto:
+    """Llama's MLP as torch.export writes it: row views around each product, silu as x * sigmoid(x)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "embed"),
+             numpy_helper.from_array(np.array([TOKENS, HIDDEN], np.int64), "rows"),
+             numpy_helper.from_array(np.array([1, TOKENS, NEURONS], np.int64), "wide3"),
+             numpy_helper.from_array(np.array([TOKENS, NEURONS], np.int64), "wide2"),
+             numpy_helper.from_array(np.array([1, TOKENS, HIDDEN], np.int64), "narrow3")]
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h0"])]
+    for i in range(LAYERS):
+        for name, shape in ((f"gate{i}", (HIDDEN, NEURONS)), (f"up{i}", (HIDDEN, NEURONS)), (f"down{i}", (NEURONS, HIDDEN))):
+            inits.append(numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name))
+        nodes += [helper.make_node("Reshape", [f"h{i}", "rows"], [f"x{i}"]),
+                  helper.make_node("MatMul", [f"x{i}", f"gate{i}"], [f"g{i}"]),
+                  helper.make_node("Reshape", [f"g{i}", "wide3"], [f"g3_{i}"]),
+                  helper.make_node("Sigmoid", [f"g3_{i}"], [f"s{i}"]),
+                  helper.make_node("Mul", [f"g3_{i}", f"s{i}"], [f"silu{i}"]),
+                  helper.make_node("MatMul", [f"x{i}", f"up{i}"], [f"u{i}"]),
+                  helper.make_node("Reshape", [f"u{i}", "wide3"], [f"u3_{i}"]),
+                  helper.make_node("Mul", [f"silu{i}", f"u3_{i}"], [f"m{i}"]),
+                  helper.make_node("Reshape", [f"m{i}", "wide2"], [f"m2_{i}"]),
+                  helper.make_node("MatMul", [f"m2_{i}", f"down{i}"], [f"d{i}"]),
+                  helper.make_node("Reshape", [f"d{i}", "narrow3"], [f"f{i}"]),
+                  helper.make_node("Add", [f"h{i}", f"f{i}"], [f"h{i + 1}"])]
+    graph = helper.make_graph(nodes, "swiglu_stack", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, TOKENS])],
+                              [helper.make_tensor_value_info(f"h{LAYERS}", TensorProto.FLOAT, [1, TOKENS, HIDDEN])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
 def ids(seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, (1, TOKENS)).astype(np.int64)
 
@@ -218,3 +248,17 @@ def test_on_flash_edge_an_npu_placed_layer_runs_with_its_time_modelled(tmp_path)
                  + gemv_split(NEURONS, HIDDEN, 4, platform.flash, peak).seconds)
     modelled = [e.modelled for e in loaded.executor.last.events if e.name.endswith(".flash.json")]
     assert len(modelled) == LAYERS and all(m == pytest.approx(TOKENS * per_token) for m in modelled)
+
+
+def test_swiglu_layers_stream_exactly_and_refuse_prediction(tmp_path):
+    model, x = swiglu_model(), ids()
+    budget = resident_budget(LAYER_BYTES)   # three parts a layer: two layers' buffers are 3 * LAYER_BYTES
+    compiled = hetflow.compile(model, platform="laptop-ssd", dram_budget=budget)
+    nodes = streamed_nodes(compiled)
+    assert len(nodes) == LAYERS and all(n.attrs["gated"] == 1 and n.attrs["activation"] == "silu" for n in nodes)
+    compiled.save(tmp_path / "a")
+    got = next(iter(hetflow.runtime.load(tmp_path / "a").run({"ids": x}).values()))
+    want = reference(model, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()   # f32 rounding of the silu, no more
+    with pytest.raises(HetflowError, match="gated"):
+        hetflow.compile(model, platform="laptop-ssd", dram_budget=budget, flash_predict=True)
