@@ -40,7 +40,7 @@ from hetflow.ir.interpreter import check_inputs
 from hetflow.ir.symbolic import bind, concrete_shape, max_nbytes
 
 from .plancheck import check_memory_plan
-from .prebound import PreboundCall
+from .prebound import InputSignature, PreboundCall, static_signature
 from .runners import load_runner
 from .sync import Flags, SyncFailure, SyncTimeout
 
@@ -156,6 +156,7 @@ class Executor:
         self._stragglers: list[threading.Thread] = []  # workers of a run stopped by Ctrl-C, still finishing
         self._last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
+        self.signature = InputSignature(graph.inputs) if static_signature(graph.inputs) else None
         self.lean_refused = PreboundCall.plan(self)  # None: calls take the lean path (``prebound``)
         self.lean = PreboundCall(self, self.runners[0], partitions[0]) if self.lean_refused is None else None
 
@@ -271,8 +272,12 @@ class Executor:
                 raise RuntimeFailure(f"worker {straggler.name} of an earlier, failed run is still inside a "
                                      f"partition after {self.wait_timeout:g} s more; this model cannot run again")
         self._stragglers = []
-        arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
-                              dict(zip([v.name for v in self.graph.inputs], feeds)))
+        matched = self.signature.arrays(feeds) if self.signature is not None else None
+        if matched is not None:  # exactly the precompiled signature: nothing more to check
+            arrays = dict(zip(self.signature.names, matched))
+        else:
+            arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
+                                  dict(zip([v.name for v in self.graph.inputs], feeds)))
         if self.dims:  # each size within its declared range, one error line naming the input and dim if not
             self._sized(bind(self.graph.inputs, arrays, self.dims))
         # (np.ascontiguousarray would make a 0-d input 1-d: a size dynamo passes as a scalar input)

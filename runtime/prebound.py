@@ -69,7 +69,6 @@ class PreboundCall:
 
     def __init__(self, executor, runner, part):
         graph = executor.graph
-        self.executor = executor
         self.part = part
         self.signature = InputSignature(graph.inputs)
         self.binding = runner.fixed_binding()
