@@ -18,7 +18,11 @@ Both sides use the same intra-op thread count (``--threads``, default 1) and the
 thread is the default because two sessions whose idle threads spin (ONNX Runtime's default) take each other's
 cores on a 2-core machine: a paired measurement with spinning pools measures which pool was still spinning.
 Timing: ``--rounds`` rounds; in each, every peer runs a block of calls in turn (the order rotated each round),
-the block's mean is one sample; medians over rounds. The outputs are checked against ORT's first.
+the block's mean is one sample; medians over rounds, by the wall clock and by the calling thread's CPU time
+(``time.thread_time``). With one intra-op thread ONNX Runtime computes in the calling thread, so its CPU
+time is the whole cost of a call, and unlike the wall clock it does not count the time other processes
+of a shared machine held the core; the targets are judged on it then, and on the wall clock with more
+threads. The outputs are checked against ORT's first.
 
 The last line compares the ratios with issue #17's targets: the tiny MLP on host at or below 1.25x ORT's plain
 ``run``, and the geometric mean over the small models (those ORT runs in under 5 ms here) at or below 1.0x.
@@ -82,21 +86,25 @@ def bound_call(session, feeds: dict):
     return run
 
 
-def paired(runs: dict, rounds: int, block: int) -> dict:
-    """Median seconds per call of each peer over ``rounds`` rounds of ``block`` calls each, order rotated."""
+def paired(runs: dict, rounds: int, block: int) -> tuple[dict, dict]:
+    """Median seconds per call of each peer over ``rounds`` rounds of ``block`` calls each, order rotated:
+    by the wall clock, and by this thread's CPU time (what the call cost, whatever else the machine ran)."""
     names = list(runs)
-    samples = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for run in runs.values():  # warm-up
         for _ in range(3):
             run()
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             run = runs[name]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(block):
                 run()
-            samples[name].append((time.perf_counter() - start) / block)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            cpu[name].append((time.thread_time() - start_cpu) / block)
+            wall[name].append((time.perf_counter() - start) / block)
+    return ({name: statistics.median(s) for name, s in wall.items()},
+            {name: statistics.median(s) for name, s in cpu.items()})
 
 
 def block_for(seconds_per_call: float) -> int:
@@ -139,19 +147,27 @@ def measure(name: str, build, platform: str, workdir: Path, args) -> dict:
     start = time.perf_counter()
     runs["ort_run"]()
     block = block_for(time.perf_counter() - start)
-    medians = paired(runs, args.rounds, block)
-    row = {"model": name, "platform": platform, **info, **{f"{p}_us": medians[p] * 1e6 for p in PEERS}}
-    row["vs_run"] = medians["hetflow"] / medians["ort_run"]
-    row["vs_bind"] = medians["hetflow"] / medians["ort_bind"]
+    wall, cpu = paired(runs, args.rounds, block)
+    row = {"model": name, "platform": platform, **info, **{f"{p}_us": wall[p] * 1e6 for p in PEERS},
+           **{f"{p}_cpu_us": cpu[p] * 1e6 for p in PEERS}}
+    for suffix, medians in (("", wall), ("_cpu", cpu)):
+        row[f"vs_run{suffix}"] = medians["hetflow"] / medians["ort_run"]
+        row[f"vs_bind{suffix}"] = medians["hetflow"] / medians["ort_bind"]
     return row
+
+
+HEADER = (f"{'model':16s} {'platform':10s} {'parts':>5s} {'lean path':>10s} {'error':>7s} {'hetflow':>9s} "
+          f"{'ORT run':>9s} {'ORT bind':>9s} {'hf/run':>7s} {'hf/bind':>7s} | {'hetflow':>9s} {'ORT run':>9s} "
+          f"{'ORT bind':>9s} {'hf/run':>7s} {'hf/bind':>7s}")
 
 
 def print_row(row: dict) -> None:
     def us(v):
         return f"{v:9.1f}" if v < 1e4 else f"{v / 1e3:7.2f}ms"
-    print(f"{row['model']:16s} {row['platform']:10s} {row['partitions']:>5d} {row['lean'][:14]:>14s} "
-          f"{row['error']:8.0e} {us(row['hetflow_us'])} {us(row['ort_run_us'])} {us(row['ort_bind_us'])} "
-          f"{row['vs_run']:7.2f} {row['vs_bind']:7.2f}", flush=True)
+    cells = [f"{us(row[f'{p}{clock}_us'])}" for clock in ("", "_cpu") for p in PEERS]
+    print(f"{row['model']:16s} {row['platform']:10s} {row['partitions']:>5d} {row['lean'][:10]:>10s} "
+          f"{row['error']:7.0e} {' '.join(cells[:3])} {row['vs_run']:7.2f} {row['vs_bind']:7.2f} | "
+          f"{' '.join(cells[3:])} {row['vs_run_cpu']:7.2f} {row['vs_bind_cpu']:7.2f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -175,8 +191,8 @@ def main(argv=None) -> int:
     from hetflow.examples.zoo import ZOO
     print(f"intra-op threads {args.threads} on both sides, spinning {'on' if args.spin else 'off'}, "
           f"{args.rounds} paired rounds; times are medians per call in us", flush=True)
-    print(f"{'model':16s} {'platform':10s} {'parts':>5s} {'lean path':>14s} {'error':>8s} {'hetflow':>9s} "
-          f"{'ORT run':>9s} {'ORT bind':>9s} {'hf/run':>7s} {'hf/bind':>7s}", flush=True)
+    print(f"{'':73s}wall clock{'':44s}| this thread's CPU time", flush=True)
+    print(HEADER, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="hetflow-overhead-") as tmp:
         workdir = Path(tmp)
@@ -193,15 +209,21 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     wrong = [r["model"] for r in rows if r["error"] > 1e-4]
+    # the clock the targets are judged by: the thread's CPU time when ORT computes in the calling thread alone
+    # (one intra-op thread: robust to what else this shared machine runs), else the wall clock
+    clock = "_cpu" if args.threads == 1 else ""
     mlp = next(r for r in rows if r["model"] == "mlp-16-32-4" and r["platform"] == "host")
-    small = [r for r in rows if r["model"] != "mlp-16-32-4" and r["ort_run_us"] < SMALL_MS * 1e3]
-    geomean = math.exp(statistics.fmean(math.log(r["vs_run"]) for r in small)) if small else float("nan")
-    geomean_bind = math.exp(statistics.fmean(math.log(r["vs_bind"]) for r in small)) if small else float("nan")
-    print(f"measured: tiny MLP {mlp['vs_run']:.2f}x ORT run (target <= {TARGET_MLP}: "
-          f"{'met' if mlp['vs_run'] <= TARGET_MLP else 'NOT met'}), {mlp['vs_bind']:.2f}x ORT IOBinding; "
-          f"{len(small)} models under {SMALL_MS:g} ms geomean {geomean:.2f}x ORT run (target <= {TARGET_GEOMEAN}: "
-          f"{'met' if geomean <= TARGET_GEOMEAN and len(small) >= 6 else 'NOT met'}), {geomean_bind:.2f}x IOBinding; "
-          f"threads {args.threads}, spin {'on' if args.spin else 'off'}"
+    small = [r for r in rows if r["model"] != "mlp-16-32-4" and r[f"ort_run{clock}_us"] < SMALL_MS * 1e3]
+
+    def geomean(key):
+        return math.exp(statistics.fmean(math.log(r[key]) for r in small)) if small else float("nan")
+    ratio = geomean(f"vs_run{clock}")
+    print(f"measured ({'CPU time' if clock else 'wall clock'}; wall clock: MLP {mlp['vs_run']:.2f}x, geomean "
+          f"{geomean('vs_run'):.2f}x): tiny MLP {mlp[f'vs_run{clock}']:.2f}x ORT run (target <= {TARGET_MLP}: "
+          f"{'met' if mlp[f'vs_run{clock}'] <= TARGET_MLP else 'NOT met'}), {mlp[f'vs_bind{clock}']:.2f}x ORT "
+          f"IOBinding; {len(small)} models under {SMALL_MS:g} ms geomean {ratio:.2f}x ORT run (target <= "
+          f"{TARGET_GEOMEAN}: {'met' if ratio <= TARGET_GEOMEAN and len(small) >= 6 else 'NOT met'}), "
+          f"{geomean(f'vs_bind{clock}'):.2f}x IOBinding; threads {args.threads}, spin {'on' if args.spin else 'off'}"
           + (f"; OUTPUTS DIFFER: {', '.join(wrong)}" if wrong else "; outputs equal ORT's within 1e-4"))
     return 0
 

@@ -13,7 +13,10 @@ the path. The memory plan needs no other synchronisation: the plan checker
 (``plancheck``) proves at load that values sharing bytes are ordered by the queues
 and flags alone, and a plan it refuses is never run.
 
-With one device the executor simply runs the partitions in the calling thread.
+With one device the executor simply runs the partitions in the calling thread. A
+graph that is one ONNX Runtime partition of static shapes takes the lean call path
+(``prebound``): its inputs checked against a signature precompiled at load, its
+inputs and outputs bound once; any other input form goes through the checks here.
 
 Calls: ``run`` may be called from several threads; runs are serialised (one at a
 time, each with its own inputs, flags and record). Each run starts with every
