@@ -73,6 +73,7 @@ class PreboundCall:
         self.signature = InputSignature(graph.inputs)
         self.binding = runner.fixed_binding()
         self.output_names = list(dict.fromkeys(v.name for v in graph.outputs))
+        self.single = self.output_names[0] if len(self.output_names) == 1 else None
         reads = set(part.input_names)
         # (position in the signature, name, staging buffer or None for a pointer-bound input)
         self.inputs = []
@@ -146,4 +147,6 @@ class PreboundCall:
             raise RuntimeFailure(f"partition {part.index} ({part.file}, device {part.device}) failed: "
                                  f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}") from exc
         self.seconds = (start, time.perf_counter())
+        if self.single is not None:
+            return {self.single: outputs[0]}
         return dict(zip(self.output_names, outputs))

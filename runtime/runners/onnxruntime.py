@@ -8,6 +8,8 @@ inputs and outputs, views that fit their buffers.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from hetflow.ir.interpreter import Interpreter
@@ -101,14 +103,19 @@ class FixedBinding:
     must not move what this one holds. ONNX Runtime's Python wrappers rebuild the device object and check
     the session on every bind and run; their C handles, when this ONNX Runtime has them, do not."""
 
-    def __init__(self, partition: CpuPartition):
+    def __init__(self, partition: CpuPartition, c_handles: bool = True):
         import onnxruntime as ort
         self.partition = partition
         binding = partition.session.io_binding()
-        self._c_binding = getattr(binding, "_iobinding", None)
-        self._c_session = getattr(partition.session, "_sess", None)
+        self._c_binding = getattr(binding, "_iobinding", None) if c_handles else None
+        self._c_session = getattr(partition.session, "_sess", None) if c_handles else None
         self._c_device = ort.OrtDevice.make("cpu", 0)._get_c_device()
         self._binding = binding
+        if self._c_binding is None or self._c_session is None:
+            self._c_binding = self._c_session = None
+            self.run = functools.partial(partition.session.run_with_iobinding, binding)
+        else:  # run(): the session on what is bound, called straight into ONNX Runtime's C++ (no Python frame)
+            self.run = functools.partial(self._c_session.run_with_iobinding, self._c_binding, None)
 
     def bind_input(self, name: str, array: np.ndarray) -> None:
         """``array`` (C-contiguous) is read by every run until bound again; the caller keeps it alive."""
@@ -129,12 +136,6 @@ class FixedBinding:
             self._binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
             return
         self._c_binding.bind_output(name, self._c_device, array.dtype.type, shape, array.ctypes.data)
-
-    def run(self) -> None:
-        if self._c_session is None:
-            self.partition.session.run_with_iobinding(self._binding)
-            return
-        self._c_session.run_with_iobinding(self._c_binding, None)
 
 
 @register_runner("cpu")

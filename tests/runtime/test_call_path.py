@@ -6,12 +6,14 @@ import weakref
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 import pytest
 
 import hetflow
 from hetflow.runtime import InputError, load
 from hetflow.runtime.interpreter import Interpreter
-from hetflow.runtime.prebound import STAGE_BYTES
+from hetflow.runtime.prebound import STAGE_BYTES, PreboundCall
+from hetflow.runtime.runners.onnxruntime import FixedBinding
 
 from ..onnx_models import mlp_model
 from .test_soundness import _model, _placed
@@ -92,9 +94,10 @@ def test_wrong_inputs_are_still_one_line_errors_naming_the_input(tmp_path, feeds
 def test_without_onnxruntime_c_handles_the_public_binding_runs_the_same(tmp_path):
     model, expected = _artifact(tmp_path, 8)
     x = _inputs(1, 8, seed=5)[0]
-    binding = model.executor.lean.binding
-    binding._c_binding = binding._c_session = None  # an ONNX Runtime whose wrappers do not expose them
-    model.executor.lean.outputs = [model.executor.lean._fresh_output(n) for n in model.executor.lean.output_names]
+    executor, runner = model.executor, model.executor.runners[0]
+    runner.fixed_binding = lambda: FixedBinding(runner, c_handles=False)  # as if ORT's wrappers lacked them
+    executor.lean = PreboundCall(executor, runner, executor.partitions[0])
+    assert executor.lean.binding._c_binding is None
     np.testing.assert_allclose(next(iter(model.run({"x": x}).values())), expected(x), rtol=1e-5, atol=1e-5)
 
 
@@ -133,3 +136,21 @@ def test_programs_the_lean_path_does_not_fit_say_why_and_still_run():
     compiled = hetflow.compile(dynamic, platform="host", dynamic_shapes={"batch": (1, 8)})
     assert compiled.executor.lean is None and compiled.executor.lean_refused == "the graph has dynamic shapes"
     assert compiled(np.ones((3, 32), np.float32)).shape == (3, 32)
+
+
+def test_an_output_bound_as_a_view_of_another_shape(tmp_path):
+    """The partition writes %r's [4,16] into the output %y (its Reshape to [2,32]) through one buffer."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "view", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+                              [numpy_helper.from_array(weight, "w"),
+                               numpy_helper.from_array(np.array([2, 32], np.int64), "shape")])
+    hetflow.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])).save(tmp_path / "v")
+    model = load(tmp_path / "v")
+    assert model.executor.lean is not None and model.executor.runners[0].view_shapes == {"y": (4, 16)}
+    for x in _inputs(2, 4, width=16, seed=9):
+        np.testing.assert_allclose(model.run({"x": x})["y"], np.maximum(x @ weight, 0).reshape(2, 32),
+                                   rtol=1e-5, atol=1e-5)
