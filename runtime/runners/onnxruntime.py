@@ -151,7 +151,8 @@ def load_cpu(part, executor):
     weights = {n: w.data for n, w in part.graph.weights.items() if not inline_weight(w)}
     views = check_partition_model(part.onnx_bytes, part, weights)  # before ONNX Runtime reads a byte of it
     alone = sum(p.backend == "cpu" for p in executor.partitions) == 1
-    spin = alone if executor.spin is None else executor.spin
+    chosen = getattr(executor, "spin", None)  # (a loader context other than the Executor may not say)
+    spin = alone if chosen is None else chosen
     try:
         return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, executor.threads,
                             name=part.file, spin=spin, views=views)
