@@ -64,6 +64,13 @@ def static_signature(inputs) -> bool:
     return all(v.type is not None and v.type.is_static for v in inputs)
 
 
+def _references(arrays: list, index: int) -> int:
+    """``arrays[index]``'s reference count as this function sees it: compared with the count of an array only
+    the list holds, measured the same way at load, it says whether anyone else holds that array."""
+    array = arrays[index]
+    return sys.getrefcount(array)
+
+
 class PreboundCall:
     """One CPU partition that is the whole graph, its inputs and outputs bound at load (module docstring)."""
 
@@ -88,6 +95,8 @@ class PreboundCall:
         self.bound: list = [None] * len(self.inputs)   # the caller's array each pointer-bound input holds
         self.types = {v.name: v.type for v in graph.outputs}
         self.outputs = [self._fresh_output(name) for name in self.output_names]
+        probe = [np.empty(0)]
+        self.unshared = _references(probe, 0)  # an array only our list holds (what counts varies by interpreter)
         self.seconds = (0.0, 0.0)  # the last call's start and end (perf_counter), for the executor's record
 
     @staticmethod
@@ -131,12 +140,8 @@ class PreboundCall:
                 self.bound[slot] = array
         outputs = self.outputs
         for index in range(len(outputs)):
-            # the caller still holds the last result (more references than this list's, ``array``'s and
-            # getrefcount's own): bind a fresh array rather than write over it
-            array = outputs[index]
-            if sys.getrefcount(array) > 3:
-                outputs[index] = self._fresh_output(self.output_names[index])
-            del array
+            if _references(outputs, index) > self.unshared:  # the caller still holds the last result:
+                outputs[index] = self._fresh_output(self.output_names[index])  # bind a fresh one, not over it
         try:
             self.binding.run()
         except HetflowError:
