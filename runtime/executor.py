@@ -13,7 +13,10 @@ the path. The memory plan needs no other synchronisation: the plan checker
 (``plancheck``) proves at load that values sharing bytes are ordered by the queues
 and flags alone, and a plan it refuses is never run.
 
-With one device the executor simply runs the partitions in the calling thread.
+With one device the executor simply runs the partitions in the calling thread. A
+graph that is one ONNX Runtime partition of static shapes takes the lean call path
+(``prebound``): its inputs checked against a signature precompiled at load, its
+inputs and outputs bound once; any other input form goes through the checks here.
 
 Calls: ``run`` may be called from several threads; runs are serialised (one at a
 time, each with its own inputs, flags and record). Each run starts with every
@@ -40,6 +43,7 @@ from hetflow.ir.interpreter import check_inputs
 from hetflow.ir.symbolic import bind, concrete_shape, max_nbytes
 
 from .plancheck import check_memory_plan
+from .prebound import InputSignature, PreboundCall, static_signature
 from .runners import load_runner
 from .sync import Flags, SyncFailure, SyncTimeout
 
@@ -117,7 +121,8 @@ class Executor:
     def __init__(self, graph: Graph, partitions: list, platform=None, memory_plan: dict | None = None,
                  threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton",
                  wait_timeout: float | None = None, plan_checked: bool = False,
-                 trust_native_code: bool | str = False, artifact_digest: str | None = None):
+                 trust_native_code: bool | str = False, artifact_digest: str | None = None,
+                 spin: bool | None = None):
         self.graph = graph
         self.trust_native_code = trust_native_code  # native libraries of an artifact load only when trusted...
         self.artifact_digest = artifact_digest      # ...(None: the partitions were compiled by this process)
@@ -132,6 +137,7 @@ class Executor:
         self.types = {v.name: v.type for v in graph.values()}
         self.weights = {w.name: w.data for w in graph.weights.values()}
         self.threads = threads
+        self.spin = spin  # ONNX Runtime's idle threads spin (None: only when one CPU partition has the cores)
         self.fallback = fallback
         self.gpu_kernels = gpu_kernels
         self.copy_into = _copy_into
@@ -151,8 +157,25 @@ class Executor:
         self.run_id = 0
         self._lock = threading.Lock()   # one run at a time
         self._stragglers: list[threading.Thread] = []  # workers of a run stopped by Ctrl-C, still finishing
-        self.last = RunRecord()
+        self._last = RunRecord()
         self.devices = list(dict.fromkeys(p.device for p in partitions))
+        self.signature = InputSignature(graph.inputs) if static_signature(graph.inputs) else None
+        self.lean_refused = PreboundCall.plan(self)  # None: calls take the lean path (``prebound``)
+        self.lean = PreboundCall(self, self.runners[0], partitions[0]) if self.lean_refused is None else None
+
+    @property
+    def last(self) -> RunRecord:
+        """The last run's record (a lean call's is made when asked for, not on the call's path)."""
+        if isinstance(self._last, tuple):
+            start, end = self._last
+            part = self.partitions[0]
+            self._last = RunRecord([Measured(part.file or f"part{part.index}", part.device, 0.0, end - start,
+                                             part.backend)], [], end - start)
+        return self._last
+
+    @last.setter
+    def last(self, record: RunRecord) -> None:
+        self._last = record
 
     # --- memory ---------------------------------------------------------------------------------
     def memory_of(self, device: str) -> str:
@@ -238,6 +261,11 @@ class Executor:
     def run(self, feeds) -> dict[str, np.ndarray]:
         """One run; calls from several threads are serialised."""
         with self._lock:
+            if self.lean is not None:
+                out = self.lean(feeds)
+                if out is not None:
+                    self._last = self.lean.seconds
+                    return out
             return self._run(feeds)
 
     def _run(self, feeds) -> dict[str, np.ndarray]:
@@ -247,8 +275,12 @@ class Executor:
                 raise RuntimeFailure(f"worker {straggler.name} of an earlier, failed run is still inside a "
                                      f"partition after {self.wait_timeout:g} s more; this model cannot run again")
         self._stragglers = []
-        arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
-                              dict(zip([v.name for v in self.graph.inputs], feeds)))
+        matched = self.signature.arrays(feeds) if self.signature is not None else None
+        if matched is not None:  # exactly the precompiled signature: nothing more to check
+            arrays = dict(zip(self.signature.names, matched))
+        else:
+            arrays = check_inputs(self.graph, feeds if isinstance(feeds, dict) else
+                                  dict(zip([v.name for v in self.graph.inputs], feeds)))
         if self.dims:  # each size within its declared range, one error line naming the input and dim if not
             self._sized(bind(self.graph.inputs, arrays, self.dims))
         # (np.ascontiguousarray would make a 0-d input 1-d: a size dynamo passes as a scalar input)

@@ -8,6 +8,8 @@ inputs and outputs, views that fit their buffers.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from hetflow.ir.interpreter import Interpreter
@@ -89,6 +91,52 @@ class CpuPartition:
             binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
         self.session.run_with_iobinding(binding)
 
+    def fixed_binding(self) -> "FixedBinding":
+        """An IOBinding of its own on this session, for the lean call path (``runtime.prebound``)."""
+        return FixedBinding(self)
+
+
+class FixedBinding:
+    """An IOBinding kept across calls: what is bound stays bound, and a call runs the session on it.
+
+    Its own binding, not the partition's: the executor's checked path rebinds that one on every call, and
+    must not move what this one holds. ONNX Runtime's Python wrappers rebuild the device object and check
+    the session on every bind and run; their C handles, when this ONNX Runtime has them, do not."""
+
+    def __init__(self, partition: CpuPartition, c_handles: bool = True):
+        import onnxruntime as ort
+        self.partition = partition
+        binding = partition.session.io_binding()
+        self._c_binding = getattr(binding, "_iobinding", None) if c_handles else None
+        self._c_session = getattr(partition.session, "_sess", None) if c_handles else None
+        self._c_device = ort.OrtDevice.make("cpu", 0)._get_c_device()
+        self._binding = binding
+        if self._c_binding is None or self._c_session is None:
+            self._c_binding = self._c_session = None
+            self.run = functools.partial(partition.session.run_with_iobinding, binding)
+        else:  # run(): the session on what is bound, called straight into ONNX Runtime's C++ (no Python frame)
+            self.run = functools.partial(self._c_session.run_with_iobinding, self._c_binding, None)
+
+    def bind_input(self, name: str, array: np.ndarray) -> None:
+        """``array`` (C-contiguous) is read by every run until bound again; the caller keeps it alive."""
+        if self._c_binding is None:
+            self._binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
+            return
+        self._c_binding.bind_input(name, self._c_device, array.dtype.type, array.shape, array.ctypes.data)
+
+    def bind_output(self, name: str, array: np.ndarray) -> None:
+        """Every run writes output ``name`` into ``array`` (in the shape ONNX Runtime gives it, when the
+        partition binds it as a view of another shape)."""
+        partition = self.partition
+        shape = partition.view_shapes.get(name, array.shape)
+        if not array.flags.c_contiguous or array.nbytes != partition.view_nbytes.get(name, array.nbytes):
+            raise RunnerError(f"{partition.name}: output {name!r} would be written as {list(shape)} into a "
+                              f"buffer of {array.nbytes} bytes")
+        if self._c_binding is None:
+            self._binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
+            return
+        self._c_binding.bind_output(name, self._c_device, array.dtype.type, shape, array.ctypes.data)
+
 
 @register_runner("cpu")
 def load_cpu(part, executor):
@@ -103,9 +151,11 @@ def load_cpu(part, executor):
     weights = {n: w.data for n, w in part.graph.weights.items() if not inline_weight(w)}
     views = check_partition_model(part.onnx_bytes, part, weights)  # before ONNX Runtime reads a byte of it
     alone = sum(p.backend == "cpu" for p in executor.partitions) == 1
+    chosen = getattr(executor, "spin", None)  # (a loader context other than the Executor may not say)
+    spin = alone if chosen is None else chosen
     try:
         return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, executor.threads,
-                            name=part.file, spin=alone, views=views)
+                            name=part.file, spin=spin, views=views)
     except RunnerError as exc:
         if "NOT_IMPLEMENTED" not in str(exc):
             raise
