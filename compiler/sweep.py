@@ -22,6 +22,7 @@ the same study gives the same rows serially, embedded or on a cluster; only ``co
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -232,8 +233,9 @@ def _onnx_sizes(args: tuple) -> dict | None:
     return {name: (value, value) for name, value in args} or None
 
 
+@functools.lru_cache(maxsize=64)
 def load_builder(spec: str) -> Callable:
-    """'package.module:function' or 'path/file.py:function' -> the function."""
+    """'package.module:function' or 'path/file.py:function' -> the function (a file is run once per process)."""
     module_name, sep, function = spec.rpartition(":")
     if not sep or not module_name or not function:
         raise SweepError(f"model {spec!r} is neither a .onnx file nor 'module:function'")

@@ -108,7 +108,7 @@ def _read_journal(path: Path) -> list[dict]:
 
 
 def _write_rows(rows: list[dict], path: Path, suffix: str) -> None:
-    columns = _columns(rows)
+    columns = _columns(rows) or [KEY]   # a study with no rows yet is still a table
     if suffix == ".csv":
         import pandas
         pandas.DataFrame(rows, columns=columns).to_csv(path, index=False)
@@ -120,6 +120,8 @@ def _write_rows(rows: list[dict], path: Path, suffix: str) -> None:
         raise SweepTableError(f"{path}: writing Parquet needs pyarrow (pip install 'hetflow[sweep]'), or name "
                               "a .csv table") from None
     arrays = {c: _column_array(pa, [row.get(c) for row in rows]) for c in columns}
+    if not rows:
+        arrays = {KEY: pa.array([], pa.string())}
     pq.write_table(pa.table(arrays), path)
 
 
