@@ -67,13 +67,11 @@ def search_points(points: list[Point], table, search: str, budget: int | None, s
     seen: dict[str, dict] = {}
     computed = [0]
 
-    class Rows(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            row = json.loads(result["row"])
-            computed[0] += row["point"] not in known and row["point"] not in seen
-            results.add(row)
-            seen.setdefault(row["point"], row)
-            bar.advance(row)
+    def record(row: dict) -> None:
+        computed[0] += row["point"] not in known and row["point"] not in seen
+        results.add(row)
+        seen.setdefault(row["point"], row)
+        bar.advance(row)
 
     start = time.perf_counter()
     started_here = connect_ray(ray, address, workers)
@@ -85,7 +83,7 @@ def search_points(points: list[Point], table, search: str, budget: int | None, s
                            tune_config=tune.TuneConfig(num_samples=budget, metric="objective", mode="min",
                                                        search_alg=_searcher(search, seed)),
                            run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="hetflow-tune-"),
-                                                     verbose=0, callbacks=[Rows()],
+                                                     verbose=0, callbacks=[_rows_callback(tune, record)],
                                                      failure_config=tune.FailureConfig(max_failures=3)))
         tuner.fit()
     finally:
@@ -97,6 +95,22 @@ def search_points(points: list[Point], table, search: str, budget: int | None, s
     return SweepResult(results.path, rows, computed[0], len(rows) - computed[0],
                        sum(r.get("status") == "failed" for r in rows), time.perf_counter() - start,
                        f"ray tune ({search}, budget {budget}, seed {seed})")
+
+
+def _rows_callback(tune, record):
+    """A Tune callback handing each trial's row to ``record`` in the driver. Tune pickles its callbacks with
+    the experiment's state; the pickled copy records nothing (the table is the study's record)."""
+
+    class Rows(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self.__dict__.get("record") is not None:
+                self.record(json.loads(result["row"]))
+
+        def __getstate__(self):
+            return {}
+    callback = Rows()
+    callback.record = record
+    return callback
 
 
 def _searcher(search: str, seed: int):
