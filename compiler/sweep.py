@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 from hetflow.ir.errors import HetflowError
 
-from .sweep_table import KEY, ResultTable
+from .sweep_table import KEY, ResultTable, literal
 
 __all__ = ["Point", "SweepError", "SweepResult", "grid_points", "evaluate_point", "run_points", "sweep",
            "platform_with", "parse_set", "NONDETERMINISTIC"]
@@ -119,17 +119,7 @@ def parse_set(text: str) -> tuple[str, list]:
     path, sep, values = text.partition("=")
     if not sep or not path.strip() or not values.strip():
         raise SweepError(f"--set {text!r}: expected PATH=V1,V2,... (e.g. device.pim.channels=16,32,64)")
-    return path.strip(), [_literal(v) for v in values.split(",")]
-
-
-def _literal(text: str):
-    text = text.strip()
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+    return path.strip(), [literal(v) for v in values.split(",")]
 
 
 def platform_with(platform: str, sets: Iterable[tuple[str, Any]] = ()):
@@ -371,10 +361,10 @@ def _run_on_ray(pending: list[Point], record: Callable[[dict], None], address: s
     finish, at most a few tasks in flight per worker (an interrupt leaves little work thrown away)."""
     ray = import_ray()
     started_here = connect_ray(ray, address, workers)
+    queue, running = list(pending), {}
     try:
         task = ray.remote(num_cpus=1, max_retries=5)(evaluate_point)
         slots = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        queue, running = list(pending), {}
         while queue or running:
             while queue and len(running) < slots:
                 point = queue.pop(0)
@@ -385,8 +375,8 @@ def _run_on_ray(pending: list[Point], record: Callable[[dict], None], address: s
                 record(_task_row(ray, ref, point))
         where = address or "embedded"
         return f"ray ({where}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
-    except BaseException:
-        for ref in list(locals().get("running", {})):
+    except BaseException:      # an interrupt: the tasks still running are stopped, their points left to a resume
+        for ref in running:
             ray.cancel(ref, force=True)
         raise
     finally:
@@ -418,6 +408,9 @@ def connect_ray(ray, address: str | None, workers: int | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray runs its workers at nice 15 by default: on a machine doing anything else a study would get only
+    # its idle cycles. The points are the work here, so the workers Ray starts here run at normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     else:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .sweep import SweepError, parse_set, _literal
+from .sweep import SweepError, parse_set
+from .sweep_table import literal
 
 __all__ = ["add_sweep_parser", "cmd_sweep", "cmd_sweep_plot", "plot_parser"]
 
@@ -77,7 +78,7 @@ def add_sweep_parser(sub) -> None:
 
 
 def _axis(text: str, option: str) -> list:
-    values = [_literal(v) for v in text.split(",") if v.strip()]
+    values = [literal(v) for v in text.split(",") if v.strip()]
     if not values:
         raise SweepError(f"{option} {text!r}: give values separated by commas")
     return values

@@ -78,18 +78,39 @@ def read_rows(path: str | Path) -> list[dict]:
         return []
     try:
         if path.suffix == ".csv":
-            import pandas
-            frame = pandas.read_csv(path, keep_default_na=False, na_values=[""])
+            records = _read_csv(path)
         else:
             import pyarrow.parquet as pq
-            frame = pq.read_table(path).to_pandas()
+            records = pq.read_table(path).to_pylist()   # ints stay ints beside nulls (pandas makes them floats)
     except ImportError as exc:
         raise SweepTableError(f"{path}: reading it needs {exc.name} (pip install 'hetflow[sweep]')") from None
     except Exception as exc:  # a truncated or foreign file: say which, never a partial study
         raise SweepTableError(f"{path}: not a readable sweep table ({type(exc).__name__}: {exc})") from None
-    if KEY not in frame.columns:
+    if records and KEY not in records[0]:
         raise SweepTableError(f"{path}: not a sweep table (no {KEY!r} column)")
-    return [{k: _plain(v) for k, v in record.items() if not _missing(v)} for record in frame.to_dict("records")]
+    return [{k: v for k, v in record.items() if not _missing(v)} for record in records]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """CSV cells read back as the CLI reads values: integers, then floats, then true/false, else text; an
+    empty cell is a field the row lacks."""
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or KEY not in reader.fieldnames:
+            raise SweepTableError(f"{path}: not a sweep table (no {KEY!r} column)")
+        return [{k: literal(v) for k, v in row.items() if v != ""} for row in reader]
+
+
+def literal(text: str):
+    """'16' -> 16, '1.5' -> 1.5, 'true' -> True, anything else ('45GB/s') the text itself."""
+    text = text.strip()
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _read_journal(path: Path) -> list[dict]:
@@ -110,8 +131,11 @@ def _read_journal(path: Path) -> list[dict]:
 def _write_rows(rows: list[dict], path: Path, suffix: str) -> None:
     columns = _columns(rows) or [KEY]   # a study with no rows yet is still a table
     if suffix == ".csv":
-        import pandas
-        pandas.DataFrame(rows, columns=columns).to_csv(path, index=False)
+        import csv
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, columns, restval="")
+            writer.writeheader()
+            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
         return
     try:
         import pyarrow as pa
@@ -145,6 +169,3 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _plain(value):
-    """NumPy scalars (what pandas hands back) as Python's, so rows compare and serialise as written."""
-    return value.item() if hasattr(value, "item") else value

@@ -82,3 +82,21 @@ def test_tune_random_search_draws_the_budget_and_computes_no_point_twice(ray_ses
     assert drawn <= {1, 2} and len(result.rows) == len(drawn)
     assert all(count == 1 for count in sweep_models.started(markers).values())   # 4 draws of 2 points: each once
     assert len(read_rows(tmp_path / "r.parquet")) == len(drawn)
+
+
+@pytest.mark.slow
+def test_tune_adaptive_search_resumes_from_its_table(ray_session, tmp_path):
+    """Optuna's TPE through Tune, seeded: a second run of the same study draws the same points and takes
+    every one it drew before from the table."""
+    pytest.importorskip("optuna")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    from hetflow.sweep import sweep
+    options = dict(platform="duplex", set={"device.pim.bandwidth": ["1TB/s", "4TB/s", "13.4TB/s"]},
+                   args={"marker_dir": [str(markers)], "width": [64, 256]}, batch=[1, 8],
+                   table=tmp_path / "a.parquet", search="adaptive", budget=5, seed=1, progress=False)
+    first = sweep(TINY, **options)
+    again = sweep(TINY, **options)
+    assert first.computed >= 1 and again.computed == 0
+    assert sorted(r["point"] for r in again.rows) == sorted(r["point"] for r in first.rows)
+    assert all(count == 1 for count in sweep_models.started(markers).values())
