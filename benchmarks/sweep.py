@@ -159,6 +159,10 @@ def main(argv=None) -> int:
     slow = sum(t > 0.1 for t in times)
     print(f"point compile times (serial): median {statistics.median(times) * 1e3:.0f} ms, "
           f"{slow}/{len(times)} over 100 ms, sum {sum(times):.1f} s")
+    for label, rows, wall in (("embedded Ray", embedded, embedded_s), ("two-node cluster", cluster, cluster_s)):
+        busy = sum(r["compile_s"] for r in rows.values() if r.get("compile_s"))
+        print(f"  {label}: sum of point times {busy:.1f} s (serial {sum(times):.1f} s); wall - sum / 2 workers = "
+              f"{wall - busy / 2:.1f} s of scheduling and idle workers")
     differing = compare(serial, embedded, "embedded Ray") + compare(serial, cluster, "two-node cluster")
     print(f"wall time: serial {serial_s:.1f} s, embedded Ray (2 workers) {embedded_s:.1f} s, "
           f"two-node cluster {cluster_s:.1f} s")
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
         out = Path(args.plot)
         out.mkdir(parents=True, exist_ok=True)
         for name, kwargs in (("pareto", dict(cost="device.pim.channels", where={"arg.model": "gpt2-xl"})),
-                             ("heatmap", dict(heatmap=("model", "device.pim.channels"), where={"arg.context": 512}))):
+                             ("heatmap", dict(heatmap=("arg.model", "device.pim.channels"), where={"arg.context": 512}))):
             with tempfile.TemporaryDirectory() as scratch:
                 for written in plot_table(folder / "serial.parquet", scratch,
                                           where={"platform": "pim-gpt", **kwargs.pop("where")}, **kwargs):

@@ -72,8 +72,7 @@ def plot_pareto(rows: list[dict], cost: str, out: Path, y: str = "makespan_us", 
     ax.plot([x for x, _ in front], [v for _, v in front], "o-", color="C3", label=f"Pareto front ({len(front)})")
     ax.set_xlabel(cost_column)
     ax.set_ylabel(y_column + " (modelled)")
-    ax.set_xscale("log" if min(x for x, _ in pairs) > 0 else "linear")
-    ax.set_yscale("log" if min(v for _, v in pairs) > 0 else "linear")
+    _log_axes(ax, [x for x, _ in pairs], [v for _, v in pairs])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title(f"{y_column} against {cost_column}")
@@ -81,6 +80,23 @@ def plot_pareto(rows: list[dict], cost: str, out: Path, y: str = "makespan_us", 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _log_axes(ax, xs: list[float], ys: list[float]) -> None:
+    """Log scales where the values are positive, labelled as plain numbers: the cost axis at its values when
+    the study has a few, the makespan on its minor ticks too when it spans less than a decade."""
+    import matplotlib.ticker as ticker
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    if min(xs) > 0:
+        ax.set_xscale("log")
+        if len(set(xs)) <= 12:
+            ax.set_xticks(sorted(set(xs)))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    if min(ys) > 0:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if max(ys) / min(ys) < 10 else ticker.NullFormatter())
 
 
 def plot_heatmap(rows: list[dict], a: str, b: str, out: Path, value: str = "makespan_us",
@@ -107,12 +123,14 @@ def plot_heatmap(rows: list[dict], a: str, b: str, out: Path, value: str = "make
     fold = {"min": min, "max": max, "mean": lambda v: sum(v) / len(v)}[aggregate]
     for (va, vb), values in cells.items():
         grid[a_values.index(va), b_values.index(vb)] = fold(values)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(b_values), 1.4 + 0.5 * len(a_values)))
+    label_width = 0.07 * max(len(str(v)) for v in a_values)   # inches for the longest row label
+    fig, ax = plt.subplots(figsize=(3.0 + label_width + 0.9 * len(b_values), 1.6 + 0.45 * len(a_values)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis_r")
     for i in range(len(a_values)):
         for j in range(len(b_values)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", fontsize=7, color="w")
+                dark = image.norm(grid[i, j]) > 0.5          # viridis_r: high values are dark cells
+                ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
     ax.set_xticks(range(len(b_values)), [str(v) for v in b_values], rotation=30, fontsize=8)
     ax.set_yticks(range(len(a_values)), [str(v) for v in a_values], fontsize=8)
     ax.set_xlabel(b_column)
