@@ -19,8 +19,7 @@ from hetflow.sweep_table import ResultTable, read_rows
 HERE = Path(__file__).resolve().parent
 TINY = f"{HERE / 'sweep_models.py'}:tiny"
 BROKEN = f"{HERE / 'sweep_models.py'}:broken"
-sys.path.insert(0, str(HERE))
-import sweep_models  # noqa: E402
+from . import sweep_models  # noqa: E402
 
 
 def test_set_overrides_platform_fields_with_units():
@@ -240,3 +239,14 @@ def test_without_ray_one_line_says_what_to_install(tmp_path, monkeypatch):
 def test_hetflow_sweep_is_callable_and_the_module():
     import hetflow.sweep as module
     assert callable(hetflow.sweep) and hetflow.sweep is module and callable(module.sweep)
+
+
+def test_onnx_model_args_fix_its_dim_params(tmp_path):
+    import onnx
+    from ..onnx_models import mlp_model
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(batch="batch"), path)
+    rows = run_points(grid_points(str(path), "duplex", batch=[1, 8]), tmp_path / "t.csv", engine="serial",
+                      progress=False).rows
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r.get("error") for r in rows]
+    assert rows[1]["peak_bytes.hbm"] == 8 * rows[0]["peak_bytes.hbm"]

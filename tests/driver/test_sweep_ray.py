@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,8 +19,7 @@ from hetflow.sweep_table import read_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TINY = f"{HERE / 'sweep_models.py'}:tiny"
-sys.path.insert(0, str(HERE))
-import sweep_models  # noqa: E402
+from . import sweep_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
