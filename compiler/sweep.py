@@ -434,6 +434,8 @@ def sweep(models: Iterable[str] | str, platform: Iterable[str] | str = "host", s
     check_platforms(points)
     if search == "grid":
         return run_points(points, table, engine, address, workers, progress)
+    if engine != "ray":
+        raise SweepError(f"search {search!r} runs on Ray Tune: it has no serial engine (use the grid, or Ray)")
     from .sweep_tune import search_points
     return search_points(points, table, search, budget, seed, metric, address, workers, progress)
 
