@@ -16,13 +16,16 @@ import the driver only when called.
 """
 from hetflow.support.version import VERSION as __version__
 
-__all__ = ["CompiledModel", "__version__", "backend", "compile"]
+__all__ = ["CompiledModel", "__version__", "backend", "compile", "sweep"]
 
 
 def __getattr__(name: str):
     if name in ("CompiledModel", "backend", "compile"):
         from . import api
         return getattr(api, name)
+    if name == "sweep":   # the module is callable: hetflow.sweep(...) runs a study (hetflow.sweep.sweep)
+        import importlib
+        return importlib.import_module("hetflow.sweep")
     raise AttributeError(f"module 'hetflow' has no attribute {name!r}")
 
 

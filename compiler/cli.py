@@ -28,6 +28,8 @@ examples:
   hetflow run out/ --random --verify-key me.pub           refuse the artifact unless its signature verifies
   hetflow platforms [show NAME]                          the platform presets
   hetflow memplan problem.csv --capacity 1048576         solve a static memory allocation problem
+  hetflow sweep MODEL --platform duplex --set device.pim.channels=80,160 --batch 1,32 -o s.parquet
+                                                         a design-space study on Ray; 'hetflow sweep plot s.parquet'
 
 Run 'hetflow COMMAND --help' for the options of each command.
 """
@@ -715,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     sub.add_parser("memplan", help="solve a static memory allocation problem (MiniMalloc CSV)", add_help=False)
+
+    from hetflow.sweep_cli import add_sweep_parser
+    add_sweep_parser(sub)
     return parser
 
 
@@ -745,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "memplan":
             return cmd_memplan(None, argv[1:])
+        if argv[:2] == ["sweep", "plot"]:
+            from hetflow.sweep_cli import cmd_sweep_plot
+            return cmd_sweep_plot(argv[2:])
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

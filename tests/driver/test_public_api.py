@@ -5,7 +5,7 @@ import hetflow.runtime
 
 
 def test_public_api():
-    assert sorted(hetflow.__all__) == ["CompiledModel", "__version__", "backend", "compile"]
+    assert sorted(hetflow.__all__) == ["CompiledModel", "__version__", "backend", "compile", "sweep"]
     assert sorted(hetflow.runtime.__all__) == ["ArtifactError", "ExecutionError", "InputError", "Interpreter",
                                                "LoadedModel", "load", "write_artifact"]
     assert {"Graph", "Node", "Value", "TensorType", "DType", "verify", "parse_graph", "print_graph", "save",
