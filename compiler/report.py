@@ -212,3 +212,17 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
         parts.append("timeline\n" + timeline_text(schedule))
         parts.append(provenance(platform))
     return "\n\n".join(parts)
+
+
+def timings_table(timings: dict[str, float], cache=None) -> str:
+    """``hetflow compile --timings``: each compile stage's wall time (ms) and share, in the order they ran."""
+    total = sum(timings.values())
+    width = max([len(name) for name in timings] + [len("stage")])
+    lines = [f"{'stage':{width}s} {'ms':>10s} {'share':>6s}"]
+    for name, seconds in timings.items():
+        share = 100 * seconds / total if total else 0.0
+        lines.append(f"{name:{width}s} {seconds * 1e3:10.1f} {share:5.1f}%")
+    lines.append(f"{'total':{width}s} {total * 1e3:10.1f}")
+    if cache is not None:
+        lines.append(f"compile cache: {cache.status}" + (f" (key {cache.key[:16]}...)" if cache.key else ""))
+    return "\n".join(lines)
