@@ -276,6 +276,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     compiled.cache = lookup.info if lookup is not None else compile_cache.CacheInfo("off: cache=False")
     if lookup is not None and lookup.key is not None:
         _cache_store(compiled, lookup)
+        compiled.compile_seconds = time.perf_counter() - start
     return compiled
 
 
@@ -372,6 +373,7 @@ def _cache_store(compiled: CompiledModel, lookup: _Lookup) -> None:
                       RuntimeWarning, stacklevel=3)
         compiled.cache = compile_cache.CacheInfo(f"miss (not stored: {exc})", lookup.key)
         return
+    compiled.timings.pop("save", None)  # (the artifact's save is the store's work, counted once)
     compiled.timings["cache: store"] = time.perf_counter() - begin
     compiled.cache = compile_cache.CacheInfo("miss (stored)", lookup.key, directory)
 
