@@ -177,13 +177,19 @@ class CompiledModel:
 
     def _write_cached(self, directory: Path) -> None:
         """The cached artifact's verified bytes (the manifest only if it is still the one loaded)."""
-        from hetflow.runtime.artifact import MANIFEST, ArtifactError, sha256_bytes
+        from hetflow.runtime.artifact import MANIFEST, ArtifactError, read_contained, sha256_bytes
         entry, artifact = self._cached
         manifest = (artifact.directory / MANIFEST).read_bytes()
         if sha256_bytes(manifest) != artifact.digest:
             raise ArtifactError(f"{artifact.directory / MANIFEST} changed since it was loaded from the compile cache")
         (directory / MANIFEST).write_bytes(manifest)
-        for name, data in artifact.files.items():
+        for name, expected in artifact.manifest["files"].items():
+            data = artifact.files.get(name)
+            if data is None:  # (a hit that took its weights from the module: the file is checked now)
+                data = read_contained(artifact.directory, name, f"{artifact.directory}/{MANIFEST} files")
+                if sha256_bytes(data) != expected:
+                    raise ArtifactError(f"artifact file {artifact.directory / name} was modified: its sha256 does "
+                                        "not match the manifest")
             (directory / name).parent.mkdir(parents=True, exist_ok=True)
             (directory / name).write_bytes(data)
 
@@ -275,7 +281,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
                              cost_model=cost_model, timings=timings)
     compiled.cache = lookup.info if lookup is not None else compile_cache.CacheInfo("off: cache=False")
     if lookup is not None and lookup.key is not None:
-        _cache_store(compiled, lookup)
+        _cache_store(compiled, lookup, model)
         compiled.compile_seconds = time.perf_counter() - start
     return compiled
 
@@ -303,7 +309,7 @@ def _cache_lookup(model, example_inputs, platform, options, cache_dir, start):
     timings = {"cache: key": time.perf_counter() - begin}
     begin = time.perf_counter()
     try:
-        found = compile_cache.lookup(root, key)
+        found = compile_cache.lookup(root, key, model)
     except compile_cache.CorruptEntry as exc:
         warnings.warn(f"hetflow compile cache: entry {key[:16]}... is corrupt and was not used ({exc}); it is "
                       "removed and the model compiled afresh", RuntimeWarning, stacklevel=3)
@@ -348,7 +354,7 @@ def _cached_model(found, platform, options, seconds: float, timings: dict, info)
     return compiled
 
 
-def _cache_store(compiled: CompiledModel, lookup: _Lookup) -> None:
+def _cache_store(compiled: CompiledModel, lookup: _Lookup, model: Any) -> None:
     """Keep ``compiled`` under the lookup's key; a failure to store is a warning, the compile stands."""
     import warnings
     from hetflow import compile_cache
@@ -367,7 +373,7 @@ def _cache_store(compiled: CompiledModel, lookup: _Lookup) -> None:
     entry = {"report": compiled.report(), "compile_seconds": compiled.compile_seconds, "torch": torch_entry,
              "timings": compiled.timings}
     try:
-        directory = compile_cache.store(lookup.root, lookup.key, compiled, entry)
+        directory = compile_cache.store(lookup.root, lookup.key, compiled, entry, model)
     except (OSError, HetflowError) as exc:
         warnings.warn(f"hetflow compile cache: could not store the compiled model in {lookup.root}: {exc}",
                       RuntimeWarning, stacklevel=3)

@@ -342,14 +342,24 @@ def _external_files(proto) -> set[str]:
 
 
 # --- storing and loading -------------------------------------------------------------------------------------
-def store(root: Path, key: str, compiled, entry: dict[str, Any]) -> Path:
+DERIVED_FILE = "derived.safetensors"
+
+
+def store(root: Path, key: str, compiled, entry: dict[str, Any], model: Any = None) -> Path:
     """Save ``compiled`` as the artifact of ``key``, then its entry (written last, so a half-written entry is a
-    miss, never a hit)."""
+    miss, never a hit).
+
+    For a torch module, the entry also names each weight of the compiled graph that *is* a module tensor (the
+    frontend references them, never copies), and keeps the other weights (those the passes made) apart in
+    ``derived.safetensors``: a hit then takes those weights from the module, whose bytes the key has just
+    hashed, instead of reading, hashing and copying the artifact's weights file again (GPT-2 small: 500 MB)."""
     from hetflow.runtime.artifact import MANIFEST, sha256_bytes
     directory = entry_directory(root, key)
     compiled.save(directory / ARTIFACT_DIR)
     manifest = (directory / ARTIFACT_DIR / MANIFEST).read_bytes()
     record = {"schema": ENTRY_SCHEMA, "key": key, "manifest": sha256_bytes(manifest), **entry}
+    if _is_torch_module(model):
+        record.update(_store_module_weights(directory, compiled.graph, model))
     fd, temporary = tempfile.mkstemp(prefix=".entry.", dir=directory)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
@@ -357,7 +367,82 @@ def store(root: Path, key: str, compiled, entry: dict[str, Any]) -> Path:
     return directory
 
 
-def lookup(root: Path, key: str):
+def _module_tensors(model) -> dict[str, Any]:
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return dict(named)
+
+
+def _store_module_weights(directory: Path, graph, model) -> dict[str, Any]:
+    """``{"module_weights": {weight: [state-dict name, byte offset, shape, byte strides]}, "derived": sha256}``:
+    each graph weight that is a view of a module tensor (itself, or a transpose canonicalize folded), and the
+    digest of the others' file (nothing when a derived weight has a dtype safetensors cannot hold: the hit then
+    reads the whole artifact)."""
+    from safetensors.numpy import save as save_safetensors
+
+    from hetflow.runtime.artifact import sha256_bytes
+    spans = []   # (start address, end address, name, dtype) of every CPU module tensor's memory
+    for name, tensor in _module_tensors(model).items():
+        if tensor.device.type == "cpu" and tensor.is_contiguous():
+            start = tensor.data_ptr()
+            spans.append((start, start + tensor.numel() * tensor.element_size(), name, str(tensor.dtype)))
+    referenced, derived = {}, {}
+    for name, value in graph.weights.items():
+        view = _view_of(value.data, spans)
+        if view is not None:
+            referenced[name] = view
+        elif value.data.dtype.kind in "biuf" and value.data.dtype.itemsize in (1, 2, 4, 8):
+            derived[name] = np.ascontiguousarray(value.data)
+        else:
+            return {}
+    blob = save_safetensors(derived) if derived else b""
+    (directory / DERIVED_FILE).write_bytes(blob)
+    return {"module_weights": referenced, "derived": sha256_bytes(blob)}
+
+
+def _view_of(data: np.ndarray, spans) -> list | None:
+    """``[tensor name, byte offset, shape, byte strides]`` when ``data`` lies inside one module tensor's memory
+    with that tensor's dtype; None otherwise."""
+    if data.size == 0:
+        return None
+    low, high = _extent(data.__array_interface__["data"][0], data.shape, data.strides, data.itemsize)
+    dtype = str(_torch_dtype_of(data.dtype))
+    for start, end, name, tensor_dtype in spans:
+        if start <= low and high <= end and dtype == tensor_dtype:
+            return [name, data.__array_interface__["data"][0] - start, list(data.shape), list(data.strides)]
+    return None
+
+
+def _extent(address: int, shape, strides, itemsize: int) -> tuple[int, int]:
+    """The lowest and one past the highest byte a strided view touches."""
+    low = address + sum(min(0, (n - 1) * s) for n, s in zip(shape, strides))
+    high = address + sum(max(0, (n - 1) * s) for n, s in zip(shape, strides)) + itemsize
+    return low, high
+
+
+def _module_view(tensor, offset: int, shape: list, strides: list, where: str) -> np.ndarray:
+    """The strided view an entry recorded, of ``tensor``'s memory; refused unless it lies wholly inside it."""
+    from hetflow.frontends.torch import tensor_to_numpy
+    from hetflow.runtime.artifact import ArtifactError
+    base = tensor_to_numpy(tensor)
+    if not base.flags.c_contiguous or not all(isinstance(v, int) for v in [offset, *shape, *strides]) \
+            or len(shape) != len(strides) or any(n <= 0 for n in shape):
+        raise ArtifactError(f"{where}: the view it records is not a view of a contiguous tensor")
+    low, high = _extent(offset, shape, strides, base.itemsize)
+    if low < 0 or high > base.nbytes:
+        raise ArtifactError(f"{where}: the view it records reaches outside the tensor's {base.nbytes} bytes")
+    first = base.reshape(-1)[offset // base.itemsize:]
+    return np.lib.stride_tricks.as_strided(first, shape=shape, strides=strides, writeable=False)
+
+
+def _torch_dtype_of(dtype: np.dtype):
+    import torch
+    try:
+        return torch.from_numpy(np.zeros(0, dtype)).dtype
+    except TypeError:
+        return None
+
+
+def lookup(root: Path, key: str, model: Any = None):
     """``(entry, Artifact)`` for ``key``, None when there is none; ``CorruptEntry`` when it fails a check."""
     from hetflow.runtime.artifact import ArtifactError, load_artifact
     directory = entry_directory(root, key)
@@ -371,13 +456,59 @@ def lookup(root: Path, key: str):
     if not isinstance(entry, dict) or entry.get("key") != key or entry.get("schema") != ENTRY_SCHEMA:
         raise CorruptEntry(f"{entry_path} is not the entry of key {key[:16]}...")
     try:
-        artifact = load_artifact(directory / ARTIFACT_DIR)
-    except ArtifactError as exc:
+        if entry.get("module_weights") is not None and _is_torch_module(model):
+            artifact = _load_with_module_weights(directory, entry, model)
+        else:
+            artifact = load_artifact(directory / ARTIFACT_DIR)
+    except (ArtifactError, HetflowError) as exc:
         raise CorruptEntry(str(exc).splitlines()[0]) from None
     if artifact.digest != entry.get("manifest"):
         raise CorruptEntry(f"{directory / ARTIFACT_DIR}/manifest.json is not the manifest the entry recorded "
                            f"({str(entry.get('manifest'))[7:19]}..., found {artifact.digest[7:19]}...)")
     return entry, artifact
+
+
+def _load_with_module_weights(directory: Path, entry: dict, model):
+    """The artifact's manifest and every file but the weights file, each checked as ``load_artifact`` checks
+    them; the weights: the module's tensors the entry names (their bytes are in the key just computed) and
+    the derived ones, checked against the entry's hash."""
+    from safetensors.numpy import load as load_safetensors
+
+    from hetflow.ir.serialize import graph_from_json
+    from hetflow.ir.verify import verify
+    from hetflow.runtime.artifact import (GRAPH_FILE, WEIGHTS_FILE, Artifact, ArtifactError, read_contained,
+                                          read_manifest, sha256_bytes)
+    where = str(directory / ARTIFACT_DIR)
+    manifest, digest, _ = read_manifest(directory / ARTIFACT_DIR)
+    files = {}
+    for name, expected in manifest["files"].items():
+        if name == WEIGHTS_FILE:
+            continue
+        data = read_contained(directory / ARTIFACT_DIR, name, f"{where}/manifest.json files")
+        if sha256_bytes(data) != expected:
+            raise ArtifactError(f"artifact file {where}/{name} was modified: its sha256 does not match the manifest")
+        files[name] = data
+    derived = read_contained(directory, DERIVED_FILE, str(directory))
+    if sha256_bytes(derived) != entry.get("derived"):
+        raise ArtifactError(f"{directory / DERIVED_FILE} was modified: its sha256 does not match the entry")
+    weights = load_safetensors(derived) if derived else {}
+    tensors = _module_tensors(model)
+    for weight, (source, offset, shape, strides) in entry["module_weights"].items():
+        if source not in tensors:
+            raise ArtifactError(f"the entry takes weight {weight!r} from module tensor {source!r}, which the module "
+                                "does not have")
+        if offset % tensors[source].element_size():
+            raise ArtifactError(f"{directory / ENTRY_FILE}: weight {weight!r} starts inside an element")
+        weights[weight] = _module_view(tensors[source], offset, shape, strides,
+                                       f"{directory / ENTRY_FILE} weight {weight!r}")
+    try:
+        graph = graph_from_json(json.loads(files[GRAPH_FILE].decode("utf-8")), weights)
+        verify(graph)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{where}/{GRAPH_FILE} is not valid JSON: {str(exc)[:160]}") from None
+    artifact = Artifact(directory / ARTIFACT_DIR, manifest, files, digest)
+    artifact.graph = graph
+    return artifact
 
 
 def remove(root: Path, key: str) -> None:

@@ -90,14 +90,18 @@ def test_an_attribute_without_a_stable_description_turns_the_cache_off(tmp_path)
     assert compile_cache.cache_usage(tmp_path) == (0, 0)
 
 
-def test_a_corrupt_entry_is_reported_and_recompiled(tmp_path):
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file", ["artifact/graph.json", "derived.safetensors", "entry.json"])
+def test_a_corrupt_entry_is_reported_and_recompiled(tmp_path, file):
     module, inputs = build()
     first = compile_cached(module, inputs, tmp_path)
-    weights = first.cache.directory / compile_cache.ARTIFACT_DIR / "weights.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.warns(RuntimeWarning, match="corrupt.*modified"):
+    flip_last_byte(first.cache.directory / file)
+    with pytest.warns(RuntimeWarning, match="corrupt"):
         second = compile_cached(module, inputs, tmp_path)
     assert second.cache.status == "miss (stored)" and second.pass_records   # compiled afresh, not loaded
     assert torch.allclose(second(*inputs), module(*inputs), atol=1e-5)
@@ -105,6 +109,19 @@ def test_a_corrupt_entry_is_reported_and_recompiled(tmp_path):
         warnings.simplefilter("error")
         third = compile_cached(module, inputs, tmp_path)   # the fresh entry is whole again
     assert third.cache.status == "hit"
+
+
+def test_a_hit_takes_the_module_weights_and_checks_the_weights_file_when_saving(tmp_path):
+    from hetflow.runtime.artifact import ArtifactError
+    module, inputs = build()
+    first = compile_cached(module, inputs, tmp_path)
+    hit = compile_cached(module, inputs, tmp_path)
+    tensors = [t.detach().numpy() for t in module.state_dict().values()]
+    large = [w.data for w in hit.graph.weights.values() if w.data.size >= 64]   # the weights and their transposes
+    assert large and all(any(np.shares_memory(w, t) for t in tensors) for w in large)
+    flip_last_byte(first.cache.directory / "artifact" / "weights.safetensors")
+    with pytest.raises(ArtifactError, match="modified"):
+        hit.save(tmp_path / "out")
 
 
 def test_an_onnx_model_hits_and_a_cached_model_saves_a_loadable_artifact(tmp_path):
