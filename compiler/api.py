@@ -216,14 +216,16 @@ class CompiledModel:
         written = write_partitions(self.partitions, Path(directory))
         return write_artifact(self.graph, directory, self.platform.name, extra, written)
 
-    def report(self) -> str:
+    def report(self, timings: bool = True) -> str:
+        """Groups, placement, memory plan, timeline; with ``timings``, the wall time of each compile stage."""
         from hetflow.report import compile_report
         if self._cached is not None:
             entry, artifact = self._cached
             return (entry["report"] + f"\n\nloaded from the compile cache in {self.compile_seconds:.2f} s "
                     f"({artifact.directory.parent}); the compile that stored it took {entry['compile_seconds']:.2f} s")
         return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds,
-                              self.memory_plan, quantization=self.quantization)
+                              self.memory_plan, quantization=self.quantization,
+                              timings=self.timings if timings else None)
 
 
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",

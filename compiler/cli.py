@@ -136,9 +136,9 @@ def cmd_compile(args) -> int:
                                cpu_backend=args.cpu_backend, dynamic_shapes=dynamic, quantize=args.quantize,
                                cost_model=args.cost_model, cache=False if args.no_cache else None)
     out = compiled.save(args.output, sign_key=args.sign)
-    print(compiled.report())
+    print(compiled.report(timings=False))
     if args.timings:
-        print("\n" + compiled.timings_table())
+        print("\ncompile time per stage (wall, measured in this process)\n" + compiled.timings_table())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
     return 0
 

@@ -168,7 +168,7 @@ _LIMIT_LINE = {
 
 
 def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
-                   memory_plan=None, quantization=None) -> str:
+                   memory_plan=None, quantization=None, timings: dict[str, float] | None = None) -> str:
     from hetflow.ir.symbolic import describe_ranges, max_nbytes, sized_at_max
     summary = graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)
     if graph.dims:  # a dynamic graph's counts at the declared maximum; its inputs and outputs as declared
@@ -211,6 +211,8 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
     if schedule is not None:
         parts.append("timeline\n" + timeline_text(schedule))
         parts.append(provenance(platform))
+    if timings:
+        parts.append("compile time per stage (wall, measured in this process)\n" + timings_table(timings))
     return "\n\n".join(parts)
 
 
