@@ -76,6 +76,10 @@ def onnx_dim_ranges(dynamic_shapes: Any) -> dict[str, tuple[int, int]] | None:
     return ranges
 
 
+# the manifest fields write_artifact writes itself (the rest are a compiled model's ``manifest_extra``)
+WRITTEN_BY_WRITE_ARTIFACT = ("schema", "hetflow", "created", "platform", "graph", "inputs", "outputs", "files")
+
+
 class CompiledModel:
     """What ``hetflow.compile`` returns: call it like the model; ``report()`` says what was built."""
 
@@ -176,26 +180,28 @@ class CompiledModel:
         return Path(directory)
 
     def _write_cached(self, directory: Path) -> None:
-        """The cached artifact's verified bytes (the manifest only if it is still the one loaded)."""
-        from hetflow.runtime.artifact import MANIFEST, ArtifactError, read_contained, sha256_bytes
+        """A model loaded from the compile cache, saved as any artifact: the cached partitions' verified bytes,
+        the graph with every weight (the module's and the derived ones), the cached manifest's other fields."""
+        from hetflow.runtime.artifact import write_artifact
         entry, artifact = self._cached
-        manifest = (artifact.directory / MANIFEST).read_bytes()
-        if sha256_bytes(manifest) != artifact.digest:
-            raise ArtifactError(f"{artifact.directory / MANIFEST} changed since it was loaded from the compile cache")
-        (directory / MANIFEST).write_bytes(manifest)
-        for name, expected in artifact.manifest["files"].items():
-            data = artifact.files.get(name)
-            if data is None:  # (a hit that took its weights from the module: the file is checked now)
-                data = read_contained(artifact.directory, name, f"{artifact.directory}/{MANIFEST} files")
-                if sha256_bytes(data) != expected:
-                    raise ArtifactError(f"artifact file {artifact.directory / name} was modified: its sha256 does "
-                                        "not match the manifest")
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            (directory / name).write_bytes(data)
+        written = []
+        for part in artifact.manifest.get("partitions", []):
+            path = directory / part["file"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(artifact.files[part["file"]])
+            written.append(path)
+        extra = {k: v for k, v in artifact.manifest.items() if k not in WRITTEN_BY_WRITE_ARTIFACT}
+        write_artifact(self.graph, directory, artifact.manifest["platform"], extra, written)
 
     def _write(self, directory: Path) -> Path:
         from hetflow.backends import write_partitions
         from hetflow.runtime.artifact import write_artifact
+        written = write_partitions(self.partitions, Path(directory))
+        return write_artifact(self.graph, directory, self.platform.name, self.manifest_extra(), written)
+
+    def manifest_extra(self) -> dict:
+        """What the manifest says beyond the graph's signature and the files: the platform, the partitions, the
+        memory plan, the schedule, the placement, the quantization."""
         extra = {"platform_data": self.platform.raw,
                  "partitions": [p.manifest_entry() for p in self.partitions]}
         if self.memory_plan is not None:
@@ -213,8 +219,7 @@ class CompiledModel:
                                   "static_makespan_us": {k: v * 1e6 for k, v in self.placement.static_makespan.items()},
                                   "splits": self.placement.splits,
                                   "limit_hit": self.placement.limit_hit, "limit": self.placement.limit}
-        written = write_partitions(self.partitions, Path(directory))
-        return write_artifact(self.graph, directory, self.platform.name, extra, written)
+        return extra
 
     def report(self, timings: bool = True) -> str:
         """Groups, placement, memory plan, timeline; with ``timings``, the wall time of each compile stage."""

@@ -2,8 +2,10 @@
 compiling the same model again loads the artifact instead of capturing and running the passes.
 
     ~/.cache/hetflow/compile/          (or $HETFLOW_CACHE_DIR; HETFLOW_COMPILE_CACHE=0 turns it off by default)
-      ab/abcdef.../entry.json          the key, the artifact's manifest digest, the report, the call signature
-      ab/abcdef.../artifact/           an artifact as ``CompiledModel.save`` writes it
+      ab/abcdef.../entry.json          the key, the artifact's manifest digest, the report, the call signature,
+                                       the weights that are the module's own tensors (views of them)
+      ab/abcdef.../artifact/           an artifact as ``CompiledModel.save`` writes it; for a torch module its
+                                       weights file leaves out the module's own tensors (see ``store``)
 
 The key is computed *before* ``torch.export`` (which is most of a cold compile), so it has to name everything
 the export and the passes read (``compile_key``):
@@ -342,24 +344,27 @@ def _external_files(proto) -> set[str]:
 
 
 # --- storing and loading -------------------------------------------------------------------------------------
-DERIVED_FILE = "derived.safetensors"
-
-
 def store(root: Path, key: str, compiled, entry: dict[str, Any], model: Any = None) -> Path:
     """Save ``compiled`` as the artifact of ``key``, then its entry (written last, so a half-written entry is a
     miss, never a hit).
 
-    For a torch module, the entry also names each weight of the compiled graph that *is* a module tensor (the
-    frontend references them, never copies), and keeps the other weights (those the passes made) apart in
-    ``derived.safetensors``: a hit then takes those weights from the module, whose bytes the key has just
-    hashed, instead of reading, hashing and copying the artifact's weights file again (GPT-2 small: 500 MB)."""
-    from hetflow.runtime.artifact import MANIFEST, sha256_bytes
+    For a torch module the artifact's weights file holds only the weights the passes made: the entry names each
+    graph weight that is a view of a module tensor (the frontend references weights, never copies them; a
+    folded transpose is a view too) with the view's offset, shape and strides, and a hit takes those from the
+    module, whose bytes the key has just hashed. Storing GPT-2 small then writes and hashes a few MB instead of
+    500 MB, and a hit reads them instead of 500 MB. ``CompiledModel.save`` of a hit writes a whole artifact."""
+    from hetflow.runtime.artifact import MANIFEST, fresh_directory, sha256_bytes
     directory = entry_directory(root, key)
-    compiled.save(directory / ARTIFACT_DIR)
+    referenced = _module_weight_views(compiled.graph, model) if _is_torch_module(model) else {}
+    if referenced:
+        compiled._build_partitions()
+        with fresh_directory(directory / ARTIFACT_DIR) as fresh:
+            _write_entry_artifact(compiled, fresh, set(referenced))
+    else:
+        compiled.save(directory / ARTIFACT_DIR)
     manifest = (directory / ARTIFACT_DIR / MANIFEST).read_bytes()
-    record = {"schema": ENTRY_SCHEMA, "key": key, "manifest": sha256_bytes(manifest), **entry}
-    if _is_torch_module(model):
-        record.update(_store_module_weights(directory, compiled.graph, model))
+    record = {"schema": ENTRY_SCHEMA, "key": key, "manifest": sha256_bytes(manifest), "module_weights": referenced,
+              **entry}
     fd, temporary = tempfile.mkstemp(prefix=".entry.", dir=directory)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
@@ -367,36 +372,51 @@ def store(root: Path, key: str, compiled, entry: dict[str, Any], model: Any = No
     return directory
 
 
+def _write_entry_artifact(compiled, directory: Path, referenced: set[str]) -> None:
+    """An artifact as ``CompiledModel.save`` writes it, except that its weights file leaves out ``referenced``."""
+    from safetensors.numpy import save_file
+
+    from hetflow.backends import write_partitions
+    from hetflow.ir.serialize import graph_to_json
+    from hetflow.runtime.artifact import GRAPH_FILE, MANIFEST, SCHEMA, WEIGHTS_FILE, sha256_file, signature
+    graph = compiled.graph
+    written = write_partitions(compiled.partitions, directory)
+    (directory / GRAPH_FILE).write_text(json.dumps(graph_to_json(graph), indent=1))
+    derived = {name: np.ascontiguousarray(w.data) for name, w in graph.weights.items()
+               if name not in referenced and _safetensors_holds(w.data)}
+    save_file(derived, str(directory / WEIGHTS_FILE))
+    written += [directory / GRAPH_FILE, directory / WEIGHTS_FILE]
+    manifest = {"schema": SCHEMA, "hetflow": VERSION, "platform": compiled.platform.name, "graph": graph.name,
+                **signature(graph), **compiled.manifest_extra(),
+                "files": {p.relative_to(directory).as_posix(): sha256_file(p) for p in written}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _safetensors_holds(data: np.ndarray) -> bool:
+    """What ``hetflow.ir.serialize`` puts in a weights file (the rest it writes into graph.json)."""
+    return data.dtype.name in {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                               "float16", "float32", "float64"}
+
+
 def _module_tensors(model) -> dict[str, Any]:
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     return dict(named)
 
 
-def _store_module_weights(directory: Path, graph, model) -> dict[str, Any]:
-    """``{"module_weights": {weight: [state-dict name, byte offset, shape, byte strides]}, "derived": sha256}``:
-    each graph weight that is a view of a module tensor (itself, or a transpose canonicalize folded), and the
-    digest of the others' file (nothing when a derived weight has a dtype safetensors cannot hold: the hit then
-    reads the whole artifact)."""
-    from safetensors.numpy import save as save_safetensors
-
-    from hetflow.runtime.artifact import sha256_bytes
+def _module_weight_views(graph, model) -> dict[str, list]:
+    """``{weight: [state-dict name, byte offset, shape, byte strides]}`` for each graph weight that is a view of
+    a module tensor (itself, or a transpose canonicalize folded)."""
     spans = []   # (start address, end address, name, dtype) of every CPU module tensor's memory
     for name, tensor in _module_tensors(model).items():
         if tensor.device.type == "cpu" and tensor.is_contiguous():
             start = tensor.data_ptr()
             spans.append((start, start + tensor.numel() * tensor.element_size(), name, str(tensor.dtype)))
-    referenced, derived = {}, {}
+    views = {}
     for name, value in graph.weights.items():
         view = _view_of(value.data, spans)
         if view is not None:
-            referenced[name] = view
-        elif value.data.dtype.kind in "biuf" and value.data.dtype.itemsize in (1, 2, 4, 8):
-            derived[name] = np.ascontiguousarray(value.data)
-        else:
-            return {}
-    blob = save_safetensors(derived) if derived else b""
-    (directory / DERIVED_FILE).write_bytes(blob)
-    return {"module_weights": referenced, "derived": sha256_bytes(blob)}
+            views[name] = view
+    return views
 
 
 def _view_of(data: np.ndarray, spans) -> list | None:
@@ -404,11 +424,12 @@ def _view_of(data: np.ndarray, spans) -> list | None:
     with that tensor's dtype; None otherwise."""
     if data.size == 0:
         return None
-    low, high = _extent(data.__array_interface__["data"][0], data.shape, data.strides, data.itemsize)
+    address = data.__array_interface__["data"][0]
+    low, high = _extent(address, data.shape, data.strides, data.itemsize)
     dtype = str(_torch_dtype_of(data.dtype))
     for start, end, name, tensor_dtype in spans:
         if start <= low and high <= end and dtype == tensor_dtype:
-            return [name, data.__array_interface__["data"][0] - start, list(data.shape), list(data.strides)]
+            return [name, address - start, list(data.shape), list(data.strides)]
     return None
 
 
@@ -420,13 +441,14 @@ def _extent(address: int, shape, strides, itemsize: int) -> tuple[int, int]:
 
 
 def _module_view(tensor, offset: int, shape: list, strides: list, where: str) -> np.ndarray:
-    """The strided view an entry recorded, of ``tensor``'s memory; refused unless it lies wholly inside it."""
+    """The strided view an entry recorded, of ``tensor``'s memory, read-only; refused unless it lies wholly
+    inside the tensor and starts on an element."""
     from hetflow.frontends.torch import tensor_to_numpy
     from hetflow.runtime.artifact import ArtifactError
     base = tensor_to_numpy(tensor)
     if not base.flags.c_contiguous or not all(isinstance(v, int) for v in [offset, *shape, *strides]) \
-            or len(shape) != len(strides) or any(n <= 0 for n in shape):
-        raise ArtifactError(f"{where}: the view it records is not a view of a contiguous tensor")
+            or len(shape) != len(strides) or any(n <= 0 for n in shape) or offset % base.itemsize:
+        raise ArtifactError(f"{where}: the view it records is not a view of this tensor")
     low, high = _extent(offset, shape, strides, base.itemsize)
     if low < 0 or high > base.nbytes:
         raise ArtifactError(f"{where}: the view it records reaches outside the tensor's {base.nbytes} bytes")
@@ -456,7 +478,7 @@ def lookup(root: Path, key: str, model: Any = None):
     if not isinstance(entry, dict) or entry.get("key") != key or entry.get("schema") != ENTRY_SCHEMA:
         raise CorruptEntry(f"{entry_path} is not the entry of key {key[:16]}...")
     try:
-        if entry.get("module_weights") is not None and _is_torch_module(model):
+        if entry.get("module_weights") and _is_torch_module(model):
             artifact = _load_with_module_weights(directory, entry, model)
         else:
             artifact = load_artifact(directory / ARTIFACT_DIR)
@@ -469,36 +491,23 @@ def lookup(root: Path, key: str, model: Any = None):
 
 
 def _load_with_module_weights(directory: Path, entry: dict, model):
-    """The artifact's manifest and every file but the weights file, each checked as ``load_artifact`` checks
-    them; the weights: the module's tensors the entry names (their bytes are in the key just computed) and
-    the derived ones, checked against the entry's hash."""
+    """The entry's artifact with ``load_artifact``'s checks (the manifest's schema, every file contained and
+    hash-checked, the graph verified), its weights file holding the derived weights, and the weights the entry
+    names taken from the module (their bytes are in the key just computed)."""
     from safetensors.numpy import load as load_safetensors
 
     from hetflow.ir.serialize import graph_from_json
     from hetflow.ir.verify import verify
-    from hetflow.runtime.artifact import (GRAPH_FILE, WEIGHTS_FILE, Artifact, ArtifactError, read_contained,
-                                          read_manifest, sha256_bytes)
-    where = str(directory / ARTIFACT_DIR)
-    manifest, digest, _ = read_manifest(directory / ARTIFACT_DIR)
-    files = {}
-    for name, expected in manifest["files"].items():
-        if name == WEIGHTS_FILE:
-            continue
-        data = read_contained(directory / ARTIFACT_DIR, name, f"{where}/manifest.json files")
-        if sha256_bytes(data) != expected:
-            raise ArtifactError(f"artifact file {where}/{name} was modified: its sha256 does not match the manifest")
-        files[name] = data
-    derived = read_contained(directory, DERIVED_FILE, str(directory))
-    if sha256_bytes(derived) != entry.get("derived"):
-        raise ArtifactError(f"{directory / DERIVED_FILE} was modified: its sha256 does not match the entry")
-    weights = load_safetensors(derived) if derived else {}
+    from hetflow.runtime.artifact import GRAPH_FILE, WEIGHTS_FILE, Artifact, ArtifactError, read_manifest, verify_files
+    where = directory / ARTIFACT_DIR
+    manifest, digest, _ = read_manifest(where)
+    files = verify_files(where, manifest)
+    weights = load_safetensors(files[WEIGHTS_FILE])
     tensors = _module_tensors(model)
     for weight, (source, offset, shape, strides) in entry["module_weights"].items():
         if source not in tensors:
-            raise ArtifactError(f"the entry takes weight {weight!r} from module tensor {source!r}, which the module "
-                                "does not have")
-        if offset % tensors[source].element_size():
-            raise ArtifactError(f"{directory / ENTRY_FILE}: weight {weight!r} starts inside an element")
+            raise ArtifactError(f"{directory / ENTRY_FILE}: weight {weight!r} is module tensor {source!r}, which "
+                                "the module does not have")
         weights[weight] = _module_view(tensors[source], offset, shape, strides,
                                        f"{directory / ENTRY_FILE} weight {weight!r}")
     try:
@@ -506,7 +515,7 @@ def _load_with_module_weights(directory: Path, entry: dict, model):
         verify(graph)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{where}/{GRAPH_FILE} is not valid JSON: {str(exc)[:160]}") from None
-    artifact = Artifact(directory / ARTIFACT_DIR, manifest, files, digest)
+    artifact = Artifact(where, manifest, files, digest)
     artifact.graph = graph
     return artifact
 

@@ -96,7 +96,7 @@ def flip_last_byte(path):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("file", ["artifact/graph.json", "derived.safetensors", "entry.json"])
+@pytest.mark.parametrize("file", ["artifact/graph.json", "artifact/weights.safetensors", "entry.json"])
 def test_a_corrupt_entry_is_reported_and_recompiled(tmp_path, file):
     module, inputs = build()
     first = compile_cached(module, inputs, tmp_path)
@@ -111,17 +111,20 @@ def test_a_corrupt_entry_is_reported_and_recompiled(tmp_path, file):
     assert third.cache.status == "hit"
 
 
-def test_a_hit_takes_the_module_weights_and_checks_the_weights_file_when_saving(tmp_path):
-    from hetflow.runtime.artifact import ArtifactError
+def test_a_hit_takes_the_module_weights_and_saves_a_whole_artifact(tmp_path):
+    from hetflow.runtime import load
     module, inputs = build()
-    first = compile_cached(module, inputs, tmp_path)
-    hit = compile_cached(module, inputs, tmp_path)
+    first = compile_cached(module, inputs, tmp_path / "cache")
+    hit = compile_cached(module, inputs, tmp_path / "cache")
     tensors = [t.detach().numpy() for t in module.state_dict().values()]
     large = [w.data for w in hit.graph.weights.values() if w.data.size >= 64]   # the weights and their transposes
     assert large and all(any(np.shares_memory(w, t) for t in tensors) for w in large)
-    flip_last_byte(first.cache.directory / "artifact" / "weights.safetensors")
-    with pytest.raises(ArtifactError, match="modified"):
-        hit.save(tmp_path / "out")
+    first.save(tmp_path / "cold")
+    hit.save(tmp_path / "warm")
+    for name in ("manifest.json", "graph.json", "weights.safetensors"):   # the same bytes as a cold compile's
+        assert (tmp_path / "warm" / name).read_bytes() == (tmp_path / "cold" / name).read_bytes()
+    x = inputs[0].numpy()
+    np.testing.assert_array_equal(load(tmp_path / "warm").run([x])[hit.graph.outputs[0].name], first(*inputs).numpy())
 
 
 def test_an_onnx_model_hits_and_a_cached_model_saves_a_loadable_artifact(tmp_path):
