@@ -57,6 +57,10 @@ ARTIFACT_DIR = "artifact"
 ENTRY_SCHEMA = 1
 HASH_THREADS = 2            # hashlib releases the GIL: the weights are hashed on two threads
 MAX_ATTRIBUTE_DEPTH = 8
+# attributes whose value differs from one Python process to the next and that no forward reads, left out of the
+# key (else no entry would ever be found again by another process): transformers' GenerationConfig keeps the
+# hash() of its own text, which string hashing's per-process seed changes
+PROCESS_LOCAL_ATTRIBUTES = frozenset({"_original_object_hash"})
 
 
 class Uncacheable(HetflowError):
@@ -184,7 +188,8 @@ class _KeyBuilder:
             return [type(obj).__name__] + [self.stable(x, f"{where}[{i}]", depth + 1, inner) for i, x in enumerate(obj)]
         if isinstance(obj, dict):
             return ["dict"] + sorted(([repr(k), self.stable(v, f"{where}[{k!r}]", depth + 1, inner)]
-                                      for k, v in obj.items()), key=lambda kv: kv[0])
+                                      for k, v in obj.items() if k not in PROCESS_LOCAL_ATTRIBUTES),
+                                     key=lambda kv: kv[0])
         if isinstance(obj, (set, frozenset)):
             return ["set"] + sorted(json.dumps(self.stable(x, where, depth + 1, inner), default=str) for x in obj)
         return self._stable_object(obj, where, depth, inner)

@@ -159,3 +159,20 @@ def test_cli_cache_info_and_clear(tmp_path, capsys):
     assert "1 entries" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
     assert compile_cache.cache_usage(tmp_path) == (0, 0)
+
+
+def test_the_key_is_the_same_in_another_process(tmp_path):
+    """Nothing process-local (string hashing's seed, addresses, import order) reaches the key: another Python
+    process finds the entry (here a transformers GPT-2, whose GenerationConfig keeps a per-process hash)."""
+    import os
+    import subprocess
+    code = ("import sys, warnings; warnings.filterwarnings('ignore')\n"
+            "from hetflow import compile_cache\nfrom hetflow.examples.models import build_gpt2\n"
+            "from hetflow.platform import load_platform\nmodule, inputs = build_gpt2()\n"
+            "print(compile_cache.compile_key(module, inputs, load_platform('host'), {'placement': 'roofline'}))\n")
+    keys = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()[-1] for seed in ("1", "2")]
+    from hetflow.examples.models import build_gpt2
+    module, inputs = build_gpt2()
+    here = compile_cache.compile_key(module, inputs, load_platform("host"), {"placement": "roofline"})
+    assert keys[0] == keys[1] == here
