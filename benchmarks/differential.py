@@ -198,10 +198,10 @@ def _capture_cache():
     if not hasattr(api.capture, "_differential_cache"):
         original, cache = api.capture, {}
 
-        def capture(model, example_inputs=None, dynamic_shapes=None):
+        def capture(model, example_inputs=None, dynamic_shapes=None, timings=None):
             cached = cache.get(id(model)) if dynamic_shapes is None else None
             if cached is None:
-                return original(model, example_inputs, dynamic_shapes)
+                return original(model, example_inputs, dynamic_shapes, timings)
             return cached[1].clone(), cached[2]
 
         capture._differential_cache, capture._original = cache, original
