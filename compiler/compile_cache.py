@@ -106,6 +106,7 @@ def compile_key(model: Any, example_inputs: Any, platform, options: dict[str, An
         _add_torch_model(key, model, example_inputs, quantized=bool(options.get("quantize")))
     else:
         key.add("onnx", _onnx_digest(model))
+    key.add_tensors()
     key.add("code", key.code_digests())
     return key.hexdigest()
 
@@ -251,7 +252,8 @@ def _add_torch_model(key: _KeyBuilder, model, example_inputs, quantized: bool) -
     weights, storages = [], {}
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in named:
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.stride()))
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.stride()),
+                   tuple(tensor.shape), tensor.dtype)   # the same view of the same memory: a tied weight
         tied = storages.setdefault(storage, name)
         weights.append([name, str(tensor.dtype), list(tensor.shape), list(tensor.stride()), tensor.requires_grad,
                         key.stable(tensor, name) if tied == name else ["tied to", tied]])
@@ -267,7 +269,6 @@ def _add_torch_model(key: _KeyBuilder, model, example_inputs, quantized: bool) -
         else:
             described.append(key.stable(leaf, f"example input {i}"))
     key.add("example inputs", [str(spec), described])
-    key.add_tensors()
 
 
 def _tensor_bytes(tensor) -> np.ndarray:
@@ -276,7 +277,7 @@ def _tensor_bytes(tensor) -> np.ndarray:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return t.reshape(-1).view(__import__("torch").uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+    return t.reshape(-1).view(sys.modules["torch"].uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
 
 SITE_DIRECTORIES = ("site-packages", "dist-packages")
