@@ -1,6 +1,7 @@
 """``hetflow.compile``: a torch module or an ONNX model in, a callable with the model's signature out."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,17 +27,19 @@ def _check_platform(platform):
     return platform if isinstance(platform, Platform) else load_platform(platform)
 
 
-def capture(model: Any, example_inputs: Sequence[Any] | None = None, dynamic_shapes: Any = None):
+def capture(model: Any, example_inputs: Sequence[Any] | None = None, dynamic_shapes: Any = None,
+            timings: dict[str, float] | None = None):
     """The model as IR: returns ``(graph, torch_capture_or_None)``. ``dynamic_shapes``: torch.export's own
     form for a torch module; for an ONNX model, each dim_param's name -> a ``torch.export.Dim`` or a
-    ``(min, max)`` pair."""
+    ``(min, max)`` pair. ``timings`` receives the seconds of each capture step."""
+    timings = {} if timings is None else timings
     if _is_torch_module(model):
         if example_inputs is None:
             raise CompileError("a torch module needs example_inputs (a tuple of tensors)")
         from hetflow.frontends.torch import capture_module
         if not isinstance(example_inputs, (tuple, list)):
             example_inputs = (example_inputs,)
-        captured = capture_module(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        captured = capture_module(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, timings=timings)
         if captured.unbounded_sizes:
             name = captured.unbounded_sizes[0]
             raise CompileError(f"dynamic size {name!r} has no finite max: the memory plan is made for the declared "
@@ -45,7 +48,10 @@ def capture(model: Any, example_inputs: Sequence[Any] | None = None, dynamic_sha
     import onnx
     if isinstance(model, (onnx.ModelProto, bytes, str, Path)):
         from hetflow.frontends.onnx import import_onnx
-        return import_onnx(model, dynamic_shapes=onnx_dim_ranges(dynamic_shapes)), None
+        start = time.perf_counter()
+        graph = import_onnx(model, dynamic_shapes=onnx_dim_ranges(dynamic_shapes))
+        timings["capture: onnx import"] = time.perf_counter() - start
+        return graph, None
     raise CompileError(f"cannot compile a {type(model).__name__}: give a torch.nn.Module, an onnx.ModelProto "
                        "or a path to a .onnx file")
 
@@ -70,6 +76,10 @@ def onnx_dim_ranges(dynamic_shapes: Any) -> dict[str, tuple[int, int]] | None:
     return ranges
 
 
+# the manifest fields write_artifact writes itself (the rest are a compiled model's ``manifest_extra``)
+WRITTEN_BY_WRITE_ARTIFACT = ("schema", "hetflow", "created", "platform", "graph", "inputs", "outputs", "files")
+
+
 class CompiledModel:
     """What ``hetflow.compile`` returns: call it like the model; ``report()`` says what was built."""
 
@@ -89,6 +99,9 @@ class CompiledModel:
         self._executor = None
         self.compile_seconds = compile_seconds
         self._torch = torch_capture
+        self.timings: dict[str, float] = {}   # wall seconds per compile stage, in order (``timings_table()``)
+        self.cache = None                     # CacheInfo: what the compile cache did (None: not asked)
+        self._cached = None                   # (entry, Artifact) when this model was loaded from the cache
 
     @property
     def input_names(self) -> list[str]:
@@ -105,6 +118,11 @@ class CompiledModel:
     @property
     def executor(self):
         """The runtime program: ONNX Runtime for CPU partitions, simulators for devices this machine lacks."""
+        if self._executor is None and self._cached is not None:
+            from hetflow.runtime.executor import Executor
+            entry, artifact = self._cached  # a loaded artifact: its plan is checked here, as at any load
+            self._executor = Executor(self.graph, self.partitions, self.platform, artifact.manifest.get("memory_plan"),
+                                      gpu_kernels=self.gpu_kernels, artifact_digest=artifact.digest)
         if self._executor is None:
             from hetflow.runtime.executor import Executor
             plan = self.memory_plan.as_manifest() if self.memory_plan is not None else None
@@ -116,8 +134,16 @@ class CompiledModel:
     def _build_partitions(self):
         if getattr(self, "partitions", None) is None:
             from hetflow.backends import build_partitions
+            start = time.perf_counter()
             self.partitions = build_partitions(self.graph, self.platform, self.cpu_backend)
+            self.timings["emit partitions"] = time.perf_counter() - start
         return self.partitions
+
+    def timings_table(self) -> str:
+        """Wall time per compile stage (capture steps, each pass and the verification after it, the plan check,
+        emission, save, the cache), measured in this process."""
+        from hetflow.report import timings_table
+        return timings_table(self.timings, self.cache)
 
     def _call_torch(self, args, kwargs):
         import torch
@@ -143,15 +169,43 @@ class CompiledModel:
         private key (PEM) to sign the manifest with (``manifest.sig``)."""
         from hetflow.runtime.artifact import fresh_directory, sign_artifact
         self._build_partitions()
+        start = time.perf_counter()
         with fresh_directory(directory) as fresh:
-            self._write(fresh)
+            if self._cached is not None:
+                self._write_cached(fresh)
+            else:
+                self._write(fresh)
             if sign_key is not None:
                 sign_artifact(fresh, sign_key)
+        self.timings["save"] = time.perf_counter() - start
         return Path(directory)
+
+    def _write_cached(self, directory: Path) -> None:
+        """A model loaded from the compile cache, saved as any artifact: the cached partitions' verified bytes,
+        the graph with every weight (the module's and the derived ones), the cached manifest's other fields."""
+        from hetflow.runtime.artifact import write_artifact
+        entry, artifact = self._cached
+        written = []
+        for part in artifact.manifest.get("partitions", []):
+            path = directory / part["file"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(artifact.files[part["file"]])
+            written.append(path)
+        extra = {k: v for k, v in artifact.manifest.items() if k not in WRITTEN_BY_WRITE_ARTIFACT}
+        write_artifact(self.graph, directory, artifact.manifest["platform"], extra, written)
 
     def _write(self, directory: Path) -> Path:
         from hetflow.backends import write_partitions
         from hetflow.runtime.artifact import write_artifact
+        from hetflow.backends.flash import write_flash_image
+        written = write_partitions(self.partitions, Path(directory))
+        flash_files, streamed = write_flash_image(self.graph, Path(directory))   # the image of streamed FFN layers
+        return write_artifact(self.graph, directory, self.platform.name, self.manifest_extra(), written + flash_files,
+                              streamed)
+
+    def manifest_extra(self) -> dict:
+        """What the manifest says beyond the graph's signature and the files: the platform, the partitions, the
+        memory plan, the schedule, the placement, the quantization."""
         extra = {"platform_data": self.platform.raw,
                  "partitions": [p.manifest_entry() for p in self.partitions]}
         if self.memory_plan is not None:
@@ -169,15 +223,18 @@ class CompiledModel:
                                   "static_makespan_us": {k: v * 1e6 for k, v in self.placement.static_makespan.items()},
                                   "splits": self.placement.splits,
                                   "limit_hit": self.placement.limit_hit, "limit": self.placement.limit}
-        written = write_partitions(self.partitions, Path(directory))
-        from hetflow.backends.flash import write_flash_image
-        flash_files, streamed = write_flash_image(self.graph, Path(directory))
-        return write_artifact(self.graph, directory, self.platform.name, extra, written + flash_files, streamed)
+        return extra
 
-    def report(self) -> str:
+    def report(self, timings: bool = True) -> str:
+        """Groups, placement, memory plan, timeline; with ``timings``, the wall time of each compile stage."""
         from hetflow.report import compile_report
+        if self._cached is not None:
+            entry, artifact = self._cached
+            return (entry["report"] + f"\n\nloaded from the compile cache in {self.compile_seconds:.2f} s "
+                    f"({artifact.directory.parent}); the compile that stored it took {entry['compile_seconds']:.2f} s")
         return compile_report(self.graph, self.platform, self.placement, self.schedule, self.compile_seconds,
-                              self.memory_plan, quantization=self.quantization, flash_plan=self.flash_plan)
+                              self.memory_plan, quantization=self.quantization, flash_plan=self.flash_plan,
+                              timings=self.timings if timings else None)
 
 
 def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: Any = "host",
@@ -185,7 +242,8 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
             devices: Sequence[str] | None = None, time_limit: float = 10.0,
             cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton", dynamic_shapes: Any = None,
             quantize: str | None = None, cost_model: str = "analytic", dram_budget: int | str | None = None,
-            flash_predict: bool = False) -> CompiledModel:
+            flash_predict: bool = False, cache: bool | None = None,
+            cache_dir: str | Path | None = None) -> CompiledModel:
     """Compile a torch module (with example inputs) or an ONNX model for ``platform``.
 
     ``platform`` is a preset name (``hetflow platforms`` lists them), a .toml path or a
@@ -211,17 +269,140 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     stream from flash (the tile_flash pass; the platform needs a ``[flash]``: laptop-ssd, flash-edge). Without
     it, the platform's DRAM is the budget when the weights exceed it. ``flash_predict``: stream only the
     neurons a low-rank predictor picks (calibrated on ``example_inputs``; approximate, the report says how).
+    A model that streams weights is not kept in the compile cache (its flash image is the artifact's).
+    ``cache``: keep the compiled model in the compile cache (``hetflow.compile_cache``: ``cache_dir``, else
+    ``$HETFLOW_CACHE_DIR``, else ``~/.cache/hetflow/compile``) under a key of the model's weights, code and
+    configuration, the example inputs' shapes, these options and the platform, and load it from there when the
+    same compile comes again (None: on unless ``HETFLOW_COMPILE_CACHE=0``). ``CompiledModel.cache`` says
+    what happened; a corrupt entry is reported with a warning and compiled afresh.
     Returns a ``CompiledModel``: call it with the model's inputs (torch tensors for a
-    torch module, NumPy arrays or keyword arrays by input name for ONNX).
+    torch module, NumPy arrays or keyword arrays by input name for ONNX). ``CompiledModel.timings`` has the
+    wall time of each stage (``timings_table()``).
     """
+    from hetflow import compile_cache
     _check_backends(cpu_backend, gpu_kernels)
     platform = _check_platform(platform)
     start = time.perf_counter()
-    graph, torch_capture = capture(model, example_inputs, dynamic_shapes)
+    options = dict(passes=passes, placement=placement, devices=devices, time_limit=time_limit,
+                   cpu_backend=cpu_backend, gpu_kernels=gpu_kernels, dynamic_shapes=dynamic_shapes,
+                   quantize=quantize, cost_model=cost_model, dram_budget=dram_budget, flash_predict=flash_predict)
+    cache = compile_cache.default_enabled() if cache is None else cache
+    lookup = _cache_lookup(model, example_inputs, platform, options, cache_dir, start) if cache else None
+    if isinstance(lookup, CompiledModel):
+        return lookup
+    timings = dict(lookup.timings) if lookup is not None else {}
+    graph, torch_capture = capture(model, example_inputs, dynamic_shapes, timings)
     calibration = _example_feeds(graph, torch_capture, example_inputs) if quantize or flash_predict else None
-    return compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
-                         gpu_kernels, start, quantize=quantize, calibration_inputs=calibration,
-                         cost_model=cost_model, dram_budget=dram_budget, flash_predict=flash_predict)
+    compiled = compile_graph(graph, platform, torch_capture, passes, placement, devices, time_limit, cpu_backend,
+                             gpu_kernels, start, quantize=quantize, calibration_inputs=calibration,
+                             cost_model=cost_model, timings=timings, dram_budget=dram_budget,
+                             flash_predict=flash_predict)
+    compiled.cache = lookup.info if lookup is not None else compile_cache.CacheInfo("off: cache=False")
+    if compiled.flash_plan is not None and compiled.flash_plan.streamed:
+        compiled.cache = compile_cache.CacheInfo("off: FFN layers stream from a flash image, which the cache does "
+                                                 "not keep")
+    elif lookup is not None and lookup.key is not None:
+        _cache_store(compiled, lookup, model)
+        compiled.compile_seconds = time.perf_counter() - start
+    return compiled
+
+
+class _Lookup:
+    """A cache miss: the key (None when the model cannot be keyed), what the cache said, the key's time."""
+
+    def __init__(self, key, root, info, timings):
+        self.key, self.root, self.info, self.timings = key, root, info, timings
+
+
+def _cache_lookup(model, example_inputs, platform, options, cache_dir, start):
+    """The cached ``CompiledModel`` for this compile, or a ``_Lookup`` saying why there is none."""
+    import warnings
+    from hetflow import compile_cache
+    root = compile_cache.cache_directory(cache_dir)
+    begin = time.perf_counter()
+    why_not = _uncacheable_options(options, platform)
+    if why_not is not None:
+        return _Lookup(None, root, compile_cache.CacheInfo(f"off: {why_not}"), {})
+    try:
+        key = compile_cache.compile_key(model, example_inputs, platform, options)
+    except compile_cache.Uncacheable as exc:
+        return _Lookup(None, root, compile_cache.CacheInfo(f"off: {exc}"), {"cache: key": time.perf_counter() - begin})
+    timings = {"cache: key": time.perf_counter() - begin}
+    begin = time.perf_counter()
+    try:
+        found = compile_cache.lookup(root, key, model)
+    except compile_cache.CorruptEntry as exc:
+        warnings.warn(f"hetflow compile cache: entry {key[:16]}... is corrupt and was not used ({exc}); it is "
+                      "removed and the model compiled afresh", RuntimeWarning, stacklevel=3)
+        compile_cache.remove(root, key)
+        found = None
+    if found is None:
+        return _Lookup(key, root, compile_cache.CacheInfo("miss", key, root), timings)
+    timings["cache: load"] = time.perf_counter() - begin
+    return _cached_model(found, platform, options, time.perf_counter() - start, timings,
+                         compile_cache.CacheInfo("hit", key, compile_cache.entry_directory(root, key)))
+
+
+def _uncacheable_options(options: dict, platform) -> str | None:
+    """Compiles the cache does not keep: native code (TVM) and CUDA programs are not loaded from a cache."""
+    if options["cpu_backend"] != "onnxruntime":
+        return f"cpu_backend {options['cpu_backend']!r} builds native libraries, which the cache does not load"
+    if any(d.kind == "gpu" and d.measured for d in platform.devices.values()):
+        return f"platform {platform.name!r} has a real GPU, whose programs the cache does not keep"
+    if os.environ.get("HETFLOW_DUMP_IR"):
+        return "HETFLOW_DUMP_IR asks for the IR after each pass"
+    return None
+
+
+def _cached_model(found, platform, options, seconds: float, timings: dict, info) -> CompiledModel:
+    """A ``CompiledModel`` on a loaded cache entry: its graph, partitions and plan from the artifact."""
+    from hetflow.runtime.runners import read_partitions
+    entry, artifact = found
+    torch_capture = None
+    if entry.get("torch") is not None:
+        from hetflow.frontends.torch import TorchCapture
+        from torch.utils import _pytree as pytree
+        spec = entry["torch"]["out_spec"]
+        torch_capture = TorchCapture(None, entry["torch"]["input_names"],
+                                     pytree.treespec_loads(spec) if spec is not None else None)
+    compiled = CompiledModel(artifact.graph, platform, torch_capture, seconds, None, options["cpu_backend"],
+                             options["gpu_kernels"])
+    compiled.partitions = read_partitions(artifact.manifest["partitions"], artifact.files, artifact.graph, platform)
+    compiled._cached = found
+    compiled.timings = timings
+    compiled.cache = info
+    compiled.pass_records = []
+    return compiled
+
+
+def _cache_store(compiled: CompiledModel, lookup: _Lookup, model: Any) -> None:
+    """Keep ``compiled`` under the lookup's key; a failure to store is a warning, the compile stands."""
+    import warnings
+    from hetflow import compile_cache
+    begin = time.perf_counter()
+    torch_entry = None
+    if compiled._torch is not None:
+        from torch.utils import _pytree as pytree
+        spec = compiled._torch.out_spec
+        try:
+            dumped = pytree.treespec_dumps(spec) if spec is not None else None
+        except Exception as exc:  # noqa: BLE001  (pytree refuses types without a serialization name)
+            compiled.cache = compile_cache.CacheInfo(f"miss (not stored: the output structure cannot be saved: "
+                                                     f"{str(exc).splitlines()[0][:100]})", lookup.key)
+            return
+        torch_entry = {"input_names": compiled._torch.input_names, "out_spec": dumped}
+    entry = {"report": compiled.report(), "compile_seconds": compiled.compile_seconds, "torch": torch_entry,
+             "timings": compiled.timings}
+    try:
+        directory = compile_cache.store(lookup.root, lookup.key, compiled, entry, model)
+    except (OSError, HetflowError) as exc:
+        warnings.warn(f"hetflow compile cache: could not store the compiled model in {lookup.root}: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        compiled.cache = compile_cache.CacheInfo(f"miss (not stored: {exc})", lookup.key)
+        return
+    compiled.timings.pop("save", None)  # (the artifact's save is the store's work, counted once)
+    compiled.timings["cache: store"] = time.perf_counter() - begin
+    compiled.cache = compile_cache.CacheInfo("miss (stored)", lookup.key, directory)
 
 
 def _example_feeds(graph: Graph, torch_capture, example_inputs) -> list[dict] | None:
@@ -253,7 +434,8 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
                   cpu_backend: str = "onnxruntime", gpu_kernels: str = "triton",
                   start: float | None = None, quantize: str | None = None,
                   calibration_inputs: list[dict] | None = None, cost_model: str = "analytic",
-                  dram_budget: int | str | None = None, flash_predict: bool = False) -> CompiledModel:
+                  timings: dict[str, float] | None = None, dram_budget: int | str | None = None,
+                  flash_predict: bool = False) -> CompiledModel:
     """A captured graph through the pipeline, placement, memory plan and plan check to a ``CompiledModel``:
     the one path ``compile`` and the ``torch.compile`` backend share. ``start``: when capture began (for
     ``compile_seconds``). ``quantize``/``calibration_inputs``: as ``compile``'s (samples of {input name: array})."""
@@ -268,13 +450,22 @@ def compile_graph(graph: Graph, platform: Any = "host", torch_capture=None,
                              cost_model=cost_model)
     options.quantize, options.calibration_inputs = quantize, calibration_inputs
     options.dram_budget, options.flash_predict = _dram_budget(dram_budget), bool(flash_predict)
+    timings = {} if timings is None else timings
+    begin = time.perf_counter()
     verify(graph)
+    timings["verify input"] = time.perf_counter() - begin
     _check_dynamic(graph, platform, cpu_backend)
     graph, runner = run_pipeline(graph, passes, options=options)
+    for record in runner.records:
+        timings[f"pass {record.name}"] = record.seconds
+        timings[f"verify after {record.name}"] = record.verify_seconds
     _host_runs_unplaced(graph, platform)
+    begin = time.perf_counter()
     check_plan(graph, platform, options.results.get("memory_plan"))
+    timings["plan check"] = time.perf_counter() - begin
     compiled = CompiledModel(graph, platform, torch_capture, time.perf_counter() - start, options, cpu_backend,
                              gpu_kernels)
+    compiled.timings = timings
     if cpu_backend == "tvm" or any(d.kind == "gpu" and d.measured for d in platform.devices.values()):
         # TVM and the GPU backend emit now, so that a partition they cannot build fails the compile
         compiled._build_partitions()

@@ -30,6 +30,8 @@ examples:
   hetflow memplan problem.csv --capacity 1048576         solve a static memory allocation problem
   hetflow sweep MODEL --platform duplex --set device.pim.channels=80,160 --batch 1,32 -o s.parquet
                                                          a design-space study on Ray; 'hetflow sweep plot s.parquet'
+  hetflow compile model.onnx -o out/ --timings           the wall time of each compile stage
+  hetflow cache info | clear                             the compile cache (--no-cache: compile from nothing)
 
 Run 'hetflow COMMAND --help' for the options of each command.
 """
@@ -135,10 +137,26 @@ def cmd_compile(args) -> int:
                                placement=args.placement, devices=devices, time_limit=args.time_limit,
                                cpu_backend=args.cpu_backend, dynamic_shapes=dynamic, quantize=args.quantize,
                                cost_model=args.cost_model, dram_budget=args.dram_budget,
-                               flash_predict=args.flash_predict)
+                               flash_predict=args.flash_predict, cache=False if args.no_cache else None)
     out = compiled.save(args.output, sign_key=args.sign)
-    print(compiled.report())
+    print(compiled.report(timings=False))
+    if args.timings:
+        print("\ncompile time per stage (wall, measured in this process)\n" + compiled.timings_table())
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.2f} s" + (f", signed with {args.sign}" if args.sign else ""))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    """``hetflow cache info|clear``: the compile cache's directory, entries and size; or empty it."""
+    from hetflow import compile_cache
+    from hetflow.platform import human_bytes
+    root = compile_cache.cache_directory(args.dir)
+    if args.action == "clear":
+        print(f"removed {compile_cache.clear(root)} entries from {root}")
+        return 0
+    entries, size = compile_cache.cache_usage(root)
+    enabled = "on" if compile_cache.default_enabled() else f"off by default ({compile_cache.ENABLE_ENV}=0)"
+    print(f"compile cache: {root} ({enabled}): {entries} entries, {human_bytes(size)}")
     return 0
 
 
@@ -633,7 +651,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: run the MatMul/Gemm placed on an NPU that runs i8 (mobile-soc, flash-edge) in int8: "
                         "per-output-channel weights, activations calibrated on the example inputs (random ones "
                         "for a .onnx file); the report gives the error against float. Default: floats")
+    p.add_argument("--timings", action="store_true",
+                   help="print the wall time of each compile stage: capture (torch.export, decompositions, import), "
+                        "each pass and the verification after it, the plan check, emission, save, the cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compile from nothing and store nothing (default: the compile cache, $HETFLOW_CACHE_DIR or "
+                        "~/.cache/hetflow/compile, returns the artifact of an identical earlier compile)")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("cache", help="the compile cache: where it is and what it holds, or empty it",
+                       description="The compile cache keeps compiled models under a key of the model's weights, "
+                                   "code and configuration, the example inputs' shapes, the options and the platform.")
+    p.add_argument("action", choices=["info", "clear"], help="info: directory, entries, size; clear: remove them")
+    p.add_argument("--dir", help="the cache directory (default: $HETFLOW_CACHE_DIR or ~/.cache/hetflow/compile)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs",
                        description="Run an artifact. Inputs are .npy files (numpy.save) given by name; names, "

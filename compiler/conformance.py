@@ -84,7 +84,7 @@ def prepare_hetflow_compiled(model):
 
     import hetflow
     from hetflow.runtime import load
-    compiled = hetflow.compile(model, platform="host")
+    compiled = hetflow.compile(model, platform="host", cache=False)  # (a node test compiles, it is not a reuse)
     with tempfile.TemporaryDirectory() as tmp:
         compiled.save(tmp)
         loaded = load(tmp)

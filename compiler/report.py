@@ -168,7 +168,8 @@ _LIMIT_LINE = {
 
 
 def compile_report(graph: Graph, platform, placement, schedule, compile_seconds: float | None = None,
-                   memory_plan=None, quantization=None, flash_plan=None) -> str:
+                   memory_plan=None, quantization=None, flash_plan=None,
+                   timings: dict[str, float] | None = None) -> str:
     from hetflow.ir.symbolic import describe_ranges, max_nbytes, sized_at_max
     summary = graph_summary(graph, platform=platform.name, compile_seconds=compile_seconds)
     if graph.dims:  # a dynamic graph's counts at the declared maximum; its inputs and outputs as declared
@@ -213,4 +214,20 @@ def compile_report(graph: Graph, platform, placement, schedule, compile_seconds:
     if schedule is not None:
         parts.append("timeline\n" + timeline_text(schedule))
         parts.append(provenance(platform))
+    if timings:
+        parts.append("compile time per stage (wall, measured in this process)\n" + timings_table(timings))
     return "\n\n".join(parts)
+
+
+def timings_table(timings: dict[str, float], cache=None) -> str:
+    """``hetflow compile --timings``: each compile stage's wall time (ms) and share, in the order they ran."""
+    total = sum(timings.values())
+    width = max([len(name) for name in timings] + [len("stage")])
+    lines = [f"{'stage':{width}s} {'ms':>10s} {'share':>6s}"]
+    for name, seconds in timings.items():
+        share = 100 * seconds / total if total else 0.0
+        lines.append(f"{name:{width}s} {seconds * 1e3:10.1f} {share:5.1f}%")
+    lines.append(f"{'total':{width}s} {total * 1e3:10.1f}")
+    if cache is not None:
+        lines.append(f"compile cache: {cache.status}" + (f" (key {cache.key[:16]}...)" if cache.key else ""))
+    return "\n".join(lines)

@@ -1,6 +1,12 @@
 """Heavy suites (markers ``slow`` and ``differential``) run only when selected: ``pytest -m slow``."""
 from __future__ import annotations
 
+import os
+
+# The compile cache is off in the suite unless a test turns it on (``cache=True``, its own ``cache_dir``): a test
+# compiles to exercise the passes, and an entry from an earlier run or test would skip them.
+os.environ.setdefault("HETFLOW_COMPILE_CACHE", "0")
+
 HEAVY = ("slow", "differential")
 
 
