@@ -113,6 +113,22 @@ def test_cache_written_in_place(generator):
     assert changed == [filled] and generator.kv is kv
 
 
+def test_decode_step_binds_the_cache_without_a_copy(generator, monkeypatch):
+    """What the ONNX Runtime partition is handed for each cache input is memory of the one buffer."""
+    runners = generator.decode.executor.runners
+    seen = []
+    for runner in runners:
+        def spy(inputs, outputs, run=runner.run):
+            seen.append({n: a for n, a in inputs.items() if n.startswith("cache_")})
+            return run(inputs, outputs)
+        monkeypatch.setattr(runner, "run", spy)
+    generator.step(3, 4)
+    handed = {n: a for call in seen for n, a in call.items()}
+    assert sorted(handed) == [f"cache_{j}" for j in range(4)]
+    for j in range(4):
+        assert handed[f"cache_{j}"].ctypes.data == generator.kv[j // 2, j % 2].ctypes.data
+
+
 def test_prompt_by_decode_steps_equals_prefill(compiled, generator):
     decode_only = Generator(hetflow.runtime.load(compiled[0] / "decode"))
     assert decode_only.prefill is None and decode_only.prompt_len == 0
