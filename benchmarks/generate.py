@@ -72,7 +72,7 @@ def prepare_hetflow(args, work: Path, new):
         compile_generator(work / "hetflow", args.layers, args.width, args.heads, args.vocab,
                           prompt_len=args.prompt, max_seq=args.prompt + args.new)
     compile_s = time.perf_counter() - start
-    generator = Generator.load(work / "hetflow")
+    generator = Generator.load(work / "hetflow", threads=args.threads)   # ONNX Runtime's intra-op threads
     last = {}
 
     def run(prompt, count=new):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     new = args.new
     print(f"GPT-2 {args.layers} layers x {args.width} wide, {args.heads} heads, vocab {args.vocab}, random weights; "
           f"prompt {args.prompt} tokens, {new} new, greedy; {args.threads} threads for every peer "
-          f"(torch.set_num_threads, ONNX Runtime intra-op); {os.cpu_count()} cores, load average "
+          f"(torch.set_num_threads, ONNX Runtime intra-op for the ORT loop and hetflow's partitions); {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.2f} at start", flush=True)
 
     model = gpt2_model(args.layers, args.width, args.heads, args.vocab)

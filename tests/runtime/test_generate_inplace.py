@@ -129,6 +129,12 @@ def test_decode_step_binds_the_cache_without_a_copy(generator, monkeypatch):
         assert handed[f"cache_{j}"].ctypes.data == generator.kv[j // 2, j % 2].ctypes.data
 
 
+def test_load_with_a_thread_count(compiled):
+    one = Generator.load(compiled[0], threads=1)
+    sessions = [r.session for m in (one.decode, one.prefill) for r in m.executor.runners]
+    assert sessions and all(s.get_session_options().intra_op_num_threads == 1 for s in sessions)
+
+
 def test_prompt_by_decode_steps_equals_prefill(compiled, generator):
     decode_only = Generator(hetflow.runtime.load(compiled[0] / "decode"))
     assert decode_only.prefill is None and decode_only.prompt_len == 0
