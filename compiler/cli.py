@@ -20,6 +20,8 @@ examples:
   hetflow run out/ --random                              run it on random inputs of the declared shapes
   hetflow run out/ --random --trace t.json --profile     a Perfetto trace; per-group measured vs predicted
   hetflow compile hetflow.examples.models:build_gpt2_decode -o dec/ && hetflow run dec/ --generate 16
+  hetflow compile hetflow.examples.gpt2_generate:build_prefill -o gen/prefill   (and :build_decode -o gen/decode)
+  hetflow run gen/ --generate 16 --prompt 1,2,3 [--sample --temperature 0.8 --top-k 40 --seed 0]
   hetflow compile model.onnx --platform mobile-soc --placement split -o out/
   hetflow compile hetflow.examples.models:build_gpt2_dynamic --dynamic batch=1..4,seq=2..128 -o dyn/
   hetflow run dyn/ --random --sizes batch=2,seq=64    one artifact, any size in the declared ranges
@@ -271,6 +273,12 @@ def cmd_run(args) -> int:
     from hetflow.runtime import load
     if args.output_dir:
         _check_output_directory(args.output_dir, "--output-dir")
+    if args.generate is None and (args.sample or args.temperature is not None or args.top_k is not None
+                                  or args.seed is not None):
+        raise UsageError("--sample, --temperature, --top-k and --seed choose how --generate picks tokens: "
+                         "give --generate N too")
+    if args.generate and (Path(args.artifact) / "decode").is_dir():
+        return _generate_pair(args)
     model = load(args.artifact, fallback=args.fallback, gpu_kernels=args.gpu_kernels, verify_key=args.verify_key,
                  trust_native_code=args.trust_manifest or args.trust_native_code)
     if args.verify_key:
@@ -341,18 +349,62 @@ def _print_flash(model) -> None:
               f"{read / mib:.1f} MiB read over the runs so far, {io * 1e3:.2f} ms waiting on reads (measured)")
 
 
-def _generate(model, args) -> int:
-    from hetflow.runtime.generate import generate
+def _prompt_ids(args) -> list[int]:
     try:
-        prompt = [int(t) for t in args.prompt.split(",") if t.strip()] if args.prompt else [0]
+        return [int(t) for t in args.prompt.split(",") if t.strip()] if args.prompt else [0]
     except ValueError:
         raise UsageError(f"--prompt {args.prompt!r}: expected token ids separated by commas, e.g. 1,2,3") from None
-    result = generate(model, prompt, args.generate, max_seq=args.max_seq)
+
+
+def _choice_options(args) -> dict:
+    """--sample, --temperature, --top-k, --seed as ``generate``'s keyword arguments."""
+    return {"sample": args.sample, "temperature": 1.0 if args.temperature is None else args.temperature,
+            "top_k": args.top_k, "seed": args.seed}
+
+
+def _generate(model, args) -> int:
+    from hetflow.runtime.generate import Generator, generate
+    if any(v.name == "cache_0" for v in model.graph.inputs):   # a Generator decode step without its prefill
+        return _generate_in_place(Generator(model), args)
+    prompt = _prompt_ids(args)
+    result = generate(model, prompt, args.generate, max_seq=args.max_seq, **_choice_options(args))
     steps = list(result.step_seconds)
     decode = steps[result.prefill_steps:] or steps
     print(f"prompt {prompt} -> generated {list(result)}")
     print(f"{len(steps)} decode steps ({result.prefill_steps} for the prompt), KV cache in its own paged arena; "
           f"median step {sorted(decode)[len(decode) // 2] * 1e3:.2f} ms (measured)")
+    return 0
+
+
+def _generate_pair(args) -> int:
+    """``hetflow run DIR --generate N`` on a generator directory (DIR/decode, optionally DIR/prefill)."""
+    from hetflow.runtime.generate import Generator
+    generator = Generator.load(args.artifact, fallback=args.fallback, gpu_kernels=args.gpu_kernels,
+                               verify_key=args.verify_key,
+                               trust_native_code=args.trust_manifest or args.trust_native_code)
+    for model in (generator.prefill, generator.decode):
+        for note in model.fallbacks if model is not None else ():
+            print(f"fallback: {note}", file=sys.stderr)
+    return _generate_in_place(generator, args)
+
+
+def _generate_in_place(generator, args) -> int:
+    """Generate with a ``Generator`` (the KV cache one buffer written in place) and print what was measured."""
+    prompt = _prompt_ids(args)
+    if args.max_seq is not None and args.max_seq > generator.max_seq:
+        raise UsageError(f"--max-seq {args.max_seq} exceeds the decode step's KV cache of {generator.max_seq} tokens")
+    if args.max_seq is not None and len(prompt) + args.generate - 1 > args.max_seq:
+        raise UsageError(f"--max-seq {args.max_seq}: a prompt of {len(prompt)} token(s) plus {args.generate} "
+                         f"generated needs {len(prompt) + args.generate - 1} cached tokens")
+    result = generator.generate(prompt, args.generate, **_choice_options(args))
+    how = "sampled" if args.sample else "greedy"
+    print(f"prompt {prompt} -> generated ({how}) {list(result)}")
+    prefill = (f"one prefill call of {generator.prompt_len} tokens" if generator.prefill is not None
+               else "no prefill artifact")
+    print(f"prefill {result.prefill_seconds * 1e3:.2f} ms ({prefill}, {result.prefill_steps} call(s)); decode "
+          f"{result.decode_tokens_per_second:.2f} tokens/s over {len(result.decode_seconds)} step(s); "
+          f"{result.tokens_per_second:.2f} tokens/s overall (measured); KV cache one buffer of "
+          f"{generator.kv.nbytes / 2**20:.1f} MiB for {generator.max_seq} tokens, written in place")
     return 0
 
 
@@ -686,10 +738,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(measured), beside the predicted timeline")
     p.add_argument("--profile", action="store_true", help="run each group on its own and print its measured time "
                    "beside the predicted one")
-    p.add_argument("--generate", type=int, metavar="N", help="for a decode-step model (inputs input_ids, position, "
-                   "k_cache, v_cache; outputs logits, new_k, new_v): generate N tokens greedily, token by token, "
-                   "with the KV cache in its own arena")
+    p.add_argument("--generate", type=int, metavar="N", help="generate N tokens: OUT a generator directory "
+                   "(OUT/decode and OUT/prefill, hetflow.examples.gpt2_generate: the prompt in one prefill call, "
+                   "then one decode step per token over a KV cache written in place), or a decode-step model "
+                   "(inputs input_ids, position, k_cache, v_cache; outputs logits, new_k, new_v)")
     p.add_argument("--prompt", metavar="IDS", help="with --generate: the prompt's token ids, e.g. 1,2,3 (default 0)")
+    p.add_argument("--sample", action="store_true", help="with --generate: sample each token from the softmax "
+                   "of the logits instead of taking the argmax")
+    p.add_argument("--temperature", type=float, metavar="T", help="with --sample: divide the logits by T (default 1)")
+    p.add_argument("--top-k", type=int, metavar="K", help="with --sample: draw from the K most likely tokens only")
+    p.add_argument("--seed", type=int, metavar="S", help="with --sample: the seed of the sampler (the same seed, "
+                   "the same tokens)")
     p.add_argument("--max-seq", type=int, metavar="N", help="with --generate: the KV cache's capacity in tokens "
                    "(default: the model's context)")
     p.set_defaults(func=cmd_run)

@@ -1,26 +1,37 @@
-"""Token-by-token decoding with a KV cache kept outside the static memory plan. Needs NumPy only, never torch.
+"""Generation with a KV cache: prefill, then decode steps, greedy or sampled. Needs NumPy only, never torch.
 
-A decode-step artifact (``hetflow.examples.models.build_gpt2_decode`` compiled and saved)
-takes ``input_ids`` int64[1,1], ``position`` int64[1], ``k_cache`` and ``v_cache``
-float32[n_layer,1,n_head,context,head_dim], and returns, in output order, the logits
-[1,1,vocab] and the new token's key and value [n_layer,1,n_head,1,head_dim].
+Two kinds of artifacts are served.
 
-The cache is the runtime's dynamic arena: its size grows with the sequence, so the
-memory planner does not place it. ``KVCache`` stores it paged (a list of fixed-size
-blocks per layer, a new block when the sequence crosses a block boundary) and
-assembles the fixed-size ``[n_layer,1,n_head,context,head_dim]`` tensors the step
-reads, zeros beyond the current length.
+``Generator`` (``hetflow.examples.gpt2_generate``): a prefill artifact (``input_ids`` int64[1, P], ``last``
+int64[1] -> logits [1, 1, vocab] of token ``last``, kv [n_layer, 2, 1, n_head, P, head_dim]) runs the whole
+prompt in one call, and a decode-step artifact (``input_ids`` int64[1, 1], ``position`` int64[1], then layer
+i's keys and values as ``cache_{2i}``, ``cache_{2i+1}``, each [1, n_head, max_seq, head_dim] -> logits
+[1, 1, vocab], new_kv [n_layer, 2, 1, n_head, 1, head_dim]) makes each token. The cache is one buffer
+``kv[n_layer, 2, 1, n_head, max_seq, head_dim]`` allocated once: the step's cache inputs are views of it
+(ONNX Runtime binds them by pointer, so the step reads the cache where it lies), the step masks the slots at
+and after ``position`` itself, and each step writes only the new token's keys and values into slot
+``position``: no copy of the cache per step.
+
+The older decode-step artifact (``hetflow.examples.models.build_gpt2_decode``: ``k_cache`` and ``v_cache``
+float32[n_layer, 1, n_head, context, head_dim], outputs logits, new_k, new_v) is fed the prompt one token per
+step, its cache kept paged by ``KVCache`` (a list of fixed-size blocks per layer) and assembled into the
+fixed-size tensors the step reads.
+
+Tokens are chosen greedily (the argmax) or sampled (``temperature``, ``top_k``) with a seeded
+``numpy.random.Generator``: the same seed gives the same tokens.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from hetflow.ir.errors import HetflowError
 
-__all__ = ["DECODE_INPUTS", "GenerateError", "Generation", "KVCache", "KVCacheFull", "generate"]
+__all__ = ["DECODE_INPUTS", "GenerateError", "Generation", "Generator", "KVCache", "KVCacheFull", "TokenChooser",
+           "generate"]
 
 DECODE_INPUTS = ("input_ids", "position", "k_cache", "v_cache")
 
@@ -139,6 +150,24 @@ class Generation(list):
         """The steps after the prompt (each one produced a token from a generated one)."""
         return self.step_seconds[self.prefill_steps:]
 
+    @property
+    def prefill_seconds(self) -> float:
+        """Wall time from the first prompt token in to the first generated token's logits."""
+        return sum(self.step_seconds[:self.prefill_steps])
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second of the decode steps alone (the first token comes from the prefill); 0 when
+        fewer than two tokens were generated."""
+        seconds = sum(self.decode_seconds)
+        return len(self.decode_seconds) / seconds if seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of the whole call, prefill included."""
+        seconds = sum(self.step_seconds)
+        return len(self) / seconds if seconds > 0 else 0.0
+
 
 def _decode_signature(model) -> dict:
     """Input types by name; raises GenerateError naming what a decode-step artifact lacks."""
@@ -159,16 +188,217 @@ def _decode_signature(model) -> dict:
     return types
 
 
-def generate(model, prompt_ids: Sequence[int], steps: int, max_seq: int | None = None,
-             block: int = 16) -> Generation:
-    """Greedy decoding with a loaded decode-step artifact (``hetflow.runtime.load``).
+class TokenChooser:
+    """Picks the next token from a step's logits: the argmax, or with ``sample`` a draw from
+    softmax(logits / temperature) over the ``top_k`` largest logits (all when None), by a
+    ``numpy.random.Generator`` seeded with ``seed`` (so a seed gives the same tokens every time)."""
 
-    The prompt is fed one token per step (prefill by decode steps), then ``steps``
-    tokens are generated, each the argmax of the last step's logits. ``max_seq`` bounds
-    the cached sequence (default: the context of the ``k_cache`` input); the request needs
-    ``len(prompt_ids) + steps - 1`` cached tokens. Returns the generated ids as a
-    ``Generation`` (a list carrying per-step latencies and the logits).
+    def __init__(self, sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None):
+        if sample and not float(temperature) > 0:
+            raise GenerateError(f"sampling needs a temperature > 0, got {temperature}")
+        if top_k is not None and int(top_k) < 1:
+            raise GenerateError(f"top_k must be >= 1, got {top_k}")
+        if not sample and (top_k is not None or float(temperature) != 1.0):
+            raise GenerateError("temperature and top_k choose how tokens are sampled: give sample=True too")
+        self.sample, self.temperature = bool(sample), float(temperature)
+        self.top_k = None if top_k is None else int(top_k)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits).reshape(-1)
+        if not self.sample:
+            return int(np.argmax(logits))
+        candidates = np.arange(logits.size)
+        if self.top_k is not None and self.top_k < logits.size:
+            candidates = np.argpartition(logits, -self.top_k)[-self.top_k:]
+        scaled = logits[candidates].astype(np.float64) / self.temperature
+        weights = np.exp(scaled - scaled.max())
+        return int(candidates[self.rng.choice(candidates.size, p=weights / weights.sum())])
+
+
+def _cache_inputs(names: list[str]) -> list[str]:
+    """The decode step's cache inputs in layer order (``cache_0``, ``cache_1``, ...)."""
+    cache = {n for n in names if n.startswith("cache_")}
+    expected = [f"cache_{j}" for j in range(len(cache))]
+    if not cache or cache != set(expected):
+        raise GenerateError(f"not a decode-step artifact: its cache inputs must be cache_0 .. cache_<2n-1> "
+                            f"(layer i's keys cache_<2i>, values cache_<2i+1>); its inputs are {names}")
+    if len(cache) % 2:
+        raise GenerateError(f"decode step: {len(cache)} cache inputs, expected two per layer (keys, values)")
+    return expected
+
+
+def _static_type(model, name: str, what: str):
+    """The type of input ``name``; raises GenerateError when the artifact lacks it or it is not static."""
+    types = {v.name: v.type for v in model.graph.inputs}
+    if name not in types:
+        raise GenerateError(f"not a {what} artifact: no input {name!r}; its inputs are {list(types)}")
+    t = types[name]
+    if t is None or not t.is_static:
+        raise GenerateError(f"{what} input {name!r} must have a static type, got {t}")
+    return t
+
+
+class Generator:
+    """Prefill, then decode steps, over one preallocated KV buffer that each step reads in place.
+
+    ``decode``: a loaded decode-step artifact (see the module's docstring); ``prefill``: a loaded prefill
+    artifact of the same model, or None to feed the prompt one decode step per token. ``kv`` is the cache
+    buffer ``[n_layer, 2, 1, n_head, max_seq, head_dim]``, allocated here once and kept across calls; the
+    step's cache inputs are views of it.
     """
+
+    def __init__(self, decode, prefill=None):
+        names = [v.name for v in decode.graph.inputs]
+        cache = _cache_inputs(names)
+        ids_type = _static_type(decode, "input_ids", "decode-step")
+        pos_type = _static_type(decode, "position", "decode-step")
+        layer = _static_type(decode, cache[0], "decode-step")
+        if len(layer.shape) != 4 or layer.shape[0] != 1:
+            raise GenerateError(f"decode step: {cache[0]} must be [1, n_head, max_seq, head_dim], got {layer}")
+        for name in cache[1:]:
+            if _static_type(decode, name, "decode-step") != layer:
+                raise GenerateError(f"decode step: {name} must have {cache[0]}'s type {layer}")
+        outputs = [v.name for v in decode.graph.outputs]
+        if len(outputs) != 2:
+            raise GenerateError(f"decode step: {len(outputs)} output(s) {outputs}, expected 2 (logits, new_kv)")
+        _, n_head, max_seq, head_dim = (int(d) for d in layer.shape)
+        self.n_layer, self.n_head, self.max_seq, self.head_dim = len(cache) // 2, n_head, max_seq, head_dim
+        self.decode, self.prefill = decode, prefill
+        self.logits_name, self.new_kv_name = outputs
+        self.kv = np.zeros((self.n_layer, 2, 1, n_head, max_seq, head_dim), layer.dtype.numpy)
+        self._ids = np.zeros((1, 1), ids_type.dtype.numpy)
+        self._position = np.zeros((1,), pos_type.dtype.numpy)
+        self._feeds = {"input_ids": self._ids, "position": self._position}
+        for j, name in enumerate(cache):   # views of the one buffer: read where they lie, never copied
+            self._feeds[name] = self.kv[j // 2, j % 2]
+        self.prompt_len = self._check_prefill(prefill) if prefill is not None else 0
+
+    @classmethod
+    def load(cls, path, **load_options) -> "Generator":
+        """``path/decode`` and, when present, ``path/prefill`` (``hetflow.runtime.load`` options pass on)."""
+        from hetflow.runtime import load
+        path = Path(path)
+        if not (path / "decode").is_dir():
+            raise GenerateError(f"{path}: no decode/ artifact (a generator directory holds decode/ and "
+                                f"optionally prefill/)")
+        prefill = load(path / "prefill", **load_options) if (path / "prefill").is_dir() else None
+        return cls(load(path / "decode", **load_options), prefill)
+
+    def _check_prefill(self, prefill) -> int:
+        """The prefill's prompt length P; raises GenerateError when it does not fill the decode step's cache."""
+        ids = _static_type(prefill, "input_ids", "prefill")
+        _static_type(prefill, "last", "prefill")
+        outputs = list(prefill.graph.outputs)
+        if len(ids.shape) != 2 or ids.shape[0] != 1 or len(outputs) != 2:
+            raise GenerateError(f"prefill: expected input_ids [1, P] and 2 outputs (logits, kv), got input_ids "
+                                f"{ids} and {len(outputs)} output(s)")
+        prompt_len = int(ids.shape[1])
+        kv = outputs[1].type
+        expected = (self.n_layer, 2, 1, self.n_head, prompt_len, self.head_dim)
+        if kv is None or tuple(kv.shape or ()) != expected:
+            raise GenerateError(f"prefill output {outputs[1].name!r} is {kv}, expected {list(expected)} to fill "
+                                f"the decode step's cache")
+        if prompt_len > self.max_seq:
+            raise GenerateError(f"prefill takes {prompt_len} tokens, more than the decode step's max_seq "
+                                f"{self.max_seq}")
+        return prompt_len
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, *, sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, seed: int | None = None) -> Generation:
+        """``max_new_tokens`` tokens after ``prompt_ids``: the prompt through the prefill (its first
+        ``prompt_len`` tokens in one call, padded on the right when shorter; any more by decode steps), then
+        one decode step per token. Greedy unless ``sample``. Returns a ``Generation``; its ``step_seconds``
+        are the prefill call and prompt steps (``prefill_steps`` of them), then each decode step."""
+        prompt = [int(t) for t in prompt_ids]
+        count = int(max_new_tokens)
+        choose = TokenChooser(sample, temperature, top_k, seed)
+        if not prompt:
+            raise GenerateError("generate needs a prompt of at least one token")
+        if count < 0:
+            raise GenerateError(f"max_new_tokens must be >= 0, got {count}")
+        if len(prompt) > self.max_seq:
+            raise KVCacheFull(f"the prompt has {len(prompt)} tokens, more than the KV cache's "
+                              f"max_seq={self.max_seq}")
+        if count and len(prompt) + count - 1 > self.max_seq:
+            raise KVCacheFull(f"KV cache full: a prompt of {len(prompt)} token(s) plus {count} generated needs "
+                              f"{len(prompt) + count - 1} cached tokens, more than max_seq={self.max_seq}")
+        out = Generation()
+        if count == 0:
+            return out
+        logits = self._prefill(prompt, out)
+        while True:
+            out.logits.append(logits)
+            out.append(choose(logits))
+            if len(out) == count:
+                return out
+            start = time.perf_counter()
+            logits = self.step(out[-1], len(prompt) + len(out) - 1)
+            out.step_seconds.append(time.perf_counter() - start)
+
+    def _prefill(self, prompt: list[int], out: Generation) -> np.ndarray:
+        """Fills cache slots [0, len(prompt)) and returns the last prompt token's logits."""
+        done = 0
+        if self.prefill is not None:
+            start = time.perf_counter()
+            done = min(len(prompt), self.prompt_len)
+            ids = np.zeros((1, self.prompt_len), self._ids.dtype)
+            ids[0, :done] = prompt[:done]                 # padded on the right: causal attention never sees it
+            logits, kv = self.prefill.run({"input_ids": ids, "last": np.array([done - 1], np.int64)}).values()
+            self.kv[:, :, :, :, :done] = kv[:, :, :, :, :done]
+            logits = np.array(logits).reshape(-1)
+            out.step_seconds.append(time.perf_counter() - start)
+        for position in range(done, len(prompt)):
+            start = time.perf_counter()
+            logits = self.step(prompt[position], position)
+            out.step_seconds.append(time.perf_counter() - start)
+        out.prefill_steps = len(out.step_seconds)
+        return logits
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        """One decode step at ``position``: reads the cache in place, writes the new token's slot only."""
+        self._ids[0, 0] = token
+        self._position[0] = position
+        results = self.decode.run(self._feeds)
+        self.kv[:, :, :, :, position] = results[self.new_kv_name][:, :, :, :, 0]
+        return results[self.logits_name].reshape(-1)
+
+
+def generate(model, prompt_ids: Sequence[int], steps: int, max_seq: int | None = None, block: int = 16, *,
+             prefill=None, sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             seed: int | None = None) -> Generation:
+    """``steps`` new tokens after ``prompt_ids`` with a loaded decode-step artifact (``hetflow.runtime.load``).
+
+    A ``Generator`` decode step (cache inputs ``cache_<j>``) runs with ``prefill`` (its prefill artifact, or
+    None for a prompt fed by decode steps) over one in-place cache buffer; ``max_seq``, when given, bounds
+    the cached tokens below its cache's. An older one (``k_cache``, ``v_cache``) is fed the prompt one token
+    per step, its cache paged in blocks of ``block`` tokens up to ``max_seq`` (default: the context of
+    ``k_cache``). Greedy unless ``sample`` (``temperature``, ``top_k``, ``seed``). The request needs
+    ``len(prompt_ids) + steps - 1`` cached tokens. Returns the generated ids as a ``Generation`` (a list
+    carrying per-step latencies and the logits).
+    """
+    names = [v.name for v in model.graph.inputs]
+    if "k_cache" in names or not any(n.startswith("cache_") for n in names):
+        if prefill is not None:
+            raise GenerateError("prefill= needs a Generator decode step (inputs cache_0, cache_1, ...); this "
+                                "artifact is fed the prompt one token per step")
+        return _generate_paged(model, prompt_ids, steps, max_seq, block,
+                               TokenChooser(sample, temperature, top_k, seed))
+    generator = Generator(model, prefill)
+    if max_seq is not None and int(max_seq) > generator.max_seq:
+        raise GenerateError(f"max_seq {max_seq} exceeds the artifact's KV cache context {generator.max_seq}")
+    needed = len(prompt_ids) + int(steps) - 1
+    if max_seq is not None and int(steps) and needed > int(max_seq):
+        raise KVCacheFull(f"KV cache full: a prompt of {len(prompt_ids)} token(s) plus {steps} generated needs "
+                          f"{needed} cached tokens, more than max_seq={max_seq}")
+    return generator.generate(prompt_ids, steps, sample=sample, temperature=temperature, top_k=top_k, seed=seed)
+
+
+def _generate_paged(model, prompt_ids: Sequence[int], steps: int, max_seq: int | None, block: int,
+                    choose: TokenChooser) -> Generation:
+    """The older decode step (``k_cache``, ``v_cache``): the prompt one token per step, then ``steps`` tokens,
+    the cache paged by ``KVCache`` up to ``max_seq`` (default: the context of ``k_cache``)."""
     types = _decode_signature(model)
     n_layer, _, n_head, context, head_dim = (int(d) for d in types["k_cache"].shape)
     prompt = [int(t) for t in prompt_ids]
@@ -207,7 +437,7 @@ def generate(model, prompt_ids: Sequence[int], steps: int, max_seq: int | None =
         logits = step(token)
     while True:
         out.logits.append(logits)
-        out.append(int(np.argmax(logits)))
+        out.append(choose(logits))
         if len(out) == steps:
             return out
         logits = step(out[-1])
