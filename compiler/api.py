@@ -99,6 +99,7 @@ class CompiledModel:
         self._executor = None
         self.compile_seconds = compile_seconds
         self._torch = torch_capture
+        self._weight_versions: list = []   # (name, tensor, version) of the torch module's weights it references
         self.timings: dict[str, float] = {}   # wall seconds per compile stage, in order (``timings_table()``)
         self.cache = None                     # CacheInfo: what the compile cache did (None: not asked)
         self._cached = None                   # (entry, Artifact) when this model was loaded from the cache
@@ -148,6 +149,11 @@ class CompiledModel:
     def _call_torch(self, args, kwargs):
         import torch
         from torch.utils import _pytree as pytree
+        for name, tensor, version in self._weight_versions:
+            if tensor._version != version:
+                raise CompileError(f"the module's {name} was changed in place after it was compiled: the compiled "
+                                   "model reads the module's weights where no pass transformed them, so it would "
+                                   "compute with a mix of old and new weights; compile it again")
         if kwargs:
             raise CompileError("keyword arguments are not supported for compiled torch modules yet")
         flat, _ = pytree.tree_flatten(args)
@@ -289,7 +295,7 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     cache = compile_cache.default_enabled() if cache is None else cache
     lookup = _cache_lookup(model, example_inputs, platform, options, cache_dir, start) if cache else None
     if isinstance(lookup, CompiledModel):
-        return lookup
+        return _guard_module_weights(lookup, model)
     timings = dict(lookup.timings) if lookup is not None else {}
     graph, torch_capture = capture(model, example_inputs, dynamic_shapes, timings)
     calibration = _example_feeds(graph, torch_capture, example_inputs) if quantize or flash_predict else None
@@ -304,6 +310,16 @@ def compile(model: Any, example_inputs: Sequence[Any] | None = None, platform: A
     elif lookup is not None and lookup.key is not None:
         _cache_store(compiled, lookup, model)
         compiled.compile_seconds = time.perf_counter() - start
+    return _guard_module_weights(compiled, model)
+
+
+def _guard_module_weights(compiled: CompiledModel, model: Any) -> CompiledModel:
+    """The compiled model references a torch module's weights (the frontend views them, not copies): remember each
+    tensor's in-place version counter, so a call after a weight changed in place is refused (only the weights no
+    pass transformed would see the change: a mix of old and new) instead of computing that mix."""
+    if compiled._torch is not None and hasattr(model, "named_parameters"):
+        tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+        compiled._weight_versions = [(name, t, t._version) for name, t in tensors]
     return compiled
 
 

@@ -176,3 +176,19 @@ def test_the_key_is_the_same_in_another_process(tmp_path):
     from hetflow.examples.models import build_gpt2
     module, inputs = build_gpt2()
     assert there == compile_cache.compile_key(module, inputs, load_platform("host"), {"placement": "roofline"})
+
+
+def test_a_weight_changed_in_place_after_compile_is_refused_not_half_seen():
+    """The compiled model references the module's weights: a change in place would reach only the weights no pass
+    transformed, so the next call is refused naming the weight."""
+    import torch
+    import hetflow
+    from hetflow.api import CompileError
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 8)
+    compiled = hetflow.compile(module, (x,), cache=False)
+    torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        module[2].bias.add_(1.0)
+    with pytest.raises(CompileError, match=r"2\.bias was changed in place"):
+        compiled(x)
