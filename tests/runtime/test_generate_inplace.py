@@ -114,7 +114,24 @@ def test_cache_written_in_place(generator):
 
 
 def test_decode_step_binds_the_cache_without_a_copy(generator, monkeypatch):
-    """What the ONNX Runtime partition is handed for each cache input is memory of the one buffer."""
+    """What the ONNX Runtime partition is handed for each cache input is memory of the one buffer: through the
+    lean call path (a one-partition step), each cache input bound by pointer, or, when it is no larger than
+    ``STAGE_BYTES``, copied into a buffer bound once (cheaper than binding a pointer at that size); through the
+    executor, the runner handed the buffer's own memory."""
+    from hetflow.runtime.prebound import STAGE_BYTES
+    lean = generator.decode.executor.lean
+    if lean is not None:
+        generator.step(3, 4)
+        slots = {name: (slot, staged) for slot, (_, name, staged) in enumerate(lean.inputs) if name.startswith("cache_")}
+        assert sorted(slots) == [f"cache_{j}" for j in range(4)]
+        for name, (slot, staged) in slots.items():
+            j = int(name.split("_")[1])
+            view = generator.kv[j // 2, j % 2]
+            if staged is None:
+                assert lean.bound[slot].ctypes.data == view.ctypes.data
+            else:
+                assert view.nbytes <= STAGE_BYTES
+        return
     runners = generator.decode.executor.runners
     seen = []
     for runner in runners:
