@@ -12,8 +12,9 @@ process:
 * resident: no budget (every weight in ``weights.safetensors``);
 * streamed: ``--dram-budget 580 MiB``: FFN layers that do not fit stream whole from the flash image, the next
   layer prefetched while one computes (exact);
-* predicted: the same budget with ``flash_predict``: a predictor per streamed layer, calibrated on the
-  example context, picks the neurons to read; a window cache keeps the recent ones (approximate).
+* predicted: ``flash_predict`` under the budget plus 96 MiB (its predictors and window caches, sized on the one
+  16-token example context, do not fit 580): a predictor per streamed layer picks the neurons to read; a window
+  cache keeps the recent ones (approximate).
 
 Printed per artifact: the plan (from the compile report), median ms per call, MiB read from the image per
 call, peak RSS over the RSS before the artifact was loaded (against the budget), and the logits' error and
@@ -36,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 CONTEXT = 16
 CALLS = 6
 MiB = 1 << 20
+PREDICTED_EXTRA_MIB = 96   # the predictors and window caches sized on one 16-token context need more than 580 MiB
 
 
 def _model():
@@ -65,7 +67,8 @@ def compile_all(directory: Path, budget_mib: int, platform: str) -> dict:
     np.savez(directory / "eager.npz", ids=ids.numpy(), logits=eager)
     info = {}
     for name, options in (("resident", {}), ("streamed", {"dram_budget": budget_mib * MiB}),
-                          ("predicted", {"dram_budget": budget_mib * MiB, "flash_predict": True})):
+                          ("predicted", {"dram_budget": (budget_mib + PREDICTED_EXTRA_MIB) * MiB,
+                                         "flash_predict": True})):
         began = time.perf_counter()
         compiled = hetflow.compile(wrapped, (ids,), platform=platform, **options)
         seconds = time.perf_counter() - began
@@ -130,10 +133,11 @@ def main(argv=None) -> int:
         if result.returncode != 0:
             raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
         r = rows[name] = json.loads(result.stdout.strip().splitlines()[-1])
-        within = "within" if r["peak_over_baseline_mib"] <= args.budget_mib else "OVER"
+        budget = args.budget_mib + (PREDICTED_EXTRA_MIB if name == "predicted" else 0)
+        within = "within" if r["peak_over_baseline_mib"] <= budget else "OVER"
         print(f"  {name:9s} {r['ms_per_call']:8.1f} ms/call  {r['streamed_layers']:2d} FFN layers streamed, read "
               f"{r['read_mib_per_call']:6.1f} MiB/call  peak RSS +{r['peak_over_baseline_mib']:.0f} MiB over the "
-              f"pre-load RSS ({within} the {args.budget_mib} MiB budget)  logits error {r['logits_error']:.1e}, "
+              f"pre-load RSS ({within} {'its' if name == 'predicted' else 'the'} {budget} MiB budget)  logits error {r['logits_error']:.1e}, "
               f"argmax equal {r['argmax_equal']}/{r['positions']}", flush=True)
     s, p = rows["streamed"], rows["predicted"]
     print(f"compiled, streamed whole vs resident: {s['ms_per_call'] / rows['resident']['ms_per_call']:.2f}x the time; "

@@ -69,7 +69,16 @@ def drop_page_cache(path) -> bool:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size in bytes: ``VmHWM`` of ``/proc/self/status`` where there is one (this
+    program's own: ``ru_maxrss`` keeps the peak of the process that started it, across exec), else ``ru_maxrss``
+    (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
