@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 
 from .sweep import (Point, Progress, SweepError, SweepResult, connect_ray, evaluate_point, import_ray)
@@ -85,7 +87,12 @@ def search_points(points: list[Point], table, search: str, budget: int | None, s
                            run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="hetflow-tune-"),
                                                      verbose=0, callbacks=[_rows_callback(tune, record)],
                                                      failure_config=tune.FailureConfig(max_failures=3)))
-        tuner.fit()
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            tuner.fit()
+        finally:   # Tune installs its own Ctrl-C handler (a flag, no KeyboardInterrupt) and leaves it installed
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, handler)
     finally:
         results.write()
         bar.show(end="\n")

@@ -79,6 +79,8 @@ def test_tune_random_search_draws_the_budget_and_computes_no_point_twice(ray_ses
     drawn = {r["arg.batch"] for r in result.rows}
     assert drawn <= {1, 2} and len(result.rows) == len(drawn)
     assert all(count == 1 for count in sweep_models.started(markers).values())   # 4 draws of 2 points: each once
+    import signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Tune's Ctrl-C handler is not left behind
     assert len(read_rows(tmp_path / "r.parquet")) == len(drawn)
 
 
