@@ -208,31 +208,16 @@ def _gated(mul: Node, graph: Graph) -> FfnMatch | None:
             continue
         x, gate, _, used_gate = g_lin
         _, up, b_up, used_up = u_lin
-        h_out, h_view = mul.outputs[0], _row_reshape(_only_use(mul.outputs[0]))
-        if (h_view is None) != (g_view is None):
+        down_side = _down_projection(mul.outputs[0])
+        if down_side is None or (down_side[0] is None) != (g_view is None):
             continue
-        consumer = _only_use(h_view.outputs[0]) if h_view is not None else _only_use(h_out)
-        h_in = h_view.outputs[0] if h_view is not None else h_out
-        if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not h_in:
-            continue
-        down_side = _linear_with_bias(consumer)
-        if down_side is None:
-            continue
-        _, down, b_down, used_down, down_nodes, out = down_side
-        hidden, neurons = up.shape
-        if gate.shape != up.shape or down.shape != (neurons, hidden) or x.type != out.type:
-            continue
-        weights = used_gate + used_up + used_down
-        if any(w.num_uses != 1 for w in weights) or len({id(w) for w in weights}) != len(weights):
-            continue
-        if len({gate.dtype, up.dtype, down.dtype}) != 1 or not np.issubdtype(up.dtype, np.floating):
-            continue
+        h_view, down, b_down, used_down, down_nodes, out = down_side
         index = {id(n): i for i, n in enumerate(graph.nodes)}
         members = [g_node, u_node, *silu_nodes, mul, *down_nodes] + [v for v in (g_view, u_view, h_view) if v is not None]
         members.sort(key=lambda n: index[id(n)])
-        dtype = up.dtype
-        return FfnMatch(members, x, out, up, np.zeros(neurons, dtype) if b_up is None else b_up.astype(dtype), down,
-                        np.zeros(hidden, dtype) if b_down is None else b_down.astype(dtype), weights, gate=gate)
+        match = _layer(members, x, out, up, b_up, down, b_down, used_gate + used_up + used_down, gate)
+        if match is not None:
+            return match
     return None
 
 
@@ -242,6 +227,42 @@ def find_ffns(graph: Graph) -> list[FfnMatch]:
     found += _relu_ffns(graph)
     index = {id(n): i for i, n in enumerate(graph.nodes)}
     return sorted(found, key=lambda m: index[id(m.nodes[0])])
+
+
+def _down_projection(activation: Value):
+    """The down projection reading ``activation`` (maybe through a row view), alone: (the view or None, down
+    [neurons, hidden], its bias or None, the weights it reads, its nodes, its output), or None."""
+    consumer = _only_use(activation)
+    view = _row_reshape(consumer)
+    read = view.outputs[0] if view is not None else activation
+    if view is not None:
+        consumer = _only_use(read)
+    if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not read:
+        return None
+    side = _linear_with_bias(consumer)
+    if side is None:
+        return None
+    _, down, b_down, used, nodes, out = side
+    return view, down, b_down, used, nodes, out
+
+
+def _layer(nodes: list[Node], x: Value, out: Value, up, b_up, down, b_down, weights: list[Value],
+           gate=None) -> FfnMatch | None:
+    """The checks every feed-forward layer passes: shapes that make a layer (its output like its input), weights
+    only it reads (a tied weight stays resident with its other readers), one float dtype."""
+    hidden, neurons = up.shape
+    if down.shape != (neurons, hidden) or (gate is not None and gate.shape != up.shape):
+        return None
+    if x.type is None or x.type != out.type:
+        return None
+    if any(w.num_uses != 1 for w in weights) or len({id(w) for w in weights}) != len(weights):
+        return None
+    dtypes = {up.dtype, down.dtype} | ({gate.dtype} if gate is not None else set())
+    if len(dtypes) != 1 or not np.issubdtype(up.dtype, np.floating):
+        return None
+    dtype = up.dtype
+    return FfnMatch(nodes, x, out, up, np.zeros(neurons, dtype) if b_up is None else b_up.astype(dtype), down,
+                    np.zeros(hidden, dtype) if b_down is None else b_down.astype(dtype), weights, gate=gate)
 
 
 def _relu_ffns(graph: Graph) -> list[FfnMatch]:
@@ -265,33 +286,14 @@ def _relu_ffns(graph: Graph) -> list[FfnMatch]:
         if before is not None and _only_use(activation_in) is not before:
             continue
         x, up, b_up, used_up, up_nodes, _ = up_side
-        consumer = _only_use(relu.outputs[0])
-        after = _row_reshape(consumer)
-        activation_out = relu.outputs[0]
-        if after is not None:
-            activation_out = after.outputs[0]
-            consumer = _only_use(activation_out)
-        if consumer is None or consumer.op not in ("MatMul", "Gemm") or consumer.inputs[0] is not activation_out:
-            continue
-        down_side = _linear_with_bias(consumer)
-        if down_side is None:
-            continue
-        _, down, b_down, used_down, down_nodes, out = down_side
-        hidden, neurons = up.shape
-        if down.shape != (neurons, hidden) or x.type is None or x.type.shape is None or x.type.shape[-1] != hidden:
-            continue
-        weights = used_up + used_down
-        if any(w.num_uses != 1 for w in weights) or len({id(w) for w in weights}) != len(weights):
-            continue   # a weight another node reads too (tied): it stays resident with its readers
-        dtype = up.dtype
-        if down.dtype != dtype or not np.issubdtype(dtype, np.floating):
-            continue
-        if (before is None) != (after is None) or x.type != out.type:
+        down_side = _down_projection(relu.outputs[0])
+        if down_side is None or (before is None) != (down_side[0] is None):
             continue   # the layer's input and output must be alike (a view undone on the other side)
+        after, down, b_down, used_down, down_nodes, out = down_side
         middle = [n for n in (before, relu, after) if n is not None]
-        found.append(FfnMatch(up_nodes + middle + down_nodes, x, out, up,
-                              np.zeros(neurons, dtype) if b_up is None else b_up.astype(dtype),
-                              down, np.zeros(hidden, dtype) if b_down is None else b_down.astype(dtype), weights))
+        match = _layer(up_nodes + middle + down_nodes, x, out, up, b_up, down, b_down, used_up + used_down)
+        if match is not None:
+            found.append(match)
     return found
 
 
