@@ -342,8 +342,7 @@ def tile_flash(graph: Graph, options: CompileOptions | None = None) -> PassResul
                         "(SwiGLU), whose neurons are never exactly zero: compile it without --flash-predict")
     layers = [FfnLayer(m.name, m.up.shape[0], m.up.shape[1], m.up.dtype.itemsize, gated=m.gate is not None,
                        activation="silu" if m.gate is not None else "relu") for m in ffns]
-    streamed_bytes = sum(sum(w.data.nbytes for w in m.weights) for m in ffns)
-    resident = weight_bytes - streamed_bytes + sum(m.b_up.nbytes + m.b_down.nbytes for m in ffns)
+    resident = _resident_bytes(graph, ffns)
     curve = [(float(s), float(t)) for s, t in platform.flash.throughput]
     samples = _ffn_inputs(graph, ffns, options) if predict else None
     fractions = _active_fractions(ffns, samples) if samples is not None else None
@@ -357,6 +356,13 @@ def tile_flash(graph: Graph, options: CompileOptions | None = None) -> PassResul
         if layer_plan.streamed:
             tiling.streamed.append(_stream(graph, match, layer_plan, samples, predict))
     return PassResult(graph, bool(tiling.streamed))
+
+
+def _resident_bytes(graph: Graph, ffns: list[FfnMatch]) -> int:
+    """What stays in DRAM when every layer of ``ffns`` streams: the other weights, and each layer's biases."""
+    streamed = sum(sum(w.data.nbytes for w in m.weights) for m in ffns)
+    return (sum(w.data.nbytes for w in graph.weights.values()) - streamed
+            + sum(m.b_up.nbytes + m.b_down.nbytes for m in ffns))
 
 
 def _workspace(graph: Graph) -> int:
@@ -477,6 +483,5 @@ def streaming_budget(graph: Graph) -> int | None:
     if not ffns:
         return None
     weights = sum(w.data.nbytes for w in graph.weights.values())
-    streamed = [m.parts * m.up.nbytes for m in ffns]
-    budget = weights - sum(streamed) + 2 * max(streamed) + _workspace(graph) + ALIGN
+    budget = _resident_bytes(graph, ffns) + 2 * max(m.parts * m.up.nbytes for m in ffns) + _workspace(graph) + ALIGN
     return budget if budget < weights + _workspace(graph) else None
