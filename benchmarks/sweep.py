@@ -15,7 +15,9 @@ The study (every time in it modelled, never measured; only the wall times below 
 
 (a) runs the points one by one in this process; (b) on Ray embedded here with 2 workers; (c) on a cluster
 of two Ray nodes (``ray start --head`` and ``ray start --address``, each its own process, one CPU each)
-started here, which the study joins by address. Each run writes its own table; the rows are compared
+started here, which the study joins by address. (a) and (b) alternate over blocks of the points (``--blocks``,
+a b, b a, ...), as this VM's speed drifts by a third over minutes: run one after the other, the drift was
+booked as the speedup (1.19x in one such run whose per-point times showed no loss to Ray). Each run writes its own table; the rows are compared
 point by point, leaving out ``compile_s`` and ``worker``. The machine is shared: wall times are noisy.
 """
 from __future__ import annotations
@@ -106,6 +108,64 @@ def stop_cluster(processes: list[subprocess.Popen]) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def interleaved(points, folder: Path, blocks: int) -> tuple[float, float, float]:
+    """(a) and (b) over the same points, block by block, the order alternating (a b, b a, a b, ...): this
+    VM's speed drifts by a third over minutes (its host is shared), which two runs one after the other
+    would book as a speedup or a loss. Ray starts once, as in one study, and stays up through the serial
+    blocks: the CPU its idle processes take meanwhile is printed. Both tables end up holding every point."""
+    import ray
+    from hetflow.sweep import connect_ray, run_points
+    start = time.perf_counter()
+    connect_ray(ray, None, 2)              # Ray's own start (a few seconds), timed apart from the study
+    ray_start_s = time.perf_counter() - start
+    size = -(-len(points) // blocks)
+    serial_s = embedded_s = idle_ray_cpu = 0.0
+
+    def ray_cpu() -> float:                # the processes under this one: Ray's (raylet, GCS, workers)
+        parent, seconds = {}, {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            parent[pid], seconds[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        def under_me(pid: int) -> bool:
+            while pid > 1:
+                pid = parent.get(pid, 0)
+                if pid == os.getpid():
+                    return True
+            return False
+        return sum(t for pid, t in seconds.items() if under_me(pid))
+    try:
+        for index in range(blocks):
+            block = points[index * size:(index + 1) * size]
+            walls = {}
+            for engine in (("serial", "ray") if index % 2 == 0 else ("ray", "serial")):
+                table = folder / ("serial.parquet" if engine == "serial" else "embedded.parquet")
+                before = ray_cpu() if engine == "serial" else 0.0
+                start = time.perf_counter()
+                run_points(block, table, engine=engine, progress=False)
+                walls[engine] = time.perf_counter() - start
+                if engine == "serial":
+                    idle_ray_cpu += ray_cpu() - before
+            serial_s += walls["serial"]
+            embedded_s += walls["ray"]
+            print(f"  block {index + 1}/{blocks} ({len(block)} points): serial {walls['serial']:.1f} s, embedded "
+                  f"Ray {walls['ray']:.1f} s ({walls['serial'] / walls['ray']:.2f}x)", flush=True)
+    finally:
+        ray.shutdown()
+    print(f"(a, serial) {len(points)} points in {serial_s:.1f} s (Ray's idle processes meanwhile: "
+          f"{idle_ray_cpu:.1f} s of CPU); (b, embedded Ray, 2 workers) in {embedded_s:.1f} s")
+    return serial_s, embedded_s, ray_start_s
+
+
+def read_table(path: Path) -> list[dict]:
+    from hetflow.sweep_table import read_rows
+    return read_rows(path)
+
+
 def run(label: str, points, table: Path, **engine) -> tuple[float, dict]:
     from hetflow.sweep import run_points
     start = time.perf_counter()
@@ -128,6 +188,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="14 points instead of 216")
     parser.add_argument("--plot", metavar="DIR", help="write the PIM-GPT study's plots into DIR")
+    parser.add_argument("--blocks", type=int, default=4, help="(a) and (b) alternate over this many blocks of "
+                        "the points (default 4)")
     parser.add_argument("--keep", metavar="DIR", help="write the tables into DIR (default: a temporary folder)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -138,16 +200,9 @@ def main(argv=None) -> int:
     points = study(args.quick)
     print(f"{len(points)} points: Duplex MoE layer (bandwidth x batch x top-k) and PIM-GPT decode "
           "(channels x model x context); every result modelled, wall times measured (a shared 2-core machine)")
-    serial_s, serial = run("a, serial", points, folder / "serial.parquet", engine="serial")
-    import ray
-    from hetflow.sweep import connect_ray
-    start = time.perf_counter()
-    connect_ray(ray, None, 2)          # Ray's own start (a few seconds), timed apart from the study
-    ray_start_s = time.perf_counter() - start
-    try:
-        embedded_s, embedded = run("b, embedded Ray, 2 workers", points, folder / "embedded.parquet", engine="ray")
-    finally:
-        ray.shutdown()
+    serial_s, embedded_s, ray_start_s = interleaved(points, folder, args.blocks)
+    serial = {r["point"]: r for r in read_table(folder / "serial.parquet")}
+    embedded = {r["point"]: r for r in read_table(folder / "embedded.parquet")}
     temp_dir = tempfile.mkdtemp(prefix="hetflow-ray-")
     address, processes = start_cluster(temp_dir)
     try:

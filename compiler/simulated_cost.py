@@ -8,7 +8,9 @@ simulators time a program from the program alone (the instruction scoreboard, th
 so nothing is executed: the price is one emit and one timing walk per distinct group.
 
 Results are cached in this process by the group's printed IR (names, locations and meta left out:
-``structure``) and the device's figures, so a transformer's repeated layers are timed once. A group the backend declines (the NPU's dynamic shapes, an op the PIM
+``structure``) and the device's figures, so a transformer's repeated layers are timed once. A study's
+workers share what each has learnt (``cache_entries`` / ``merge_cache``: ``hetflow.sweep``), as points of
+one model differing only in context or a platform figure the groups do not see repeat most probes. A group the backend declines (the NPU's dynamic shapes, an op the PIM
 command stream cannot hold) gets ``None``: placement keeps the analytic time for it and the report
 counts it.
 
@@ -25,7 +27,7 @@ from hetflow.ir import Graph, Node
 from hetflow.ir.graph import extract_subgraph
 from hetflow.ir.text import print_graph
 
-__all__ = ["simulated_seconds", "cache_info", "clear_cache"]
+__all__ = ["simulated_seconds", "cache_info", "clear_cache", "cache_entries", "merge_cache"]
 
 _CACHE: dict[str, float | None] = {}
 _LOCK = threading.Lock()
@@ -101,3 +103,15 @@ def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
         _STATS.update(hits=0, misses=0)
+
+
+def cache_entries(leave_out: set | frozenset = frozenset()) -> dict[str, float | None]:
+    """The cached times (key -> seconds, None where declined), less the keys in ``leave_out``."""
+    with _LOCK:
+        return {k: v for k, v in _CACHE.items() if k not in leave_out}
+
+
+def merge_cache(entries: dict[str, float | None]) -> None:
+    """Add times another process simulated (``cache_entries`` there): same key, same program, same time."""
+    with _LOCK:
+        _CACHE.update(entries)

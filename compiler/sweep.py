@@ -16,8 +16,9 @@ where it stopped and never computes a finished point twice. ``engine="serial"`` 
 process (no Ray). A point that fails is a row with its error, never the end of the study.
 
 A point's result is deterministic (the placement solver runs on one thread with a deterministic limit), so
-the same study gives the same rows serially, embedded or on a cluster; only ``compile_s`` (wall time) and
-``worker`` differ, and ``NONDETERMINISTIC`` names them.
+the same study gives the same rows serially, embedded or on a cluster; only ``compile_s`` (wall time),
+``worker`` and ``sim_probes`` (the simulations the point ran itself rather than found in the study's shared
+table of probe times) differ, and ``NONDETERMINISTIC`` names them.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from .sweep_table import KEY, ResultTable, literal
 __all__ = ["Point", "SweepError", "SweepResult", "grid_points", "evaluate_point", "run_points", "sweep",
            "platform_with", "parse_set", "NONDETERMINISTIC"]
 
-NONDETERMINISTIC = ("compile_s", "worker")   # row fields that differ between runs of the same point
+NONDETERMINISTIC = ("compile_s", "worker", "sim_probes")   # row fields that differ between runs of a point
 RAY_MISSING = "hetflow sweep runs its points on Ray: pip install 'hetflow[sweep]' (ray[tune] and pyarrow)"
 OBJECT_STORE_BYTES = 200 * 1024**2   # an embedded Ray's object store: rows are small
 
@@ -181,8 +182,9 @@ def _typed(value, schema: dict, path: str):
 def evaluate_point(point: Point) -> dict:
     """Compile the point and read its prediction: a row. Never raises for the point's own failure (its
     error is the row's ``error``); dies only with its process, which Ray then retries."""
+    from hetflow.simulated_cost import cache_info
     row = point.columns()
-    start = time.perf_counter()
+    start, simulated = time.perf_counter(), cache_info()["misses"]
     try:
         compiled = _compile(point)
         row.update(_measures(compiled))
@@ -191,6 +193,7 @@ def evaluate_point(point: Point) -> dict:
         row["status"] = "failed"
         row["error"] = _one_line(exc)
     row["compile_s"] = time.perf_counter() - start
+    row["sim_probes"] = cache_info()["misses"] - simulated
     row["worker"] = f"{os.uname().nodename}:{os.getpid()}"
     return row
 
@@ -358,21 +361,31 @@ def run_points(points: list[Point], table: str | Path, engine: str = "ray", addr
 def _run_on_ray(pending: list[Point], record: Callable[[dict], None], address: str | None,
                 workers: int | None) -> str:
     """Each point a Ray task declaring one CPU, retried by Ray when its worker dies; rows recorded as they
-    finish, at most a few tasks in flight per worker (an interrupt leaves little work thrown away)."""
+    finish, one task in flight per CPU (an interrupt leaves little work thrown away). The
+    simulated cost model's probe times are shared across the study: each task returns the probes it timed,
+    and later tasks start from all the study has timed (one process's cache, as a serial study has)."""
     ray = import_ray()
     started_here = connect_ray(ray, address, workers)
     queue, running = list(pending), {}
     try:
-        task = ray.remote(num_cpus=1, max_retries=5)(evaluate_point)
-        slots = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        task = ray.remote(num_cpus=1, max_retries=5)(_evaluate_on_worker)
+        # one task in flight per CPU: a task is given the table as it stands when it is submitted, so a
+        # queue of waiting tasks would start from an older one (a point is 0.1-2 s; the gap is milliseconds)
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        timed: dict = {}                                  # the study's simulated probe times
+        shared, shared_entries = ray.put({}), 0
         while queue or running:
+            if len(timed) != shared_entries:
+                shared, shared_entries = ray.put(dict(timed)), len(timed)
             while queue and len(running) < slots:
                 point = queue.pop(0)
-                running[task.remote(point)] = point
+                running[task.remote(point, [shared])] = point
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 point = running.pop(ref)
-                record(_task_row(ray, ref, point))
+                row, learnt = _task_row(ray, ref, point)
+                timed.update(learnt)
+                record(row)
         where = address or "embedded"
         return f"ray ({where}, {int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     except BaseException:      # an interrupt: the tasks still running are stopped, their points left to a resume
@@ -384,14 +397,32 @@ def _run_on_ray(pending: list[Point], record: Callable[[dict], None], address: s
             ray.shutdown()
 
 
-def _task_row(ray, ref, point: Point) -> dict:
-    """The task's row; a task Ray gave up on (its worker died past every retry) is a failed row too."""
+_MERGED: set[str] = set()      # the shared probe tables this worker process has merged already
+
+
+def _evaluate_on_worker(point: Point, shared: list) -> tuple[dict, dict]:
+    """A Ray task: the point's row, and the simulated probe times it added (``shared``: [a reference to the
+    study's table], in a list so that Ray passes the reference, fetched only when new to this worker)."""
+    import ray
+    from hetflow import simulated_cost
+    (reference,) = shared
+    if reference.hex() not in _MERGED:
+        simulated_cost.merge_cache(ray.get(reference))
+        _MERGED.add(reference.hex())
+    known = set(simulated_cost.cache_entries())
+    row = evaluate_point(point)
+    return row, simulated_cost.cache_entries(leave_out=known)
+
+
+def _task_row(ray, ref, point: Point) -> tuple[dict, dict]:
+    """The task's row and probe times; a task Ray gave up on (its worker died past every retry) is a failed
+    row too."""
     try:
         return ray.get(ref)
     except Exception as exc:
         row = point.columns()
-        row.update(status="failed", error=f"ray: {_one_line(exc)}", compile_s=None, worker=None)
-        return row
+        row.update(status="failed", error=f"ray: {_one_line(exc)}", compile_s=None, worker=None, sim_probes=None)
+        return row, {}
 
 
 def import_ray():

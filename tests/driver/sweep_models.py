@@ -25,6 +25,12 @@ def tiny(batch: int = 1, width: int = 64, sleep: float = 0.0, marker_dir: str | 
     return b.graph
 
 
+def gpt_decode(context: int = 16, hidden: int = 64, tag: int = 0):
+    """A one-layer GPT decode step (``tag`` only tells points apart: same tag or not, the same graph)."""
+    from hetflow.examples.decode_graphs import build_gpt2_decode_step
+    return build_gpt2_decode_step(layers=1, hidden=hidden, heads=2, context=context, vocab=50)
+
+
 def started(marker_dir) -> dict[str, int]:
     """How many times each point (``<batch>_<width>``) was started."""
     counts: dict[str, int] = {}

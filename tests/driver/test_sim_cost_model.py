@@ -16,7 +16,7 @@ from hetflow.passes import CompileOptions
 from hetflow.passes.cost import cost_node
 from hetflow.pipeline import run_pipeline
 from hetflow.platform import PlatformError, load_platform
-from hetflow.simulated_cost import cache_info, clear_cache, structure
+from hetflow.simulated_cost import cache_entries, cache_info, clear_cache, merge_cache, structure
 
 
 def _decode(layers: int = 2):
@@ -50,6 +50,19 @@ def test_sim_cost_model_times_repeated_layers_once_and_says_so_in_the_report():
     placed = [c for c in compiled.placement.costs if "pim" in c.simulated]
     assert placed and all(c.times["pim"] == c.simulated["pim"] for c in placed)
     assert "cost model: analytic" in compile_graph(_decode(), "pim-gpt").report()
+
+
+def test_probe_times_merged_from_another_process_are_hits_with_the_same_result():
+    clear_cache()
+    first = compile_graph(_decode(), "pim-gpt", cost_model="sim")
+    learnt = cache_entries()
+    assert learnt and cache_entries(leave_out=set(learnt)) == {}
+    clear_cache()
+    merge_cache(learnt)                                     # as a sweep worker starts from the study's table
+    again = compile_graph(_decode(), "pim-gpt", cost_model="sim")
+    assert cache_info()["misses"] == 0 and cache_info()["hits"] > 0
+    assert again.schedule.makespan == first.schedule.makespan
+    assert [n.meta.get("device") for n in again.graph.nodes] == [n.meta.get("device") for n in first.graph.nodes]
 
 
 def test_structure_ignores_names_but_not_shapes():

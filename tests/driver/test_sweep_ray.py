@@ -42,6 +42,33 @@ def test_embedded_ray_gives_the_serial_rows(ray_session, tmp_path):
     assert {r["worker"] for r in on_ray.rows}.isdisjoint({r["worker"] for r in serial.rows})  # other processes
 
 
+def test_a_sim_study_on_ray_gives_the_serial_rows_and_shares_probe_times(ray_session, tmp_path):
+    from hetflow.examples.decode_graphs import build_gpt2_decode_step
+    from hetflow.api import compile_graph
+    from hetflow.simulated_cost import cache_entries, clear_cache
+    from hetflow.sweep import Point, _evaluate_on_worker
+    points = grid_points([f"{HERE / 'sweep_models.py'}:gpt_decode"], "pim-gpt", args={"context": [16, 32],
+                         "tag": [0, 1]}, cost_model="sim")
+    serial = run_points(points, tmp_path / "serial.parquet", engine="serial", progress=False)
+    on_ray = run_points(points, tmp_path / "ray.parquet", engine="ray", progress=False)
+    assert all(r["status"] == "ok" for r in on_ray.rows), [r.get("error") for r in on_ray.rows]
+    assert all(equal_rows(a, b) for a, b in zip(serial.rows, on_ray.rows))
+    # a task given the study's table runs no simulation it holds: a model no worker has seen (hidden 96),
+    # its probes timed here in the driver
+    clear_cache()
+    compile_graph(build_gpt2_decode_step(layers=1, hidden=96, heads=2, context=24, vocab=50), "pim-gpt",
+                  cost_model="sim")
+    table = cache_entries()
+    point = Point(f"{HERE / 'sweep_models.py'}:gpt_decode", "pim-gpt", (), (("context", 24), ("hidden", 96)),
+                  cost_model="sim")
+    row, learnt = ray.get(ray.remote(num_cpus=1)(_evaluate_on_worker).remote(point, [ray.put(table)]))
+    assert row["status"] == "ok" and row["sim_probes"] == 0 and learnt == {}
+    cold, learnt = ray.get(ray.remote(num_cpus=1)(_evaluate_on_worker).remote(
+        Point(f"{HERE / 'sweep_models.py'}:gpt_decode", "pim-gpt", (), (("context", 24), ("hidden", 112)),
+              cost_model="sim"), [ray.put({})]))
+    assert cold["sim_probes"] > 0 and len(learnt) == cold["sim_probes"]   # a model it has not seen: simulated
+
+
 def test_a_killed_worker_is_retried_and_every_point_is_in_the_table_once(ray_session, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
