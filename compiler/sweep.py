@@ -378,7 +378,7 @@ def _run_on_ray(pending: list[Point], record: Callable[[dict], None], address: s
             if len(timed) != shared_entries:
                 shared, shared_entries = ray.put(dict(timed)), len(timed)
             while queue and len(running) < slots:
-                point = queue.pop(0)
+                point = _next_point(queue, running.values())
                 running[task.remote(point, [shared])] = point
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
@@ -395,6 +395,17 @@ def _run_on_ray(pending: list[Point], record: Callable[[dict], None], address: s
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _next_point(queue: list[Point], running: Iterable[Point], look: int = 64) -> Point:
+    """The next point to start: the first of the queue's first ``look`` that is not a simulated point of the
+    same model and platform variant as one running (those share most of their probes: run side by side,
+    both would simulate them, run one after the other, the second finds them in the table), else the first."""
+    busy = {(p.model, p.platform, p.sets) for p in running if p.cost_model == "sim"}
+    for index, point in enumerate(queue[:look]):
+        if point.cost_model != "sim" or (point.model, point.platform, point.sets) not in busy:
+            return queue.pop(index)
+    return queue.pop(0)
 
 
 _MERGED: set[str] = set()      # the shared probe tables this worker process has merged already

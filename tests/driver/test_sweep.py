@@ -95,6 +95,19 @@ def test_a_point_is_deterministic_and_moves_with_its_parameters():
     assert evaluate_point(slow)["makespan_us"] > evaluate_point(fast)["makespan_us"]
 
 
+def test_simulated_points_sharing_probes_are_not_started_side_by_side():
+    from hetflow.sweep import _next_point
+    sim = grid_points([TINY], "pim-gpt", {"device.pim.channels": [16, 32]}, {"batch": [1, 2]}, cost_model="sim")
+    assert [dict(p.sets)["device.pim.channels"] for p in sim] == [16, 16, 32, 32]
+    queue = list(sim)
+    running = [_next_point(queue, [])]
+    running.append(_next_point(queue, running))
+    assert running[1] is sim[2]                             # not the other channels=16 point beside the first
+    assert _next_point(queue, running) is sim[1]           # both variants busy: the first of the queue
+    analytic = grid_points([TINY], "pim-gpt", batch=[1, 2])
+    assert _next_point(list(analytic), analytic[:1]) is analytic[0]   # analytic points share nothing: in order
+
+
 def test_a_failed_point_is_a_row_and_the_study_goes_on(tmp_path):
     points = grid_points([BROKEN, TINY], "duplex", batch=[1, 2])
     result = run_points(points, tmp_path / "t.csv", engine="serial", progress=False)
