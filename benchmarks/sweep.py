@@ -13,11 +13,12 @@ The study (every time in it modelled, never measured; only the wall times below 
     512) over the PIM's channel count (2 to 64), with the PIM simulator in placement (``cost_model="sim"``):
     96 points.
 
-(a) runs the points one by one in this process; (b) on Ray embedded here with 2 workers; (c) on a cluster
+(a) runs the points one by one in a process of their own (one that never imports Ray); (b) on Ray embedded here with 2 workers; (c) on a cluster
 of two Ray nodes (``ray start --head`` and ``ray start --address``, each its own process, one CPU each)
 started here, which the study joins by address. (a) and (b) alternate over blocks of the points (``--blocks``,
 a b, b a, ...), as this VM's speed drifts by a third over minutes: run one after the other, the drift was
-booked as the speedup (1.19x in one such run whose per-point times showed no loss to Ray). Each run writes its own table; the rows are compared
+booked as the speedup (1.19x in one such run whose per-point times showed no loss to Ray). (a) does not run
+in this process because Ray initialised in a process, even idle, slowed its points by a fifth (measured). Each run writes its own table; the rows are compared
 point by point, leaving out ``compile_s`` and ``worker``. The machine is shared: wall times are noisy.
 """
 from __future__ import annotations
@@ -108,20 +109,25 @@ def stop_cluster(processes: list[subprocess.Popen]) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def interleaved(points, folder: Path, blocks: int) -> tuple[float, float, float]:
+def interleaved(points, folder: Path, blocks: int, quick: bool) -> tuple[float, float, float]:
     """(a) and (b) over the same points, block by block, the order alternating (a b, b a, a b, ...): this
     VM's speed drifts by a third over minutes (its host is shared), which two runs one after the other
-    would book as a speedup or a loss. Ray starts once, as in one study, and stays up through the serial
-    blocks: the CPU its idle processes take meanwhile is printed. Both tables end up holding every point."""
+    would book as a speedup or a loss. (a) runs in a child process that never imports Ray (kept across the
+    blocks, as one serial study's process): Ray initialised in a process, even idle, slowed that process's
+    points by a fifth here. Ray starts once, as in one study; the CPU its idle processes take during the
+    serial blocks is printed. Both tables end up holding every point."""
     import ray
     from hetflow.sweep import connect_ray, run_points
+    serial_worker = subprocess.Popen([sys.executable, __file__, "--serial-worker", str(folder), "--blocks",
+                                      str(blocks)] + (["--quick"] if quick else []),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     start = time.perf_counter()
     connect_ray(ray, None, 2)              # Ray's own start (a few seconds), timed apart from the study
     ray_start_s = time.perf_counter() - start
     size = -(-len(points) // blocks)
     serial_s = embedded_s = idle_ray_cpu = 0.0
 
-    def ray_cpu() -> float:                # the processes under this one: Ray's (raylet, GCS, workers)
+    def ray_cpu() -> float:                # the processes Ray started under this one (raylet, GCS, workers)
         parent, seconds = {}, {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -131,34 +137,52 @@ def interleaved(points, folder: Path, blocks: int) -> tuple[float, float, float]
             pid = int(stat.parent.name)
             parent[pid], seconds[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        def under_me(pid: int) -> bool:
+        def ray_process(pid: int) -> bool:
             while pid > 1:
                 pid = parent.get(pid, 0)
                 if pid == os.getpid():
                     return True
             return False
-        return sum(t for pid, t in seconds.items() if under_me(pid))
+        return sum(t for pid, t in seconds.items() if ray_process(pid) and pid != serial_worker.pid)
     try:
         for index in range(blocks):
             block = points[index * size:(index + 1) * size]
             walls = {}
             for engine in (("serial", "ray") if index % 2 == 0 else ("ray", "serial")):
-                table = folder / ("serial.parquet" if engine == "serial" else "embedded.parquet")
-                before = ray_cpu() if engine == "serial" else 0.0
-                start = time.perf_counter()
-                run_points(block, table, engine=engine, progress=False)
-                walls[engine] = time.perf_counter() - start
                 if engine == "serial":
+                    before = ray_cpu()
+                    serial_worker.stdin.write(f"{index}\n")
+                    serial_worker.stdin.flush()
+                    walls[engine] = float(serial_worker.stdout.readline())
                     idle_ray_cpu += ray_cpu() - before
+                else:
+                    start = time.perf_counter()
+                    run_points(block, folder / "embedded.parquet", engine="ray", progress=False)
+                    walls[engine] = time.perf_counter() - start
             serial_s += walls["serial"]
             embedded_s += walls["ray"]
             print(f"  block {index + 1}/{blocks} ({len(block)} points): serial {walls['serial']:.1f} s, embedded "
                   f"Ray {walls['ray']:.1f} s ({walls['serial'] / walls['ray']:.2f}x)", flush=True)
     finally:
         ray.shutdown()
+        serial_worker.stdin.close()
+        serial_worker.wait()
     print(f"(a, serial) {len(points)} points in {serial_s:.1f} s (Ray's idle processes meanwhile: "
           f"{idle_ray_cpu:.1f} s of CPU); (b, embedded Ray, 2 workers) in {embedded_s:.1f} s")
     return serial_s, embedded_s, ray_start_s
+
+
+def serial_worker(folder: Path, blocks: int, quick: bool) -> None:
+    """(a)'s process: reads a block number per line, runs that block serially, prints its wall time."""
+    from hetflow.sweep import run_points
+    points = study(quick)
+    size = -(-len(points) // blocks)
+    for line in sys.stdin:
+        index = int(line)
+        start = time.perf_counter()
+        run_points(points[index * size:(index + 1) * size], folder / "serial.parquet", engine="serial",
+                   progress=False)
+        print(time.perf_counter() - start, flush=True)
 
 
 def read_table(path: Path) -> list[dict]:
@@ -191,7 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=4, help="(a) and (b) alternate over this many blocks of "
                         "the points (default 4)")
     parser.add_argument("--keep", metavar="DIR", help="write the tables into DIR (default: a temporary folder)")
+    parser.add_argument("--serial-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serial_worker:
+        serial_worker(Path(args.serial_worker), args.blocks, args.quick)
+        return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     folder = Path(args.keep or tempfile.mkdtemp(prefix="hetflow-sweep-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,7 +228,7 @@ def main(argv=None) -> int:
     points = study(args.quick)
     print(f"{len(points)} points: Duplex MoE layer (bandwidth x batch x top-k) and PIM-GPT decode "
           "(channels x model x context); every result modelled, wall times measured (a shared 2-core machine)")
-    serial_s, embedded_s, ray_start_s = interleaved(points, folder, args.blocks)
+    serial_s, embedded_s, ray_start_s = interleaved(points, folder, args.blocks, args.quick)
     serial = {r["point"]: r for r in read_table(folder / "serial.parquet")}
     embedded = {r["point"]: r for r in read_table(folder / "embedded.parquet")}
     temp_dir = tempfile.mkdtemp(prefix="hetflow-ray-")
