@@ -54,7 +54,7 @@ class StreamedFfn:
 
     def __init__(self, lay: LayerLayout, pool, b_up: np.ndarray, b_down: np.ndarray, mode: str = "dense",
                  predictor: Predictor | None = None, window: int = 0, capacity: int | None = None,
-                 activation: str = "relu"):
+                 activation: str = "relu", retain: bool = True):
         if mode not in ("dense", "predict", "window"):
             raise FlashError(f"layer {lay.name}: unknown mode {mode!r}")
         if mode != "dense" and predictor is None:
@@ -69,8 +69,9 @@ class StreamedFfn:
         # the window cache: one row per held neuron (bundle: parts x hidden), its neuron id, when last active
         self.slots = np.zeros((self.capacity, lay.parts, lay.hidden), np.float32)
         self.slot_neuron = np.full(self.capacity, -1, np.int64)
-        self.neuron_slot: dict[int, int] = {}
-        self.last_used: dict[int, int] = {}
+        self.slot_of = np.full(lay.neurons, -1, np.int64)       # neuron -> its slot, -1 when not held
+        self.last_used = np.full(lay.neurons, -1, np.int64)     # neuron -> the last step it was active
+        self.retain = retain    # neurons past the window stay while the cache has room (LRU), else swap-deleted
         self.held = 0
         self.step = 0
         self.bytes_read = 0
@@ -87,64 +88,65 @@ class StreamedFfn:
 
     # the reads
     def _requests(self, chunks: np.ndarray) -> tuple[list, list]:
-        """The reads for ``chunks`` (sorted): one request per run of consecutive chunks (unbundled: per region
-        too), each into its own aligned buffer; returns (buffers, requests)."""
-        lay = self.lay
-        runs, start = [], chunks[0]
-        for prev, cur in zip(chunks[:-1], chunks[1:]):
-            if cur != prev + 1:
-                runs.append((start, prev))
-                start = cur
-        runs.append((start, chunks[-1]))
-        buffers, requests = [], []
-        for first, last in runs:
-            n = int(last - first + 1)
-            for r, off in enumerate(lay.chunk_offsets(int(first))):
-                buf = aligned_empty(n * lay.chunk_bytes)
-                buffers.append((int(first), n, r, buf))
-                requests.append((off, buf))
+        """The reads for ``chunks`` (sorted, unique): one aligned buffer per region (bundled: one), the chunks in
+        it in order, and one request per run of consecutive chunks (per region); returns (buffers, requests)."""
+        lay, k = self.lay, len(chunks)
+        buffers = [aligned_empty(k * lay.chunk_bytes) for _ in range(1 if lay.bundled else lay.parts)]
+        breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
+        requests = []
+        for first, end in zip([0, *breaks.tolist()], [*breaks.tolist(), k]):
+            for buf, offset in zip(buffers, lay.chunk_offsets(int(chunks[first]))):
+                requests.append((offset, buf[first * lay.chunk_bytes:end * lay.chunk_bytes]))
         return buffers, requests
 
-    def _collect(self, buffers: list) -> dict[int, np.ndarray]:
-        out: dict[int, np.ndarray] = {}
-        for first, n, r, buf in buffers:
-            for chunk, block in self._split_one(buf, first, n, r).items():
-                if self.lay.bundled or chunk not in out:
-                    out[chunk] = block
-                else:
-                    out[chunk][:, r] = block[:, r]
-        return out
+    def _rows(self, buffers: list, k: int) -> np.ndarray:
+        """[k * chunk_neurons, parts, hidden] float32 from the buffers of ``k`` chunks (a view of them when
+        bundled, f32 and unpadded); a last chunk's rows past the layer's neurons are padding, never used."""
+        lay = self.lay
+        dtype = np.dtype(lay.dtype)
+        width = (lay.parts if lay.bundled else 1) * lay.hidden
+        used = lay.chunk_neurons * width * dtype.itemsize
+        blocks = [b.reshape(k, lay.chunk_bytes)[:, :used].view(dtype).reshape(k * lay.chunk_neurons, width)
+                  for b in buffers]
+        rows = (blocks[0].reshape(-1, lay.parts, lay.hidden) if lay.bundled else np.stack(blocks, axis=1))
+        return rows.astype(np.float32, copy=False)
 
-    def _read_chunks(self, chunks: np.ndarray) -> dict[int, np.ndarray]:
-        """{chunk: [chunk_neurons, parts, hidden] float32} for the chunks, read in as few requests as runs of
-        consecutive chunks allow (unbundled: one per region and run); chunks a speculative read of the layer
-        before fetched already are taken from it (waiting for it if it is still in flight)."""
-        out: dict[int, np.ndarray] = {}
+    def _fetch(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, chunk ids) for ``chunks`` (sorted, unique): rows[i * chunk_neurons + j] is neuron j of chunk
+        ids[i]. Chunks a speculative read of the layer before fetched are taken from it (waiting for it if it
+        is still in flight); the others are read, in as few requests as runs of consecutive chunks allow."""
+        per = self.lay.chunk_neurons
+        got_rows, got_ids = [], []
         if self._speculated is not None and len(chunks):
             future, buffers, held = self._speculated
             self._speculated = None
-            if held.intersection(chunks.tolist()):
+            hit = np.isin(held, chunks)
+            if hit.any():
                 began = time.perf_counter()
                 future.result()
                 ended = time.perf_counter()
                 self.io_seconds += ended - began
                 if ended - began > 1e-5:
                     self._log(began, ended, f"waiting for {self.lay.name}'s speculative read")
-                got = self._collect(buffers)
-                out = {c: got[c] for c in chunks.tolist() if c in got}
-                self.speculated_used += len(out)
-                chunks = np.array([c for c in chunks.tolist() if c not in got], np.int64)
-        if not len(chunks):
-            return out
-        buffers, requests = self._requests(chunks)
-        began = time.perf_counter()
-        self.pool.read_into(requests)
-        ended = time.perf_counter()
-        self.io_seconds += ended - began
-        self._log(began, ended, f"read {sum(len(b) for _, b in requests) >> 10} KiB ({len(requests)} requests)")
-        self.bytes_read += sum(len(b) for _, b in requests)
-        out.update(self._collect(buffers))
-        return out
+                rows = self._rows(buffers, len(held)).reshape(len(held), per, self.lay.parts, self.lay.hidden)
+                got_rows.append(rows[hit].reshape(-1, self.lay.parts, self.lay.hidden))
+                got_ids.append(held[hit])
+                self.speculated_used += int(hit.sum())
+                chunks = chunks[~np.isin(chunks, held)]
+        if len(chunks):
+            buffers, requests = self._requests(chunks)
+            began = time.perf_counter()
+            self.pool.read_into(requests)
+            ended = time.perf_counter()
+            self.io_seconds += ended - began
+            nbytes = sum(len(b) for b in buffers)
+            self._log(began, ended, f"read {nbytes >> 10} KiB ({len(requests)} requests)")
+            self.bytes_read += nbytes
+            got_rows.append(self._rows(buffers, len(chunks)))
+            got_ids.append(chunks)
+        if len(got_ids) == 1:
+            return got_rows[0], got_ids[0]
+        return np.concatenate(got_rows), np.concatenate(got_ids)
 
     def speculate(self, x: np.ndarray, limit: int) -> None:
         """Start reading, in the background, the chunks of the neurons this layer's predictor picks for ``x``
@@ -154,19 +156,19 @@ class StreamedFfn:
         if self.predictor is None or self.mode == "dense" or self._speculated is not None:
             return
         ids = self.predictor.active(x)
-        missing = np.array([n for n in ids.tolist() if n not in self.neuron_slot], np.int64)[:max(0, limit)]
+        missing = ids[self.slot_of[ids] < 0][:max(0, limit)]
         if not len(missing):
             return
         chunks = np.unique(missing // self.lay.chunk_neurons)
         buffers, requests = self._requests(chunks)
         began = time.perf_counter()
         future = self.pool.submit(requests)
-        self.bytes_read += sum(len(b) for _, b in requests)
+        self.bytes_read += sum(len(b) for b in buffers)
         self.speculated_chunks += len(chunks)
         if self.io_log is not None:
             future.add_done_callback(lambda f, began=began: self._log(
                 began, time.perf_counter(), f"speculative read {self.lay.name} ({len(chunks)} chunks)"))
-        self._speculated = (future, buffers, set(chunks.tolist()))
+        self._speculated = (future, buffers, chunks)
 
     def _split_one(self, buf: np.ndarray, first: int, n: int, r: int) -> dict[int, np.ndarray]:
         """The chunks ``first .. first + n - 1`` of region ``r`` (0 when bundled) from a buffer read for them."""
@@ -186,13 +188,15 @@ class StreamedFfn:
         return out
 
     def _load(self, neurons: np.ndarray) -> np.ndarray:
-        """[len(neurons), parts, hidden] for these neurons, read from flash (whole chunks)."""
+        """[len(neurons), parts, hidden] for these neurons (sorted, unique), read from flash (whole chunks)."""
         per = self.lay.chunk_neurons
         self.neurons_loaded += len(neurons)
-        chunks = np.unique(neurons // per)
-        got = self._read_chunks(chunks)
-        return np.stack([got[n // per][n % per] for n in neurons]) if len(neurons) else \
-            np.zeros((0, self.lay.parts, self.lay.hidden), np.float32)
+        if not len(neurons):
+            return np.zeros((0, self.lay.parts, self.lay.hidden), np.float32)
+        rows, ids = self._fetch(np.unique(neurons // per))
+        order = np.argsort(ids, kind="stable")
+        position = order[np.searchsorted(ids[order], neurons // per)]
+        return rows[position * per + neurons % per]
 
     def _apply(self, x: np.ndarray, rows, ids: np.ndarray, whole: bool = False, bias: bool = True) -> np.ndarray:
         """The FFN over the neurons ``ids`` whose bundles are ``rows``: [n, parts, hidden], or a list of the
@@ -300,7 +304,7 @@ class StreamedFfn:
             rows = self._load(ids)
             recent = self.predictor.active(x[-self.window:])   # a subset of ids (both sorted)
             if len(recent) <= self.capacity:
-                self._keep(recent, rows[np.searchsorted(ids, recent)], set(recent.tolist()))
+                self._keep(recent, rows[np.searchsorted(ids, recent)], recent)
         else:
             rows = self._through_window(ids)
         began = time.perf_counter()
@@ -310,64 +314,81 @@ class StreamedFfn:
 
     def _partly_cached(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The FFN over more neurons than the cache holds: those it holds from it, the others read and applied in
-        batches of at most half its room (so the read buffers stay within what the plan counts), not kept.
+        batches of at most half its room (so the read buffers stay within what the plan counts); with ``retain``,
+        those read fill the room that neurons this token does not use held, else none is kept.
         (Its ``compute_seconds`` include the reads' wait, also counted in ``io_seconds``.)"""
-        held = np.array([int(n) in self.neuron_slot for n in ids], bool)
+        slot = self.slot_of[ids]
+        held = slot >= 0
         x32 = x.astype(np.float32)
         y = np.zeros((len(x), self.lay.hidden), np.float32)
         if held.any():
             cached = ids[held]
-            for n in cached:
-                self.last_used[int(n)] = self.step
-            y += self._apply(x32, self.slots[[self.neuron_slot[int(n)] for n in cached]], cached, bias=False)
+            self.last_used[cached] = self.step
+            y += self._apply(x32, self.slots[slot[held]], cached, bias=False)
         missing = ids[~held]
         batch = max(16, self.capacity // 2)
         for start in range(0, len(missing), batch):
             part = missing[start:start + batch]
-            y += self._apply(x32, self._load(part), part, bias=False)
+            rows = self._load(part)
+            y += self._apply(x32, rows, part, bias=False)
+            if self.retain:   # as many as fit stay, in place of neurons this token does not use (the next
+                # token's neurons overlap this one's most: a layer firing past its room reads only the rest)
+                free = self.capacity - self.held + int((~np.isin(self.slot_neuron[:self.held], ids)).sum())
+                if free > 0:
+                    self._keep(part[:free], rows[:free], ids)
         return y + self.b_down
 
-    def _keep(self, neurons: np.ndarray, rows: np.ndarray, keep: set[int]) -> None:
-        """Put ``neurons`` (their rows ``rows``) into the window cache, making room without evicting ``keep``;
-        every one of ``keep`` counts as used now."""
-        new = [(int(n), row) for n, row in zip(neurons, rows) if int(n) not in self.neuron_slot]
-        self._evict(need=len(new), keep=keep)
-        for n, row in new:
-            self.slots[self.held] = row
-            self.slot_neuron[self.held] = n
-            self.neuron_slot[n] = self.held
-            self.held += 1
-        for n in keep:
-            self.last_used[n] = self.step
+    @property
+    def neuron_slot(self) -> dict[int, int]:
+        """{neuron: slot} of the neurons the window cache holds."""
+        held = self.slot_neuron[:self.held]
+        return dict(zip(held.tolist(), self.slot_of[held].tolist()))
+
+    def _keep(self, neurons: np.ndarray, rows: np.ndarray, keep: np.ndarray) -> None:
+        """Put ``neurons`` (sorted, unique; their rows ``rows``) into the window cache, making room without
+        evicting ``keep`` (sorted neuron ids); every one of ``keep`` counts as used now."""
+        new = self.slot_of[neurons] < 0
+        self._evict(need=int(new.sum()), keep=keep)
+        added = neurons[new]
+        slots = np.arange(self.held, self.held + len(added))
+        self.slots[slots] = rows[new]
+        self.slot_neuron[slots] = added
+        self.slot_of[added] = slots
+        self.held += len(added)
+        self.last_used[keep] = self.step
 
     def _through_window(self, ids: np.ndarray) -> np.ndarray:
         """Rows for ``ids`` from the window cache, reading only the neurons it does not hold; then neurons idle
-        for ``window`` tokens leave it (swap-delete)."""
-        keep = set(ids.tolist())
-        missing = np.array([n for n in ids if n not in self.neuron_slot], np.int64)
-        self._keep(missing, self._load(missing) if len(missing) else [], keep)
-        rows = self.slots[[self.neuron_slot[int(n)] for n in ids]]
-        self._evict(need=0, keep=keep)
+        for ``window`` tokens leave it (swap-delete), unless ``retain`` keeps them while there is room."""
+        missing = ids[self.slot_of[ids] < 0]
+        self._keep(missing, self._load(missing), ids)
+        rows = self.slots[self.slot_of[ids]]
+        self._evict(need=0, keep=ids)
         return rows
 
-    def _evict(self, need: int, keep: set[int]) -> None:
-        """Swap-delete the neurons not used in the last ``window`` steps; if still short of room for ``need``,
-        the least recently used (never one in ``keep``)."""
-        stale = [n for n, s in self.last_used.items() if self.step - s >= self.window and n not in keep]
-        if self.held + need > self.capacity:
-            extra = sorted((s, n) for n, s in self.last_used.items() if n not in keep and n not in stale)
-            stale += [n for _, n in extra[:self.held + need - self.capacity - len(stale)]]
-        for n in stale:
-            slot = self.neuron_slot.pop(n)
-            self.last_used.pop(n, None)
+    def _evict(self, need: int, keep: np.ndarray) -> None:
+        """Make room for ``need`` more neurons, never evicting one of ``keep``: the least recently used go first.
+        Without ``retain``, every neuron not used in the last ``window`` steps goes too (LLM in a flash's
+        window); with it, those stay until their room is needed."""
+        held = self.slot_neuron[:self.held]
+        candidates = held[~np.isin(held, keep)]
+        age = self.step - self.last_used[candidates]
+        order = np.argsort(-age, kind="stable")              # the least recently used first
+        candidates, age = candidates[order], age[order]
+        count = max(0, self.held + need - self.capacity)
+        if not self.retain:
+            count = max(count, int((age >= self.window).sum()))
+        if count > len(candidates):
+            raise FlashError(f"layer {self.lay.name}: {need} neurons to load and the window cache holds "
+                             f"{self.capacity}: raise the budget or lower the window")
+        for n in candidates[:count].tolist():           # swap-delete: the last row moves into the freed slot
+            slot = int(self.slot_of[n])
             last = self.held - 1
-            if slot != last:   # the last row moves into the freed slot
+            if slot != last:
                 moved = int(self.slot_neuron[last])
                 self.slots[slot] = self.slots[last]
                 self.slot_neuron[slot] = moved
-                self.neuron_slot[moved] = slot
+                self.slot_of[moved] = slot
+            self.slot_of[n] = -1
             self.slot_neuron[last] = -1
             self.held -= 1
-        if self.held + need > self.capacity:
-            raise FlashError(f"layer {self.lay.name}: {need} neurons to load and the window cache holds "
-                             f"{self.capacity}: raise the budget or lower the window")
