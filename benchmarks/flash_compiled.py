@@ -89,6 +89,7 @@ def run_artifact(directory: Path, name: str) -> dict:
     image = directory / name / "flash.bin"
     if image.exists():
         drop_page_cache(image)
+    import onnxruntime  # noqa: F401  (the libraries' own memory is not the model's: the baseline has them)
     baseline = current_rss_bytes()
     model = load(directory / name)
     feeds = {model.input_names[0]: reference["ids"]}

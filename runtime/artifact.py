@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from hetflow.ir import Graph, save
 from hetflow.ir.errors import HetflowError
 from hetflow.support.schema import SAFE_NAME, check
@@ -450,22 +452,69 @@ def flash_weights(directory: Path, files: dict[str, bytes]) -> tuple[dict[str, n
         raise ArtifactError(f"{where} is malformed ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+                       "U8": np.uint8, "BOOL": np.bool_}
+
+
+def safetensors_views(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file's verified bytes, as read-only views of those bytes: no second copy
+    of the weights (``safetensors.numpy.load`` copies each tensor out, which held a model's resident weights
+    twice while it loaded). The header is checked as strictly as safetensors does: every tensor's bytes
+    inside the data and matching its dtype and shape, none overlapping, no byte left over."""
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{where} is not a valid safetensors file: {why}")
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, shorter than its header's length")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise bad(f"its header claims {length} bytes; the file has {len(data) - 8} after the length")
+    try:
+        header = json.loads(bytes(data[8:8 + length]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise bad(f"its header is not JSON ({str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    start, size = 8 + length, len(data) - 8 - length
+    spans, views = [], {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and entry.get("dtype") in _SAFETENSORS_DTYPES
+                and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+                and all(type(d) is int and d >= 0 for d in entry["shape"])
+                and len(entry["data_offsets"]) == 2 and all(type(o) is int for o in entry["data_offsets"])):
+            raise bad(f"tensor {name!r}: its entry is not {{dtype, shape, data_offsets}} of a known dtype")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        count = int(np.prod(entry["shape"], dtype=np.int64))
+        if not 0 <= begin <= end <= size or end - begin != count * dtype.itemsize:
+            raise bad(f"tensor {name!r}: bytes {begin}..{end} do not hold {entry['dtype']}{entry['shape']} inside "
+                      f"the {size} data bytes")
+        spans.append((begin, end, name))
+        view = np.frombuffer(data, dtype, count, start + begin).reshape(entry["shape"])
+        views[name] = view if view.flags.aligned else view.copy()
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise bad(f"tensor {name!r} starts at {begin}: " + ("it overlaps the one before" if begin < covered
+                      else f"bytes {covered}..{begin} belong to no tensor"))
+        covered = end
+    if covered != size:
+        raise bad(f"bytes {covered}..{size} belong to no tensor")
+    return views
+
+
 def graph_from_files(files: dict[str, bytes], where: str, external: dict[str, np.ndarray] | None = None) -> Graph:
     """The graph from graph.json's and weights.safetensors' verified bytes (verified as IR, too); ``external``:
     the weights the flash image holds."""
-    from safetensors.numpy import load as load_safetensors
-
     from hetflow.ir.serialize import graph_from_json
     from hetflow.ir.verify import verify
     try:
         data = json.loads(files[GRAPH_FILE].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{where}/{GRAPH_FILE} is not valid JSON: {str(exc)[:160]}") from None
-    try:
-        weights = load_safetensors(files[WEIGHTS_FILE])
-    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types for corrupt headers)
-        raise ArtifactError(f"{where}/{WEIGHTS_FILE} is not a valid safetensors file: "
-                            f"{str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
+    weights = safetensors_views(files[WEIGHTS_FILE], f"{where}/{WEIGHTS_FILE}")
     try:
         graph = graph_from_json(data, weights, external)
         verify(graph)

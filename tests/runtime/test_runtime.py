@@ -189,3 +189,44 @@ def test_an_output_reshape_is_bound_as_a_view_and_results_are_never_overwritten(
     third = compiled(x)
     assert third.__array_interface__["data"][0] == address  # let go of: written again in place
     np.testing.assert_allclose(third, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_artifact_weights_are_views_of_the_verified_bytes_equal_to_safetensors_own_load():
+    import json as _json
+
+    from safetensors.numpy import load, save
+
+    from hetflow.runtime.artifact import ArtifactError, safetensors_views
+    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1, -2], np.int64),
+               "h": np.ones((2, 2), np.float16), "e": np.zeros((0, 3), np.float32)}
+    data = save(tensors)
+    views = safetensors_views(data, "weights.safetensors")
+    expected = load(data)
+    assert views.keys() == expected.keys()
+    for name, array in expected.items():
+        assert views[name].dtype == array.dtype and np.array_equal(views[name], array)
+    assert not views["w"].flags.writeable and views["w"].base is not None      # a view, not a copy
+
+    length = int.from_bytes(data[:8], "little")
+    header = _json.loads(data[8:8 + length])
+
+    def rebuilt(change) -> bytes:
+        h = _json.loads(_json.dumps(header))
+        change(h)
+        text = _json.dumps(h).encode()
+        return len(text).to_bytes(8, "little") + text + data[8 + length:]
+    first, second = sorted((k for k in header if k != "__metadata__" and tensors[k].size),
+                           key=lambda k: header[k]["data_offsets"])[:2]
+    cases = {
+        "shorter than": data[:5],
+        "header claims": (10 ** 9).to_bytes(8, "little") + data[8:],
+        "not JSON": (4).to_bytes(8, "little") + b"{{{{" + data[8 + length:],
+        "do not hold": rebuilt(lambda h: h[first].update(shape=[99])),
+        "overlaps": rebuilt(lambda h: h[second].update(data_offsets=[0, h[second]["data_offsets"][1] -
+                                                                    h[second]["data_offsets"][0]])),
+        "known dtype": rebuilt(lambda h: h[first].update(dtype="BF17")),
+        "belong to no tensor": data + b"\0" * 8,
+    }
+    for words, bad in cases.items():
+        with pytest.raises(ArtifactError, match=words):
+            safetensors_views(bad, "weights.safetensors")
