@@ -289,6 +289,8 @@ def run_rung(directory: Path, rung: str, tokens: int) -> dict:
                           info["capacity"].get(str(i)) or None, retain=rung == "hetflow")
         layer.fc1, layer.fc2, layer.activation_fn = _flash_mlp(ffn), torch.nn.Identity(), torch.nn.Identity()
         streamed.append(ffn)
+    for layer in streamed:
+        layer.peers = streamed if rung == "hetflow" else None   # hetflow's caches share their room
     for a, b in zip(streamed, streamed[1:]):
         a.next = b
         a.speculate_ahead = rung == "hetflow"   # read b's likely neurons (predicted from a's input) ahead

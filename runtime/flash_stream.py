@@ -47,6 +47,8 @@ assert ALIGN == ALIGNMENT, "the image format and the reader agree on the direct-
 
 # --- running a streamed layer -----------------------------------------------------------------------------
 
+REBALANCE_EVERY = 8     # single-token calls between two rebalances of a model's window caches
+
 class StreamedFfn:
     """One FFN layer whose weights stay in the flash image: ``y = act(x @ up + b_up) @ down + b_down``, with
     only what ``mode`` needs read (see the module doc). ``pool``: a ``hetflow.runtime.flash_io.ReaderPool``
@@ -72,6 +74,8 @@ class StreamedFfn:
         self.slot_of = np.full(lay.neurons, -1, np.int64)       # neuron -> its slot, -1 when not held
         self.last_used = np.full(lay.neurons, -1, np.int64)     # neuron -> the last step it was active
         self.retain = retain    # neurons past the window stay while the cache has room (LRU), else swap-deleted
+        self.peers: list[StreamedFfn] | None = None   # the model's streamed layers, whose caches share their room
+        self.recent: list[np.ndarray] = []            # the neurons of the last few single-token calls
         self.held = 0
         self.step = 0
         self.bytes_read = 0
@@ -291,6 +295,11 @@ class StreamedFfn:
         self.compute_seconds += time.perf_counter() - began
         self.last_active = ids
         self.neurons_predicted += len(ids)
+        if len(x) == 1 and self.mode == "window":
+            self.recent = [*self.recent[-(REBALANCE_EVERY - 1):], ids]
+            if (self.retain and self.peers and self.step > self.window and self.step % REBALANCE_EVERY == 0
+                    and self is next(layer for layer in self.peers if layer.mode == "window")):
+                rebalance_caches(self.peers)
         if self.speculate_ahead and self.next is not None and self.next is not self and len(x) == 1:
             self.next.speculate(x, max(1, self.next.capacity // (2 * self.next.lay.chunk_neurons)))
         if self.mode == "predict":
@@ -392,3 +401,53 @@ class StreamedFfn:
             self.slot_of[n] = -1
             self.slot_neuron[last] = -1
             self.held -= 1
+
+    def resize(self, capacity: int) -> None:
+        """Give the window cache room for ``capacity`` neurons: shrinking evicts the least recently used first;
+        the held rows are copied into a new matrix of that size (the old one freed)."""
+        capacity = max(1, min(int(capacity), self.lay.neurons))
+        if capacity == self.capacity:
+            return
+        if self.held > capacity:
+            self.capacity = capacity            # (what _evict makes room within)
+            self._evict(need=0, keep=np.zeros(0, np.int64))
+        slots = np.zeros((capacity, self.lay.parts, self.lay.hidden), np.float32)
+        slots[:self.held] = self.slots[:self.held]
+        slot_neuron = np.full(capacity, -1, np.int64)
+        slot_neuron[:self.held] = self.slot_neuron[:self.held]
+        self.slots, self.slot_neuron, self.capacity = slots, slot_neuron, capacity
+
+
+def rebalance_caches(layers: list[StreamedFfn]) -> None:
+    """Move window-cache room between a model's streamed layers, keeping its total (what the plan counted):
+    each layer is given room for the neurons its last calls used (their union), and what is left over is
+    shared in proportion to that. The plan sized the caches from calibration inputs; a prompt can fire a
+    layer several times as often (measured: 900 neurons a token where calibration saw 283), and a layer
+    whose cache cannot hold a token's neurons reads most of them every token. Never changes what is
+    computed; only what is read. Layers streamed whole (``dense``) have no cache and take no part."""
+    layers = [layer for layer in layers if layer.mode == "window"]
+    if not layers:
+        return
+    total = sum(layer.capacity for layer in layers)
+    need = np.array([len(np.unique(np.concatenate(layer.recent))) if layer.recent else layer.held
+                     for layer in layers], np.float64)
+    need = np.maximum(need, 1.0)
+    if need.sum() <= total:
+        share = need + (total - need.sum()) * need / need.sum()
+    else:
+        share = total * need / need.sum()
+    targets = np.maximum(np.floor(share).astype(np.int64), 1)
+    targets[int(np.argmax(need))] += total - int(targets.sum())     # what the rounding left, to the neediest
+    targets = targets.tolist()
+
+    def worth(layer, target) -> bool:        # not for a few rows: each resize copies the cache
+        return abs(target - layer.capacity) > max(8, layer.capacity // 20)
+    for layer, target in zip(layers, targets):   # shrink first, then grow within the room freed: the total
+        if target < layer.capacity and worth(layer, target):   # never passes what the plan counted
+            layer.resize(target)
+    room = total - sum(layer.capacity for layer in layers)
+    for layer, target in zip(layers, targets):
+        target = min(target, layer.capacity + room)
+        if target > layer.capacity and worth(layer, target):
+            room -= target - layer.capacity
+            layer.resize(target)

@@ -95,6 +95,8 @@ class FlashRunner(HostRunner):
             layers[-1].speculate_ahead = True   # (not the last: its next is the next token's first layer)
         stream.next = layers[0] if layers else stream
         layers.append(stream)
+        for layer in layers:        # the window caches share their room (rebalance_caches)
+            layer.peers = layers
         return stream
 
     def run_dynamic(self, inputs: dict) -> dict:

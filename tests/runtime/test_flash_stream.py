@@ -207,3 +207,34 @@ def test_speculative_reads_change_what_is_read_not_what_is_computed(tmp_path, ff
             np.testing.assert_array_equal(fast[1](g), plain[1](h))
         assert fast[1].speculated_chunks > 0 and 0 < fast[1].speculated_used <= fast[1].speculated_chunks
         assert plain[1].speculated_chunks == 0
+
+
+def test_rebalancing_moves_cache_room_to_the_layer_that_overflows_and_keeps_the_total(tmp_path, ffn):
+    from hetflow.runtime.flash_stream import REBALANCE_EVERY, rebalance_caches
+    up, down, b_up, b_down = ffn
+    rng = np.random.default_rng(6)
+    predictor, _ = build_predictor(up, b_up, rank=32)
+    busy, _ = build_predictor(up, b_up, rank=32)
+    busy.margin = 10.0                                   # this layer fires most of its neurons every token
+    lays = [layout(f"l{i}", HIDDEN, NEURONS, np.float32, False, True, 1) for i in range(2)]
+    write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down}) for lay in lays])
+    tokens = [rng.standard_normal((1, HIDDEN)).astype(np.float32) for _ in range(3 * REBALANCE_EVERY)]
+    with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
+        def model(share: bool):
+            quiet = StreamedFfn(lays[0], pool, b_up, b_down, "window", predictor, window=2, capacity=100)
+            loud = StreamedFfn(lays[1], pool, b_up, b_down, "window", busy, window=2, capacity=40)
+            dense = StreamedFfn(lays[0], pool, b_up, b_down, "dense")        # no cache: takes no part
+            for layer in (quiet, loud, dense):
+                layer.peers = [quiet, loud, dense] if share else None
+            return quiet, loud, dense
+        shared, alone = model(True), model(False)
+        for x in tokens:
+            for a, b in zip(shared, alone):
+                np.testing.assert_allclose(a(x), b(x), rtol=1e-5, atol=1e-5)     # what is computed: unchanged
+            assert shared[0].capacity + shared[1].capacity == 140                 # the plan's total
+            assert shared[0].held <= shared[0].capacity and shared[1].held <= shared[1].capacity
+        assert shared[1].capacity > 40 and shared[0].capacity < 100               # room moved to the loud layer
+        assert shared[1].bytes_read < alone[1].bytes_read
+        for layer in shared[:2]:                                                  # the cache still consistent
+            assert all(layer.slot_neuron[slot] == n for n, slot in layer.neuron_slot.items())
+        rebalance_caches([shared[2]])                                             # dense only: nothing to do
