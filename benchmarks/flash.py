@@ -32,9 +32,12 @@ Steps (each rung in a fresh process, so its peak RSS is its own):
    budget allows, the others streamed whole with the next layer prefetched), + prediction (only predicted-
    active neurons read, unbundled: two reads per neuron chunk), + windowing (neurons active in the last 5
    tokens kept (4, as the paper; beyond the cache's room the least recently used go); only the difference read), + bundling (up column and down row of a neuron in one read): the paper's
-   scheme; then hetflow's: + speculative reads (each layer starts reading the neurons the next layer's
-   predictor picks from this layer's input) + caches kept full (a neuron past the window stays until its
-   room is needed, least recently used out first: the room is preallocated and counted in the budget anyway).
+   scheme; then hetflow's: caches kept full (a neuron past the window stays until its room is needed, least
+   recently used out first: the room is preallocated and counted in the budget anyway) and sharing their
+   room (every 8 tokens each layer gets room for the neurons its last tokens used: ``rebalance_caches``).
+   ``--rungs ...,speculate``: hetflow's plus speculative reads (each layer starts reading the neurons the
+   next layer's predictor picks from its input), not in the default ladder: with the read path as it is
+   now, the reader threads' Python competes with the compute for the GIL and it measured slower.
 
 Everything printed is measured on this machine. The last line reads ``full scheme vs naive: N.Nx per token``.
 """
@@ -268,13 +271,13 @@ def run_rung(directory: Path, rung: str, tokens: int) -> dict:
             for fc in ("fc1", "fc2"):
                 key = f"model.decoder.layers.{i}.{fc}.weight"
                 state[key] = f.get_tensor(key)
-    image_name = "bundled" if rung in ("bundle", "hetflow") else "unbundled"
+    image_name = "bundled" if rung in ("bundle", "hetflow", "speculate") else "unbundled"
     image = FlashImage.from_json((directory / f"{image_name}.json").read_text())
     image.check(directory / f"{image_name}.bin")
     pool = ReaderPool(directory / f"{image_name}.bin", threads=THREADS)
-    predictors = np.load(directory / "predictors.npz") if rung in ("predict", "window", "bundle", "hetflow") else None
+    predictors = np.load(directory / "predictors.npz") if rung in ("predict", "window", "bundle", "hetflow", "speculate") else None
     mode = {"naive": "dense", "resident": "dense", "predict": "predict", "window": "window", "bundle": "window",
-            "hetflow": "window"}[rung]
+            "hetflow": "window", "speculate": "window"}[rung]
     streamed = []
     for i, layer in enumerate(model.model.decoder.layers):
         if i in resident:
@@ -286,14 +289,14 @@ def run_rung(directory: Path, rung: str, tokens: int) -> dict:
             predictor = Predictor(predictors[f"{i}.left"], predictors[f"{i}.right"], predictors[f"{i}.bias"],
                                   float(predictors[f"{i}.margin"]))
         ffn = StreamedFfn(image.layer(f"layers.{i}"), pool, b_up, b_down, mode, predictor, WINDOW,
-                          info["capacity"].get(str(i)) or None, retain=rung == "hetflow")
+                          info["capacity"].get(str(i)) or None, retain=rung in ("hetflow", "speculate"))
         layer.fc1, layer.fc2, layer.activation_fn = _flash_mlp(ffn), torch.nn.Identity(), torch.nn.Identity()
         streamed.append(ffn)
     for layer in streamed:
-        layer.peers = streamed if rung == "hetflow" else None   # hetflow's caches share their room
+        layer.peers = streamed if rung in ("hetflow", "speculate") else None   # hetflow's caches share their room
     for a, b in zip(streamed, streamed[1:]):
         a.next = b
-        a.speculate_ahead = rung == "hetflow"   # read b's likely neurons (predicted from a's input) ahead
+        a.speculate_ahead = rung == "speculate"   # read b's likely neurons (predicted from a's input) ahead
     state["lm_head.weight"] = state["model.decoder.embed_tokens.weight"]   # tied
     missing = model.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
@@ -441,7 +444,7 @@ def main(argv=None) -> int:
             (directory / name).unlink(missing_ok=True)
     if "naive" in rows and "bundle" in rows and "hetflow" in rows:
         print(f"the paper's scheme (bundle) vs naive: {rows['naive']['per_token'] / rows['bundle']['per_token']:.1f}x "
-              "per token; hetflow's (bundled, with speculative reads and the caches kept full):")
+              "per token; hetflow's (bundled, its caches kept full and sharing their room):")
     full = "hetflow" if "hetflow" in rows else "bundle"
     if "naive" in rows and full in rows:
         print(f"full scheme vs naive: {rows['naive']['per_token'] / rows[full]['per_token']:.1f}x per token")
