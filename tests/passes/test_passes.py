@@ -93,33 +93,53 @@ def test_rewrite_guard_stops_endless_rewriting():
         rewrite(graph, [Rule("flip", flip, ("Relu",))], max_sweeps=5)
 
 
-def test_matmul_of_transposed_weight_becomes_gemm(monkeypatch):
-    """A weight too large to fold its transpose (a tied LM head) is read as Gemm's transB, not copied."""
+def test_matmul_of_transposed_weight_keeps_one_table(monkeypatch):
+    """A weight too large to fold its transpose is not copied: a tied LM head keeps the table once,
+    transposed (a plain MatMul; the lookups gather its columns), an untied one is read as Gemm's transB."""
     from hetflow.ir import parse_graph
     from hetflow.passes import canonicalize as canon
     monkeypatch.setattr(canon, "FOLD_LIMIT", 16)  # stands for a 50257 x 768 table
-    text = """graph m(%x: f32[2,4], %ids: i64[3]) -> (%y: f32[2,6], %e: f32[3,4]) opset 18 {
+    text = """graph m(%x: f32[2,4], %ids: i64[3]) -> (%y: f32[2,6], %r: f32[3,4]) opset 18 {
   weight %w: f32[6,4] = resource
   %e: f32[3,4] = Gather(%w, %ids) {axis = 0}
+  %r: f32[3,4] = Neg(%e)
   %wt: f32[4,6] = Transpose(%w) {perm = [1, 0]}
   %y: f32[2,6] = MatMul(%x, %wt)
-  return %y, %e
+  return %y, %r
 }"""
-    graph = parse_graph(text, resources_for(text))
-    reference = graph.clone()
-    result = canon.canonicalize(graph)
-    verify(result.graph)
-    assert result.graph.op_counts() == {"Gather": 1, "Gemm": 1}
-    gemm = next(n for n in result.graph.nodes if n.op == "Gemm")
-    assert gemm.attrs == {"transB": 1} and gemm.inputs[1].name == "w"
-    feeds = {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32),
-             "ids": np.array([5, 0, 2], dtype=np.int64)}
-    for a, b in zip(Interpreter(reference).run(feeds), Interpreter(result.graph).run(feeds)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # a batched MatMul keeps its Transpose: Gemm takes matrices only
-    text3 = text.replace("f32[2,4]", "f32[5,2,4]").replace("%y: f32[2,6]", "%y: f32[5,2,6]")
-    graph3 = canon.canonicalize(parse_graph(text3, resources_for(text3))).graph
-    assert "Gemm" not in graph3.op_counts()
+    rng = np.random.default_rng(1)
+
+    def check(text, feeds, ops):
+        graph = parse_graph(text, resources_for(text))
+        reference = graph.clone()
+        result = canon.canonicalize(graph).graph
+        verify(result)
+        assert result.op_counts() == ops
+        assert sum(w.data.size for w in result.weights.values()) == 24          # one table, no copy
+        for want, got in zip(Interpreter(reference).run(feeds), Interpreter(result).run(feeds)):
+            np.testing.assert_array_equal(want, got)
+        return result
+    feeds = {"x": rng.standard_normal((2, 4)).astype(np.float32), "ids": np.array([5, 0, 2], dtype=np.int64)}
+    tied = check(text, feeds, {"Gather": 1, "Transpose": 1, "MatMul": 1, "Neg": 1})
+    matmul = next(n for n in tied.nodes if n.op == "MatMul")
+    assert matmul.inputs[1].data.shape == (4, 6)
+    assert next(n for n in tied.nodes if n.op == "Gather").attrs == {"axis": 1}
+    # a batched MatMul and 2-D ids: the same, the lookup's columns transposed back to rows
+    text3 = (text.replace("%x: f32[2,4]", "%x: f32[5,2,4]").replace("%y: f32[2,6]", "%y: f32[5,2,6]")
+             .replace("%ids: i64[3]", "%ids: i64[1,3]").replace("f32[3,4]", "f32[1,3,4]"))
+    check(text3, {"x": rng.standard_normal((5, 2, 4)).astype(np.float32), "ids": np.array([[5, 0, 2]])},
+          {"Gather": 1, "Transpose": 1, "MatMul": 1, "Neg": 1})
+    # a lookup that is itself a graph output keeps its name: then the weight is read as Gemm's transB
+    exposed = text.replace("%r: f32[3,4] = Neg(%e)", "%r: f32[3,4] = Neg(%x2)").replace(
+        "-> (%y: f32[2,6], %r: f32[3,4])", "-> (%y: f32[2,6], %e: f32[3,4])").replace("return %y, %r", "return %y, %e")
+    exposed = exposed.replace("  %r: f32[3,4] = Neg(%x2)\n", "")
+    check(exposed, feeds, {"Gather": 1, "Gemm": 1})
+    # untied (no lookup): Gemm reads the weight as it is
+    untied = (text.replace("  %e: f32[3,4] = Gather(%w, %ids) {axis = 0}\n", "")
+              .replace("  %r: f32[3,4] = Neg(%e)\n", "").replace(", %r: f32[3,4])", ")")
+              .replace("return %y, %r", "return %y").replace(", %ids: i64[3]", ""))
+    gemm = check(untied, {"x": feeds["x"]}, {"Gemm": 1})
+    assert next(iter(gemm.nodes)).attrs == {"transB": 1}
 
 
 def test_gather_reads_rows_not_the_table():
