@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -49,21 +47,8 @@ def _load_model_spec(spec: str):
         return spec, None
     if ":" not in spec:
         raise UsageError(f"MODEL {spec!r} is neither a .onnx file nor 'module:function'")
-    module_name, func_name = spec.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            if not Path(module_name).exists():
-                raise UsageError(f"{module_name}: no such file")
-            loader_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise UsageError(f"{module_name!r} has no function {func_name!r}")
+    from .user_function import import_function
+    func = import_function(spec, UsageError)
     result = func()
     if not (isinstance(result, tuple) and len(result) == 2):
         raise UsageError(f"{spec} must return (torch_module, example_inputs), got {type(result).__name__}")

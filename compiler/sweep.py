@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import importlib
-import importlib.util
 import itertools
 import json
 import os
@@ -229,24 +227,11 @@ def _onnx_sizes(args: tuple) -> dict | None:
 @functools.lru_cache(maxsize=64)
 def load_builder(spec: str) -> Callable:
     """'package.module:function' or 'path/file.py:function' -> the function (a file is run once per process)."""
-    module_name, sep, function = spec.rpartition(":")
-    if not sep or not module_name or not function:
-        raise SweepError(f"model {spec!r} is neither a .onnx file nor 'module:function'")
-    try:
-        if module_name.endswith(".py"):
-            if not Path(module_name).exists():
-                raise SweepError(f"model {spec!r}: {module_name}: no such file")
-            loader = importlib.util.spec_from_file_location(f"hetflow_sweep_{Path(module_name).stem}", module_name)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SweepError(f"model {spec!r}: cannot import {module_name!r}: {exc}") from None
-    builder = getattr(module, function, None)
-    if not callable(builder):
-        raise SweepError(f"model {spec!r}: {module_name!r} has no function {function!r}")
-    return builder
+    from .user_function import import_function
+
+    def error(message: str) -> SweepError:
+        return SweepError(f"model {spec!r}: {message}")
+    return import_function(spec, error, module_prefix="hetflow_sweep_")
 
 
 def _measures(compiled) -> dict:
