@@ -49,15 +49,48 @@ assert ALIGN == ALIGNMENT, "the image format and the reader agree on the direct-
 # --- running a streamed layer -----------------------------------------------------------------------------
 
 REBALANCE_EVERY = 8     # single-token calls between two rebalances of a model's window caches
+RESERVE_GROWTHS = 2     # kept out of the caches' room when the largest grows by g: RESERVE_GROWTHS x g
 
 
-def _cache_matrix(rows: int, parts: int, hidden: int) -> np.ndarray:
-    """A window cache's [rows, parts, hidden] float32 matrix in a mapping of its own (zeroed, untouched pages
-    take no memory): freed, it goes back to the system at once. From the heap, a cache freed when the caches
-    are rebalanced stayed in this process (malloc raises its mapping threshold after a large free), and the
-    run passed its budget by the caches' size."""
-    nbytes = max(rows * parts * hidden * 4, 1)
-    return np.frombuffer(mmap.mmap(-1, nbytes), np.float32, rows * parts * hidden).reshape(rows, parts, hidden)
+class _CacheRoom:
+    """A window cache's [rows, parts, hidden] float32 matrix in a private anonymous mapping of its own (untouched
+    pages take no memory), resized in place.
+
+    * Its own mapping: freed, it goes back to the system at once. From the heap, a cache freed when the caches
+      were rebalanced stayed in this process (malloc raises its mapping threshold after a large free), and the
+      run passed its budget by the caches' size.
+    * Resized in place (``mremap``): rows are whole pages apart in no particular way, but a row's bytes keep
+      their offset, so growing keeps every held row where it is and shrinking drops the rows past the new
+      end. A copy into a new matrix held the cache twice for a moment; the budget had to keep room for it.
+    """
+
+    def __init__(self, rows: int, parts: int, hidden: int):
+        self.parts, self.hidden = parts, hidden
+        self._map = mmap.mmap(-1, self._bytes(rows), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.matrix = self._view(rows)
+        self.copies = 0      # resizes that had to copy (a view of the matrix was alive)
+
+    def _bytes(self, rows: int) -> int:
+        return max(rows * self.parts * self.hidden * 4, 1)
+
+    def _view(self, rows: int) -> np.ndarray:
+        return np.frombuffer(self._map, np.float32, rows * self.parts * self.hidden).reshape(rows, self.parts,
+                                                                                         self.hidden)
+
+    def resize(self, rows: int) -> np.ndarray:
+        """The matrix with room for ``rows`` (rows below both sizes unchanged); drop every other view first."""
+        self.matrix = None
+        try:
+            self._map.resize(self._bytes(rows))
+        except BufferError:    # a view of the old matrix is still alive somewhere: copy into a new mapping
+            old = self._view(len(self._map) // (self.parts * self.hidden * 4))
+            self._map = mmap.mmap(-1, self._bytes(rows), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            keep = min(rows, len(old))
+            self._view(rows)[:keep] = old[:keep]
+            self.copies += 1
+        self.matrix = self._view(rows)
+        return self.matrix
+
 
 class StreamedFfn:
     """One FFN layer whose weights stay in the flash image: ``y = act(x @ up + b_up) @ down + b_down``, with
@@ -79,7 +112,8 @@ class StreamedFfn:
         self.next: StreamedFfn | None = None   # the streamed layer after this one (dense mode prefetches it)
         self._prefetch = None                    # (future, buffer) of this layer's whole image, being read
         # the window cache: one row per held neuron (bundle: parts x hidden), its neuron id, when last active
-        self.slots = _cache_matrix(self.capacity, lay.parts, lay.hidden)
+        self._room = _CacheRoom(self.capacity, lay.parts, lay.hidden)
+        self.slots = self._room.matrix
         self.slot_neuron = np.full(self.capacity, -1, np.int64)
         self.slot_of = np.full(lay.neurons, -1, np.int64)       # neuron -> its slot, -1 when not held
         self.last_used = np.full(lay.neurons, -1, np.int64)     # neuron -> the last step it was active
@@ -414,18 +448,18 @@ class StreamedFfn:
 
     def resize(self, capacity: int) -> None:
         """Give the window cache room for ``capacity`` neurons: shrinking evicts the least recently used first;
-        the held rows are copied into a new matrix of that size (the old one freed)."""
+        the held rows stay where they are (the matrix is resized in place: ``_CacheRoom``)."""
         capacity = max(1, min(int(capacity), self.lay.neurons))
         if capacity == self.capacity:
             return
         if self.held > capacity:
             self.capacity = capacity            # (what _evict makes room within)
             self._evict(need=0, keep=np.zeros(0, np.int64))
-        slots = _cache_matrix(capacity, self.lay.parts, self.lay.hidden)
-        slots[:self.held] = self.slots[:self.held]
+        self.slots = None                       # (the only view of the cache: it resizes in place)
+        self.slots = self._room.resize(capacity)
         slot_neuron = np.full(capacity, -1, np.int64)
         slot_neuron[:self.held] = self.slot_neuron[:self.held]
-        self.slots, self.slot_neuron, self.capacity = slots, slot_neuron, capacity
+        self.slot_neuron, self.capacity = slot_neuron, capacity
 
 
 def rebalance_caches(layers: list[StreamedFfn]) -> None:
@@ -449,15 +483,14 @@ def rebalance_caches(layers: list[StreamedFfn]) -> None:
         targets[int(np.argmax(need))] += room - int(targets.sum())     # what the rounding left, to the neediest
         return targets
     targets = shares(total)
-    # a call gathers its layer's rows (a temporary up to its cache's size, and its hidden activations) and a
-    # resize holds a cache twice for a moment: a largest cache larger by g costs up to 3g more (measured:
-    # with 2g the benchmark's peak passed its budget by 2 MiB), taken from the caches' total
+    # a call gathers its layer's rows (a temporary up to its cache's size, and its hidden activations): a
+    # largest cache larger by g costs up to RESERVE_GROWTHS x g more, taken from the caches' total
     grow = int(targets.max()) - max(layer.capacity for layer in layers)
     if grow > 0:
-        targets = shares(max(total - 3 * grow, len(layers)))
+        targets = shares(max(total - RESERVE_GROWTHS * grow, len(layers)))
     targets = targets.tolist()
 
-    def worth(layer, target) -> bool:        # not for a few rows: each resize copies the cache
+    def worth(layer, target) -> bool:        # not for a few rows
         return abs(target - layer.capacity) > max(8, layer.capacity // 20)
     for layer, target in zip(layers, targets):   # shrink first, then grow within the room freed: the total
         if target < layer.capacity and worth(layer, target):   # never passes what the plan counted

@@ -235,6 +235,27 @@ def test_rebalancing_moves_cache_room_to_the_layer_that_overflows_and_keeps_the_
             assert shared[0].held <= shared[0].capacity and shared[1].held <= shared[1].capacity
         assert shared[1].capacity > 40 and shared[0].capacity < 100               # room moved to the loud layer
         assert shared[1].bytes_read < alone[1].bytes_read
+        assert shared[0]._room.copies == shared[1]._room.copies == 0             # resized in place
         for layer in shared[:2]:                                                  # the cache still consistent
             assert all(layer.slot_neuron[slot] == n for n, slot in layer.neuron_slot.items())
         rebalance_caches([shared[2]])                                             # dense only: nothing to do
+
+
+def test_a_window_cache_resizes_in_place_and_keeps_its_rows():
+    from hetflow.runtime.flash_stream import _CacheRoom
+    room = _CacheRoom(100, 2, 64)
+    rows = np.random.default_rng(0).standard_normal((100, 2, 64)).astype(np.float32)
+    room.matrix[:] = rows
+    grown = room.resize(400)
+    np.testing.assert_array_equal(grown[:100], rows)                  # held rows unchanged...
+    assert not grown[100:].any() and grown.shape == (400, 2, 64)
+    del grown                                                        # (views of the old size go first)
+    shrunk = room.resize(30)
+    np.testing.assert_array_equal(shrunk, rows[:30])
+    assert room.copies == 0                                          # ...and never copied
+    alive = shrunk[:5]                                               # a view still held: it copies, same rows
+    del shrunk
+    again = room.resize(60)
+    np.testing.assert_array_equal(again[:30], rows[:30])
+    np.testing.assert_array_equal(alive, rows[:5])
+    assert room.copies == 1
