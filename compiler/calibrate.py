@@ -163,16 +163,20 @@ def predict(groups, peak: float, bandwidth: float, launch: float, op_launch: flo
     return call + sum(max(f / peak, b / bandwidth) + launch + op_launch * ops for f, b, ops in groups)
 
 
-def fit(samples: list[dict]) -> dict:
+HOST_GRID = {"peaks": (9, 12.5, 80), "bandwidths": (9, 11.7, 70)}        # log10 from, to, points: 1 GFLOP/s..
+GPU_GRID = {"peaks": (11, 15.5, 120), "bandwidths": (10, 13.2, 100)}     # ..3 TFLOP/s; a GPU: 100 GFLOP/s..30 PFLOP/s
+
+
+def fit(samples: list[dict], grid: dict = HOST_GRID) -> dict:
     """Peak FLOP/s, bandwidth, per-call, per-node and per-op costs minimising the squared log error of
     predicted latency.
 
     Each sample: {"groups": [(flops, bytes, ops), ...], "measured": seconds}; ``predict`` is the model.
     A grid search: the model has four parameters and a handful of samples, and a grid cannot wander
-    into a negative or absurd value.
+    into a negative or absurd value. ``grid``: the peak and bandwidth axes (``HOST_GRID``, ``GPU_GRID``).
     """
-    peaks = np.logspace(9, 12.5, 80)
-    bandwidths = np.logspace(9, 11.7, 70)
+    peaks = np.logspace(*grid["peaks"])
+    bandwidths = np.logspace(*grid["bandwidths"])
     parts = []
     for sample in samples:
         flops = np.array([g[0] for g in sample["groups"]], np.float64)
@@ -195,26 +199,37 @@ def fit(samples: list[dict]) -> dict:
             "op_launch": float(op_launch), "call_overhead": float(call)}
 
 
-def calibrate_host(progress=print, repeats: int = 10, rounds: int = 5) -> dict:
-    """Measure the suite on the host, fit the cost model, save it as the host calibration; returns the result.
+class CalibrationError(HetflowError):
+    """A calibration that cannot run here (no CUDA GPU for host+cuda, too few models placed)."""
+
+
+def fit_to_runs(platform, devices: list[str] | None, grid: dict, progress=print, repeats: int = 10,
+                rounds: int = 5) -> dict:
+    """Compile the suite for ``platform`` (placed on ``devices`` only when given), time each model, and fit the
+    cost model to the times: the figures, and ``fitted_on`` (each model's measured and predicted seconds).
 
     The models are timed in ``rounds`` interleaved rounds (each round: every model, ``repeats`` runs,
     their median) and a model's time is the median over rounds: a virtual machine's speed drifts
-    between minutes, and models timed one after another would each see a different machine.
+    between minutes, and models timed one after another would each see a different machine. A model the
+    devices cannot run is left out, with a line saying so; fewer than four left is an error.
     """
     import hetflow
     from hetflow.passes.cost import cost_node, inner_nodes
-    from hetflow.platform import load_platform
     samples, programs = [], []
-    platform = load_platform("host")
     for name, build in suite().items():
         module, inputs = build()
-        compiled = hetflow.compile(module, inputs, platform=platform)
-        groups = [(c.flops, c.bytes, len(inner_nodes(c.node))) for c in (cost_node(n, platform)
+        try:
+            compiled = hetflow.compile(module, inputs, platform=platform, devices=devices, cache=False)
+        except HetflowError as exc:
+            progress(f"  left out {name}: {str(exc).splitlines()[0]}")
+            continue
+        groups = [(c.flops, c.bytes, len(inner_nodes(c.node))) for c in (cost_node(n, compiled.platform)
                                                                         for n in compiled.graph.nodes)]
         samples.append({"model": name, "groups": groups, "rounds": []})
         programs.append((compiled, inputs))
         progress(f"  compiled {name} ({len(groups)} groups)")
+    if len(samples) < 4:
+        raise CalibrationError(f"calibration needs at least four models the devices run; {len(samples)} compiled")
     for r in range(rounds):
         for sample, (compiled, inputs) in zip(samples, programs):
             sample["rounds"].append(measure_model(compiled, inputs, repeats))
@@ -223,14 +238,40 @@ def calibrate_host(progress=print, repeats: int = 10, rounds: int = 5) -> dict:
         sample["measured"] = float(np.median(sample["rounds"]))
         progress(f"  measured {sample['model']}: {sample['measured'] * 1e3:.2f} ms "
                  f"(rounds {', '.join(f'{t * 1e3:.2f}' for t in sample['rounds'])})")
-    fitted = fit(samples)
+    fitted = fit(samples, grid)
     for sample in samples:
         sample["predicted"] = predict(sample["groups"], fitted["gemm_flops"], fitted["memory_bandwidth"],
                                       fitted["launch"], fitted["op_launch"], fitted["call_overhead"])
         del sample["groups"]
+    return {**fitted, "fitted_on": samples}
+
+
+def calibrate_host(progress=print, repeats: int = 10, rounds: int = 5) -> dict:
+    """Measure the suite on the host, fit the cost model, save it as the host calibration; returns the result."""
+    from hetflow.platform import load_platform
+    fitted = fit_to_runs(load_platform("host"), None, HOST_GRID, progress, repeats, rounds)
     result = {**fitted, "key": _key(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "fitted_on": samples, "source": "fitted to measured runs of the calibration models"}
+              "source": "fitted to measured runs of the calibration models"}
     path = cache_dir() / "host-calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    load_platform.cache_clear()
+    return result
+
+
+def calibrate_cuda(progress=print, repeats: int = 10, rounds: int = 5) -> dict:
+    """``hetflow calibrate --platform host+cuda``: the suite compiled onto the CUDA GPU alone and timed there,
+    the GPU's achieved GEMM rate, bandwidth and per-call, per-kernel and per-op costs fitted to the times as
+    the host's are (``fit_to_runs``), and kept with the GPU's peak measurement: host+cuda uses the fit from
+    then on. Without torch or a CUDA GPU: ``CalibrationError``."""
+    from hetflow.platform import load_platform
+    measured = cuda_calibration()
+    if measured is None:
+        raise CalibrationError("host+cuda calibration times models on a CUDA GPU, and torch sees none here "
+                               "(torch.cuda.is_available() is False)")
+    fitted = fit_to_runs(load_platform("host+cuda"), ["gpu"], GPU_GRID, progress, repeats, rounds)
+    result = {**measured, "fitted": {**fitted, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+    path = cache_dir() / "cuda-calibration.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     load_platform.cache_clear()
@@ -257,12 +298,24 @@ def _add_cuda(data: dict, gpu: dict | None, gpu_ops=(), gpu_dtypes=()) -> dict:
         data["description"] = data.get("description", "") + " No CUDA GPU is present: the platform is the host alone."
         return data
     data = json.loads(json.dumps(data))
-    data["memory"]["hbm"] = {"capacity": gpu["memory_bytes"], "bandwidth": gpu["memory_bandwidth"], "unified": True,
+    fitted = gpu.get("fitted")
+    bandwidth = fitted["memory_bandwidth"] if fitted else gpu["memory_bandwidth"]
+    data["memory"]["hbm"] = {"capacity": gpu["memory_bytes"], "bandwidth": bandwidth, "unified": True,
                              "source": f"measured: {gpu['name']}"}
     data["device"]["gpu"] = {"kind": "gpu", "memory": "hbm", "launch": "10 us", "measured": True,
                              "peak": {"f32": gpu["f32_flops"], "f16": gpu["f16_flops"]},
                              "ops": list(gpu_ops), "dtypes": list(gpu_dtypes),
-                             "source": f"measured on {gpu['name']} ({gpu['when']})"}
+                             "source": f"peak GEMM and copy measured on {gpu['name']} ({gpu['when']}); not "
+                                       "calibrated to model runs ('hetflow calibrate --platform host+cuda')"}
+    if fitted:   # 'hetflow calibrate --platform host+cuda': the rates and costs real runs achieved
+        scale = fitted["gemm_flops"] / gpu["f32_flops"]
+        data["device"]["gpu"].update(
+            peak={"f32": fitted["gemm_flops"], "f16": gpu["f16_flops"] * scale}, bandwidth=bandwidth,
+            launch=fitted["launch"], op_launch=fitted["op_launch"],
+            source=(f"fitted to timed runs of the calibration models on {gpu['name']} ({fitted['when']}): "
+                    f"{fitted['gemm_flops'] / 1e12:.1f} TFLOP/s, {bandwidth / 1e9:.0f} GB/s, "
+                    f"{fitted['launch'] * 1e6:g} us per kernel"))
+        data["call_overhead"] = fitted["call_overhead"]   # a call's fixed cost, the GPU's launch and copies in it
     data.setdefault("link", {})["pcie"] = {"from": "dram", "to": "hbm", "bandwidth": gpu["pcie_bandwidth"],
                                           "latency": "10 us"}
     return data

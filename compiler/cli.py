@@ -543,6 +543,8 @@ def cmd_platforms(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    if args.platform == "host+cuda":
+        return _calibrate_cuda(args)
     if args.platform not in (None, "host"):
         from hetflow.platform import load_platform
         platform = load_platform(args.platform)
@@ -558,13 +560,31 @@ def cmd_calibrate(args) -> int:
     from hetflow.calibrate import calibrate_host
     print("calibrating the host platform: compiling and timing the calibration models (about a minute)", flush=True)
     result = calibrate_host(repeats=args.repeat)
+    _print_fit(result, "group")
+    return 0
+
+
+def _print_fit(result: dict, unit: str) -> None:
     print(f"fitted: {result['gemm_flops'] / 1e9:.1f} GFLOP/s, {result['memory_bandwidth'] / 1e9:.1f} GB/s, "
-          f"{result['launch'] * 1e6:g} us per group + {result['op_launch'] * 1e6:g} us per op in it, "
+          f"{result['launch'] * 1e6:g} us per {unit} + {result['op_launch'] * 1e6:g} us per op in it, "
           f"{result['call_overhead'] * 1e6:g} us per call")
     for sample in result["fitted_on"]:
         error = sample["predicted"] / sample["measured"] - 1
         print(f"  {sample['model']:18s} measured {sample['measured'] * 1e3:8.2f} ms   predicted "
               f"{sample['predicted'] * 1e3:8.2f} ms   ({100 * error:+.0f}%)")
+
+
+def _calibrate_cuda(args) -> int:
+    from hetflow.calibrate import calibrate_cuda
+    if args.output or args.disk_dir is not None:
+        raise UsageError("host+cuda's fit is saved in the cache and used by the host+cuda preset: no -o or "
+                         "--disk-dir")
+    print("calibrating host+cuda: compiling the calibration models onto the CUDA GPU alone and timing them "
+          "(a few minutes)", flush=True)
+    result = calibrate_cuda(repeats=args.repeat)
+    print(f"GPU: {result['name']}; measured peak {result['f32_flops'] / 1e12:.1f} TFLOP/s f32, "
+          f"copy {result['memory_bandwidth'] / 1e9:.0f} GB/s")
+    _print_fit(result["fitted"], "kernel")
     return 0
 
 
@@ -765,7 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'hetflow platforms show host' says so). About a minute. With --platform: fit "
                                    "its NPU/PIM devices to their simulators, or, for a platform with [flash] and no "
                                    "NPU/PIM (laptop-ssd) or with --disk-dir, measure this machine's disk read "
-                                   "throughput by chunk size and threads (about 20 s).")
+                                   "throughput by chunk size and threads (about 20 s). With --platform host+cuda: "
+                                   "the same models compiled onto the CUDA GPU alone and timed there, the GPU's "
+                                   "achieved GEMM rate, bandwidth and per-kernel costs fitted (needs a GPU).")
     p.add_argument("--repeat", type=int, default=10, help="timed runs per model (median)")
     p.add_argument("--platform", metavar="PRESET",
                    help="instead of the host: fit the analytic cost model of this platform's simulated devices "

@@ -68,3 +68,70 @@ def test_the_call_overhead_delays_the_timeline():
     a, b = simulate(compiled.graph, base), simulate(compiled.graph, delayed)
     assert min(e.start for e in b.events) >= 1e-3
     assert b.makespan == pytest.approx(a.makespan + 1e-3)
+
+
+def test_the_gpu_grid_recovers_a_gpu_s_figures():
+    from hetflow.calibrate import GPU_GRID
+    peak, bandwidth = np.logspace(*GPU_GRID["peaks"])[100], np.logspace(*GPU_GRID["bandwidths"])[85]
+    assert peak > 1e13 and bandwidth > 1e12                       # tens of TFLOP/s, TB/s: the host's grid ends lower
+    samples = _samples(peak, bandwidth, LAUNCHES[3], OP_LAUNCHES[1], CALLS[2])
+    for sample in samples:   # a GPU's groups are larger: scale the work so both roofs are reached
+        sample["groups"] = [(f * 1e3, b * 1e2, ops) for f, b, ops in sample["groups"]]
+        sample["measured"] = predict(sample["groups"], peak, bandwidth, LAUNCHES[3], OP_LAUNCHES[1], CALLS[2])
+    fitted = fit(samples, GPU_GRID)
+    assert fitted["gemm_flops"] == pytest.approx(peak, rel=0.12)
+    assert fitted["memory_bandwidth"] == pytest.approx(bandwidth, rel=0.12)
+    assert fitted["launch"] == pytest.approx(LAUNCHES[3], abs=2e-6)
+
+
+def test_host_cuda_takes_the_fitted_figures_over_the_peak_measurement():
+    from hetflow.calibrate import _add_cuda
+    data = tomllib.loads(files("hetflow.platform").joinpath("presets/host.toml").read_text())
+    gpu = {"name": "a GPU", "when": "then", "f32_flops": 50e12, "f16_flops": 400e12, "memory_bandwidth": 4e12,
+           "pcie_bandwidth": 25e9, "memory_bytes": 80 << 30}
+    peak_only = platform_from_dict(_add_cuda(data, gpu, ("MatMul",), ("f32",)), "host+cuda").devices["gpu"]
+    assert peak_only.peak["f32"] == 50e12 and "not calibrated" in peak_only.source
+    gpu["fitted"] = {"gemm_flops": 20e12, "memory_bandwidth": 2.5e12, "launch": 8e-6, "op_launch": 1e-6,
+                     "call_overhead": 60e-6, "when": "now", "fitted_on": []}
+    platform = platform_from_dict(_add_cuda(data, gpu, ("MatMul",), ("f32",)), "host+cuda")
+    fitted = platform.devices["gpu"]
+    assert fitted.peak["f32"] == 20e12 and fitted.peak["f16"] == pytest.approx(160e12)   # f16 scaled alike
+    assert fitted.bandwidth == 2.5e12 and platform.memories["hbm"].bandwidth == 2.5e12
+    assert fitted.launch_for(3) == pytest.approx(11e-6) and platform.call_overhead == pytest.approx(60e-6)
+    assert "fitted to timed runs" in fitted.source
+
+
+def test_fit_to_runs_times_the_suite_on_the_devices_and_fits_it(monkeypatch):
+    """The routine host+cuda calibration runs on the GPU, run here on the CPU: four small models compiled onto
+    the given devices, timed, fitted; the fit predicts each within a factor of two."""
+    from hetflow import calibrate
+    from hetflow.examples import mlp
+    from hetflow.platform import load_platform
+    import torch
+
+    def build(width):
+        def make():
+            torch.manual_seed(0)
+            return mlp.MLP(width, 2 * width, width).eval(), (torch.randn(32, width),)
+        return make
+    monkeypatch.setattr(calibrate, "suite", lambda: {f"mlp{w}": build(w) for w in (32, 128, 256, 512)})
+    lines = []
+    result = calibrate.fit_to_runs(load_platform("host"), ["cpu"], calibrate.HOST_GRID, lines.append,
+                                   repeats=3, rounds=1)
+    assert [s["model"] for s in result["fitted_on"]] == ["mlp32", "mlp128", "mlp256", "mlp512"]
+    assert any("timed round 1 of 1" in line for line in lines)
+    for sample in result["fitted_on"]:
+        assert 0.5 < sample["predicted"] / sample["measured"] < 2.0, sample
+    monkeypatch.setattr(calibrate, "suite", lambda: {"mlp32": build(32)})
+    with pytest.raises(calibrate.CalibrationError, match="at least four models"):
+        calibrate.fit_to_runs(load_platform("host"), ["cpu"], calibrate.HOST_GRID, lines.append, 1, 1)
+
+
+def test_host_cuda_calibration_without_a_gpu_is_one_clear_line(capsys):
+    from hetflow.cli import main
+    from hetflow.runtime.runners.cuda import cuda_available
+    if cuda_available():
+        pytest.skip("this machine has a CUDA GPU: the calibration would run (pytest -m gpu covers the GPU)")
+    assert main(["calibrate", "--platform", "host+cuda"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hetflow: error:") and "CUDA GPU" in err[-1] and "torch sees none" in err[-1]
