@@ -258,7 +258,7 @@ def run_rung(directory: Path, rung: str, tokens: int) -> dict:
     from transformers import OPTForCausalLM
 
     from hetflow.runtime.flash_io import ReaderPool, current_rss_bytes, peak_rss_bytes
-    from hetflow.runtime.flash_stream import FlashImage, Predictor, StreamedFfn
+    from hetflow.runtime.flash_stream import FlashImage, Predictor, ReadBuffers, StreamedFfn
     torch.set_num_threads(2)
     info = json.loads((directory / "prep.json").read_text())
     with torch.device("meta"):
@@ -292,8 +292,10 @@ def run_rung(directory: Path, rung: str, tokens: int) -> dict:
                           info["capacity"].get(str(i)) or None, retain=rung in ("hetflow", "speculate"))
         layer.fc1, layer.fc2, layer.activation_fn = _flash_mlp(ffn), torch.nn.Identity(), torch.nn.Identity()
         streamed.append(ffn)
+    buffers = ReadBuffers(2)     # dense layers: the one computing and the next being read (what the plan counts)
     for layer in streamed:
         layer.peers = streamed if rung in ("hetflow", "speculate") else None   # hetflow's caches share their room
+        layer.buffers = buffers
     for a, b in zip(streamed, streamed[1:]):
         a.next = b
         a.speculate_ahead = rung == "speculate"   # read b's likely neurons (predicted from a's input) ahead

@@ -65,7 +65,7 @@ class FlashRunner(HostRunner):
 
     def _streamed(self, image, weights: dict, operands: dict, executor):
         from hetflow.runtime.flash_io import ReaderPool
-        from hetflow.runtime.flash_stream import StreamedFfn
+        from hetflow.runtime.flash_stream import ReadBuffers, StreamedFfn
         path, manifest = image
         p = self.program
         try:
@@ -76,7 +76,8 @@ class FlashRunner(HostRunner):
                 p["hidden"], p["neurons"], p["dtype"], p["gated"], p["bundled"], p["chunk_neurons"]):
             raise RunnerError(f"{self.where}: layer {lay.name} in the flash image is laid out otherwise than its "
                               "program says (the image was written for another compile)")
-        shared = executor.__dict__.setdefault("flash_streams", {"pools": {}, "layers": [], "io_log": []})
+        shared = executor.__dict__.setdefault("flash_streams", {"pools": {}, "layers": [], "io_log": [],
+                                                                 "buffers": ReadBuffers(2)})
         pool = shared["pools"].get(str(path))
         if pool is None:
             pool = shared["pools"][str(path)] = ReaderPool(path, threads=READER_THREADS)
@@ -89,6 +90,7 @@ class FlashRunner(HostRunner):
                              mode=p["mode"], predictor=predictor, window=p["window"],
                              capacity=p["capacity"] or None, activation="silu" if p["gated"] else p["activation"])
         stream.io_log = shared["io_log"]
+        stream.buffers = shared["buffers"]      # dense layers reuse two read buffers (the plan counts two)
         layers = shared["layers"]
         if layers:   # each streamed layer prefetches the next while it computes; the last the first
             layers[-1].next = stream

@@ -135,3 +135,32 @@ def test_host_cuda_calibration_without_a_gpu_is_one_clear_line(capsys):
     assert main(["calibrate", "--platform", "host+cuda"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("hetflow: error:") and "CUDA GPU" in err[-1] and "torch sees none" in err[-1]
+
+
+def _cuda() -> bool:
+    from hetflow.runtime.runners.cuda import cuda_available
+    return cuda_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (run pytest -m gpu on a machine with one)")
+def test_host_cuda_calibration_fits_the_gpu_and_host_cuda_uses_it(monkeypatch, tmp_path):
+    """On a machine with a CUDA GPU (pytest -m gpu): four MLPs compiled onto the GPU alone, timed and fitted;
+    host+cuda then carries the fit."""
+    from hetflow import calibrate
+    from hetflow.examples import mlp
+    from hetflow.platform import load_platform
+    import torch
+    monkeypatch.setenv("HETFLOW_CACHE_DIR", str(tmp_path))
+
+    def build(width):
+        def make():
+            torch.manual_seed(0)
+            return mlp.MLP(width, 4 * width, width).eval(), (torch.randn(256, width),)
+        return make
+    monkeypatch.setattr(calibrate, "suite", lambda: {f"mlp{w}": build(w) for w in (256, 1024, 2048, 4096)})
+    result = calibrate.calibrate_cuda(repeats=5, rounds=2)
+    for sample in result["fitted"]["fitted_on"]:
+        assert 0.5 < sample["predicted"] / sample["measured"] < 2.0, sample
+    gpu = load_platform("host+cuda").devices["gpu"]
+    assert "fitted to timed runs" in gpu.source and gpu.peak["f32"] == result["fitted"]["gemm_flops"]

@@ -259,3 +259,28 @@ def test_a_window_cache_resizes_in_place_and_keeps_its_rows():
     np.testing.assert_array_equal(again[:30], rows[:30])
     np.testing.assert_array_equal(alive, rows[:5])
     assert room.copies == 1
+
+
+@pytest.mark.parametrize("bundled", [True, False])
+def test_dense_layers_share_two_read_buffers_across_layers_and_tokens(tmp_path, ffn, bundled):
+    """Three layers streamed whole, each prefetching the next (the last the first, as the flash runner does),
+    over four tokens: the outputs equal the reference, and every read went into one of two shared buffers."""
+    from hetflow.runtime.flash_stream import ReadBuffers
+    up, down, b_up, b_down = ffn
+    lays = [layout(f"l{i}", HIDDEN, NEURONS, np.float32, False, bundled, 1) for i in range(3)]
+    weights = [(up * (i + 1), down) for i in range(3)]
+    write_image(tmp_path / "img.bin", [(lay, {"up": u, "down": d}) for lay, (u, d) in zip(lays, weights)])
+    rng = np.random.default_rng(7)
+    buffers = ReadBuffers(2)
+    with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
+        layers = [StreamedFfn(lay, pool, b_up, b_down) for lay in lays]
+        for i, layer in enumerate(layers):
+            layer.next, layer.buffers = layers[(i + 1) % 3], buffers
+        for _ in range(4):
+            h = rng.standard_normal((1, HIDDEN)).astype(np.float32)
+            for layer, (u, d) in zip(layers, weights):
+                expected = _reference(h, u, d, b_up, b_down)
+                h = layer(h)
+                np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-3)
+                h = h / np.abs(h).max()
+    assert buffers.fresh == 0 and len(buffers._owned) == 2
