@@ -230,7 +230,7 @@ def test_rebalancing_moves_cache_room_to_the_layer_that_overflows_and_keeps_the_
         shared, alone = model(True), model(False)
         for x in tokens:
             for a, b in zip(shared, alone):
-                np.testing.assert_allclose(a(x), b(x), rtol=1e-5, atol=1e-5)     # what is computed: unchanged
+                np.testing.assert_allclose(a(x), b(x), rtol=1e-4, atol=1e-4)     # what is computed: unchanged (up to f32 sums)
             assert shared[0].capacity + shared[1].capacity <= 140                 # within the plan's total
             assert shared[0].held <= shared[0].capacity and shared[1].held <= shared[1].capacity
         assert shared[1].capacity > 40 and shared[0].capacity < 100               # room moved to the loud layer
@@ -284,3 +284,28 @@ def test_dense_layers_share_two_read_buffers_across_layers_and_tokens(tmp_path, 
                 np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-3)
                 h = h / np.abs(h).max()
     assert buffers.fresh == 0 and len(buffers._owned) == 2
+
+
+def test_rebalancing_again_and_again_keeps_the_plan_s_room(tmp_path, ffn):
+    """The room is the plan's total less a reserve for the largest cache's growth past the plan's largest: the
+    same recent calls rebalanced ten times give the same capacities (a reserve taken from the current sum
+    each time compounded, and the caches shrank at every rebalance)."""
+    from hetflow.runtime.flash_stream import RESERVE_GROWTHS, rebalance_caches
+    up, down, b_up, b_down = ffn
+    predictor, _ = build_predictor(up, b_up, rank=32)
+    lays = [layout(f"l{i}", HIDDEN, NEURONS, np.float32, False, True, 1) for i in range(3)]
+    write_image(tmp_path / "img.bin", [(lay, {"up": up, "down": down}) for lay in lays])
+    with ReaderPool(tmp_path / "img.bin", threads=2) as pool:
+        layers = [StreamedFfn(lay, pool, b_up, b_down, "window", predictor, window=2, capacity=60) for lay in lays]
+        rng = np.random.default_rng(8)
+        layers[0].recent = [rng.choice(NEURONS, 90, replace=False) for _ in range(4)]   # loud: past its 60
+        layers[1].recent = [rng.choice(NEURONS, 10, replace=False) for _ in range(4)]
+        layers[2].recent = [np.arange(5) for _ in range(4)]
+        rebalance_caches(layers)
+        first = [layer.capacity for layer in layers]
+        for _ in range(10):
+            rebalance_caches(layers)
+        assert [layer.capacity for layer in layers] == first
+        grow = max(first) - 60
+        assert grow > 0 and 180 - RESERVE_GROWTHS * grow - 3 <= sum(first) <= 180 - RESERVE_GROWTHS * grow
+        assert first[0] >= 90 and first[1] >= 10 and first[2] >= 5          # each holds its busiest call
