@@ -49,7 +49,8 @@ assert ALIGN == ALIGNMENT, "the image format and the reader agree on the direct-
 
 # --- running a streamed layer -----------------------------------------------------------------------------
 
-REBALANCE_EVERY = 8     # single-token calls between two rebalances of a model's window caches
+REBALANCE_EVERY = 8     # single-token calls between two rebalances of a model's window caches (sooner when a
+                        # layer fires past its cache, at most every other token)
 RESERVE_GROWTHS = 2     # kept out of the caches' room when the largest grows by g: RESERVE_GROWTHS x g
 
 
@@ -149,6 +150,7 @@ class StreamedFfn:
         self.window = max(window, 1)
         self.capacity = lay.neurons if capacity is None else min(capacity, lay.neurons)
         self.planned_capacity = self.capacity    # what the plan counted (rebalancing moves room, within the sum)
+        self.rebalanced_at = 0                   # the step of the last rebalance
         self.next: StreamedFfn | None = None   # the streamed layer after this one (dense mode prefetches it)
         self._prefetch = None                    # (future, buffer, began) of this layer's whole image, being read
         self.buffers: ReadBuffers | None = None  # dense mode: read buffers shared with the model's other layers
@@ -391,9 +393,11 @@ class StreamedFfn:
         self.neurons_predicted += len(ids)
         if len(x) == 1 and self.mode == "window":
             self.recent = [*self.recent[-(REBALANCE_EVERY - 1):], ids]
-            if (self.retain and self.peers and self.step > self.window and self.step % REBALANCE_EVERY == 0
-                    and self is next(layer for layer in self.peers if layer.mode == "window")):
-                rebalance_caches(self.peers)
+            if self.retain and self.peers and self.step > self.window:
+                due = self.step % REBALANCE_EVERY == 0 and self is next(l for l in self.peers if l.mode == "window")
+                overflow = len(ids) > self.capacity and self.step - self.rebalanced_at >= 2   # room misplaced
+                if due or overflow:
+                    rebalance_caches(self.peers)
         if self.speculate_ahead and self.next is not None and self.next is not self and len(x) == 1:
             self.next.speculate(x, max(1, self.next.capacity // (2 * self.next.lay.chunk_neurons)))
         if self.mode == "predict":
@@ -527,6 +531,8 @@ def rebalance_caches(layers: list[StreamedFfn]) -> None:
     layers = [layer for layer in layers if layer.mode == "window"]
     if not layers:
         return
+    for layer in layers:
+        layer.rebalanced_at = layer.step
     total = sum(layer.planned_capacity for layer in layers)
     planned_largest = max(layer.planned_capacity for layer in layers)
     # must: room for the most neurons one recent call used (below it, a call reads past the cache, in
