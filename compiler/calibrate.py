@@ -164,7 +164,7 @@ def predict(groups, peak: float, bandwidth: float, launch: float, op_launch: flo
 
 
 HOST_GRID = {"peaks": (9, 12.5, 80), "bandwidths": (9, 11.7, 70)}        # log10 from, to, points: 1 GFLOP/s..
-GPU_GRID = {"peaks": (11, 15.5, 120), "bandwidths": (10, 13.2, 100)}     # ..3 TFLOP/s; a GPU: 100 GFLOP/s..30 PFLOP/s
+GPU_GRID = {"peaks": (11, 15.5, 120), "bandwidths": (10, 13.2, 100)}     # ..3 TFLOP/s; a GPU: 0.1 to 3,000 TFLOP/s, 10 GB/s to 16 TB/s
 
 
 def fit(samples: list[dict], grid: dict = HOST_GRID) -> dict:
