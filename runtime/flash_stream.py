@@ -518,16 +518,16 @@ class StreamedFfn:
 
 def rebalance_caches(layers: list[StreamedFfn]) -> None:
     """Move window-cache room between a model's streamed layers within the total the plan counted: each layer
-    is first given room for the most neurons one of its last calls used, then for the neurons its last
-    calls used (their union) as far as the room goes, and what is left over is shared in proportion. The plan sized the caches from
-    calibration inputs; a prompt can fire a layer several times as often (measured: 900 neurons a token
-    where calibration saw 283), and a layer whose cache cannot hold a token's neurons reads most of them
-    every token. Never changes what is computed; only what is read. Layers streamed whole (``dense``) have
-    no cache and take no part.
+    is first given room for the most neurons one of its last calls used, then for the neurons its last calls
+    used (their union) as far as the room goes, and what is left over is shared in proportion. The plan
+    sized the caches from calibration inputs; a prompt can fire a layer several times as often (measured:
+    900 neurons a token where calibration saw 283), and a layer whose cache cannot hold a token's neurons
+    reads most of them every token. Never changes what is computed; only what is read. Layers streamed whole
+    (``dense``) have no cache and take no part.
 
     The total is the plan's (each layer's ``planned_capacity``), not the caches' current sum: a reserve
     taken from the current sum at every rebalance compounded (measured: 7,527 neurons of room became 6,249
-    in two rebalances, and quiet layers shrunk below what they fire read past their caches)."""
+    in two rebalances, and quiet layers, shrunk below what they fired, read past their caches)."""
     layers = [layer for layer in layers if layer.mode == "window"]
     if not layers:
         return
