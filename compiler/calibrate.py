@@ -163,8 +163,10 @@ def predict(groups, peak: float, bandwidth: float, launch: float, op_launch: flo
     return call + sum(max(f / peak, b / bandwidth) + launch + op_launch * ops for f, b, ops in groups)
 
 
-HOST_GRID = {"peaks": (9, 12.5, 80), "bandwidths": (9, 11.7, 70)}        # log10 from, to, points: 1 GFLOP/s..
-GPU_GRID = {"peaks": (11, 15.5, 120), "bandwidths": (10, 13.2, 100)}     # ..3 TFLOP/s; a GPU: 0.1 to 3,000 TFLOP/s, 10 GB/s to 16 TB/s
+# the fit's axes, log10 (from, to, points): the host 1 GFLOP/s to 3 TFLOP/s and 1 to 500 GB/s;
+# a GPU 0.1 to 3,000 TFLOP/s and 10 GB/s to 16 TB/s
+HOST_GRID = {"peaks": (9, 12.5, 80), "bandwidths": (9, 11.7, 70)}
+GPU_GRID = {"peaks": (11, 15.5, 120), "bandwidths": (10, 13.2, 100)}
 
 
 def fit(samples: list[dict], grid: dict = HOST_GRID) -> dict:

@@ -230,7 +230,7 @@ def test_rebalancing_moves_cache_room_to_the_layer_that_overflows_and_keeps_the_
         shared, alone = model(True), model(False)
         for x in tokens:
             for a, b in zip(shared, alone):
-                np.testing.assert_allclose(a(x), b(x), rtol=1e-4, atol=1e-4)     # what is computed: unchanged (up to f32 sums)
+                np.testing.assert_allclose(a(x), b(x), rtol=1e-4, atol=1e-4)     # unchanged, up to f32 sums
             assert shared[0].capacity + shared[1].capacity <= 140                 # within the plan's total
             assert shared[0].held <= shared[0].capacity and shared[1].held <= shared[1].capacity
         assert shared[1].capacity > 40 and shared[0].capacity < 100               # room moved to the loud layer
