@@ -48,6 +48,8 @@ def fold_constants(graph: Graph, node: Node) -> bool:
         return False
     if any(o.type is not None and (o.type.numel() or FOLD_LIMIT + 1) > FOLD_LIMIT for o in node.outputs):
         return False
+    if _tied_head_transpose(node):   # folded, a tied table would be kept twice: matmul_of_transposed_weight
+        return False
     try:
         with np.errstate(all="ignore"):
             results = make_kernel(node, graph.opset)([_weight(v) for v in node.inputs])
@@ -139,8 +141,9 @@ def merge_transposes(graph: Graph, node: Node) -> bool:
 
 
 def matmul_of_transposed_weight(graph: Graph, node: Node) -> bool:
-    """MatMul(a, Transpose(w)) with a constant w [V, H] too large to fold its transpose (a tied LM head:
-    50257 x 768), without a transposed copy beside w:
+    """MatMul(a, Transpose(w)) with a constant w [V, H] whose transpose is not folded (too large to, or a tied
+    table at any size: ``_tied_head_transpose``; a tied LM head is 50257 x 768), without a transposed copy
+    beside w:
 
     * w also read by row lookups (Gather on axis 0, the tied embedding) and nothing else: the table is
       kept once, transposed (wt [H, V]); the LM head becomes MatMul(a, wt) and each lookup
@@ -158,12 +161,8 @@ def matmul_of_transposed_weight(graph: Graph, node: Node) -> bool:
     w = t.inputs[0]
     if w.data.ndim != 2 or list(t.attrs.get("perm", [1, 0])) != [1, 0]:
         return False
-    lookups = [user for user, index in w.uses if user is not t]
-    if lookups and not w.is_output and all(
-            user.op == "Gather" and user.inputs[0] is w and int(user.attrs.get("axis", 0)) == 0
-            and user.inputs[1] is not user.inputs[0] and user.inputs[1] is not None
-            and user.inputs[1].type is not None and user.inputs[1].type.shape is not None
-            and user.outputs[0].type is not None and not user.outputs[0].is_output for user in lookups):
+    lookups = _row_lookups(w, t)
+    if lookups:
         wt = graph.add_weight(graph.fresh_name(w.name + "_t"), np.ascontiguousarray(w.data.T))
         for gather in lookups:
             ids, out = gather.inputs[1], gather.outputs[0]
@@ -183,6 +182,33 @@ def matmul_of_transposed_weight(graph: Graph, node: Node) -> bool:
     node.attrs = {"transB": 1}
     node.set_input(1, w)
     return True
+
+
+def _row_lookups(w: Value, transpose: Node) -> list[Node]:
+    """The nodes other than ``transpose`` reading the constant ``w`` when they are all row lookups (Gather on
+    axis 0 of ``w`` by ids of known shape, none a graph output) and ``w`` is no graph output: a tied table.
+    Otherwise []."""
+    lookups = [user for user, index in w.uses if user is not transpose]
+    if lookups and not w.is_output and all(
+            user.op == "Gather" and user.inputs[0] is w and int(user.attrs.get("axis", 0)) == 0
+            and user.inputs[1] is not user.inputs[0] and user.inputs[1] is not None
+            and user.inputs[1].type is not None and user.inputs[1].type.shape is not None
+            and user.outputs[0].type is not None and not user.outputs[0].is_output for user in lookups):
+        return lookups
+    return []
+
+
+def _tied_head_transpose(node: Node) -> bool:
+    """Transpose(w) of a tied table (``_row_lookups``) read only as the second operand of MatMuls: folding it
+    would keep the table twice (the lookups' and the head's, transposed), so it is left for
+    ``matmul_of_transposed_weight``, which keeps it once, transposed, whatever its size."""
+    w = node.inputs[0] if node.op == "Transpose" and node.inputs else None
+    if w is None or w.data is None or w.data.ndim != 2 or list(node.attrs.get("perm", [1, 0])) != [1, 0]:
+        return False
+    out = node.outputs[0]
+    return (bool(out.uses) and not out.is_output
+            and all(user.op == "MatMul" and index == 1 and user.inputs[0] is not out for user, index in out.uses)
+            and bool(_row_lookups(w, node)))
 
 
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")

@@ -140,6 +140,13 @@ def test_matmul_of_transposed_weight_keeps_one_table(monkeypatch):
               .replace("return %y, %r", "return %y").replace(", %ids: i64[3]", ""))
     gemm = check(untied, {"x": feeds["x"]}, {"Gemm": 1})
     assert next(iter(gemm.nodes)).attrs == {"transB": 1}
+    # a tied table small enough to fold is still kept once (folded, the transpose was a second copy beside it)
+    monkeypatch.setattr(canon, "FOLD_LIMIT", 1 << 24)
+    small = check(text, feeds, {"Gather": 1, "Transpose": 1, "MatMul": 1, "Neg": 1})
+    assert next(n for n in small.nodes if n.op == "MatMul").inputs[1].data.shape == (4, 6)
+    # untied and small: folded as before (one transposed copy, the original unused)
+    folded = canon.canonicalize(parse_graph(untied, resources_for(untied))).graph
+    assert folded.op_counts() == {"MatMul": 1} and sum(w.data.size for w in folded.weights.values()) == 24
 
 
 def test_gather_reads_rows_not_the_table():
