@@ -120,14 +120,13 @@ def test_a_value_changed_before_its_reader_is_named_clobbered():
              for i, q in enumerate(parts) if n in q.output_names and j > i + 1 and n in executor.buffers]
     if not pairs:
         pytest.skip("no value crosses more than one partition here")
-    producer, _, name = pairs[0]
+    producer, reader, name = pairs[0]
     original = executor._execute
 
     def clobbering(index, env, *args, **kwargs):
-        result = original(index, env, *args, **kwargs)
-        if index == producer + 1:  # after its producer, before its reader: another write lands on it
-            executor.buffers[name][...] = 7.0
-        return result
+        if index == reader:  # after its producer, just before its reader: another write lands on it (a write
+            executor.buffers[name][...] = 7.0   # after some partition between them could land after the read:
+        return original(index, env, *args, **kwargs)   # devices run concurrently)
 
     executor._execute = clobbering
     found = diff.locate_divergence(compiled, feeds, 1e-4, reference)
