@@ -101,19 +101,22 @@ def test_host_cuda_takes_the_fitted_figures_over_the_peak_measurement():
     assert "fitted to timed runs" in fitted.source
 
 
+def _mlp_builder(width: int, hidden: int, rows: int):
+    """A calibration-suite entry: an MLP width -> hidden -> width (seeded) and a [rows, width] input."""
+    def make():
+        import torch
+        from hetflow.examples import mlp
+        torch.manual_seed(0)
+        return mlp.MLP(width, hidden, width).eval(), (torch.randn(rows, width),)
+    return make
+
+
 def test_fit_to_runs_times_the_suite_on_the_devices_and_fits_it(monkeypatch):
     """The routine host+cuda calibration runs on the GPU, run here on the CPU: four small models compiled onto
     the given devices, timed in rounds, fitted (no assertion on the times themselves: they are this machine's)."""
     from hetflow import calibrate
-    from hetflow.examples import mlp
     from hetflow.platform import load_platform
-    import torch
-
-    def build(width):
-        def make():
-            torch.manual_seed(0)
-            return mlp.MLP(width, 2 * width, width).eval(), (torch.randn(32, width),)
-        return make
+    build = lambda width: _mlp_builder(width, 2 * width, 32)   # noqa: E731
     monkeypatch.setattr(calibrate, "suite", lambda: {f"mlp{w}": build(w) for w in (32, 128, 256, 512)})
     lines = []
     result = calibrate.fit_to_runs(load_platform("host"), ["cpu"], calibrate.HOST_GRID, lines.append,
@@ -151,17 +154,10 @@ def test_host_cuda_calibration_fits_the_gpu_and_host_cuda_uses_it(monkeypatch, t
     """On a machine with a CUDA GPU (pytest -m gpu): four MLPs compiled onto the GPU alone, timed and fitted;
     host+cuda then carries the fit."""
     from hetflow import calibrate
-    from hetflow.examples import mlp
     from hetflow.platform import load_platform
-    import torch
     monkeypatch.setenv("HETFLOW_CACHE_DIR", str(tmp_path))
-
-    def build(width):
-        def make():
-            torch.manual_seed(0)
-            return mlp.MLP(width, 4 * width, width).eval(), (torch.randn(256, width),)
-        return make
-    monkeypatch.setattr(calibrate, "suite", lambda: {f"mlp{w}": build(w) for w in (256, 1024, 2048, 4096)})
+    monkeypatch.setattr(calibrate, "suite",
+                        lambda: {f"mlp{w}": _mlp_builder(w, 4 * w, 256) for w in (256, 1024, 2048, 4096)})
     result = calibrate.calibrate_cuda(repeats=5, rounds=2)
     assert [s["model"] for s in result["fitted"]["fitted_on"]] == ["mlp256", "mlp1024", "mlp2048", "mlp4096"]
     gpu = load_platform("host+cuda").devices["gpu"]
