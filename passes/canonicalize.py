@@ -174,7 +174,9 @@ def matmul_of_transposed_weight(graph: Graph, node: Node) -> bool:
                 rows = graph.add_node("Transpose", [rows], [out.type], {"perm": [*range(1, rank + 1), 0]}, gather.loc,
                                       output_names=[out.name + "_rows"], before=gather).outputs[0]
             out.replace_all_uses_with(rows)
-        node.set_input(1, wt)
+        for user, index in list(t.outputs[0].uses):   # every head reading this transpose (not only this one):
+            if user.op == "MatMul" and index == 1:     # the lookups are gone, so a later one would fold a copy
+                user.set_input(1, wt)
         return True
     if a is None or a.type is None or a.type.shape is None or len(a.type.shape) != 2:
         return False

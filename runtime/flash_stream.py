@@ -61,9 +61,9 @@ class _CacheRoom:
     * Its own mapping: freed, it goes back to the system at once. From the heap, a cache freed when the caches
       were rebalanced stayed in this process (malloc raises its mapping threshold after a large free), and the
       run passed its budget by the caches' size.
-    * Resized in place (``mremap``): rows are whole pages apart in no particular way, but a row's bytes keep
-      their offset, so growing keeps every held row where it is and shrinking drops the rows past the new
-      end. A copy into a new matrix held the cache twice for a moment; the budget had to keep room for it.
+    * Resized in place (``mremap``): every row keeps its byte offset, so growing keeps the held rows where they
+      are and shrinking drops the rows past the new end (the held ones are first: swap-delete keeps them
+      packed). A copy into a new matrix held the cache twice for a moment; the budget had to keep room for it.
     """
 
     def __init__(self, rows: int, parts: int, hidden: int):

@@ -144,6 +144,11 @@ def test_matmul_of_transposed_weight_keeps_one_table(monkeypatch):
     monkeypatch.setattr(canon, "FOLD_LIMIT", 1 << 24)
     small = check(text, feeds, {"Gather": 1, "Transpose": 1, "MatMul": 1, "Neg": 1})
     assert next(n for n in small.nodes if n.op == "MatMul").inputs[1].data.shape == (4, 6)
+    # two heads reading the one transposed table: both read the one kept table
+    two = (text.replace("  %y: f32[2,6] = MatMul(%x, %wt)\n",
+                        "  %y0: f32[2,6] = MatMul(%x, %wt)\n  %x1: f32[2,4] = Neg(%x)\n"
+                        "  %y1: f32[2,6] = MatMul(%x1, %wt)\n  %y: f32[2,6] = Add(%y0, %y1)\n"))
+    check(two, feeds, {"Gather": 1, "Transpose": 1, "MatMul": 2, "Neg": 2, "Add": 1})
     # untied and small: folded as before (one transposed copy, the original unused)
     folded = canon.canonicalize(parse_graph(untied, resources_for(untied))).graph
     assert folded.op_counts() == {"MatMul": 1} and sum(w.data.size for w in folded.weights.values()) == 24
