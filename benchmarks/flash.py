@@ -18,7 +18,12 @@ The model: an OPT-style decoder (transformers' OPT: pre-LayerNorm, ReLU FFN) of 
 Steps (each rung in a fresh process, so its peak RSS is its own):
 
 1. the disk: ``hetflow.calibrate.calibrate_disk`` measures this machine's read throughput by chunk size
-   (O_DIRECT where the file system takes it) -> the throughput curve the plan and the report use;
+   (O_DIRECT where the file system takes it; native AIO, 32 reads in flight, where the kernel allows it)
+   -> the throughput curve the plan uses. A cloud disk's rate moves 2x within minutes, so each rung's
+   achieved throughput is set against the disk measured again just before and just after that rung
+   (``hetflow.calibrate.read_curve``: random reads of each chunk size from the flash image itself), the
+   mean of the two at the rung's mean read size. A rung whose reads are sequential runs (naive: whole
+   layers) or sorted neighbours reads faster than random reads of the same size: it shows above 100%;
 2. prepare: the model is built, its FFN inputs recorded on calibration sequences (active, window and new
    neuron fractions measured), ``hetflow.passes.flash_plan.plan_flash`` decides what stays in DRAM under
    the budget, the predictors are built (truncated SVD, margin for 95% recall), the FFN weights written as
@@ -36,8 +41,9 @@ Steps (each rung in a fresh process, so its peak RSS is its own):
    recently used out first: the room is preallocated and counted in the budget anyway) and sharing their
    room (every 8 tokens each layer gets room for the neurons its last tokens used: ``rebalance_caches``).
    ``--rungs ...,speculate``: hetflow's plus speculative reads (each layer starts reading the neurons the
-   next layer's predictor picks from its input), not in the default ladder: with the read path as it is
-   now, the reader threads' Python competes with the compute for the GIL and it measured slower.
+   next layer's predictor picks from its input), not in the default ladder: it measured slower (141.9
+   against 129.9 ms/token in one run with native AIO): the next layer's predictor on this layer's input
+   picks poorly, one speculative chunk in five was used, and the wasted reads cost more than the overlap saved.
 
 Everything printed is measured on this machine. The last line reads ``full scheme vs naive: N.Nx per token``.
 """
@@ -387,7 +393,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_rung(directory, args.rung, args.tokens)))
         return 0
 
-    from hetflow.calibrate import calibrate_disk
+    from hetflow.calibrate import calibrate_disk, read_curve
     from hetflow.passes.flash_plan import throughput_at
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="hetflow-flash-", dir="/var/tmp"))
@@ -396,7 +402,8 @@ def main(argv=None) -> int:
     disk = calibrate_disk(directory, sizes=(4096, 8192, 16384, 32768, 65536, 262144, 1 << 20), threads=(THREADS,),
                           file_bytes=256 * MiB, seconds_per_point=0.4)
     curve = sorted((int(size), float(rate)) for size, rate in disk["best"].items())
-    print("disk (" + disk["mode"] + f", {THREADS} threads, random reads): " +
+    print("disk (" + disk["mode"] + f", {'native AIO' if disk['engine'] == 'aio' else 'reader threads'}, "
+          f"{THREADS} reads in flight, random reads): " +
           ", ".join(f"{s // 1024} KiB {r / 1e9:.2f} GB/s" for s, r in curve))
     if args.reuse and (directory / "prep.json").exists() and (directory / "bundled.bin").exists():
         info = _replan(directory, json.loads((directory / "prep.json").read_text()), curve)
@@ -416,10 +423,16 @@ def main(argv=None) -> int:
             and len(np.load(directory / "reference.npz")["tokens"]) >= args.tokens):
         _child(["--worker", "reference", "--dir", str(directory), "--tokens", str(args.tokens)])
     rows = {}
+    sizes = (4096, 8192, 16384, 32768, 65536, 262144, 1 << 20)
+
+    def disk_now() -> list:    # the disk's rate beside a rung, read from the image itself (it drifts 2x in minutes)
+        return sorted(read_curve(directory / "bundled.bin", sizes, THREADS, 0.25).items())
     for rung in args.rungs.split(","):
         subprocess.run(["sync"], check=False)
+        before = disk_now()
         rows[rung] = r = _child(["--worker", "rung", "--rung", rung, "--dir", str(directory), "--tokens",
                                  str(args.tokens)])
+        after = disk_now()
         warm = slice(min(WINDOW, max(len(r["step_seconds"]) - 1, 0)), None)   # steady state: after the warm-up
         steps = r["step_seconds"][warm]
         per_token = float(np.median(steps))
@@ -430,11 +443,13 @@ def main(argv=None) -> int:
         achieved = float(np.sum(r["bytes"][warm])) / disk if disk > 0 else 0.0
         requests = float(np.sum(r["requests"][warm]))
         chunk = int(np.sum(r["bytes"][warm]) / requests) if requests else 1 << 20   # the mean read, as issued
-        calibrated = throughput_at(curve, min(chunk, 1 << 20))
+        beside = [throughput_at(c, min(chunk, 1 << 20)) for c in (before, after)]
+        calibrated = float(np.mean(beside))
         used = r["peak_rss"] - r["baseline_rss"]
         print(f"  {rung:9s} {per_token * 1e3:8.1f} ms/token  read {read / MiB:7.1f} MiB/token, waited {waited * 1e3:7.1f} ms "
               f"(disk {achieved / 1e9:5.2f} GB/s = {achieved / calibrated:4.0%} of the calibrated {calibrated / 1e9:.2f} for "
-              f"its {chunk // 1024} KiB mean read)  FFN compute {np.median(r['ffn_compute_seconds']) * 1e3:6.1f} ms  "
+              f"its {chunk // 1024} KiB mean read: {beside[0] / 1e9:.2f} just before the rung, {beside[1] / 1e9:.2f} "
+              f"just after)  FFN compute {np.median(r['ffn_compute_seconds']) * 1e3:6.1f} ms  "
               f"{r['resident_layers']:2d} FFN layers resident  peak RSS {r['peak_rss'] / MiB:.0f} MiB "
               f"(+{used / MiB:.0f} over the {r['baseline_rss'] / MiB:.0f} MiB before loading: "
               f"{'within' if used <= args.budget_mib * MiB else 'OVER'} the budget)  argmax equal to the "

@@ -565,6 +565,23 @@ def _measure_point(pool, chunk: int, threads: int, blocks: int, seconds: float, 
     return pool.bytes_read / max(pool.read_seconds, 1e-9)
 
 
+def read_curve(path, sizes=DISK_SIZES, in_flight: int = 32, seconds_per_point: float = 0.3,
+               direct: bool = True) -> dict[int, float]:
+    """{chunk: bytes/s} of random aligned reads of each chunk size from an existing file (at least the largest
+    chunk long), ``in_flight`` at once, O_DIRECT where the file system takes it: the disk's rate now. A cloud
+    disk's rate drifts by 2x or more within minutes (burst credits, neighbours), so a benchmark measures it
+    beside each run rather than once before them all."""
+    from hetflow.runtime.flash_io import ReaderPool
+    size = os.path.getsize(path)
+    if not sizes or any(c <= 0 or c % 4096 for c in sizes) or max(sizes) > size:
+        raise ValueError(f"read_curve: chunk sizes must be multiples of 4096 within {path}'s {size} bytes, "
+                         f"got {tuple(sizes)}")
+    rng = np.random.default_rng(2)
+    with ReaderPool(path, threads=in_flight, direct=direct) as pool:
+        return {chunk: _measure_point(pool, chunk, in_flight, size // chunk, seconds_per_point, rng)
+                for chunk in sizes}
+
+
 def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes: int = DISK_FILE_BYTES,
                    seconds_per_point: float = 0.5, direct: bool = True, progress=None) -> dict:
     """This machine's disk read throughput by chunk size and thread count, measured in ``directory``.
@@ -573,7 +590,7 @@ def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes
     threads) times random-offset aligned reads with ``ReaderPool`` (O_DIRECT where the file system takes
     it, else buffered reads dropped from the page cache) for ``seconds_per_point``; deletes the file.
     Returns {"table": {chunk: {threads: bytes/s}}, "best": {chunk: bytes/s}, "best_threads": {chunk: n},
-    "channels": one thread count for all chunks, "mode", "direct", "when", ...}.
+    "channels": one thread count for all chunks, "mode", "engine" (aio or threads), "direct", "when", ...}.
     """
     from hetflow.runtime.flash_io import ReaderPool, drop_page_cache
     if not sizes or not threads or any(c <= 0 or c % 4096 for c in sizes) or min(threads) < 1:
@@ -604,16 +621,17 @@ def calibrate_disk(directory, sizes=DISK_SIZES, threads=DISK_THREADS, file_bytes
         table = {chunk: {} for chunk in sizes}
         for n in threads:
             with ReaderPool(path, threads=n, direct=direct) as pool:
-                mode = pool.mode
+                mode, engine = pool.mode, pool.engine
                 for chunk in sizes:
                     table[chunk][n] = _measure_point(pool, chunk, n, file_bytes // chunk, seconds_per_point, rng)
-            progress(f"  {n:>2} threads ({mode}): " + "  ".join(f"{chunk_name(c)} {table[c][n] / 1e9:.3f}"
+            progress(f"  {n:>2} in flight ({mode}, {engine}): " + "  ".join(f"{chunk_name(c)} {table[c][n] / 1e9:.3f}"
                                                                   for c in sizes) + " GB/s")
     finally:
         path.unlink(missing_ok=True)
     best_threads = {c: max(row, key=row.get) for c, row in table.items()}
     return {"table": table, "best": {c: table[c][best_threads[c]] for c in table}, "best_threads": best_threads,
-            "channels": _one_thread_count(table, threads), "mode": mode, "direct": mode == "O_DIRECT",
+            "channels": _one_thread_count(table, threads), "mode": mode, "engine": engine,
+            "direct": mode == "O_DIRECT",
             "page_cache_dropped": dropped, "file_bytes": file_bytes, "seconds_per_point": seconds_per_point,
             "directory": str(directory), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

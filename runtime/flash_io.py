@@ -5,9 +5,12 @@ aligned read at open), so reads go to the disk and never fill the page cache; ot
 descriptor, dropping each range from the page cache after reading it (``posix_fadvise(DONTNEED)``), so a
 model larger than DRAM does not push the rest of the machine out of memory and a measured read is a disk read.
 
-``read_into(requests)`` reads a list of ``(offset, dest)`` in parallel on the pool's threads (``os.preadv``
-releases the GIL) and blocks; ``submit(requests)`` does the same in the background and returns a Future, so
-the next layer's bundles load while the current layer computes. Under ``O_DIRECT`` every offset, length and
+``read_into(requests)`` reads a list of ``(offset, dest)`` in parallel and blocks; ``submit(requests)`` does the
+same in the background and returns a Future, so the next layer's bundles load while the current layer computes.
+Two engines read: under O_DIRECT on Linux, native AIO (``hetflow.runtime.linux_aio``): the whole list handed
+to the kernel in one system call, ``threads`` reads in flight, one reaper thread collecting completions, no
+Python run per read; otherwise (or ``engine="threads"``) ``threads`` reader threads each calling ``os.preadv``
+(which releases the GIL). Under ``O_DIRECT`` every offset, length and
 destination address must be a multiple of ``alignment`` (4 KiB): ``aligned_empty`` makes such buffers, and a
 caller lays its chunks out aligned.
 """
@@ -22,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import linux_aio
 from .errors import RuntimeFailure
 
 __all__ = ["ALIGNMENT", "FlashReadError", "ReaderPool", "aligned_empty", "current_rss_bytes", "drop_page_cache",
@@ -112,24 +116,49 @@ class ReaderPool:
 
     ``.direct`` is True when the file is read with O_DIRECT; ``.mode`` says how it is read, for reports:
     ``"O_DIRECT"``, ``"fadvise-bypass"`` (buffered reads, each range dropped from the page cache after) or
-    ``"buffered"`` (neither is available). Counters: ``bytes_read``, ``requests``, ``read_seconds`` (wall
-    time with at least one read in flight); ``reset_counters()``. Thread-safe; a context manager.
+    ``"buffered"`` (neither is available). ``engine``: ``"auto"`` (native AIO when the file is read with
+    O_DIRECT and the kernel allows it, else threads), ``"aio"`` or ``"threads"``; ``.engine`` says which runs.
+    ``threads``: the reads in flight at most (reader threads, or the AIO queue's depth). Counters:
+    ``bytes_read``, ``requests``, ``read_seconds`` (wall time with at least one read in flight);
+    ``reset_counters()``. Thread-safe; a context manager.
     """
 
-    def __init__(self, path, threads: int = 8, direct: bool = True, alignment: int = ALIGNMENT):
+    def __init__(self, path, threads: int = 8, direct: bool = True, alignment: int = ALIGNMENT,
+                 engine: str = "auto"):
         if threads < 1:
             raise ValueError(f"ReaderPool: threads must be >= 1, got {threads}")
+        if engine not in ("auto", "aio", "threads"):
+            raise ValueError(f"ReaderPool: engine must be 'auto', 'aio' or 'threads', got {engine!r}")
         self.path = str(path)
         self.threads = threads
         self.alignment = alignment
         self.fd, self.direct = self._open(direct)
         self.mode = "O_DIRECT" if self.direct else ("fadvise-bypass" if HAS_FADVISE else "buffered")
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hetflow-reader")
+        self._aio = self._aio_now = None
+        self._reap_now = threading.Lock()
+        if engine == "aio" and not self.direct:
+            os.close(self.fd)
+            raise ValueError(f"ReaderPool: {self.path}: native AIO needs O_DIRECT, which this file system refuses")
+        if engine != "threads" and self.direct:
+            try:
+                self._aio = linux_aio.AioContext(threads)          # submit(): reaped by the reaper thread
+                self._aio_now = linux_aio.AioContext(threads)      # read_into(): reaped by the caller
+            except linux_aio.AioError as exc:
+                if engine == "aio":
+                    os.close(self.fd)
+                    raise ValueError(f"ReaderPool: native AIO is not available here: {exc}") from None
+        self.engine = "aio" if self._aio is not None else "threads"
+        self._executor = None
+        if self._aio is None:
+            self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hetflow-reader")
         self._lock = threading.Lock()
         self._closed = False
         self._in_flight = 0
         self._busy_since = 0.0
         self.reset_counters()
+        if self._aio is not None:
+            self._reaper = threading.Thread(target=self._reap_forever, name="hetflow-aio-reaper", daemon=True)
+            self._reaper.start()
 
     def _open(self, direct: bool) -> tuple[int, bool]:
         try:
@@ -194,8 +223,9 @@ class ReaderPool:
     def _where(self, i: int, offset: int, dest) -> str:
         return f"{self.path}: request {i} (offset {offset}, length {memoryview(dest).nbytes})"
 
-    def _read_one(self, offset: int, view: memoryview) -> None:
-        done, length = 0, len(view)
+    def _read_one(self, offset: int, view: memoryview, done: int = 0) -> None:
+        """Read ``view`` from ``offset`` in full, its first ``done`` bytes already in."""
+        length = len(view)
         while done < length:
             try:
                 n = os.preadv(self.fd, [view[done:]], offset + done)
@@ -234,8 +264,7 @@ class ReaderPool:
         if not pieces:
             result.set_result(0)
             return result
-        batches = [pieces[i::self.threads] for i in range(min(self.threads, len(pieces)))]
-        remaining = [len(batches)]
+        remaining = [len(pieces) if self._aio is not None else min(self.threads, len(pieces))]
         errors: list[BaseException] = []
         count_lock = threading.Lock()
         self._begin()
@@ -254,6 +283,16 @@ class ReaderPool:
             else:
                 result.set_result(total)
 
+        if self._aio is not None:
+            context = self._aio_now if inline else self._aio
+            context.submit(self.fd, [(offset, _address(view), len(view), (offset, view, finished))
+                                     for offset, view in pieces])
+            while inline and not result.done():   # the caller reaps its own reads: no thread hand-off
+                with self._reap_now:              # (whoever holds it finishes every caller's completed reads)
+                    if not result.done():
+                        self._complete(context.reap(0.05))
+            return result
+        batches = [pieces[i::self.threads] for i in range(remaining[0])]
         for batch in batches[1:] if inline else batches:
             self._executor.submit(self._read_batch, batch).add_done_callback(lambda f: finished(f.exception()))
         if inline:
@@ -264,6 +303,34 @@ class ReaderPool:
                 finished(exc)
         return result
 
+    def _reap_forever(self) -> None:
+        """The AIO engine's reaper: collects completions and finishes each request's share of its batch."""
+        aio = self._aio
+        while True:
+            try:
+                done = aio.reap(0.05)
+            except linux_aio.AioError:
+                if self._closed:
+                    return
+                raise
+            self._complete(done)
+            if self._closed and not aio.in_flight and not aio.queued:
+                return
+
+    def _complete(self, done: list) -> None:
+        """Finish each AIO completion's share of its batch (a short read's rest read here, in place)."""
+        for (offset, view, finished), got in done:
+            error = None
+            try:
+                if got < 0:
+                    raise FlashReadError(f"{self.path}: reading {len(view)} bytes at offset {offset} failed "
+                                         f"({self.mode}, native AIO): {os.strerror(-got)}")
+                if got < len(view):
+                    self._read_one(offset, view, done=got)   # the rest (rare), in this thread
+            except Exception as exc:  # noqa: BLE001  (handed to the batch's Future)
+                error = exc
+            finished(error)
+
     # --- lifetime ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -271,7 +338,12 @@ class ReaderPool:
             if self._closed:
                 return
             self._closed = True
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        else:
+            self._reaper.join()
+            self._aio.close()
+            self._aio_now.close()
         os.close(self.fd)
 
     def __enter__(self) -> "ReaderPool":
@@ -281,4 +353,4 @@ class ReaderPool:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ReaderPool({self.path!r}, threads={self.threads}, mode={self.mode})"
+        return f"ReaderPool({self.path!r}, threads={self.threads}, mode={self.mode}, engine={self.engine})"

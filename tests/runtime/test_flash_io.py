@@ -10,6 +10,7 @@ import pytest
 from hetflow.calibrate import DiskCalibrationError, calibrate_disk, write_disk_platform
 from hetflow.cli import main
 from hetflow.platform import load_platform
+from hetflow.runtime import linux_aio
 from hetflow.runtime.flash_io import (FlashReadError, ReaderPool, aligned_empty, current_rss_bytes, drop_page_cache,
                                       peak_rss_bytes)
 
@@ -41,11 +42,15 @@ def direct_refused(path) -> str | None:
     return None
 
 
-def pool_for(path, direct: bool, threads: int = 16) -> ReaderPool:
+def pool_for(path, direct: bool, threads: int = 16, engine: str = "auto") -> ReaderPool:
     if direct and (why := direct_refused(path)):
         pytest.skip(why)
-    pool = ReaderPool(path, threads=threads, direct=direct)
+    if engine == "aio" and not linux_aio.available():
+        pytest.skip("native AIO is not allowed here (io_setup refused)")
+    pool = ReaderPool(path, threads=threads, direct=direct, engine=engine)
     assert pool.direct == direct
+    assert pool.engine == ("threads" if not direct else engine if engine != "auto" else
+                           "aio" if linux_aio.available() else "threads")
     assert pool.mode in (("O_DIRECT",) if direct else ("fadvise-bypass", "buffered"))
     return pool
 
@@ -63,11 +68,13 @@ def test_aligned_empty(nbytes, alignment):
         aligned_empty(10, 3000)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "bypass"])
-def test_reads_exactly_the_bytes_written(data_file, direct):
+@pytest.mark.parametrize("direct,engine", [(True, "aio"), (True, "threads"), (False, "threads")],
+                         ids=["o_direct-aio", "o_direct-threads", "bypass"])
+@pytest.mark.parametrize("depth", [3, 16])
+def test_reads_exactly_the_bytes_written(data_file, direct, engine, depth):
     path, data = data_file
     rng = np.random.default_rng(1)
-    with pool_for(path, direct) as pool:
+    with pool_for(path, direct, threads=depth, engine=engine) as pool:
         requests = []
         for _ in range(300):
             pages = int(rng.integers(1, 17))
@@ -101,16 +108,51 @@ def test_unaligned_request_under_o_direct_is_named(data_file):
         assert pool.requests == 0 and pool.bytes_read == 0
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "bypass"])
-def test_read_past_end_is_a_clear_error(data_file, direct):
+@pytest.mark.parametrize("direct,engine", [(True, "aio"), (True, "threads"), (False, "threads")],
+                         ids=["o_direct-aio", "o_direct-threads", "bypass"])
+def test_read_past_end_is_a_clear_error(data_file, direct, engine):
     path, _ = data_file
-    with pool_for(path, direct, threads=2) as pool:
+    with pool_for(path, direct, threads=2, engine=engine) as pool:
         offset = FILE_BYTES - 4096
         with pytest.raises(FlashReadError, match=rf"weights\.bin: short read of 8192 bytes at offset {offset}: "
                                                  rf"got 4096 \(the file ends at {FILE_BYTES} bytes\)"):
             pool.read_into([(0, aligned_empty(4096)), (offset, aligned_empty(8192))])
         with pytest.raises(FlashReadError, match="short read"):
             pool.submit([(FILE_BYTES, aligned_empty(4096))]).result()
+
+
+def test_engine_choices_are_checked(data_file):
+    path, _ = data_file
+    with pytest.raises(ValueError, match="engine must be 'auto', 'aio' or 'threads', got 'uring'"):
+        ReaderPool(path, engine="uring")
+    with pytest.raises(ValueError, match=r"weights\.bin: native AIO needs O_DIRECT"):
+        ReaderPool(path, direct=False, engine="aio")
+    with ReaderPool(path, direct=False) as pool:       # auto without O_DIRECT: threads (buffered AIO blocks)
+        assert pool.engine == "threads"
+
+
+def test_aio_context_queues_past_its_depth_and_reports_each_read(data_file):
+    path, data = data_file
+    if direct_refused(path) or not linux_aio.available():
+        pytest.skip("needs O_DIRECT and native AIO")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    context = linux_aio.AioContext(4)
+    try:
+        buffers = {i: aligned_empty(8192) for i in range(40)}
+        context.submit(fd, [(i * 8192, buffers[i].ctypes.data, 8192, i) for i in range(40)])
+        context.submit(987654, [(0, buffers[0].ctypes.data, 4096, "bad fd")])   # refused at submit: EBADF
+        assert context.in_flight <= 4
+        results = {}
+        while len(results) < 41:
+            results.update(context.reap(5.0))
+        assert results.pop("bad fd") == -9
+        assert results == {i: 8192 for i in range(40)}
+        for i, buf in buffers.items():
+            np.testing.assert_array_equal(buf, data[i * 8192:(i + 1) * 8192])
+        assert context.in_flight == 0 and context.queued == 0
+    finally:
+        context.close()
+        os.close(fd)
 
 
 def test_missing_file_is_named(tmp_path):
@@ -212,3 +254,33 @@ def test_cli_calibrates_the_disk_of_a_flash_platform(tmp_path, capsys):
     assert len(load_platform(str(out)).flash.throughput) == 6
     assert main(["calibrate", "--disk-dir", str(tmp_path)]) == 1
     assert "--disk-dir measures the disk of a platform with a [flash] section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["aio", "threads"])
+def test_callers_on_four_threads_each_get_their_own_bytes(data_file, engine):
+    """read_into from several threads at once (under AIO one caller reaps for all: each must still return only
+    when its own reads are in), with a background submit in flight beside them."""
+    import threading
+    path, data = data_file
+    with pool_for(path, True, threads=4, engine=engine) as pool:
+        background = [(i * 8192, aligned_empty(8192)) for i in range(64)]
+        future = pool.submit(background)
+        failures = []
+
+        def caller(seed):
+            rng = np.random.default_rng(seed)
+            for _ in range(30):
+                offsets = (rng.integers(0, FILE_BYTES // 4096, int(rng.integers(1, 20))) * 4096).tolist()
+                requests = [(o, aligned_empty(4096)) for o in offsets]
+                pool.read_into(requests)
+                if not all((dest == data[o:o + 4096]).all() for o, dest in requests):
+                    failures.append(seed)
+        threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert future.result(timeout=60) == 64 * 8192
+        assert not failures
+        for offset, dest in background:
+            np.testing.assert_array_equal(dest, data[offset:offset + 8192])
