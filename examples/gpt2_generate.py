@@ -58,8 +58,13 @@ class GPT2Prefill(torch.nn.Module):
         self.model = model
         self.n_head = model.config.n_head
         self.head_dim = model.config.n_embd // model.config.n_head
+        # the causal mask as a bias added to the scores: 0 on and below the diagonal, MASKED above. A row's
+        # unmasked scores are unchanged (s + 0 == s) and its masked ones get a softmax weight of exactly 0, as
+        # with where(causal, scores, MASKED), which ONNX Runtime runs 3x slower than the add (7.5 against 2.4 ms
+        # a layer on 12 x 512 x 512 scores here)
         causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool).tril()
-        self.register_buffer("causal", causal, persistent=False)
+        self.register_buffer("causal_bias", torch.zeros(prompt_len, prompt_len).masked_fill(~causal, MASKED),
+                             persistent=False)
         self.register_buffer("positions", torch.arange(prompt_len, dtype=torch.int64), persistent=False)
 
     def forward(self, input_ids, last):
@@ -72,7 +77,7 @@ class GPT2Prefill(torch.nn.Module):
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(embd, dim=2)
             q, k, v = (_split_heads(t, n_head, head_dim) for t in (q, k, v))
             scores = torch.matmul(q, k.transpose(-1, -2)) * (head_dim ** -0.5)
-            scores = torch.where(self.causal, scores, torch.full_like(scores, MASKED))
+            scores = scores + self.causal_bias
             ctx = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(1, -1, embd)
             hidden = hidden + block.attn.c_proj(ctx)
             hidden = hidden + block.mlp(block.ln_2(hidden))
