@@ -136,9 +136,11 @@ def main(argv=None) -> int:
         r = rows[name] = json.loads(result.stdout.strip().splitlines()[-1])
         budget = args.budget_mib + (PREDICTED_EXTRA_MIB if name == "predicted" else 0)
         within = "within" if r["peak_over_baseline_mib"] <= budget else "OVER"
+        against = (f"({within} {'its' if name == 'predicted' else 'the'} {budget} MiB budget)" if name != "resident"
+                   else "(compiled without a budget)")
         print(f"  {name:9s} {r['ms_per_call']:8.1f} ms/call  {r['streamed_layers']:2d} FFN layers streamed, read "
               f"{r['read_mib_per_call']:6.1f} MiB/call  peak RSS +{r['peak_over_baseline_mib']:.0f} MiB over the "
-              f"pre-load RSS ({within} {'its' if name == 'predicted' else 'the'} {budget} MiB budget)  logits error {r['logits_error']:.1e}, "
+              f"pre-load RSS {against}  logits error {r['logits_error']:.1e}, "
               f"argmax equal {r['argmax_equal']}/{r['positions']}", flush=True)
     s, p = rows["streamed"], rows["predicted"]
     print(f"compiled, streamed whole vs resident: {s['ms_per_call'] / rows['resident']['ms_per_call']:.2f}x the time; "

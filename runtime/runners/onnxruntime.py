@@ -21,6 +21,78 @@ from .partition_model import ViewOutput, check_partition_model
 
 ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool"}
 
+# ONNX Runtime copies every initializer handed to it (``add_external_initializers``; measured on 1.32: a
+# 32 MiB table costs 32 MiB more at session creation, whatever reads it), and the kernels below pack their
+# constant weights into a layout of their own besides. A weight of at least BOUND_WEIGHT_BYTES that only
+# other ops read is therefore made a graph input and bound to hetflow's buffer (read where it lies, never
+# copied); weights a packing kernel reads stay initializers (packing is what makes their GEMMs fast).
+PACKING_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "FusedGemm", "FusedConv",
+                         "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul",
+                         "MatMulNBits", "Attention", "QAttention", "MultiHeadAttention", "LSTM", "GRU", "RNN",
+                         "DynamicQuantizeLSTM", "Einsum"})
+BOUND_WEIGHT_BYTES = 1 << 20
+
+_SHARED_ARENA: list = []    # [True] once this process's CPU sessions share one arena, [False] if it could not
+
+
+def _shared_cpu_arena() -> bool:
+    """Register one CPU arena with ONNX Runtime's environment for hetflow's sessions to share (a session's own
+    arena keeps what its largest call needed: 73 sessions of a streamed model held 21 MiB more apart than
+    together). Grows by what is asked (not by powers of two). False if the environment refused (another
+    library registered a CPU allocator first: the sessions then keep their own arenas)."""
+    if not _SHARED_ARENA:
+        import onnxruntime as ort
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+            _SHARED_ARENA.append(True)
+        except Exception:  # noqa: BLE001  (ONNX Runtime raises its own Fail when one is registered already)
+            _SHARED_ARENA.append(False)
+    return _SHARED_ARENA[0]
+
+
+def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray]) -> tuple[bytes, list[str]]:
+    """``model_bytes`` with each initializer in ``weights`` of at least ``BOUND_WEIGHT_BYTES`` that no packing
+    kernel reads (``PACKING_OPS``), no node whose inputs are all constant reads (ONNX Runtime folds those at
+    load: T5's relative-position table gathered at constant buckets) and no subgraph names, turned into a
+    graph input; returns (the model, the names turned). Unchanged bytes when there is none."""
+    import onnx
+    candidates = {n for n, a in weights.items() if a.nbytes >= BOUND_WEIGHT_BYTES}
+    if not candidates:
+        return model_bytes, []
+    model = onnx.load_from_string(model_bytes)
+    constants = {t.name for t in model.graph.initializer}
+    readers: dict[str, set] = {}
+    in_subgraphs: set[str] = set()
+    for node in model.graph.node:
+        foldable = all(not name or name in constants for name in node.input)   # ONNX Runtime folds it at load
+        for name in node.input:
+            readers.setdefault(name, set()).add("(folded)" if foldable else node.op_type)
+        for attr in node.attribute:
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                in_subgraphs |= _names_read(graph)
+    kept = PACKING_OPS | {"(folded)"}
+    bound = [t for t in model.graph.initializer if t.name in candidates and readers.get(t.name)
+             and not readers[t.name] & kept and t.name not in in_subgraphs]
+    if not bound:
+        return model_bytes, []
+    keep = [t for t in model.graph.initializer if t not in bound]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for t in bound:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return model.SerializeToString(), [t.name for t in bound]
+
+
+def _names_read(graph) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_read(sub)
+    return names
+
 
 class CpuPartition:
     """A loaded CPU partition: an ONNX Runtime session with its weights, run through IOBinding."""
@@ -42,10 +114,16 @@ class CpuPartition:
         options.log_severity_level = 3
         if not spin:  # several sessions share the cores: idle threads sleep instead of spinning
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._keep = [np.ascontiguousarray(weights[n]) for n in weights]  # ORT reads these buffers directly
+        if _shared_cpu_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        model, bound = bind_large_weights(model, weights)
+        # weights bound as inputs (read where they lie); the others handed over as initializers (ORT copies them)
+        self.bound_weights = {n: np.ascontiguousarray(weights[n]) for n in bound}
+        handed = [n for n in weights if n not in self.bound_weights]
+        self._keep = [np.ascontiguousarray(weights[n]) for n in handed]
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._keep]
         if values:
-            options.add_external_initializers(list(weights), values)
+            options.add_external_initializers(handed, values)
         try:
             self.session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
@@ -55,6 +133,8 @@ class CpuPartition:
         self.binding = self.session.io_binding()
         types = [t.type for t in list(self.session.get_inputs()) + list(self.session.get_outputs())]
         self.bindable = all("string" not in t for t in types)  # IOBinding takes numeric tensors only
+        for name, array in self.bound_weights.items():   # bound once: run() rebinds only the partition's inputs
+            self.binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
         self.name = name
         views = views or {}
         self.view_shapes = {n: v.shape for n, v in views.items()}   # outputs bound as views in these shapes
@@ -63,14 +143,16 @@ class CpuPartition:
 
     def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """For shapes known only at run time: ONNX Runtime allocates the outputs."""
-        results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+        results = self.session.run(self.output_names, {**{n: inputs[n] for n in self.input_names},
+                                                       **self.bound_weights})
         return {n: r.reshape(self.ir_shapes[n]) if n in self.ir_shapes else r
                 for n, r in zip(self.output_names, results)}
 
     def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Read ``inputs`` and write the results into the preallocated ``outputs`` arrays (no copies)."""
         if not self.bindable:
-            results = self.session.run(self.output_names, {n: inputs[n] for n in self.input_names})
+            results = self.session.run(self.output_names, {**{n: inputs[n] for n in self.input_names},
+                                                           **self.bound_weights})
             for name, result in zip(self.output_names, results):
                 outputs[name][...] = result.reshape(outputs[name].shape)
             return
@@ -116,6 +198,8 @@ class FixedBinding:
             self.run = functools.partial(partition.session.run_with_iobinding, binding)
         else:  # run(): the session on what is bound, called straight into ONNX Runtime's C++ (no Python frame)
             self.run = functools.partial(self._c_session.run_with_iobinding, self._c_binding, None)
+        for name, array in partition.bound_weights.items():   # (the partition keeps them alive)
+            self.bind_input(name, array)
 
     def bind_input(self, name: str, array: np.ndarray) -> None:
         """``array`` (C-contiguous) is read by every run until bound again; the caller keeps it alive."""
