@@ -607,13 +607,14 @@ def _calibrate_disk(args, platform) -> int:
     threads = sorted(next(iter(table.values())))
     rows = [[chunk_name(c)] + [f"{table[c][n] / 1e9:.3f}" for n in threads] + [str(result["best_threads"][c])]
             for c in sorted(table)]
-    print(f"measured read throughput, GB/s ({result['mode']}; rows: chunk, columns: threads):")
-    print(_table(rows, ["chunk"] + [f"{n} thr" for n in threads] + ["best"]))
+    engine = "native AIO" if result.get("engine") == "aio" else "reader threads"
+    print(f"measured read throughput, GB/s ({result['mode']}, {engine}; rows: chunk, columns: reads in flight):")
+    print(_table(rows, ["chunk"] + [f"{n} in flight" for n in threads] + ["best"]))
     if simulated_devices(platform):
         print(f"  ({platform.name}'s simulated devices are not refitted here: 'hetflow calibrate --platform "
               f"{platform.name}' without --disk-dir does that)")
     write_disk_platform(platform.name, result, output)
-    print(f"wrote {output}: [flash] throughput at each chunk's best thread count, channels = {result['channels']}; "
+    print(f"wrote {output}: [flash] throughput at each chunk's best count of reads in flight, channels = {result['channels']}; "
           f"use it with --platform {output}")
     return 0
 

@@ -249,7 +249,7 @@ def test_cli_calibrates_the_disk_of_a_flash_platform(tmp_path, capsys):
                  "--disk-seconds", "0.005", "-o", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0
-    assert "measured read throughput, GB/s" in stdout and "32 thr" in stdout and "1 MiB" in stdout
+    assert "measured read throughput, GB/s" in stdout and "32 in flight" in stdout and "1 MiB" in stdout
     assert f"wrote {out}" in stdout
     assert len(load_platform(str(out)).flash.throughput) == 6
     assert main(["calibrate", "--disk-dir", str(tmp_path)]) == 1
