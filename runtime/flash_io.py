@@ -140,10 +140,14 @@ class ReaderPool:
             os.close(self.fd)
             raise ValueError(f"ReaderPool: {self.path}: native AIO needs O_DIRECT, which this file system refuses")
         if engine != "threads" and self.direct:
+            contexts = []
             try:
-                self._aio = linux_aio.AioContext(threads)          # submit(): reaped by the reaper thread
-                self._aio_now = linux_aio.AioContext(threads)      # read_into(): reaped by the caller
+                contexts.append(linux_aio.AioContext(threads))     # submit(): reaped by the reaper thread
+                contexts.append(linux_aio.AioContext(threads))     # read_into(): reaped by the caller
+                self._aio, self._aio_now = contexts
             except linux_aio.AioError as exc:
+                for context in contexts:
+                    context.close()
                 if engine == "aio":
                     os.close(self.fd)
                     raise ValueError(f"ReaderPool: native AIO is not available here: {exc}") from None
