@@ -25,7 +25,10 @@ ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u3
 # 32 MiB table costs 32 MiB more at session creation, whatever reads it), and the kernels below pack their
 # constant weights into a layout of their own besides. A weight of at least BOUND_WEIGHT_BYTES that only
 # other ops read is therefore made a graph input and bound to hetflow's buffer (read where it lies, never
-# copied); weights a packing kernel reads stay initializers (packing is what makes their GEMMs fast).
+# copied); weights a packing kernel reads stay initializers (packing is what makes their GEMMs fast), except
+# in an artifact compiled under a DRAM budget (one that streams weights from flash): there every large weight
+# is bound, since a second copy of the resident GEMM weights would break the budget the plan kept (a
+# CPU-only streamed OPT-style model: +1294 MiB peak for a 580 MiB budget with them copied).
 PACKING_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "FusedGemm", "FusedConv",
                          "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul",
                          "MatMulNBits", "Attention", "QAttention", "MultiHeadAttention", "LSTM", "GRU", "RNN",
@@ -51,11 +54,13 @@ def _shared_cpu_arena() -> bool:
     return _SHARED_ARENA[0]
 
 
-def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray]) -> tuple[bytes, list[str]]:
+def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray],
+                       packed_too: bool = False) -> tuple[bytes, list[str]]:
     """``model_bytes`` with each initializer in ``weights`` of at least ``BOUND_WEIGHT_BYTES`` that no packing
-    kernel reads (``PACKING_OPS``), no node whose inputs are all constant reads (ONNX Runtime folds those at
-    load: T5's relative-position table gathered at constant buckets) and no subgraph names, turned into a
-    graph input; returns (the model, the names turned). Unchanged bytes when there is none."""
+    kernel reads (``PACKING_OPS``; ``packed_too``: whatever reads it), no node whose inputs are all constant
+    reads (ONNX Runtime folds those at load: T5's relative-position table gathered at constant buckets) and no
+    subgraph names, turned into a graph input; returns (the model, the names turned). Unchanged bytes when
+    there is none."""
     import onnx
     candidates = {n for n, a in weights.items() if a.nbytes >= BOUND_WEIGHT_BYTES}
     if not candidates:
@@ -71,7 +76,7 @@ def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray]) -> tu
         for attr in node.attribute:
             for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 in_subgraphs |= _names_read(graph)
-    kept = PACKING_OPS | {"(folded)"}
+    kept = {"(folded)"} if packed_too else PACKING_OPS | {"(folded)"}
     bound = [t for t in model.graph.initializer if t.name in candidates and readers.get(t.name)
              and not readers[t.name] & kept and t.name not in in_subgraphs]
     if not bound:
@@ -102,9 +107,10 @@ class CpuPartition:
     def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
                  output_names: list[str], threads: int | None = None, name: str = "partition",
                  providers: list[str] | None = None, spin: bool = True,
-                 views: dict[str, ViewOutput] | None = None):
+                 views: dict[str, ViewOutput] | None = None, bind_packed: bool = False):
         """``model``: checked already (``check_partition_model``), which also gives ``views``: the outputs
-        bound as views of their buffers in another shape."""
+        bound as views of their buffers in another shape. ``bind_packed``: bind GEMM weights too (never
+        copied, never packed: see ``PACKING_OPS``)."""
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -116,7 +122,7 @@ class CpuPartition:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if _shared_cpu_arena():
             options.add_session_config_entry("session.use_env_allocators", "1")
-        model, bound = bind_large_weights(model, weights)
+        model, bound = bind_large_weights(model, weights, packed_too=bind_packed)
         # weights bound as inputs (read where they lie); the others handed over as initializers (ORT copies them)
         self.bound_weights = {n: np.ascontiguousarray(weights[n]) for n in bound}
         handed = [n for n in weights if n not in self.bound_weights]
@@ -237,9 +243,10 @@ def load_cpu(part, executor):
     alone = sum(p.backend == "cpu" for p in executor.partitions) == 1
     chosen = getattr(executor, "spin", None)  # (a loader context other than the Executor may not say)
     spin = alone if chosen is None else chosen
+    budgeted = any(p.backend == "flash" for p in executor.partitions)   # compiled under a DRAM budget
     try:
         return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, executor.threads,
-                            name=part.file, spin=spin, views=views)
+                            name=part.file, spin=spin, views=views, bind_packed=budgeted)
     except RunnerError as exc:
         if "NOT_IMPLEMENTED" not in str(exc):
             raise

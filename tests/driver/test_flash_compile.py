@@ -262,3 +262,20 @@ def test_swiglu_layers_stream_exactly_and_refuse_prediction(tmp_path):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()   # f32 rounding of the silu, no more
     with pytest.raises(HetflowError, match="gated"):
         hetflow.compile(model, platform="laptop-ssd", dram_budget=budget, flash_predict=True)
+
+
+@pytest.mark.parametrize("budget", [True, False], ids=["streamed", "no-budget"])
+def test_under_a_budget_cpu_sessions_bind_their_gemm_weights(tmp_path, monkeypatch, budget):
+    """An artifact that streams from flash binds every large weight of its CPU sessions, GEMM weights too (ONNX
+    Runtime would copy them: the resident part twice over the budget); without a budget GEMM weights stay
+    initializers (ONNX Runtime packs them). The size limit is lowered to this model's 512 KiB weights."""
+    from hetflow.runtime.runners import onnxruntime as ort_runner
+    monkeypatch.setattr(ort_runner, "BOUND_WEIGHT_BYTES", 1 << 16)
+    model, x = ffn_model(), ids()
+    options = {"dram_budget": resident_budget(LAYER_BYTES + 4096)} if budget else {}
+    hetflow.compile(model, platform="laptop-ssd", devices=["cpu"], **options).save(tmp_path / "a")
+    loaded = hetflow.runtime.load(tmp_path / "a")
+    cpu = [r for r in loaded.executor.runners if isinstance(r, ort_runner.CpuPartition)]
+    gemm_weights = [a for r in cpu for a in r.bound_weights.values() if a.shape in ((HIDDEN, NEURONS), (NEURONS, HIDDEN))]
+    assert bool(gemm_weights) == budget
+    np.testing.assert_allclose(next(iter(loaded.run({"ids": x}).values())), reference(model, x), rtol=1e-5, atol=1e-5)

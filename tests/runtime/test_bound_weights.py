@@ -105,6 +105,8 @@ def test_what_stays_an_initializer():
     assert {t.name for t in model.graph.initializer} == {"shared_t", "small", "inner", "folded", "const_ids"}
     assert [i.name for i in model.graph.input] == ["ids", "flag", "shared", "alone"]
     assert [d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim] == [ROWS, WIDTH]
+    _, bound_all = bind_large_weights(helper.make_model(graph).SerializeToString(), weights, packed_too=True)
+    assert bound_all == ["shared", "shared_t", "alone"]    # under a budget the MatMul's weight is bound too
     unchanged = helper.make_model(helper.make_graph([helper.make_node("Gather", ["small", "ids"], ["d"])], "g",
                                                     graph.input[:1], graph.output[2:3], inits[2:3]))
     assert bind_large_weights(unchanged.SerializeToString(), {"small": small}) == (unchanged.SerializeToString(), [])
