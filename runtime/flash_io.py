@@ -144,6 +144,7 @@ class ReaderPool:
             try:
                 contexts.append(linux_aio.AioContext(threads))     # submit(): reaped by the reaper thread
                 contexts.append(linux_aio.AioContext(threads))     # read_into(): reaped by the caller
+                self._probe(contexts[1])
                 self._aio, self._aio_now = contexts
             except linux_aio.AioError as exc:
                 for context in contexts:
@@ -163,6 +164,18 @@ class ReaderPool:
         if self._aio is not None:
             self._reaper = threading.Thread(target=self._reap_forever, name="hetflow-aio-reaper", daemon=True)
             self._reaper.start()
+
+    def _probe(self, context) -> None:
+        """One aligned read at offset 0 through ``context``: a file system may take O_DIRECT preads and still
+        refuse native AIO on the file (the read comes back -EINVAL); AioError then, and the pool uses threads."""
+        buf = aligned_empty(self.alignment, self.alignment)
+        context.submit(self.fd, [(0, buf.ctypes.data, len(buf), "probe")])
+        done = context.reap(30.0)
+        if not done:
+            raise linux_aio.AioError(110, f"{self.path}: a native AIO read did not complete in 30 s")
+        got = done[0][1]
+        if got < 0:
+            raise linux_aio.AioError(-got, f"{self.path}: a native AIO read failed: {os.strerror(-got)}")
 
     def _open(self, direct: bool) -> tuple[int, bool]:
         try:

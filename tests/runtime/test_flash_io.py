@@ -131,6 +131,25 @@ def test_engine_choices_are_checked(data_file):
         assert pool.engine == "threads"
 
 
+def test_a_file_native_aio_refuses_is_read_with_threads(data_file, monkeypatch):
+    """A file system may take O_DIRECT preads and refuse native AIO on the file: the pool's probe read fails,
+    "auto" reads with threads, "aio" says why."""
+    path, data = data_file
+    if direct_refused(path) or not linux_aio.available():
+        pytest.skip("needs O_DIRECT and native AIO")
+
+    def refused(self, context):
+        raise linux_aio.AioError(22, f"{self.path}: a native AIO read failed: Invalid argument")
+    monkeypatch.setattr(ReaderPool, "_probe", refused)
+    with ReaderPool(path, threads=4) as pool:
+        assert pool.engine == "threads" and pool.direct
+        dest = aligned_empty(8192)
+        pool.read_into([(8192, dest)])
+        np.testing.assert_array_equal(dest, data[8192:16384])
+    with pytest.raises(ValueError, match=r"native AIO is not available here: .*weights\.bin: a native AIO read failed"):
+        ReaderPool(path, engine="aio")
+
+
 def test_aio_context_queues_past_its_depth_and_reports_each_read(data_file):
     path, data = data_file
     if direct_refused(path) or not linux_aio.available():
