@@ -303,3 +303,14 @@ def test_callers_on_four_threads_each_get_their_own_bytes(data_file, engine):
         assert not failures
         for offset, dest in background:
             np.testing.assert_array_equal(dest, data[offset:offset + 8192])
+
+
+def test_read_curve_measures_an_existing_file_and_checks_its_sizes(data_file):
+    from hetflow.calibrate import read_curve
+    path, _ = data_file
+    curve = read_curve(path, sizes=(4096, 65536), in_flight=4, seconds_per_point=0.05)
+    assert sorted(curve) == [4096, 65536] and all(rate > 0 for rate in curve.values())
+    with pytest.raises(ValueError, match=r"multiples of 4096 within .*weights\.bin's 4194304 bytes, got \(1000,\)"):
+        read_curve(path, sizes=(1000,))
+    with pytest.raises(ValueError, match="within"):
+        read_curve(path, sizes=(8 << 20,))
