@@ -143,6 +143,11 @@ def _note_external(t: onnx.TensorProto, what: str, found: list) -> None:
     found.append((what, location))
 
 
+def names_read_in_subgraphs(model: onnx.ModelProto) -> set[str]:
+    """Every name a node reads inside a subgraph or function body of the model (not in the main graph)."""
+    return {name for graph, where in _graphs(model) if where for node in graph.node for name in node.input}
+
+
 def _graphs(model: onnx.ModelProto):
     """The model's graph, every subgraph in its node attributes and every function body, each with a
     phrase saying where it is (empty for the main graph)."""

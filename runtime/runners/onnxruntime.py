@@ -13,6 +13,7 @@ import functools
 import numpy as np
 
 from hetflow.ir.interpreter import Interpreter
+from hetflow.ir.onnx_convert import names_read_in_subgraphs
 from hetflow.ir.program import inline_weight
 
 from . import RunnerError, register_runner
@@ -68,14 +69,11 @@ def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray],
     model = onnx.load_from_string(model_bytes)
     constants = {t.name for t in model.graph.initializer}
     readers: dict[str, set] = {}
-    in_subgraphs: set[str] = set()
     for node in model.graph.node:
         foldable = all(not name or name in constants for name in node.input)   # ONNX Runtime folds it at load
         for name in node.input:
             readers.setdefault(name, set()).add("(folded)" if foldable else node.op_type)
-        for attr in node.attribute:
-            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                in_subgraphs |= _names_read(graph)
+    in_subgraphs = names_read_in_subgraphs(model)
     kept = {"(folded)"} if packed_too else PACKING_OPS | {"(folded)"}
     bound = [t for t in model.graph.initializer if t.name in candidates and readers.get(t.name)
              and not readers[t.name] & kept and t.name not in in_subgraphs]
@@ -88,15 +86,6 @@ def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray],
         model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return model.SerializeToString(), [t.name for t in bound]
 
-
-def _names_read(graph) -> set[str]:
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                names |= _names_read(sub)
-    return names
 
 
 class CpuPartition:
