@@ -17,7 +17,7 @@ class LoadedModel:
 
     def __init__(self, artifact: Artifact, fallback: str | None = None, gpu_kernels: str = "triton",
                  trust_native_code: bool | str = False, prepare: bool = True, threads: int | None = None,
-                 spin: bool | None = None):
+                 spin: bool | str | None = None):
         from hetflow.platform import platform_from_dict
         from .executor import Executor
         from .runners import read_partitions
@@ -64,7 +64,7 @@ class LoadedModel:
 
 def load(path: str | Path, fallback: str | None = None, gpu_kernels: str = "triton",
          verify_key: str | Path | None = None, trust_native_code: bool | str = False,
-         prepare: bool = True, threads: int | None = None, spin: bool | None = None) -> LoadedModel:
+         prepare: bool = True, threads: int | None = None, spin: bool | str | None = None) -> LoadedModel:
     """Load an artifact. It is data: paths contained, files hash-checked, manifest schema-checked, nothing
     in it executed (see ``artifact``).
 
@@ -77,6 +77,8 @@ def load(path: str | Path, fallback: str | None = None, gpu_kernels: str = "trit
     captured in a CUDA graph. ``prepare=False`` checks and reads everything but loads no runner (nothing
     can run; what ``hetflow inspect`` needs). ``threads``: ONNX Runtime's intra-op threads per CPU partition
     (default: every core this process may use); ``spin``: whether its idle threads spin (default: only when
-    one CPU partition has the cores; False suits a machine other processes keep busy)."""
+    one CPU partition has the cores; False suits a machine other processes keep busy; "call": they spin while
+    a call runs and sleep when it returns, for an artifact whose next call is not near while another runs,
+    as a prefill before decode steps)."""
     return LoadedModel(load_artifact(path, verify_key), fallback, gpu_kernels, trust_native_code, prepare,
                        threads, spin)

@@ -54,9 +54,10 @@ WAIT_FACTOR = 100.0      # a wait gives up at this many times the producer's pre
 WAIT_CEILING = 3600.0    # ...capped here, whatever the prediction...
 WAIT_FLOOR = 120.0       # ...and never before this many seconds (HETFLOW_WAIT_TIMEOUT overrides)
 STOP_GRACE = 1.0         # after a failure, how long the other workers get to stop before the run reports it
+SPIN_MODES = (None, True, False, "call")   # ONNX Runtime's idle threads: see ``hetflow.runtime.load``
 
 
-from .errors import RuntimeFailure  # noqa: E402  (hetflow.runtime.executor.RuntimeFailure is public)
+from .errors import RunnerError, RuntimeFailure  # noqa: E402  (hetflow.runtime.executor.RuntimeFailure is public)
 
 
 class DeviceWorkers:
@@ -163,7 +164,7 @@ class Executor:
                  threads: int | None = None, fallback: str | None = None, gpu_kernels: str = "triton",
                  wait_timeout: float | None = None, plan_checked: bool = False,
                  trust_native_code: bool | str = False, artifact_digest: str | None = None,
-                 spin: bool | None = None):
+                 spin: bool | str | None = None):
         self.graph = graph
         self.trust_native_code = trust_native_code  # native libraries of an artifact load only when trusted...
         self.artifact_digest = artifact_digest      # ...(None: the partitions were compiled by this process)
@@ -178,6 +179,8 @@ class Executor:
         self.types = {v.name: v.type for v in graph.values()}
         self.weights = {w.name: w.data for w in graph.weights.values()}
         self.threads = threads
+        if spin not in SPIN_MODES:
+            raise RunnerError(f"spin must be one of {', '.join(map(repr, SPIN_MODES))}, got {spin!r}")
         self.spin = spin  # ONNX Runtime's idle threads spin (None: only when one CPU partition has the cores)
         self.fallback = fallback
         self.gpu_kernels = gpu_kernels

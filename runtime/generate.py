@@ -277,13 +277,17 @@ class Generator:
 
     @classmethod
     def load(cls, path, **load_options) -> "Generator":
-        """``path/decode`` and, when present, ``path/prefill`` (``hetflow.runtime.load`` options pass on)."""
+        """``path/decode`` and, when present, ``path/prefill`` (``hetflow.runtime.load`` options pass on).
+
+        The prefill's idle threads sleep when its call returns (``spin="call"``, unless ``spin`` is given):
+        spinning on, they took a core from the first decode steps (54 ms against 28 for the first)."""
         from hetflow.runtime import load
         path = Path(path)
         if not (path / "decode").is_dir():
             raise GenerateError(f"{path}: no decode/ artifact (a generator directory holds decode/ and "
                                 f"optionally prefill/)")
-        prefill = load(path / "prefill", **load_options) if (path / "prefill").is_dir() else None
+        prefill_options = {"spin": "call", **load_options}
+        prefill = load(path / "prefill", **prefill_options) if (path / "prefill").is_dir() else None
         return cls(load(path / "decode", **load_options), prefill)
 
     def _check_prefill(self, prefill) -> int:

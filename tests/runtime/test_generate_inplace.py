@@ -11,6 +11,7 @@ import torch
 import hetflow.runtime
 from hetflow.cli import main
 from hetflow.examples.gpt2_generate import compile_generator
+from hetflow.runtime.errors import RunnerError
 from hetflow.runtime.generate import GenerateError, Generation, Generator, KVCacheFull, TokenChooser, generate
 
 PROMPT_LEN, MAX_SEQ, VOCAB = 8, 32, 100
@@ -150,6 +151,36 @@ def test_load_with_a_thread_count(compiled):
     one = Generator.load(compiled[0], threads=1)
     sessions = [r.session for m in (one.decode, one.prefill) for r in m.executor.runners]
     assert sessions and all(s.get_session_options().intra_op_num_threads == 1 for s in sessions)
+
+
+def spin_settings(model) -> list[dict[str, str]]:
+    """Each CPU session's spinning settings (the ONNX Runtime config entries hetflow sets, when set)."""
+    settings = []
+    for runner in model.executor.runners:
+        options = runner.session.get_session_options()
+        found = {}
+        for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+            try:
+                found[key] = options.get_session_config_entry(key)
+            except RuntimeError:   # not set: ONNX Runtime's default (spin, and on after a call)
+                pass
+        settings.append(found)
+    return settings
+
+
+def test_prefill_threads_sleep_when_its_call_returns(compiled, generator):
+    """The prefill's idle threads stop spinning when its call returns: the decode steps come next, and a
+    thread spinning on took a core from them. The decode step's spin between steps, which are back to back.
+    An explicit ``spin`` reaches both; an unknown one is refused."""
+    assert spin_settings(generator.prefill) == [{"session.force_spinning_stop": "1"}]
+    assert spin_settings(generator.decode) == [{}]
+    quiet = Generator.load(compiled[0], spin=False)
+    for model in (quiet.prefill, quiet.decode):
+        assert spin_settings(model) == [{"session.intra_op.allow_spinning": "0"}]
+    assert quiet.generate(prompt_of(5), 4) == generator.generate(prompt_of(5), 4)
+    with pytest.raises(RunnerError, match="spin must be one of None, True, False, 'call', "
+                                                             "got 'sometimes'"):
+        hetflow.runtime.load(compiled[0] / "decode", spin="sometimes")
 
 
 def test_prompt_by_decode_steps_equals_prefill(compiled, generator):
