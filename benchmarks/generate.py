@@ -15,7 +15,9 @@ after ``torch.manual_seed(0)``, nothing downloaded). Every peer generates greedi
            decode-step runs fed views of one preallocated cache, each step's new keys and values written
            back into slot ``position`` (the cache fed back without a copy of it)
 
-Each round runs every peer once (the order rotating) and times the whole call, prefill included: tokens per
+Each round runs every peer once (the order rotating; half a second of idle cores before each, since the
+threads of the peer before may spin on after its call, ONNX Runtime's and OpenMP's alike, and take a core
+from the next) and times the whole call, prefill included: tokens per
 second is new tokens / that time, and the ratios are medians of per-round ratios. Decode-only tokens per
 second is printed too (eager's: (N - 1) / (t(N) - t(1)), from one extra call of one token per round). The
 generated tokens of hetflow and ort are checked against eager's. Targets (issue 17): hetflow >= 1.5x eager
@@ -35,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET_EAGER, TARGET_ORT = 1.5, 1.0
+PAUSE = 0.5   # seconds of idle cores before each timed call: the threads of the call before may spin on after it
 
 
 def parse_args(argv):
@@ -176,9 +179,11 @@ def main(argv=None) -> int:
     tokens = {}
     for r in range(args.rounds):
         for key in order[r % 3:] + order[:r % 3]:
+            time.sleep(PAUSE)
             start = time.perf_counter()
             tokens[key] = runs[key]()
             seconds[key].append(time.perf_counter() - start)
+        time.sleep(PAUSE)
         start = time.perf_counter()
         eager(1)
         eager_first = time.perf_counter() - start
