@@ -178,8 +178,7 @@ def test_prefill_threads_sleep_when_its_call_returns(compiled, generator):
     for model in (quiet.prefill, quiet.decode):
         assert spin_settings(model) == [{"session.intra_op.allow_spinning": "0"}]
     assert quiet.generate(prompt_of(5), 4) == generator.generate(prompt_of(5), 4)
-    with pytest.raises(RunnerError, match="spin must be one of None, True, False, 'call', "
-                                                             "got 'sometimes'"):
+    with pytest.raises(RunnerError, match="spin must be one of None, True, False, 'call', got 'sometimes'"):
         hetflow.runtime.load(compiled[0] / "decode", spin="sometimes")
 
 
