@@ -58,7 +58,7 @@ def cpu_program(graph: Graph, name: str = "") -> bytes:
     """A CPU partition's program: its ONNX model's bytes (deterministic: the runtime regenerates them at load
     from graph.json and refuses a stored model that differs)."""
     from .cpu import lower_partition
-    model, _ = lower_partition(graph, view_outputs=True)
+    model, _ = lower_partition(graph, view_outputs=True, inplace_cache=True)
     return model.SerializeToString()
 
 

@@ -466,3 +466,90 @@ register_op(OpDef(FLASH_FFN_OP, FusionKind.opaque, flops=_flash_ffn_flops, make_
                                "bundled": int, "window": int, "capacity": int, "margin": float},
                   notes="a feed-forward layer whose weights stream from the flash image: act(x @ up + b_up) @ down "
                         "+ b_down (gated: silu(x @ gate) * (x @ up)); with a predictor, over its predicted neurons"))
+
+
+# --- one new token attending over a KV cache (canonicalize's attention-over-cache rule) -----------------------
+
+DECODE_ATTENTION_OP = "hetflow.decode_attention"
+
+
+class DecodeAttentionError(HetflowError):
+    """A decode_attention node was given a position outside its cache's slots."""
+
+
+def decode_attention_shapes(node: Node) -> tuple[int, int, int, int] | None:
+    """(batch, heads, slots, head_dim) from the node's k_cache type; None when that is not static."""
+    cache = node.inputs[3].type if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    if cache is None or not cache.is_static or len(cache.shape) != 4:
+        return None
+    return tuple(int(d) for d in cache.shape)
+
+
+def _decode_attention_infer(node: Node, opset: int) -> list[TensorType | None]:
+    if len(node.inputs) != 6 or any(v is None for v in node.inputs):
+        raise InferenceError(f"{node.describe()}: takes 6 inputs (q, k, v, k_cache, v_cache, position), "
+                             f"got {len(node.inputs)}")
+    q, k, v, k_cache, v_cache, position = (x.type for x in node.inputs)
+    if any(t is None for t in (q, k, v, k_cache, v_cache, position)):
+        return [q]
+    shapes = decode_attention_shapes(node)
+    if shapes is None:
+        raise InferenceError(f"{node.describe()}: k_cache must be static [batch, heads, slots, head_dim], got "
+                             f"{k_cache}")
+    batch, heads, _, head_dim = shapes
+    token = (batch, 1, heads * head_dim)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if tuple(t.shape) != token or t.dtype != k_cache.dtype:
+            raise InferenceError(f"{node.describe()}: {name} is {t}, expected {k_cache.dtype.value}{list(token)} "
+                                 f"(one token, heads packed, for a cache {k_cache})")
+    if v_cache != k_cache:
+        raise InferenceError(f"{node.describe()}: v_cache {v_cache} must have k_cache's type {k_cache}")
+    if position.dtype.value != "i64" or tuple(position.shape) not in ((1,), ()):
+        raise InferenceError(f"{node.describe()}: position must be i64[1] or i64[], got {position}")
+    return [q]
+
+
+def _decode_attention_flops(node: Node) -> int:
+    shapes = decode_attention_shapes(node)
+    if shapes is None:
+        return 0
+    batch, heads, slots, head_dim = shapes
+    return 4 * batch * heads * (slots + 1) * head_dim + 5 * batch * heads * (slots + 1)
+
+
+def _decode_attention_kernel(node: Node, opset: int) -> Kernel:
+    """The executable spec: token t = ``position`` attends over cache slots [0, t) and itself.
+
+    Per batch row b and head h: scores s_j = scale * q_h . k_cache[b, h, j] for j < t and s_t = scale * q_h . k_h,
+    weights softmax(s), out_h = sum_j w_j v_cache[b, h, j] + w_t v_h. Slots at and after t are not read. A
+    position outside [0, slots) is an error naming the node (the cache has no slot for the token)."""
+    scale = float(node.attrs["scale"])
+
+    def run(ins: list) -> list:
+        q, k, v, k_cache, v_cache, position = ins
+        batch, heads, slots, head_dim = k_cache.shape
+        t = int(np.asarray(position).reshape(-1)[0])
+        if not 0 <= t < slots:
+            raise DecodeAttentionError(f"{node.describe()}: position {t} is outside the cache's {slots} slots "
+                                       f"[0, {slots})")
+        dtype = q.dtype
+        qh = q.reshape(batch, heads, 1, head_dim)
+        kh = k.reshape(batch, heads, 1, head_dim)
+        vh = v.reshape(batch, heads, 1, head_dim)
+        keys = np.concatenate([k_cache[:, :, :t], kh], axis=2)          # [b, h, t + 1, d]
+        values = np.concatenate([v_cache[:, :, :t], vh], axis=2)
+        scores = np.matmul(qh, keys.transpose(0, 1, 3, 2)) * dtype.type(scale)   # [b, h, 1, t + 1]
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        weights = np.exp(scores)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        out = np.matmul(weights, values)                                  # [b, h, 1, d]
+        return [out.reshape(batch, 1, heads * head_dim).astype(dtype, copy=False)]
+    return run
+
+
+register_op(OpDef(DECODE_ATTENTION_OP, FusionKind.opaque, flops=_decode_attention_flops,
+                  make_kernel=_decode_attention_kernel, infer=_decode_attention_infer,
+                  attr_schema={"scale": float},
+                  notes="one new token (q, k, v [batch, 1, heads * head_dim]) attending over the cache slots before "
+                        "position (k_cache, v_cache [batch, heads, slots, head_dim]) and itself: "
+                        "softmax(scale * q . [k_cache[:position]; k]) . [v_cache[:position]; v]"))

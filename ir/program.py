@@ -22,6 +22,9 @@ TRANSFER_OP = "hetflow.transfer"
 FLASH_FFN_OP = "hetflow.flash_ffn"
 SOLO_OPS = (TRANSFER_OP, FLASH_FFN_OP)   # each its own partition: a copy between memories, a layer read from flash
 VIEW_OUTPUTS = "hetflow.view_outputs"  # ONNX metadata: outputs the CPU runner binds as views, with their IR shapes
+# ONNX metadata: extra outputs the CPU runner binds to an input's own buffer (a KV cache written in place at one
+# slot, which it puts back after the call): {output: {"input": name, "position": name, "node": label}}
+INPLACE_OUTPUTS = "hetflow.inplace_outputs"
 INLINE_BYTES = 4096
 
 

@@ -1,7 +1,8 @@
 """canonicalize: constant folding, shape folding, identity removal, reshape/transpose merging,
 MatMul of a transposed weight as Gemm, scalar multiplies moved next to their MatMul, batched MatMuls
 without torch's bmm views, torch's safe-softmax
-row test in one pass, splat constants as scalars, CSE, DCE.
+row test in one pass, splat constants as scalars, a decoded token's attention over a KV cache as one
+``hetflow.decode_attention`` node (``passes.decode_attention``), CSE, DCE.
 
 Local rules go through the rewrite engine; common subexpression elimination and
 dead code elimination are whole-graph sweeps. A graph output keeps its name: a
@@ -15,6 +16,7 @@ from hetflow.ir import Graph, Node, TensorType, Value, make_kernel
 from hetflow.ir.errors import HetflowError
 
 from .base import PassResult, register_pass
+from .decode_attention import attention_over_cache
 from .rewrite import Rule, rewrite
 
 FOLD_LIMIT = 1 << 24  # elements: larger results stay computed at run time
@@ -408,6 +410,7 @@ RULES = [
     Rule("batched-matmul-without-views", batched_matmul_without_views, ("Reshape",)),
     Rule("simplify-masked-row-test", simplify_masked_row_test, ("Not",)),
     Rule("shrink-splat-operand", shrink_splat_operand, BROADCASTING),
+    Rule("attention-over-cache", attention_over_cache, ("Add",)),
 ]
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from hetflow.ir.errors import HetflowError
 
 from .errors import RuntimeFailure
+from .runners.onnxruntime import InPlaceSlots
 
 STAGE_BYTES = 16384   # inputs up to this size are copied into a prebound buffer; larger ones bound by pointer
 
@@ -93,6 +94,10 @@ class PreboundCall:
                 self.binding.bind_input(name, staged)
             self.inputs.append((position, name, staged))
         self.bound: list = [None] * len(self.inputs)   # the caller's array each pointer-bound input holds
+        self.slot_of = {name: slot for slot, (_, name, _) in enumerate(self.inputs)}
+        entries = getattr(runner, "inplace_outputs", None)
+        # outputs written into an input's own buffer (a KV cache, one slot, put back after the call)
+        self.inplace = InPlaceSlots(part.file, entries) if entries else None
         self.types = {v.name: v.type for v in graph.outputs}
         self.outputs = [self._fresh_output(name) for name in self.output_names]
         probe = [np.empty(0)]
@@ -116,6 +121,13 @@ class PreboundCall:
         if set(part.output_names) != {v.name for v in graph.outputs} or names & set(part.output_names):
             return "the graph's outputs are not exactly partition 0's outputs"
         return None
+
+    def _bind_private(self, name: str, array: np.ndarray) -> None:
+        """An input bound to this call's own copy (``InPlaceSlots``): the next call binds the caller's again."""
+        self.binding.bind_input(name, array)
+        slot = self.slot_of[name]
+        if self.inputs[slot][2] is None:
+            self.bound[slot] = None
 
     def _fresh_output(self, name: str) -> np.ndarray:
         t = self.types[name]
@@ -142,6 +154,11 @@ class PreboundCall:
         for index in range(len(outputs)):
             if _references(outputs, index) > self.unshared:  # the caller still holds the last result:
                 outputs[index] = self._fresh_output(self.output_names[index])  # bind a fresh one, not over it
+        saved = None
+        if self.inplace is not None:
+            saved = self.inplace.bind({name: staged if staged is not None else self.bound[slot]
+                                       for slot, (_, name, staged) in enumerate(self.inputs)},
+                                      self._bind_private, self.binding.bind_output)
         try:
             self.binding.run()
         except HetflowError:
@@ -151,6 +168,9 @@ class PreboundCall:
             text = str(exc).strip()
             raise RuntimeFailure(f"partition {part.index} ({part.file}, device {part.device}) failed: "
                                  f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}") from exc
+        finally:
+            if saved:
+                self.inplace.restore(saved)
         self.seconds = (start, time.perf_counter())
         if self.single is not None:
             return {self.single: outputs[0]}

@@ -18,7 +18,7 @@ from hetflow.ir.program import inline_weight
 
 from . import RunnerError, register_runner
 from .interpreter import InterpreterRunner
-from .partition_model import ViewOutput, check_partition_model
+from .partition_model import InPlaceOutput, ViewOutput, check_partition_model
 
 ORT_BINDABLE = {"f16", "f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool"}
 
@@ -88,6 +88,75 @@ def bind_large_weights(model_bytes: bytes, weights: dict[str, np.ndarray],
 
 
 
+def _span(array: np.ndarray) -> tuple[int, int]:
+    start = array.__array_interface__["data"][0]
+    return start, start + array.nbytes
+
+
+class InPlaceSlots:
+    """The outputs a partition's ONNX Runtime session writes into its inputs' own buffers (``decode_attention``
+    as GroupQueryAttention over a KV cache: it writes the token's key and value into slot ``position`` of the
+    cache it reads, instead of copying the cache into a fresh ``present``).
+
+    For a call (``bind``): every position is checked to lie in [0, S) (a RunnerError naming the node, before
+    ONNX Runtime reads or writes a byte); a cache array that is read-only, or whose memory overlaps another
+    input's, is copied first and the copy bound in its place (the caller's array is then never written);
+    otherwise the slot's old contents are kept, and ``restore`` puts them back after the call. The caller's
+    arrays are left as they were: the op is pure, as the IR says. One binding's state (what its in-place
+    outputs are bound to): a binding of its own per ``IOBinding``."""
+
+    def __init__(self, partition: str, entries: dict[str, InPlaceOutput]):
+        self.partition = partition
+        self.entries = list(entries.items())
+        self.inputs = {e.input for _, e in self.entries}
+        self._bound: dict[str, np.ndarray] = {}   # output -> the array it is bound to (held: its pointer)
+
+    def positions(self, inputs: dict[str, np.ndarray]) -> list[int]:
+        """Each entry's position, checked to lie in its cache."""
+        found = []
+        for _, entry in self.entries:
+            position = int(np.asarray(inputs[entry.position]).reshape(-1)[0])
+            if not 0 <= position < entry.slots:
+                raise RunnerError(f"{self.partition}: decode_attention node {entry.node}: position {position} is "
+                                  f"outside the {entry.slots} slots [0, {entry.slots}) of cache {entry.input!r}")
+            found.append(position)
+        return found
+
+    def bind(self, inputs: dict[str, np.ndarray], bind_input, bind_output) -> list:
+        """Bind every in-place output for a call on ``inputs`` (the arrays bound as the inputs, C-contiguous);
+        returns what ``restore`` takes after the call."""
+        positions = self.positions(inputs)
+        private = self._shared(inputs)
+        saved = []
+        for (name, entry), position in zip(self.entries, positions):
+            array = inputs[entry.input]
+            if entry.input in private or not array.flags.writeable:
+                array = np.array(array, copy=True)      # this call's own copy: the caller's is never written
+                bind_input(entry.input, array)
+            else:
+                saved.append((array, position, array[:, :, position].copy()))
+            if self._bound.get(name) is not array:
+                bind_output(name, array)
+                self._bound[name] = array
+        return saved
+
+    def _shared(self, inputs: dict[str, np.ndarray]) -> set[str]:
+        """Cache inputs whose memory overlaps another input's (written in place, the other would see it)."""
+        spans = sorted((_span(a), n) for n, a in inputs.items() if a.nbytes)
+        shared, reach, reacher = set(), -1, None   # the furthest end so far, and whose it is
+        for (start, end), name in spans:
+            if start < reach:
+                shared |= {name, reacher}
+            if end > reach:
+                reach, reacher = end, name
+        return shared & self.inputs
+
+    @staticmethod
+    def restore(saved: list) -> None:
+        for array, position, old in saved:
+            array[:, :, position] = old
+
+
 class CpuPartition:
     """A loaded CPU partition: an ONNX Runtime session with its weights, run through IOBinding."""
 
@@ -96,10 +165,12 @@ class CpuPartition:
     def __init__(self, model: bytes, weights: dict[str, np.ndarray], input_names: list[str],
                  output_names: list[str], threads: int | None = None, name: str = "partition",
                  providers: list[str] | None = None, spin: bool | str = True,
-                 views: dict[str, ViewOutput] | None = None, bind_packed: bool = False):
+                 views: dict[str, ViewOutput] | None = None, bind_packed: bool = False,
+                 inplace: dict[str, InPlaceOutput] | None = None):
         """``model``: checked already (``check_partition_model``), which also gives ``views``: the outputs
-        bound as views of their buffers in another shape. ``bind_packed``: bind GEMM weights too (never
-        copied, never packed: see ``PACKING_OPS``)."""
+        bound as views of their buffers in another shape, and ``inplace``: the outputs written into an input's
+        own buffer (``InPlaceSlots``). ``bind_packed``: bind GEMM weights too (never copied, never packed: see
+        ``PACKING_OPS``)."""
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -139,9 +210,14 @@ class CpuPartition:
         self.view_shapes = {n: v.shape for n, v in views.items()}   # outputs bound as views in these shapes
         self.view_nbytes = {n: v.nbytes for n, v in views.items()}
         self.ir_shapes = {n: v.ir_shape for n, v in views.items()}
+        self.inplace_outputs = dict(inplace or {})
+        self.inplace = InPlaceSlots(name, self.inplace_outputs) if inplace else None
 
     def run_dynamic(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """For shapes known only at run time: ONNX Runtime allocates the outputs."""
+        """For shapes known only at run time: ONNX Runtime allocates the outputs (an in-place output too: then
+        its cache is copied, never written)."""
+        if self.inplace is not None:
+            self.inplace.positions(inputs)
         results = self.session.run(self.output_names, {**{n: inputs[n] for n in self.input_names},
                                                        **self.bound_weights})
         return {n: r.reshape(self.ir_shapes[n]) if n in self.ir_shapes else r
@@ -150,17 +226,21 @@ class CpuPartition:
     def run(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         """Read ``inputs`` and write the results into the preallocated ``outputs`` arrays (no copies)."""
         if not self.bindable:
+            if self.inplace is not None:
+                self.inplace.positions(inputs)
             results = self.session.run(self.output_names, {**{n: inputs[n] for n in self.input_names},
                                                            **self.bound_weights})
             for name, result in zip(self.output_names, results):
                 outputs[name][...] = result.reshape(outputs[name].shape)
             return
         binding = self.binding
+        bound = {}
         for name in self.input_names:
             array = inputs[name]
             if not array.flags.c_contiguous:  # ONNX Runtime reads shape x itemsize bytes from the pointer
                 array = inputs[name] = np.ascontiguousarray(array)
             binding.bind_input(name, "cpu", 0, array.dtype.type, array.shape, array.ctypes.data)
+            bound[name] = array
         for name in self.output_names:
             array = outputs[name]
             shape = self.view_shapes.get(name, array.shape)  # a view of the same contiguous buffer
@@ -170,7 +250,16 @@ class CpuPartition:
                                   f"{'non-contiguous ' if not array.flags.c_contiguous else ''}buffer of "
                                   f"{array.nbytes} bytes")
             binding.bind_output(name, "cpu", 0, array.dtype.type, shape, array.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        if self.inplace is None:
+            self.session.run_with_iobinding(binding)
+            return
+        saved = self.inplace.bind(
+            bound, lambda n, a: binding.bind_input(n, "cpu", 0, a.dtype.type, a.shape, a.ctypes.data),
+            lambda n, a: binding.bind_output(n, "cpu", 0, a.dtype.type, a.shape, a.ctypes.data))
+        try:
+            self.session.run_with_iobinding(binding)
+        finally:
+            self.inplace.restore(saved)
 
     def fixed_binding(self) -> "FixedBinding":
         """An IOBinding of its own on this session, for the lean call path (``runtime.prebound``)."""
@@ -232,14 +321,14 @@ def load_cpu(part, executor):
                                   "reference interpreter")
         return InterpreterRunner(Interpreter(part.graph), part.output_names, executor.copy_into)
     weights = {n: w.data for n, w in part.graph.weights.items() if not inline_weight(w)}
-    views = check_partition_model(part.onnx_bytes, part, weights)  # before ONNX Runtime reads a byte of it
+    views, inplace = check_partition_model(part.onnx_bytes, part, weights)  # before ONNX Runtime reads a byte
     alone = sum(p.backend == "cpu" for p in executor.partitions) == 1
     chosen = getattr(executor, "spin", None)  # (a loader context other than the Executor may not say)
     spin = alone if chosen is None else chosen
     budgeted = any(p.backend == "flash" for p in executor.partitions)   # compiled under a DRAM budget
     try:
         return CpuPartition(part.onnx_bytes, weights, part.input_names, part.output_names, executor.threads,
-                            name=part.file, spin=spin, views=views, bind_packed=budgeted)
+                            name=part.file, spin=spin, views=views, bind_packed=budgeted, inplace=inplace)
     except RunnerError as exc:
         if "NOT_IMPLEMENTED" not in str(exc):
             raise

@@ -16,7 +16,11 @@ the partition hetflow knows from graph.json:
 - each output bound as a view (metadata ``hetflow.view_outputs``, see
   ``hetflow.ir.program``) has a static shape with exactly as many elements as the
   arena buffer it is bound to, of its element type: ONNX Runtime writes as many
-  bytes as that shape says, wherever the pointer points.
+  bytes as that shape says, wherever the pointer points;
+- each output bound to an input's own buffer (metadata ``hetflow.inplace_outputs``:
+  a KV cache written in place) follows the partition's outputs, names a distinct
+  static floating [B, H, S, D] input of exactly its type and an int64 position
+  input of one element.
 
 Every refusal is one ``RunnerError`` line naming the partition file and the tensor.
 """
@@ -29,7 +33,7 @@ import numpy as np
 import onnx
 
 from hetflow.ir.onnx_convert import external_data_tensors, type_from_onnx
-from hetflow.ir.program import VIEW_OUTPUTS
+from hetflow.ir.program import INPLACE_OUTPUTS, VIEW_OUTPUTS
 from hetflow.ir.types import DType, TensorType
 
 from . import RunnerError
@@ -43,10 +47,20 @@ class ViewOutput:
     nbytes: int
 
 
-def check_partition_model(model_bytes: bytes, part, supplied: dict[str, np.ndarray]) -> dict[str, ViewOutput]:
-    """Refuse a partition model that could read a file or write past a buffer; returns its view outputs.
-    ``part``: the partition (``file``, ``graph``: the IR it must match); ``supplied``: the weights hetflow
-    hands ONNX Runtime by name."""
+@dataclass(frozen=True)
+class InPlaceOutput:
+    """An output ONNX Runtime writes into input ``input``'s own buffer (its slot ``position`` along axis 2)."""
+    input: str
+    position: str
+    node: str
+    slots: int
+
+
+def check_partition_model(model_bytes: bytes, part, supplied: dict[str, np.ndarray]
+                          ) -> tuple[dict[str, ViewOutput], dict[str, InPlaceOutput]]:
+    """Refuse a partition model that could read a file or write past a buffer; returns its view outputs and
+    its in-place outputs. ``part``: the partition (``file``, ``graph``: the IR it must match); ``supplied``:
+    the weights hetflow hands ONNX Runtime by name."""
     where = part.file or f"partition {part.index}"
     try:
         model = onnx.load_from_string(model_bytes)
@@ -56,11 +70,63 @@ def check_partition_model(model_bytes: bytes, part, supplied: dict[str, np.ndarr
     types = {v.name: v.type for v in list(part.graph.inputs) + list(part.graph.outputs)}
     _check_boundary(model.graph.input, [v.name for v in part.graph.inputs], types, "input", where, set())
     views = _view_outputs(model, part, types, where)
-    _check_boundary(model.graph.output, [v.name for v in part.graph.outputs], types, "output", where, set(views))
+    inplace = _inplace_outputs(model, part, where)
+    count = len(part.graph.outputs)
+    _check_boundary(model.graph.output[:count], [v.name for v in part.graph.outputs], types, "output", where,
+                    set(views))
+    extra = [vi.name for vi in model.graph.output[count:]]
+    if sorted(extra) != sorted(inplace):
+        raise RunnerError(f"{where}: the model's outputs after the partition's are {extra}; the metadata "
+                          f"{INPLACE_OUTPUTS!r} declares {sorted(inplace)}")
     declared = {vi.name: type_from_onnx(vi.type) for vi in model.graph.output}
+    for name, entry in inplace.items():
+        if declared[name] != types[entry.input]:
+            raise RunnerError(f"{where}: output {name!r} is written into input {entry.input!r}'s buffer but is "
+                              f"declared {declared[name] or 'untyped'} in the model, the input {types[entry.input]}")
     result = {}
     for name, ir_shape in views.items():
         result[name] = _view(name, declared[name], types[name], ir_shape, where)
+    return result, inplace
+
+
+def _inplace_outputs(model: onnx.ModelProto, part, where: str) -> dict[str, InPlaceOutput]:
+    """The ``hetflow.inplace_outputs`` metadata, checked: output -> {input, position, node}, each input a distinct
+    static floating rank-4 partition input, each position an int64 partition input of one element."""
+    entries = [p.value for p in model.metadata_props if p.key == INPLACE_OUTPUTS]
+    if not entries:
+        return {}
+    if len(entries) > 1:
+        raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} is given {len(entries)} times")
+    try:
+        declared = json.loads(entries[0])
+    except (ValueError, RecursionError) as exc:
+        raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} is not JSON: {_first_line(exc)}") from None
+    if not isinstance(declared, dict):
+        raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} is a JSON {type(declared).__name__}, not an "
+                          "object mapping outputs to the inputs they are written into")
+    inputs = {v.name: v.type for v in part.graph.inputs}
+    taken = {v.name for v in part.graph.outputs} | set(inputs)
+    result, used = {}, set()
+    for name, entry in declared.items():
+        fields = entry if isinstance(entry, dict) else {}
+        target, position, node = fields.get("input"), fields.get("position"), fields.get("node", "")
+        if not isinstance(target, str) or not isinstance(position, str) or not isinstance(node, str):
+            raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} entry for {name!r} is not "
+                              "{input, position, node} names")
+        if name in taken:
+            raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} names {name!r}, an input or output of "
+                              "the partition, as an output written in place")
+        cache, pos = inputs.get(target), inputs.get(position)
+        if (cache is None or not cache.is_static or len(cache.shape) != 4 or not cache.dtype.is_float
+                or target in used):
+            raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} writes {name!r} into {target!r}, which is "
+                              f"not a partition input of a static floating [B, H, S, D] type used once "
+                              f"(it is {cache or 'no input'})")
+        if pos is None or pos.dtype.value != "i64" or tuple(pos.shape or ()) not in ((1,), ()):
+            raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} gives {name!r} the position {position!r}, "
+                              f"which is not an i64 partition input of one element (it is {pos or 'no input'})")
+        used.add(target)
+        result[name] = InPlaceOutput(target, position, node, int(cache.shape[2]))
     return result
 
 
