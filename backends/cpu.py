@@ -193,7 +193,7 @@ def _decode_attention_ops(node: Node, ins: list[str], outs: list[str], label: st
 
     def add(op, inputs, **attrs):
         out = name(op.lower())
-        nodes.append(helper.make_node(op, inputs, [out], name=f"{label} ({op})", **attrs))
+        nodes.append(helper.make_node(op, inputs, [out], name=f"{label} ({out})", **attrs))
         return out
 
     def heads_first(x):

@@ -1646,3 +1646,78 @@ def test_the_kept_fuzz_corpus_replays_without_a_crash(target):
         count, crashes = fuzz.replay(target)
     assert count > 0, f"tests/fuzz_corpus/{target}/ is empty: run benchmarks/fuzz.py {target}"
     assert crashes == [], crashes
+
+
+ATTENDING = """graph g(%q: f32[1,1,64], %k: f32[1,1,64], %v: f32[1,1,64], %kc: f32[1,2,8,32], %vc: f32[1,2,8,32], %pos: i64[1]) -> (%y: f32[1,1,64]) opset 18 {
+  %a: f32[1,1,64] = hetflow.decode_attention(%q, %k, %v, %kc, %vc, %pos) {scale = 0.25}
+  %y: f32[1,1,64] = Add(%a, %q)
+  return %y
+}"""
+
+
+def _attending(tmp_path):
+    """An artifact whose CPU partition writes a KV cache in place: decode_attention as GroupQueryAttention, its
+    present outputs bound to the cache inputs' buffers (metadata ``hetflow.inplace_outputs``)."""
+    from hetflow.api import compile_graph
+    from hetflow.ir.program import INPLACE_OUTPUTS
+    path = compile_graph(parse_graph(ATTENDING), platform="host").save(tmp_path / "m")
+    model = onnx.load_from_string((path / "cpu" / "part0.onnx").read_bytes())
+    declared = json.loads({p.key: p.value for p in model.metadata_props}[INPLACE_OUTPUTS])
+    assert {e["input"] for e in declared.values()} == {"kc", "vc"}
+    return path
+
+
+def _inplace_metadata(edit_entries):
+    def edit(model):
+        from hetflow.ir.program import INPLACE_OUTPUTS
+        for prop in model.metadata_props:
+            if prop.key == INPLACE_OUTPUTS:
+                prop.value = edit_entries(json.loads(prop.value))
+    return edit
+
+
+def _entry(field, value):
+    def edit(entries):
+        first = next(iter(entries))
+        entries[first][field] = value
+        return json.dumps(entries)
+    return edit
+
+
+def _larger_present(model):
+    model.graph.output[1].type.tensor_type.shape.dim[2].dim_value = 4000
+
+
+def _undeclared_present(model):
+    del model.metadata_props[:]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_larger_present, "output 'kc_present' is written into input 'kc''s buffer but is declared f32[1,2,4000,32]"),
+    (_undeclared_present, "the model's outputs after the partition's are ['kc_present', 'vc_present']; the "
+                          "metadata 'hetflow.inplace_outputs' declares []"),
+    (_inplace_metadata(_entry("input", "q")), "writes 'kc_present' into 'q', which is not a partition input of a "
+                                              "static floating [B, H, S, D] type"),
+    (_inplace_metadata(_entry("input", "vc")), "writes 'vc_present' into 'vc', which is not a partition input"),
+    (_inplace_metadata(_entry("position", "q")), "gives 'kc_present' the position 'q', which is not an i64"),
+    (_inplace_metadata(_entry("input", 7)), "entry for 'kc_present' is not {input, position, node} names"),
+    (_inplace_metadata(lambda entries: "[1]"), "is a JSON list, not an object"),
+    (_inplace_metadata(lambda entries: json.dumps({"y": entries["kc_present"], "vc_present": entries["vc_present"]})),
+     "names 'y', an input or output of the partition, as an output written in place"),
+])
+def test_an_inplace_binding_must_name_a_cache_input_of_its_type(tmp_path, edit, expected):
+    path = _attending(tmp_path)
+    _rewrite_partition(path, edit)
+    assert expected in _refused(path)
+
+
+def test_an_inplace_artifact_runs_and_leaves_its_inputs_unchanged(tmp_path):
+    path = _attending(tmp_path)
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s, dtype=np.float32) for n, s in
+             (("q", (1, 1, 64)), ("k", (1, 1, 64)), ("v", (1, 1, 64)), ("kc", (1, 2, 8, 32)), ("vc", (1, 2, 8, 32)))}
+    feeds["pos"] = np.array([5])
+    before = {n: a.copy() for n, a in feeds.items()}
+    expected = Interpreter(parse_graph(ATTENDING)).run(feeds)[0]
+    np.testing.assert_allclose(load(path).run(feeds)["y"], expected, rtol=1e-5, atol=1e-6)
+    assert all(np.array_equal(feeds[n], before[n]) for n in feeds)
