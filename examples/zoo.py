@@ -506,6 +506,14 @@ def ex_gpt2_decode():
     return build_gpt2_decode(n_layer=2, n_embd=64, n_head=2, context=16, vocab=100)
 
 
+@_seeded
+def ex_gpt2_step():
+    """The generator's decode step (``gpt2_generate``): it reads each layer's cache in place, which canonicalize
+    makes one ``decode_attention`` node per layer."""
+    from hetflow.examples.gpt2_generate import build_decode
+    return build_decode(n_layer=2, n_embd=64, n_head=2, vocab=100, max_seq=16)
+
+
 # --- decode-step graphs built in the IR ----------------------------------------------------------
 
 def _randomise_weights(graph, seed: int = 0, scale: float = 0.1):
@@ -559,6 +567,7 @@ MODELS = [
     _entry(starcoder2, "decoder"), _entry(mbart, "encdec"), _entry(hubert, "audio"),
     _entry(ex_mlp, "example", tags=("small",)), _entry(ex_gpt2, "example"), _entry(ex_resnet18, "example"),
     _entry(ex_vit, "example"), _entry(ex_bert, "example"), _entry(ex_gpt2_decode, "example"),
+    _entry(ex_gpt2_step, "example"),
     _entry(ir_mixtral_decode, "ir", kind="ir", rtol=1e-2), _entry(ir_gpt2_decode, "ir", kind="ir", rtol=1e-2),
 ]
 
