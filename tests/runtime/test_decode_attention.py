@@ -200,3 +200,32 @@ def test_without_inplace_the_op_is_written_in_standard_ops(decode):
     before = {n: feeds[n].copy() for n in CACHES}
     assert_close(session.run(None, feeds), torch_step(module, feeds))
     assert all(np.array_equal(feeds[n], before[n]) for n in CACHES)
+
+
+def test_a_real_gpu_is_not_given_the_op():
+    """The GPU backend has no kernel for it, so placement keeps it off a real CUDA GPU (on the CPU)."""
+    from hetflow.backends.gpu import emit_failure
+    from hetflow.ir import parse_graph
+    graph = parse_graph(ATTENDING)
+    node = next(n for n in graph.nodes if n.op == DECODE_ATTENTION_OP)
+    assert "has no GPU kernel" in emit_failure(node)
+
+
+ATTENDING = """graph g(%q: f32[1,1,64], %k: f32[1,1,64], %v: f32[1,1,64], %kc: f32[1,2,8,32], %vc: f32[1,2,8,32], %pos: i64[1]) -> (%y: f32[1,1,64]) opset 18 {
+  %y: f32[1,1,64] = hetflow.decode_attention(%q, %k, %v, %kc, %vc, %pos) {scale = 0.25}
+  return %y
+}"""
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("%q: f32[1,1,64]", "%q: f32[1,1,63]"), "q is f32[1,1,63], expected f32[1, 1, 64]"),
+    (("%vc: f32[1,2,8,32]", "%vc: f32[1,2,9,32]"), "v_cache f32[1,2,9,32] must have k_cache's type"),
+    (("%pos: i64[1]", "%pos: f32[1]"), "position must be i64[1] or i64[], got f32[1]"),
+    (("%kc, %vc, %pos)", "%kc, %vc)"), "takes 6 inputs (q, k, v, k_cache, v_cache, position), got 5"),
+])
+def test_a_malformed_node_is_refused_naming_it(edit, expected):
+    from hetflow.ir import parse_graph
+    from hetflow.ir.verify import VerifyError, verify
+    with pytest.raises(VerifyError, match="decode_attention") as info:
+        verify(parse_graph(ATTENDING.replace(*edit)))
+    assert expected in str(info.value)
