@@ -110,12 +110,16 @@ class InPlaceSlots:
         self.entries = list(entries.items())
         self.inputs = {e.input for _, e in self.entries}
         self._bound: dict[str, np.ndarray] = {}   # output -> the array it is bound to (held: its pointer)
+        self._checked: list = []      # the input arrays the last overlap check saw (held: their memory stays)
+        self._overlapping: set[str] = set()
 
     def positions(self, inputs: dict[str, np.ndarray]) -> list[int]:
         """Each entry's position, checked to lie in its cache."""
-        found = []
+        found, values = [], {}
         for _, entry in self.entries:
-            position = int(np.asarray(inputs[entry.position]).reshape(-1)[0])
+            position = values.get(entry.position)
+            if position is None:
+                position = values[entry.position] = int(np.asarray(inputs[entry.position]).reshape(-1)[0])
             if not 0 <= position < entry.slots:
                 raise RunnerError(f"{self.partition}: decode_attention node {entry.node}: position {position} is "
                                   f"outside the {entry.slots} slots [0, {entry.slots}) of cache {entry.input!r}")
@@ -141,7 +145,13 @@ class InPlaceSlots:
         return saved
 
     def _shared(self, inputs: dict[str, np.ndarray]) -> set[str]:
-        """Cache inputs whose memory overlaps another input's (written in place, the other would see it)."""
+        """Cache inputs whose memory overlaps another input's (written in place, the other would see it). The
+        same array objects as the last call's (a generator's cache views) hold the same memory: not checked
+        again."""
+        arrays = list(inputs.values())
+        if len(arrays) == len(self._checked) and all(a is b for a, b in zip(arrays, self._checked)):
+            return self._overlapping
+        self._checked = arrays
         spans = sorted((_span(a), n) for n, a in inputs.items() if a.nbytes)
         shared, reach, reacher = set(), -1, None   # the furthest end so far, and whose it is
         for (start, end), name in spans:
@@ -149,7 +159,8 @@ class InPlaceSlots:
                 shared |= {name, reacher}
             if end > reach:
                 reach, reacher = end, name
-        return shared & self.inputs
+        self._overlapping = shared & self.inputs
+        return self._overlapping
 
     @staticmethod
     def restore(saved: list) -> None:
