@@ -63,10 +63,11 @@ def lower_partition(graph: Graph, view_outputs: bool = False,
     (``hetflow.view_outputs``) and ``CpuPartition`` binds a view of the output buffer in that shape. ONNX
     Runtime then writes the result straight into the caller's array: no copy of the logits.
 
-    ``inplace_cache``: a ``decode_attention`` whose caches and position are partition inputs becomes ONNX
-    Runtime's ``GroupQueryAttention`` with its ``present`` outputs bound to the cache inputs' own buffers
-    (metadata ``hetflow.inplace_outputs``; see ``_decode_attention_inplace``). Otherwise, and for TVM, it is
-    written out in standard ops (``_decode_attention_ops``)."""
+    ``inplace_cache``: a ``decode_attention`` whose caches and position are partition inputs, each cache read by
+    that node alone, becomes ONNX Runtime's ``GroupQueryAttention`` with its ``present`` outputs bound to the
+    cache inputs' own buffers (metadata ``hetflow.inplace_outputs``; see ``_decode_attention_inplace``): no other
+    op can see the slot it writes during the call. Otherwise, and for TVM, it is written out in standard ops
+    (``_decode_attention_ops``)."""
     names = {id(v): v.name for v in graph.values()}
     protos, infos = [], {}
     weights = dict(graph.weights)
@@ -74,6 +75,12 @@ def lower_partition(graph: Graph, view_outputs: bool = False,
     inplace: dict[str, dict] = {}
     taken = set(names.values())
     partition_inputs = {v.name for v in graph.inputs}
+    reads: dict[str, int] = {}   # a cache written in place must be read by its attention alone
+    for node in graph.nodes:
+        for inner, mapping in _flatten(node, names, ""):
+            for v in inner.inputs:
+                if v is not None:
+                    reads[mapping[id(v)]] = reads.get(mapping[id(v)], 0) + 1
     for node in graph.nodes:
         for inner, mapping in _flatten(node, names, ""):
             op = "Identity" if inner.op == "hetflow.transfer" else inner.op
@@ -82,7 +89,8 @@ def lower_partition(graph: Graph, view_outputs: bool = False,
             outs = [mapping[id(o)] for o in inner.outputs]
             label = f"n{len(protos)} {inner.loc[:160]}"
             if inner.op == DECODE_ATTENTION_OP:
-                if inplace_cache and set(ins[3:6]) <= partition_inputs and not set(ins[3:5]) & set(inplace):
+                if (inplace_cache and set(ins[3:6]) <= partition_inputs and reads[ins[3]] == reads[ins[4]] == 1
+                        and ins[3] != ins[4]):
                     nodes, constants, present = _decode_attention_inplace(inner, ins, outs, label, taken)
                     for name, cache in present.items():
                         inplace[name] = {"input": cache, "position": ins[5], "node": label}

@@ -504,6 +504,11 @@ def _decode_attention_infer(node: Node, opset: int) -> list[TensorType | None]:
                                  f"(one token, heads packed, for a cache {k_cache})")
     if v_cache != k_cache:
         raise InferenceError(f"{node.describe()}: v_cache {v_cache} must have k_cache's type {k_cache}")
+    for name, cache in (("k_cache", node.inputs[3]), ("v_cache", node.inputs[4])):
+        readers = len(cache.uses)
+        if readers > 1:   # the CPU runs it writing the cache's slot in place: nothing else may read it
+            raise InferenceError(f"{node.describe()}: {name} %{cache.name} is read {readers} times; a "
+                                 f"decode_attention's caches are read by it alone")
     if position.dtype.value != "i64" or tuple(position.shape) not in ((1,), ()):
         raise InferenceError(f"{node.describe()}: position must be i64[1] or i64[], got {position}")
     return [q]

@@ -229,3 +229,32 @@ def test_a_malformed_node_is_refused_naming_it(edit, expected):
     with pytest.raises(VerifyError, match="decode_attention") as info:
         verify(parse_graph(ATTENDING.replace(*edit)))
     assert expected in str(info.value)
+
+
+SHARED_CACHE = """graph g(%q: f32[1,1,64], %k: f32[1,1,64], %v: f32[1,1,64], %kc: f32[1,2,8,32], %vc: f32[1,2,8,32], %pos: i64[1]) -> (%y: f32[1,1,64]) opset 18 {
+  %a: f32[1,1,64] = hetflow.decode_attention(%q, %k, %v, %kc, %vc, %pos) {scale = 0.25}
+  %s: f32[] = ReduceSum(%kc) {keepdims = 0}
+  %y: f32[1,1,64] = Add(%a, %s)
+  return %y
+}"""
+
+
+@pytest.mark.parametrize("edit", [None, ("%kc, %vc, %pos)", "%kc, %kc, %pos)")], ids=["read-elsewhere", "k-is-v"])
+def test_a_cache_read_by_anything_else_is_refused(edit):
+    """The CPU writes the cache's slot in place during the call: the IR lets nothing else read a cache."""
+    from hetflow.ir import parse_graph
+    from hetflow.ir.verify import VerifyError, verify
+    text = SHARED_CACHE if edit is None else ATTENDING.replace(*edit)
+    with pytest.raises(VerifyError, match=r"k_cache %kc is read 2 times; a decode_attention's caches are read by "
+                                          r"it alone"):
+        verify(parse_graph(text))
+
+
+def test_the_lowering_writes_in_place_only_a_cache_read_by_its_node_alone():
+    """Defence behind the verifier: a partition graph whose cache another op reads gets standard ops."""
+    from hetflow.ir import parse_graph
+    graph = parse_graph(SHARED_CACHE)
+    model, _ = lower_partition(graph, inplace_cache=True)
+    assert [n.op_type for n in model.graph.node if n.domain] == []
+    model, _ = lower_partition(parse_graph(ATTENDING), inplace_cache=True)
+    assert [n.op_type for n in model.graph.node if n.domain] == ["GroupQueryAttention"]
