@@ -9,7 +9,10 @@ buffer (``kv[i, 0]``, C-contiguous), so the step reads the cache where it lies. 
 make the graph slice it per layer, and ONNX Runtime's Slice copies. The step does not concatenate the new key
 onto the cache either (a copy of the whole cache per layer): it scores the cache slots and the new token
 apart, softmaxes them together and adds the two weighted sums. It returns the new token's keys and values,
-which the generator writes into slot ``position`` of the buffer.
+which the generator writes into slot ``position`` of the buffer. hetflow's canonicalize makes each layer's
+attention written so one ``hetflow.decode_attention`` node (``passes/decode_attention.py``), which ONNX Runtime
+runs as GroupQueryAttention over the cache in place; the module itself stays plain torch, and torch.onnx
+exports it op by op.
 
 Compile the pair for ``hetflow run DIR --generate N``::
 
