@@ -89,21 +89,28 @@ def check_partition_model(model_bytes: bytes, part, supplied: dict[str, np.ndarr
     return result, inplace
 
 
-def _inplace_outputs(model: onnx.ModelProto, part, where: str) -> dict[str, InPlaceOutput]:
-    """The ``hetflow.inplace_outputs`` metadata, checked: output -> {input, position, node}, each input a distinct
-    static floating rank-4 partition input, each position an int64 partition input of one element."""
-    entries = [p.value for p in model.metadata_props if p.key == INPLACE_OUTPUTS]
+def _metadata_object(model: onnx.ModelProto, key: str, mapping: str, where: str) -> dict:
+    """The model's metadata ``key`` as a JSON object ({} when absent); one RunnerError line when it is given
+    twice, is not JSON, or is not an object (``mapping`` says what it maps)."""
+    entries = [p.value for p in model.metadata_props if p.key == key]
     if not entries:
         return {}
     if len(entries) > 1:
-        raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} is given {len(entries)} times")
+        raise RunnerError(f"{where}: the metadata {key!r} is given {len(entries)} times")
     try:
-        declared = json.loads(entries[0])
+        value = json.loads(entries[0])
     except (ValueError, RecursionError) as exc:
-        raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} is not JSON: {_first_line(exc)}") from None
-    if not isinstance(declared, dict):
-        raise RunnerError(f"{where}: the metadata {INPLACE_OUTPUTS!r} is a JSON {type(declared).__name__}, not an "
-                          "object mapping outputs to the inputs they are written into")
+        raise RunnerError(f"{where}: the metadata {key!r} is not JSON: {_first_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise RunnerError(f"{where}: the metadata {key!r} is a JSON {type(value).__name__}, not an object mapping "
+                          f"{mapping}")
+    return value
+
+
+def _inplace_outputs(model: onnx.ModelProto, part, where: str) -> dict[str, InPlaceOutput]:
+    """The ``hetflow.inplace_outputs`` metadata, checked: output -> {input, position, node}, each input a distinct
+    static floating rank-4 partition input, each position an int64 partition input of one element."""
+    declared = _metadata_object(model, INPLACE_OUTPUTS, "outputs to the inputs they are written into", where)
     inputs = {v.name: v.type for v in part.graph.inputs}
     taken = {v.name for v in part.graph.outputs} | set(inputs)
     result, used = {}, set()
@@ -192,18 +199,7 @@ def _same_static_dims(a: TensorType, b: TensorType) -> bool:
 def _view_outputs(model: onnx.ModelProto, part, types: dict, where: str) -> dict[str, tuple[int, ...]]:
     """The ``hetflow.view_outputs`` metadata, checked: a JSON object mapping outputs of the partition to
     their IR shapes (lists of dims), each equal to the partition's (graph.json) static shape."""
-    entries = [p.value for p in model.metadata_props if p.key == VIEW_OUTPUTS]
-    if not entries:
-        return {}
-    if len(entries) > 1:
-        raise RunnerError(f"{where}: the metadata {VIEW_OUTPUTS!r} is given {len(entries)} times")
-    try:
-        viewed = json.loads(entries[0])
-    except (ValueError, RecursionError) as exc:
-        raise RunnerError(f"{where}: the metadata {VIEW_OUTPUTS!r} is not JSON: {_first_line(exc)}") from None
-    if not isinstance(viewed, dict):
-        raise RunnerError(f"{where}: the metadata {VIEW_OUTPUTS!r} is a JSON {type(viewed).__name__}, not an "
-                          "object mapping outputs to shapes")
+    viewed = _metadata_object(model, VIEW_OUTPUTS, "outputs to shapes", where)
     outputs = {v.name for v in part.graph.outputs}
     shapes = {}
     for name, shape in viewed.items():
